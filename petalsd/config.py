@@ -1,0 +1,561 @@
+"""The daemon's configuration: a TOML file merged with command-line flags into one `DaemonConfig`.
+
+Precedence, lowest to highest: built-in defaults, defaults taken from systemd's environment
+($STATE_DIRECTORY / $RUNTIME_DIRECTORY), the TOML file, then the flags actually given on the
+command line. A flag that was not typed never overrides the file (argparse defaults are
+suppressed for exactly that reason).
+
+Everything is validated once, at start (and again on every reload), so that a typo fails fast
+with an error that names the key and where it came from (`ConfigError`), instead of surfacing
+an hour later as a strange runtime failure.
+
+Keys in the file are the field names of `DaemonConfig` (snake_case, flat: no tables); flags are
+the same names in kebab-case (`max_length` <-> `--max-length`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import re
+import textwrap
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import multiaddr.exceptions
+
+#: Where a unit started by systemd looks for its file when no --config is given.
+SYSTEM_CONFIG_PATH = Path("/etc/petalsd/petalsd.toml")
+
+#: Where the origin of a value is reported when it was typed as a flag.
+COMMAND_LINE = "command line"
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+_BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+#: A public name is shown to other users in `petals swarm`; keep it short and printable.
+MAX_PUBLIC_NAME = 64
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. `key` is the option's name, `source` where it came from
+    (a file path, "command line", or None for a rule that spans several sources)."""
+
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        self.key = key
+        self.message = message
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {message}")
+
+
+class _Invalid(ValueError):
+    """Raised by a value parser; turned into a `ConfigError` that names the key and source."""
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte count: an int, or a string such as "2GiB", "512MiB", "1.5G", "1000000".
+
+    Binary suffixes (KiB, MiB, GiB, TiB and the bare K, M, G, T) are powers of 1024; SI ones
+    (KB, MB, GB, TB) are powers of 1000. Case does not matter.
+    """
+    if isinstance(value, bool):
+        raise _Invalid(f"expected a size such as 2GiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise _Invalid(f"a size cannot be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a size such as 2GiB or an integer, got {value!r}")
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise _Invalid(f"cannot parse size {value!r}; use e.g. 2GiB, 512MiB or a number of bytes")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def format_size(n: int) -> str:
+    """The shortest exact binary spelling of `n` bytes ("1GiB", "1536MiB", "1000")."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        mult = _SIZE_UNITS[unit.lower()]
+        if n and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {value!r}")
+    return value
+
+
+def _nonempty_str(value: object) -> str:
+    s = _str(value)
+    if not s.strip():
+        raise _Invalid("must not be empty")
+    return s
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {value!r}")
+    return value
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected an integer, got {value!r}")
+    return value
+
+
+def _positive_int(value: object) -> int:
+    n = _int(value)
+    if n <= 0:
+        raise _Invalid(f"must be positive, got {n}")
+    return n
+
+
+def _positive_size(value: object) -> int:
+    n = parse_size(value)
+    if n <= 0:
+        raise _Invalid("must be more than 0 bytes")
+    return n
+
+
+def _positive_seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"expected a number of seconds, got {value!r}")
+    if not 0 < value < float("inf"):
+        raise _Invalid(f"must be a positive finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def _path(value: object) -> Path:
+    return Path(_nonempty_str(value)).expanduser()
+
+
+def _choice(choices: Sequence[str]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        s = _str(value).lower()
+        if s not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}; got {value!r}")
+        return s
+    return parse
+
+
+def _device(value: object) -> str:
+    s = _str(value)
+    if not _DEVICE_RE.match(s):
+        raise _Invalid(f"must be cpu, cuda or cuda:N; got {s!r}")
+    return s
+
+
+def _blocks(value: object) -> str:
+    s = _str(value)
+    m = _BLOCKS_RE.match(s)
+    if not m:
+        raise _Invalid(f"must be START:END (e.g. 0:12), got {s!r}")
+    start, end = int(m.group(1)), int(m.group(2))
+    if start >= end:
+        raise _Invalid(f"START must be less than END, got {s!r}")
+    return f"{start}:{end}"
+
+
+def _public_name(value: object) -> str:
+    s = _str(value)
+    if len(s) > MAX_PUBLIC_NAME or not s.isprintable():
+        raise _Invalid(f"must be printable and at most {MAX_PUBLIC_NAME} characters")
+    return s
+
+
+def _throughput(value: object) -> float | str:
+    """"auto" (measure at start) or a positive number of tokens per second."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Invalid(f'must be "auto" or a number, got {value!r}') from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f'must be "auto" or a number, got {value!r}')
+    if not 0 < value < float("inf"):
+        raise _Invalid(f"must be positive, got {value!r}")
+    return float(value)
+
+
+def _quality(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise _Invalid(f"must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _multiaddr_list(require_peer_id: bool) -> Callable[[object], list[str]]:
+    def parse(value: object) -> list[str]:
+        if not isinstance(value, list):
+            raise _Invalid(f"expected a list of multiaddrs, got {value!r}")
+        out = []
+        for item in value:
+            text = _str(item)
+            try:
+                addr = multiaddr.Multiaddr(text)
+            except (ValueError, multiaddr.exceptions.Error) as e:
+                raise _Invalid(f"invalid multiaddr {text!r}: {e}") from None
+            names = [p.name for p in addr.protocols()]
+            if require_peer_id and "p2p" not in names:
+                raise _Invalid(f"{text!r} must end in /p2p/PEER_ID so the peer can be authenticated")
+            out.append(str(addr))
+        return out
+    return parse
+
+
+# --------------------------------------------------------------------------- the config
+
+
+def _opt(default: Any, parse: Callable[[object], Any], help: str, *,
+         flag_type: Callable[[str], Any] | None = str, reload: bool = False,
+         factory: Callable[[], Any] | None = None) -> Any:
+    """A `DaemonConfig` field: its default, its parser, its help (the field's documentation,
+    shown in --help, --print-config and the example file) and whether reload applies it."""
+    meta = {"parse": parse, "help": help, "flag_type": flag_type, "reload": reload}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything a daemon needs to start. Build it with `load_config`, which validates every
+    field; constructing it directly (in tests) skips validation."""
+
+    model: str = field(metadata={
+        "parse": _nonempty_str, "flag_type": str, "reload": False,
+        "help": "Local Hugging Face checkpoint folder (or a hub id when online). Required."})
+    blocks: str | None = _opt(
+        None, _blocks, "Serve exactly blocks START:END (end exclusive). Excludes num_blocks; "
+        "with neither, the daemon chooses a span that fits its memory.")
+    num_blocks: int | None = _opt(
+        None, _positive_int, "Serve this many blocks, placed where the swarm needs them most.",
+        flag_type=int)
+    initial_peers: list[str] = _opt(
+        None, _multiaddr_list(require_peer_id=True), "Multiaddrs (ending in /p2p/PEER_ID) of "
+        "peers already in the swarm. Exactly one of initial_peers and new_swarm is required.",
+        factory=list)
+    new_swarm: bool = _opt(
+        False, _bool, "Start a new swarm instead of joining one (this daemon is the first peer).",
+        flag_type=None)
+    listen: list[str] = _opt(
+        None, _multiaddr_list(require_peer_id=False), "Multiaddrs to listen on.",
+        factory=lambda: ["/ip4/0.0.0.0/tcp/31330"])
+    announce_addrs: list[str] = _opt(
+        None, _multiaddr_list(require_peer_id=False), "Addresses to announce instead of the "
+        "listen addresses (e.g. a public IP behind port forwarding). Empty: announce what we "
+        "listen on plus relay addresses.", factory=list)
+    identity: Path | None = _opt(
+        None, _path, "Ed25519 key file (created if missing) that fixes the peer id across "
+        "restarts. Under systemd defaults to $STATE_DIRECTORY/identity.key; unset elsewhere, "
+        "which means a fresh peer id each start.")
+    control_socket: Path | None = _opt(
+        None, _path, "Unix socket of the control API. Under systemd defaults to "
+        "$RUNTIME_DIRECTORY/control.sock; unset elsewhere, which disables the control API.")
+    control_group: str | None = _opt(
+        None, _nonempty_str, "Group allowed to use the control socket (mode 0660); unset: "
+        "only the daemon's user and root (mode 0600).")
+    dtype: str = _opt(
+        "auto", _choice(DTYPES), "Weights and activations dtype; auto takes the checkpoint's "
+        "dtype (float32 on CPU when that is float16).")
+    device: str = _opt("cpu", _device, "Where blocks run: cpu, cuda or cuda:N.")
+    public_name: str = _opt(
+        "", _public_name, "A name shown to others in `petals swarm` (e.g. a URL).", reload=True)
+    swarm_key: Path | None = _opt(
+        None, _path, "Private swarm key file (libp2p pnet); only peers with it can connect.")
+    max_length: int = _opt(
+        2048, _positive_int, "Most tokens one inference session may hold in its cache.",
+        flag_type=int)
+    max_batch_size: int = _opt(
+        8, _positive_int, "Largest batch one request or session may send.", flag_type=int,
+        reload=True)
+    max_sessions: int = _opt(
+        32, _positive_int, "Most concurrent inference sessions.", flag_type=int, reload=True)
+    cache_budget: int = _opt(
+        2**30, _positive_size, "Memory for KV caches of all sessions, in bytes or with a unit "
+        "(2GiB, 512MiB). New sessions that would exceed it are refused.", reload=True)
+    session_idle_timeout: float = _opt(
+        300.0, _positive_seconds, "Seconds without a step before a session is closed and its "
+        "cache freed.", flag_type=float, reload=True)
+    step_timeout: float = _opt(
+        60.0, _positive_seconds, "Seconds one step or forward/backward may compute before it "
+        "fails with a timeout error.", flag_type=float)
+    idle_connection_timeout: float = _opt(
+        120.0, _positive_seconds, "Seconds an idle connection without open streams is kept.",
+        flag_type=float)
+    max_frame_size: int = _opt(
+        64 * 2**20, _positive_size, "Largest protocol frame accepted, in bytes or with a unit; "
+        "bigger frames are refused from their header alone.")
+    drain_grace: float = _opt(
+        30.0, _positive_seconds, "On SIGTERM or drain: seconds open sessions may finish before "
+        "they are closed.", flag_type=float)
+    announce_period: float = _opt(
+        30.0, _positive_seconds, "Seconds between DHT record refreshes.", flag_type=float)
+    record_ttl: float = _opt(
+        90.0, _positive_seconds, "Seconds a DHT record stays valid; must exceed "
+        "announce_period so records never lapse between refreshes.", flag_type=float)
+    log_level: str = _opt(
+        "info", _choice(LOG_LEVELS), "Least severe log level written to stderr.", reload=True)
+    throughput: float | str = _opt(
+        "auto", _throughput, 'Announced tokens/s; "auto" measures it at start.')
+    num_threads: int | None = _opt(
+        None, _positive_int, "torch intra-op threads; unset: torch's default.", flag_type=int)
+    use_relay: bool = _opt(
+        True, _bool, "Use circuit relays to be reachable from behind NAT.", flag_type=None)
+    relay_hop: bool = _opt(
+        False, _bool, "Act as a circuit relay for other peers (needs a public address).",
+        flag_type=None)
+    balance_quality: float = _opt(
+        0.75, _quality, "Move to other blocks only when the swarm's throughput would improve "
+        "to less than this fraction (1.0 never moves).", flag_type=float)
+    rebalance_period: float = _opt(
+        120.0, _positive_seconds, "Seconds between checks whether to move to other blocks.",
+        flag_type=float)
+
+    def span(self) -> tuple[int, int] | None:
+        """`blocks` as (start, end), or None when the daemon chooses its span."""
+        if self.blocks is None:
+            return None
+        start, end = self.blocks.split(":")
+        return int(start), int(end)
+
+
+FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(DaemonConfig)
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
+
+#: Keys a reload (SIGHUP or POST /v1/reload) applies to the running daemon. They only steer
+#: future decisions (admitting a session, the next record, log filtering). Everything else needs
+#: a restart: it fixes what was loaded (model, blocks, dtype, device), the libp2p host (listen,
+#: identity, swarm_key, relay) or the cache layout sessions were admitted under (max_length is
+#: announced and every open session's cache was sized by it).
+RELOADABLE_KEYS: frozenset[str] = frozenset(f.name for f in FIELDS if f.metadata["reload"])
+
+#: Pairs where one choice excludes the other. A higher-precedence source that picks one side
+#: replaces whatever a lower one picked on the other side; one source picking both is an error.
+EXCLUSIVE = (("blocks", "num_blocks"), ("initial_peers", "new_swarm"))
+
+
+def _is_chosen(value: object) -> bool:
+    return value not in (None, False, [])
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The `petalsd` command line: one flag per `DaemonConfig` field plus --config and
+    --print-config. Defaults are suppressed so that only flags actually given override the file.
+    """
+    p = argparse.ArgumentParser(
+        prog="petalsd", argument_default=argparse.SUPPRESS,
+        description="Serve a span of a language model's transformer blocks to a petals swarm. "
+                    "Options come from --config FILE (TOML, keys as below in snake_case) and "
+                    "flags; flags win.")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"TOML file; under systemd defaults to {SYSTEM_CONFIG_PATH} if it exists")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the merged, validated configuration as TOML and exit")
+    span = p.add_mutually_exclusive_group()
+    swarm = p.add_mutually_exclusive_group()
+    group_of = {"blocks": span, "num_blocks": span, "initial_peers": swarm, "new_swarm": swarm}
+    for f in FIELDS:
+        target = group_of.get(f.name, p)
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"].replace("%", "%%")
+        if f.name == "new_swarm":  # a one-way switch: the file cannot make it true by default
+            target.add_argument(flag, action="store_true", help=help_)
+        elif f.type == "bool":
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        elif f.type == "list[str]":
+            target.add_argument(flag, nargs="+", metavar="MULTIADDR", help=help_)
+        else:
+            target.add_argument(flag, type=f.metadata["flag_type"], metavar=_metavar(f),
+                                help=help_)
+    return p
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    by_parser = {_positive_seconds: "SECONDS", _positive_int: "N", _path: "FILE",
+                 _positive_size: "SIZE", _blocks: "START:END"}
+    return by_parser.get(f.metadata["parse"], "PATH" if f.name == "model" else f.name.upper())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The result of parsing `petalsd`'s arguments: the config and what else was asked for."""
+
+    config: DaemonConfig
+    config_path: Path | None
+    print_config: bool
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Parse flags, read the TOML file, merge (flags win), validate. Raises `ConfigError`;
+    argparse exits with status 2 on a malformed flag. A reload calls this again with the same
+    argv, so flags keep winning over the edited file."""
+    return load_invocation(argv, environ).config
+
+
+def load_invocation(argv: Sequence[str],
+                    environ: Mapping[str, str] | None = None) -> Invocation:
+    """Like `load_config`, but also says which file was read and whether --print-config was
+    given (the daemon's entry point then prints `to_toml(config)` and exits)."""
+    env = os.environ if environ is None else environ
+    ns = vars(build_arg_parser().parse_args(list(argv)))
+    config_path: Path | None = ns.pop("config", None)
+    print_config = bool(ns.pop("print_config", False))
+    if config_path is None and "INVOCATION_ID" in env and SYSTEM_CONFIG_PATH.exists():
+        config_path = SYSTEM_CONFIG_PATH
+
+    layers: list[tuple[str, dict[str, object]]] = [("environment", _environment_defaults(env))]
+    if config_path is not None:
+        layers.append((str(config_path), read_config_file(config_path)))
+    layers.append((COMMAND_LINE, ns))
+    return Invocation(merge_layers(layers), config_path, print_config)
+
+
+def _environment_defaults(env: Mapping[str, str]) -> dict[str, object]:
+    """Defaults systemd makes obvious: the identity in the StateDirectory, the control socket in
+    the RuntimeDirectory (each variable may list several directories, colon-separated)."""
+    out: dict[str, object] = {}
+    if env.get("STATE_DIRECTORY"):
+        out["identity"] = str(Path(env["STATE_DIRECTORY"].split(":")[0]) / "identity.key")
+    if env.get("RUNTIME_DIRECTORY"):
+        out["control_socket"] = str(Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock")
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    """Read a TOML file; unknown keys are rejected with a "did you mean" hint."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path} does not exist", str(path)) from None
+    except PermissionError:
+        raise ConfigError("config", f"file {path} is not readable by this user", str(path)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config", f"not valid TOML: {e}", str(path)) from None
+    for key in data:
+        if key not in FIELD_NAMES:
+            close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(key, f"unknown key{hint}", str(path))
+    return data
+
+
+def merge_layers(layers: Sequence[tuple[str, Mapping[str, object]]]) -> DaemonConfig:
+    """Merge (source, values) layers, later ones winning, then validate into a `DaemonConfig`.
+    Values are raw (TOML values or flag strings); each is parsed by its field's parser."""
+    values: dict[str, object] = {}
+    origin: dict[str, str] = {}
+    for source, layer in layers:
+        parsed: dict[str, object] = {}
+        for key, raw in layer.items():
+            parse = _field(key).metadata["parse"]
+            try:
+                parsed[key] = parse(raw)
+            except _Invalid as e:
+                raise ConfigError(key, str(e), source) from None
+        for a, b in EXCLUSIVE:
+            if _is_chosen(parsed.get(a)) and _is_chosen(parsed.get(b)):
+                raise ConfigError(f"{a}/{b}", f"{a} and {b} exclude each other; set one", source)
+            for mine, other in ((a, b), (b, a)):
+                if _is_chosen(parsed.get(mine)) and other in values:
+                    del values[other], origin[other]
+        values.update(parsed)
+        origin.update(dict.fromkeys(parsed, source))
+
+    if "model" not in values:
+        raise ConfigError("model", "is required (--model PATH or model = \"...\" in the file)")
+    if not _is_chosen(values.get("initial_peers")) and not values.get("new_swarm"):
+        raise ConfigError("initial_peers", "give --initial-peers MULTIADDR... to join a swarm, "
+                                           "or --new-swarm to start one")
+    config = DaemonConfig(**values)  # type: ignore[arg-type]
+    if config.record_ttl <= config.announce_period:
+        raise ConfigError("record_ttl", f"({config.record_ttl:g} s) must exceed announce_period "
+                                        f"({config.announce_period:g} s)",
+                          origin.get("record_ttl") or origin.get("announce_period"))
+    if config.control_group is not None and config.control_socket is None:
+        raise ConfigError("control_group", "needs control_socket", origin["control_group"])
+    return config
+
+
+def _field(key: str) -> dataclasses.Field:
+    for f in FIELDS:
+        if f.name == key:
+            return f
+    raise ConfigError(key, "unknown key")
+
+
+# --------------------------------------------------------------------------- reload & output
+
+
+def diff_reload(old: DaemonConfig, new: DaemonConfig) -> tuple[list[str], list[str]]:
+    """Compare the running config with a re-read one: (keys a reload applies now, changed keys
+    that only take effect after a restart). Both lists are in field order."""
+    changed = [n for n in FIELD_NAMES if getattr(old, n) != getattr(new, n)]
+    return ([n for n in changed if n in RELOADABLE_KEYS],
+            [n for n in changed if n not in RELOADABLE_KEYS])
+
+
+def reloaded(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
+    """The config to run with after a reload: `old` with only the reloadable changes of `new`."""
+    applied, _ = diff_reload(old, new)
+    return dataclasses.replace(old, **{k: getattr(new, k) for k in applied})
+
+
+def _toml_value(value: object, key: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and key in ("cache_budget", "max_frame_size"):
+        return json.dumps(format_size(value))
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
+    return json.dumps(str(value))  # JSON string escapes are valid TOML basic-string escapes
+
+
+def to_toml(config: DaemonConfig, *, comments: bool = True) -> str:
+    """Render `config` as TOML that `load_config` reads back to an equal config. Unset optional
+    keys are written commented out; with `comments`, each key is preceded by its help."""
+    lines = []
+    for f in FIELDS:
+        if comments:
+            lines.extend(textwrap.wrap(f.metadata["help"], 96, initial_indent="# ",
+                                       subsequent_indent="# "))
+        value = getattr(config, f.name)
+        if value is None:
+            lines.append(f"# {f.name} =")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value, f.name)}")
+        if comments:
+            lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
