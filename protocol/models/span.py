@@ -1,0 +1,295 @@
+"""A contiguous span of transformer blocks, loaded alone, run with a per-session KV cache.
+
+``load_span(path, start, end)`` reads only the tensors of blocks ``[start, end)``. ``Span.forward``
+with a ``SpanCache`` continues a session (prefill in any chunking, then steps), without a cache it is
+a plain causal forward from position 0 that autograd can go through (fine-tuning). Results are
+bit-identical to the full transformers model run on the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+from .checkpoint import Checkpoint, ModelLoadError
+from .families import Family, StepContext, family_for, layer_types
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class SpanUsageError(ValueError):
+    """A caller asked a span for something it cannot do (blocks outside it, cache too short, ...).
+
+    The message says what was asked and what is allowed; a daemon maps it to an error reply.
+    """
+
+
+class SpanCache:
+    """The KV cache of one session over blocks ``[start, end)``, ``batch_size`` sequences.
+
+    It wraps a transformers ``DynamicCache(config=...)`` whose ``layers`` list is sliced to the span:
+    the attention modules were renumbered to local layer indices, and a cache with one entry per
+    *global* layer would report a length of 0 from its empty leading layers (wrong masks and
+    positions). Slicing the config-built cache keeps each layer's type (sliding-window layers are
+    ``DynamicSlidingWindowLayer``), which the masks are sized against.
+
+    Sliding-window layers record their whole past (``activate_past_recording``) so that ``crop`` can
+    roll back to any position; the memory budget is therefore ``max_length`` tokens on every layer.
+    """
+
+    def __init__(self, dynamic: DynamicCache, *, batch_size: int, max_length: int, start: int, end: int) -> None:
+        self.dynamic = dynamic
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.start = start
+        self.end = end
+        self.length = 0
+
+    def crop(self, position: int) -> None:
+        """Roll back to the first ``position`` tokens (``0 <= position <= length``)."""
+        if not 0 <= position <= self.length:
+            raise SpanUsageError(f"cannot roll back to position {position}: the cache holds {self.length} tokens")
+        for layer in self.dynamic.layers:
+            if not layer.is_initialized:
+                continue
+            layer.keys = layer.keys[:, :, :position, :]
+            layer.values = layer.values[:, :, :position, :]
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.cumulative_length = position
+        self.length = position
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        """Beam search: the new sequence ``i`` continues old sequence ``hypo_ids[i]``."""
+        if hypo_ids.shape != (self.batch_size,):
+            raise SpanUsageError(f"hypo_ids must have shape ({self.batch_size},), got {tuple(hypo_ids.shape)}")
+        if hypo_ids.numel() and not (0 <= int(hypo_ids.min()) and int(hypo_ids.max()) < self.batch_size):
+            raise SpanUsageError(f"hypo_ids must be in [0, {self.batch_size}), got {hypo_ids.tolist()}")
+        self.dynamic.reorder_cache(hypo_ids.to(torch.long))
+
+
+class Span:
+    """Blocks ``[start, end)`` of a model, weights frozen, in eval mode."""
+
+    def __init__(
+        self,
+        *,
+        start: int,
+        end: int,
+        config: transformers.PretrainedConfig,
+        family: Family,
+        blocks: nn.ModuleList,
+        rotary: nn.Module | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        weight_bytes: int,
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.config = config
+        self.family = family
+        self.blocks = blocks
+        self.rotary = rotary
+        self.dtype = dtype
+        self.device = device
+        self.weight_bytes = weight_bytes
+        self.num_blocks_total: int = config.num_hidden_layers
+        self.hidden_size: int = config.hidden_size
+        self._layer_types = layer_types(config)
+        self._cache_bytes_per_token_per_block = self._measure_cache_bytes()
+
+    def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise SpanUsageError(f"blocks [{start}, {end}) are not a non-empty part of [{self.start}, {self.end})")
+        return start, end
+
+    def _measure_cache_bytes(self) -> list[int]:
+        """Bytes one token of one sequence adds to each block's cache, measured with a 1-token probe.
+
+        Measuring instead of computing from the config keeps this right for every family (multi-query
+        Falcon, grouped-query Llama, Bloom's fused heads) at the cost of one token of compute at load.
+        """
+        cache = self.new_cache(1, 1)
+        self.forward(torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device), cache)
+        return [layer.keys.nbytes + layer.values.nbytes for layer in cache.dynamic.layers]
+
+    def cache_bytes_per_token(self, batch_size: int, start: int | None = None, end: int | None = None) -> int:
+        """KV-cache bytes one more token costs a session of ``batch_size`` over ``[start, end)``."""
+        start, end = self._range(start, end)
+        per_block = self._cache_bytes_per_token_per_block[start - self.start : end - self.start]
+        return batch_size * sum(per_block)
+
+    def new_cache(self, batch_size: int, max_length: int, start: int | None = None, end: int | None = None) -> SpanCache:
+        """An empty cache for a session over blocks ``[start, end)`` (absolute ids, default: all)."""
+        start, end = self._range(start, end)
+        if batch_size < 1 or max_length < 1:
+            raise SpanUsageError(f"batch_size and max_length must be positive, got {batch_size}, {max_length}")
+        dynamic = DynamicCache(config=self.config)
+        dynamic.layers = dynamic.layers[start:end]
+        dynamic.activate_past_recording()
+        return SpanCache(dynamic, batch_size=batch_size, max_length=max_length, start=start, end=end)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Run ``hidden`` [B, T, H] through blocks ``[start, end)``.
+
+        With a cache: the T tokens follow the ``cache.length`` tokens already in it, and are
+        appended (no autograd). Without: a causal forward from position 0, differentiable with
+        respect to ``hidden``. ``start``/``end`` default to the cache's range, else the span's.
+        """
+        if cache is not None:
+            start = cache.start if start is None else start
+            end = cache.end if end is None else end
+            if (start, end) != (cache.start, cache.end):
+                raise SpanUsageError(
+                    f"cache is for blocks [{cache.start}, {cache.end}), forward asked for [{start}, {end})"
+                )
+        start, end = self._range(start, end)
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size or hidden.shape[1] < 1:
+            raise SpanUsageError(f"hidden must be [batch, tokens>=1, {self.hidden_size}], got {tuple(hidden.shape)}")
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        if cache is None:
+            return self._run(hidden, None, start, end)
+        if hidden.shape[0] != cache.batch_size:
+            raise SpanUsageError(f"cache batch size is {cache.batch_size}, hidden has {hidden.shape[0]} sequences")
+        if cache.length + hidden.shape[1] > cache.max_length:
+            raise SpanUsageError(
+                f"{cache.length} cached + {hidden.shape[1]} new tokens exceed max_length {cache.max_length}"
+            )
+        with torch.no_grad():
+            out = self._run(hidden, cache.dynamic, start, end)
+        cache.length += hidden.shape[1]
+        return out
+
+    def _run(self, hidden: torch.Tensor, dynamic: DynamicCache | None, start: int, end: int) -> torch.Tensor:
+        types = self._layer_types[start:end]
+        ctx: StepContext = self.family.prepare_step(self.config, hidden, dynamic, types, self.rotary)
+        for block, layer_type in zip(self.blocks[start - self.start : end - self.start], types, strict=True):
+            hidden = self.family.run_block(block, hidden, ctx, layer_type)
+        return hidden
+
+    def backward(
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int | None = None, end: int | None = None
+    ) -> torch.Tensor:
+        """Gradient of ``<forward(hidden), grad_output>`` with respect to ``hidden`` (weights frozen)."""
+        with torch.enable_grad():
+            inputs = hidden.detach().to(device=self.device, dtype=self.dtype).requires_grad_(True)
+            out = self.forward(inputs, None, start, end)
+            if grad_output.shape != out.shape:
+                raise SpanUsageError(f"grad_output must have shape {tuple(out.shape)}, got {tuple(grad_output.shape)}")
+            (grad,) = torch.autograd.grad(out, inputs, grad_output.to(device=self.device, dtype=self.dtype))
+        return grad
+
+
+def build_skeleton(config: transformers.PretrainedConfig) -> nn.Module:
+    """The whole causal-LM module tree on the meta device: no memory, no initialization cost.
+
+    Building the real classes (rather than re-implementing blocks) is what makes the span compute
+    exactly what transformers computes; the meta device makes it free even for a 70B config.
+    """
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def load_modules(
+    checkpoint: Checkpoint, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Load the tensors under ``prefix`` into the meta ``module``; return the bytes loaded.
+
+    ``strict=True`` catches a checkpoint that does not match the architecture; ``assign=True`` makes
+    the loaded tensors the parameters (no copy into meta storage). ``assign`` keeps the checkpoint
+    tensors' ``requires_grad=True`` default, hence ``requires_grad_(False)``: weights are frozen.
+    """
+    names = checkpoint.names_with_prefix(prefix)
+    tensors = checkpoint.load(names, dtype, device)
+    state = {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(checkpoint.path, f"tensors under {prefix!r} do not match the architecture: {exc}") from exc
+    module.requires_grad_(False)
+    module.eval()
+    leftover = [name for name, t in module.named_buffers() if t.is_meta]
+    if leftover:
+        raise ModelLoadError(checkpoint.path, f"{prefix!r}: buffers not in the checkpoint: {leftover}")
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _renumber_layer_idx(block: nn.Module, global_index: int, local_index: int) -> None:
+    """Attention modules call ``cache.update(k, v, self.layer_idx)``: make that index local to the span."""
+    for module in block.modules():
+        if getattr(module, "layer_idx", None) == global_index:
+            module.layer_idx = local_index
+
+
+def load_span(
+    path: str | Path,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: ProgressCallback | None = None,
+) -> Span:
+    """Load blocks ``[start, end)`` of the checkpoint at ``path``, reading only their tensors.
+
+    The module tree is built on the meta device, then each block gets its ``{prefix}.{k}.*`` tensors
+    (``progress(done, total)`` after each). Attention ``layer_idx`` are renumbered to 0.. so the
+    per-session cache holds exactly the span's layers (see ``SpanCache``).
+    """
+    checkpoint = Checkpoint(path)
+    config = checkpoint.config
+    family = family_for(config)
+    num_blocks = config.num_hidden_layers
+    if not 0 <= start < end <= num_blocks:
+        raise ModelLoadError(checkpoint.path, f"blocks [{start}, {end}) are not within the model's {num_blocks}")
+    device = torch.device(device)
+    skeleton = build_skeleton(config)
+    base = getattr(skeleton, family.base)
+    all_blocks: nn.ModuleList = getattr(base, family.blocks_attr)
+    blocks = nn.ModuleList()
+    weight_bytes = 0
+    for index in range(start, end):
+        block = all_blocks[index]
+        weight_bytes += load_modules(checkpoint, block, family.block_tensor_prefix(index), dtype, device)
+        _renumber_layer_idx(block, index, index - start)
+        blocks.append(block)
+        if progress is not None:
+            progress(index - start + 1, end - start)
+    rotary = build_rotary(config, family, skeleton, device)
+    return Span(
+        start=start,
+        end=end,
+        config=config,
+        family=family,
+        blocks=blocks,
+        rotary=rotary,
+        dtype=dtype,
+        device=device,
+        weight_bytes=weight_bytes,
+    )
+
+
+def build_rotary(
+    config: transformers.PretrainedConfig, family: Family, skeleton: nn.Module, device: torch.device
+) -> nn.Module | None:
+    """A real rotary-embedding module (its inverse frequencies are computed, not stored).
+
+    The skeleton's copy lives on the meta device, so we construct a fresh one of the same class;
+    it stays float32, like the full model's (its forward casts cos/sin to the hidden dtype).
+    """
+    if not family.has_rotary:
+        return None
+    meta_rotary = getattr(getattr(skeleton, family.base), "rotary_emb")
+    return type(meta_rotary)(config=config).to(device)
