@@ -29,6 +29,24 @@ class SpanUsageError(ValueError):
     """
 
 
+class _OffsetDynamicCache(DynamicCache):
+    """A DynamicCache whose layer 0 is block ``offset`` of the span that made it.
+
+    Blocks carry span-local ``layer_idx`` (0 for the span's first block); a session over a sub-span
+    ``[start, end)`` holds only its own layers, so attention's ``update(k, v, layer_idx)`` is shifted
+    by the sub-span's offset. ``update`` is the only cache call the attention modules make.
+    """
+
+    def __init__(self, config: transformers.PretrainedConfig, offset: int) -> None:
+        super().__init__(config=config)
+        self.offset = offset
+
+    def update(  # type: ignore[override]
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
+
+
 class SpanCache:
     """The KV cache of one session over blocks ``[start, end)``, ``batch_size`` sequences.
 
@@ -42,7 +60,7 @@ class SpanCache:
     roll back to any position; the memory budget is therefore ``max_length`` tokens on every layer.
     """
 
-    def __init__(self, dynamic: DynamicCache, *, batch_size: int, max_length: int, start: int, end: int) -> None:
+    def __init__(self, dynamic: _OffsetDynamicCache, *, batch_size: int, max_length: int, start: int, end: int) -> None:
         self.dynamic = dynamic
         self.batch_size = batch_size
         self.max_length = max_length
@@ -130,7 +148,7 @@ class Span:
         start, end = self._range(start, end)
         if batch_size < 1 or max_length < 1:
             raise SpanUsageError(f"batch_size and max_length must be positive, got {batch_size}, {max_length}")
-        dynamic = DynamicCache(config=self.config)
+        dynamic = _OffsetDynamicCache(self.config, offset=start - self.start)
         dynamic.layers = dynamic.layers[start:end]
         dynamic.activate_past_recording()
         return SpanCache(dynamic, batch_size=batch_size, max_length=max_length, start=start, end=end)
@@ -151,9 +169,11 @@ class Span:
         if cache is not None:
             start = cache.start if start is None else start
             end = cache.end if end is None else end
-            if (start, end) != (cache.start, cache.end):
+            if (start, end) != (cache.start, cache.end) or cache.dynamic.offset != start - self.start:
                 raise SpanUsageError(
-                    f"cache is for blocks [{cache.start}, {cache.end}), forward asked for [{start}, {end})"
+                    f"cache is for blocks [{cache.start}, {cache.end}) of a span starting at "
+                    f"{cache.start - cache.dynamic.offset}; this span starts at {self.start} and was asked "
+                    f"for [{start}, {end})"
                 )
         start, end = self._range(start, end)
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size or hidden.shape[1] < 1:
