@@ -43,6 +43,9 @@ MAX_HEAD_SIZE = 16 * 1024
 MAX_BODY_SIZE = 64 * 1024
 READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
+#: After an error reply, how long and how much unread input is discarded before closing.
+LINGER_TIMEOUT = 1.0
+MAX_LINGER_BYTES = 1 << 20
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 #: Linux getsockopt option for the peer's supplementary groups (not exported by Python).
@@ -258,6 +261,16 @@ class _Connection:
                 if received > MAX_BODY_SIZE:
                     raise h11.RemoteProtocolError("request body too large", 413)
 
+    async def linger(self) -> None:
+        """After an error reply to a request we did not read in full: stop writing and drop
+        what the client still sends (bounded), so closing does not reset the connection and
+        destroy the reply before the client read it."""
+        await self.stream.send_eof()
+        dropped = 0
+        with trio.move_on_after(LINGER_TIMEOUT):
+            while dropped < MAX_LINGER_BYTES and (data := await self.stream.receive_some(65536)):
+                dropped += len(data)
+
     async def send(self, reply: _Reply, *, close: bool = False) -> None:
         headers = [("content-type", reply.content_type),
                    ("content-length", str(len(reply.body))), *reply.headers]
@@ -285,6 +298,7 @@ async def _serve_connection(stream: trio.SocketStream, backend: ControlBackend,
                     if c.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                         await c.send(_error_reply(e.error_status_hint, "bad_request", str(e)),
                                      close=True)
+                        await c.linger()
                     return
             if request is None:  # EOF or idle timeout
                 return
@@ -408,7 +422,8 @@ async def serve_control(path: Path, backend: ControlBackend, *, group: str | Non
                     raise
                 nursery.start_soon(serve_one, stream, token)
     finally:
-        await listener.aclose()
+        # Synchronous on purpose: an await here would be cancelled before the cleanup ran.
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_ino == inode:
                 path.unlink()
+        sock.close()
