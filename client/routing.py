@@ -1,0 +1,141 @@
+"""Choosing a chain of daemons that covers a range of blocks at the lowest expected step time.
+
+The cost of using daemon `s` for blocks [a, s.end) is its round-trip time plus its compute time,
+(s.end - a) / s.throughput, where throughput is what the daemon announced (block-steps per
+second for one decode step). With that linear cost, riding a daemon to the end of its span is
+never worse than leaving it early, so the graph only needs the block boundaries as nodes and one
+edge per (boundary, daemon covering it): Dijkstra over it is exact and cheap
+(O(E log V) with E <= servers x boundaries). Daemons without room for the session's cache get a
+large penalty rather than being excluded, so a full swarm still yields a (slow) route.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from petals_protocol.errors import ErrorCode, PetalsError
+
+#: Seconds assumed for a daemon whose latency was not measured yet (loopback is ~3 ms).
+DEFAULT_RTT = 0.05
+#: Added to a hop whose daemon announced too little free cache (Petals uses the same idea).
+NO_CACHE_PENALTY = 10.0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the client knows about one daemon, from its info reply or its DHT record."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    start: int
+    end: int
+    throughput: float = 1.0
+    cache_tokens_free: int = 0
+    state: str = "online"
+    public_name: str = ""
+    using_relay: bool = False
+    dtype: str = "float32"
+    rtt: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.public_name or self.peer_id[-8:]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Blocks [start, end) run on `server`."""
+
+    server: ServerInfo
+    start: int
+    end: int
+
+
+class NoRoute(PetalsError):
+    """No chain of usable daemons covers the requested blocks."""
+
+    code = ErrorCode.UNSUPPORTED
+
+    def __init__(self, uncovered: list[tuple[int, int]], detail: str = "") -> None:
+        self.uncovered = uncovered
+        ranges = ", ".join(f"{a}:{b}" for a, b in uncovered)
+        hint = f" Start a daemon for them, e.g. `petalsd --model MODEL --blocks {uncovered[0][0]}:{uncovered[0][1]}`." if uncovered else ""
+        super().__init__(f"no daemon serves blocks {ranges}{detail}.{hint}")
+
+
+@dataclass(order=True)
+class _Entry:
+    cost: float
+    block: int
+    path: list[Hop] = field(compare=False)
+
+
+def uncovered_blocks(servers: Iterable[ServerInfo], start: int, end: int) -> list[tuple[int, int]]:
+    """Maximal ranges inside [start, end) that no given daemon serves."""
+    covered = [False] * (end - start)
+    for s in servers:
+        for b in range(max(s.start, start), min(s.end, end)):
+            covered[b - start] = True
+    gaps: list[tuple[int, int]] = []
+    b = start
+    while b < end:
+        if covered[b - start]:
+            b += 1
+            continue
+        gap_start = b
+        while b < end and not covered[b - start]:
+            b += 1
+        gaps.append((gap_start, b))
+    return gaps
+
+
+def hop_cost(server: ServerInfo, start: int, end: int, cache_tokens_needed: int) -> float:
+    rtt = server.rtt if server.rtt is not None else DEFAULT_RTT
+    compute = (end - start) / max(server.throughput, 1e-6)
+    penalty = NO_CACHE_PENALTY if server.cache_tokens_free < cache_tokens_needed else 0.0
+    return rtt + compute + penalty
+
+
+def choose_route(
+    servers: Iterable[ServerInfo],
+    start: int,
+    end: int,
+    *,
+    banned: frozenset[str] | set[str] = frozenset(),
+    cache_tokens_needed: int = 0,
+) -> list[Hop]:
+    """The cheapest chain of hops covering [start, end), or NoRoute naming the gaps."""
+    usable = [
+        s for s in servers
+        if s.peer_id not in banned and s.state == "online" and s.start < end and s.end > start
+    ]
+    if start >= end:
+        return []
+    best: dict[int, float] = {start: 0.0}
+    queue = [_Entry(0.0, start, [])]
+    while queue:
+        entry = heapq.heappop(queue)
+        if entry.block == end:
+            return entry.path
+        if entry.cost > best.get(entry.block, float("inf")):
+            continue
+        for s in usable:
+            if not (s.start <= entry.block < s.end):
+                continue
+            stop = min(s.end, end)
+            cost = entry.cost + hop_cost(s, entry.block, stop, cache_tokens_needed)
+            if cost < best.get(stop, float("inf")):
+                best[stop] = cost
+                heapq.heappush(queue, _Entry(cost, stop, [*entry.path, Hop(s, entry.block, stop)]))
+    gaps = uncovered_blocks(usable, start, end)
+    all_gaps = uncovered_blocks(servers, start, end)
+    detail = ""
+    if gaps and not all_gaps:
+        detail = " (daemons exist for them but are banned after failures or not online)"
+    raise NoRoute(gaps or [(start, end)], detail)
+
+
+def describe_route(route: list[Hop]) -> str:
+    """One line a user can read: `0:4 via alice (12ab..) -> 4:8 via ...`."""
+    return " -> ".join(f"{h.start}:{h.end} via {h.server.name}" for h in route)
