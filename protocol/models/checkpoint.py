@@ -18,12 +18,14 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from petals_protocol.errors import PetalsError
+
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(PetalsError):
     """A checkpoint or span cannot be loaded; the message names the path and what is wrong.
 
     It is the operator's fault (bad path, incomplete download, unsupported model), never the peer's.

@@ -16,17 +16,24 @@ import transformers
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
+from petals_protocol.errors import ErrorCode, PetalsError
+
 from .checkpoint import Checkpoint, ModelLoadError
 from .families import Family, StepContext, family_for, layer_types
 
 ProgressCallback = Callable[[int, int], None]
 
 
-class SpanUsageError(ValueError):
+class SpanUsageError(PetalsError, ValueError):
     """A caller asked a span for something it cannot do (blocks outside it, cache too short, ...).
 
-    The message says what was asked and what is allowed; a daemon maps it to an error reply.
+    The message says what was asked and what is allowed; ``code`` is what a daemon puts in its
+    ``ErrorReply`` (``TOO_LONG`` past ``max_length``, ``BAD_REQUEST`` otherwise).
     """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _OffsetDynamicCache(DynamicCache):
@@ -185,7 +192,8 @@ class Span:
             raise SpanUsageError(f"cache batch size is {cache.batch_size}, hidden has {hidden.shape[0]} sequences")
         if cache.length + hidden.shape[1] > cache.max_length:
             raise SpanUsageError(
-                f"{cache.length} cached + {hidden.shape[1]} new tokens exceed max_length {cache.max_length}"
+                f"{cache.length} cached + {hidden.shape[1]} new tokens exceed max_length {cache.max_length}",
+                ErrorCode.TOO_LONG,
             )
         with torch.no_grad():
             out = self._run(hidden, cache.dynamic, start, end)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from petals_protocol.errors import ErrorCode
 from petals_protocol.models.client_part import load_client_part
 from petals_protocol.models.span import SpanUsageError, load_span
 
@@ -100,8 +101,9 @@ def test_cache_limits_are_enforced(checkpoint: Callable[[str], Path]) -> None:
     with pytest.raises(SpanUsageError):
         span.forward(hidden_input(1, 2), cache)  # wrong batch size
     span.forward(hidden_input(2, 3), cache)
-    with pytest.raises(SpanUsageError):
+    with pytest.raises(SpanUsageError) as too_long:
         span.forward(hidden_input(2, 2), cache)  # 3 + 2 > max_length 4
+    assert too_long.value.code is ErrorCode.TOO_LONG
     assert cache.length == 3
     with pytest.raises(SpanUsageError):
         span.forward(torch.zeros(2, 1, 32), cache)  # wrong hidden size
