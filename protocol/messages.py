@@ -1,0 +1,498 @@
+"""Typed messages and their msgpack wire form (one message per frame).
+
+Wire form: a msgpack map with "t" = the message's short tag, then every field by name (optional
+fields are always present, as nil when absent). Ids are 16 raw bytes, tensors are their
+`TensorPayload.to_wire()` maps, ints are non-negative int64, floats finite, strings bounded.
+
+One generic, table-driven codec serves every message: each dataclass field carries a spec (in
+its dataclass `metadata`) that type-checks the value and converts it to/from its wire form.
+Messages validate themselves in `__post_init__`, so an instance that exists is valid, whether it
+was built locally or decoded; decoding raises only MalformedMessage or BadTensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import ErrorCode, MalformedMessage, ProtocolError, RemoteError
+from .ids import MAX_FINGERPRINT_LENGTH, is_valid_fingerprint
+from .tensors import DTYPES, MAX_ELEMENTS, TensorPayload
+
+__all__ = [
+    "ID_SIZE",
+    "SIGNATURE_SIZE",
+    "MAX_PEER_ID_SIZE",
+    "MAX_NAME_LENGTH",
+    "MAX_ERROR_MESSAGE_LENGTH",
+    "MAX_UINT",
+    "SERVER_STATES",
+    "InfoRequest",
+    "InfoResponse",
+    "OpenSession",
+    "SessionOpened",
+    "InferenceStep",
+    "StepResult",
+    "CloseSession",
+    "ForwardRequest",
+    "ForwardResponse",
+    "BackwardRequest",
+    "BackwardResponse",
+    "ErrorReply",
+    "Message",
+    "MESSAGE_TYPES",
+    "encode_message",
+    "decode_message",
+    "error_reply",
+]
+
+ID_SIZE = 16  # session_id / request_id: 16 random bytes chosen by the client
+SIGNATURE_SIZE = 64  # Ed25519
+MAX_PEER_ID_SIZE = 128  # an Ed25519 identity peer id is 38 bytes; leave room for other key types
+MAX_NAME_LENGTH = 256  # model names, public names, versions
+MAX_ERROR_MESSAGE_LENGTH = 4096
+MAX_UINT = 2**63 - 1  # ints travel as int64 so that torch and other implementations can hold them
+# What a daemon is doing: joining (loading / announcing), online, draining (finishing sessions,
+# taking no new ones), offline (announced on the way out).
+SERVER_STATES = ("joining", "online", "draining", "offline")
+# Containers in a message are tiny (a shape has <= 8 dims, a message ~16 fields); capping them far
+# below the frame size keeps a 64 MiB frame of nils from expanding into a 512 MiB list.
+_MAX_CONTAINER_LEN = 256
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Field specs: check a Python value, convert to and from its wire form.
+# `check` returns a description of the problem, or None when the value is fine.
+
+
+class _Spec:
+    def check(self, value: Any) -> str | None:
+        raise NotImplementedError
+
+    def to_wire(self, value: Any) -> Any:
+        return value
+
+    def from_wire(self, raw: Any) -> Any:
+        return raw
+
+
+@dataclass(frozen=True)
+class _Bytes(_Spec):
+    min_len: int
+    max_len: int
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not bytes:
+            return f"must be bytes, got {_type_name(value)}"
+        if not self.min_len <= len(value) <= self.max_len:
+            want = str(self.min_len) if self.min_len == self.max_len else f"{self.min_len}..{self.max_len}"
+            return f"must be {want} bytes long, got {len(value)}"
+        return None
+
+
+@dataclass(frozen=True)
+class _UInt(_Spec):
+    minimum: int = 0
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not int:  # bool is an int subclass and is refused on purpose
+            return f"must be an int, got {_type_name(value)}"
+        if not self.minimum <= value <= MAX_UINT:
+            return f"must be in [{self.minimum}, 2**63 - 1], got {value}"
+        return None
+
+
+@dataclass(frozen=True)
+class _Float(_Spec):
+    def check(self, value: Any) -> str | None:
+        if type(value) is not float:
+            return f"must be a float, got {_type_name(value)}"
+        if not math.isfinite(value) or value < 0:
+            return f"must be finite and >= 0, got {value}"
+        return None
+
+    def from_wire(self, raw: Any) -> Any:
+        # Other implementations may send 3 for 3.0; accept ints (not bools) as floats.
+        return float(raw) if type(raw) is int and abs(raw) <= 2**53 else raw
+
+
+@dataclass(frozen=True)
+class _Text(_Spec):
+    max_len: int
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not str:
+            return f"must be a str, got {_type_name(value)}"
+        if len(value) > self.max_len:
+            return f"must be at most {self.max_len} characters, got {len(value)}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {list(self.choices)}, got {value!r}"
+        return None
+
+
+class _Fingerprint(_Spec):
+    def check(self, value: Any) -> str | None:
+        if not is_valid_fingerprint(value):
+            return f"must be a fingerprint (1..{MAX_FINGERPRINT_LENGTH} chars of [A-Za-z0-9._:+=-])"
+        return None
+
+
+class _Tensor(_Spec):
+    def check(self, value: Any) -> str | None:
+        return None if isinstance(value, TensorPayload) else f"must be a TensorPayload, got {_type_name(value)}"
+
+    def to_wire(self, value: TensorPayload) -> Any:
+        return value.to_wire()
+
+    def from_wire(self, raw: Any) -> Any:
+        return TensorPayload.from_wire(raw, max_elements=MAX_ELEMENTS)
+
+
+class _Code(_Spec):
+    _VALUES: ClassVar[dict[str, ErrorCode]] = {c.value: c for c in ErrorCode}
+
+    def check(self, value: Any) -> str | None:
+        return None if isinstance(value, ErrorCode) else f"must be an ErrorCode, got {value!r}"
+
+    def to_wire(self, value: ErrorCode) -> Any:
+        return value.value
+
+    def from_wire(self, raw: Any) -> Any:
+        # An unknown code is refused (the /1 protocol ids pin the code set), not mapped to INTERNAL.
+        return self._VALUES.get(raw, raw) if isinstance(raw, str) else raw
+
+
+@dataclass(frozen=True)
+class _Optional(_Spec):
+    inner: _Spec
+
+    def check(self, value: Any) -> str | None:
+        return None if value is None else self.inner.check(value)
+
+    def to_wire(self, value: Any) -> Any:
+        return None if value is None else self.inner.to_wire(value)
+
+    def from_wire(self, raw: Any) -> Any:
+        return None if raw is None else self.inner.from_wire(raw)
+
+
+_ID = _Bytes(ID_SIZE, ID_SIZE)
+_SIGNATURE = _Bytes(SIGNATURE_SIZE, SIGNATURE_SIZE)
+_NAME = _Text(MAX_NAME_LENGTH)
+
+
+def _f(spec: _Spec, **kwargs: Any) -> Any:
+    """A dataclass field that carries its wire spec."""
+    return field(metadata={"spec": spec}, **kwargs)
+
+
+def _opt(spec: _Spec) -> Any:
+    return field(default=None, metadata={"spec": _Optional(spec)})
+
+
+@cache
+def _specs_of(cls: type) -> tuple[tuple[str, _Spec], ...]:
+    """(field name, spec) for each field of a dataclass built with `_f`/`_opt`, in order."""
+    return tuple((f.name, f.metadata["spec"]) for f in fields(cls))
+
+
+def _check_fields(obj: Any, error: type[ProtocolError]) -> None:
+    """Raise `error` naming the first field whose value its spec refuses (shared with records.py)."""
+    for name, spec in _specs_of(type(obj)):
+        problem = spec.check(getattr(obj, name))
+        if problem is not None:
+            raise error(f"{type(obj).__name__}.{name} {problem}")  # type: ignore[call-arg]
+
+
+def _fields_to_wire(obj: Any) -> dict[str, Any]:
+    return {name: spec.to_wire(getattr(obj, name)) for name, spec in _specs_of(type(obj))}
+
+
+def _fields_from_wire(cls: type, obj: dict[Any, Any], error: type[ProtocolError], ignore: str = "") -> dict[str, Any]:
+    """Constructor kwargs from a decoded map that must hold exactly cls's fields (plus `ignore`)."""
+    specs = _specs_of(cls)
+    expected = {name for name, _ in specs} | ({ignore} if ignore else set())
+    if obj.keys() != expected:
+        missing = sorted(expected - obj.keys())
+        extra = sorted(repr(k) for k in obj.keys() - expected)
+        raise error(f"{cls.__name__}: missing fields {missing}, unexpected fields {extra}")  # type: ignore[call-arg]
+    return {name: spec.from_wire(obj[name]) for name, spec in specs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+class _Message:
+    """Base: validates every field against its spec, then the message's cross-field rules."""
+
+    __slots__ = ()
+    TAG: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _check_fields(self, MalformedMessage)
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field rules; overridden where a message has any."""
+
+    def _require(self, ok: bool, what: str) -> None:
+        if not ok:
+            raise MalformedMessage(f"{type(self).__name__}: {what}")
+
+
+def _check_span(msg: _Message, start_block: int, end_block: int) -> None:
+    msg._require(start_block < end_block, f"empty or reversed span [{start_block}, {end_block})")
+
+
+@dataclass(frozen=True, slots=True)
+class InfoRequest(_Message):
+    """Ask a daemon what it serves (answered by InfoResponse on /petals/info/1)."""
+
+    TAG: ClassVar[str] = "info_req"
+
+
+@dataclass(frozen=True, slots=True)
+class InfoResponse(_Message):
+    """What a daemon serves, its limits and its load. `throughput`: tokens/s through its span."""
+
+    TAG: ClassVar[str] = "info"
+    peer_id: bytes = _f(_Bytes(1, MAX_PEER_ID_SIZE))
+    version: str = _f(_NAME)
+    model_name: str = _f(_NAME)
+    model_fingerprint: str = _f(_Fingerprint())
+    num_blocks: int = _f(_UInt())
+    start_block: int = _f(_UInt())
+    end_block: int = _f(_UInt())
+    dtype: str = _f(_Text(16, tuple(DTYPES)))
+    state: str = _f(_Text(16, SERVER_STATES))
+    max_length: int = _f(_UInt())
+    max_batch_size: int = _f(_UInt())
+    max_sessions: int = _f(_UInt())
+    active_sessions: int = _f(_UInt())
+    cache_tokens_free: int = _f(_UInt())
+    throughput: float = _f(_Float())
+    public_name: str = _f(_NAME)
+
+    def _check(self) -> None:
+        # An empty span is allowed while joining (blocks not chosen yet).
+        self._require(
+            self.start_block <= self.end_block <= self.num_blocks,
+            f"span [{self.start_block}, {self.end_block}) not within {self.num_blocks} blocks",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSession(_Message):
+    """Start an inference session over [start_block, end_block) (a sub-span of the daemon's is fine)."""
+
+    TAG: ClassVar[str] = "open"
+    session_id: bytes = _f(_ID)
+    model_fingerprint: str = _f(_Fingerprint())
+    start_block: int = _f(_UInt())
+    end_block: int = _f(_UInt())
+    max_length: int = _f(_UInt(minimum=1))
+    batch_size: int = _f(_UInt(minimum=1))
+
+    def _check(self) -> None:
+        _check_span(self, self.start_block, self.end_block)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpened(_Message):
+    TAG: ClassVar[str] = "opened"
+    session_id: bytes = _f(_ID)
+    max_length: int = _f(_UInt(minimum=1))
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceStep(_Message):
+    """One step: `position` = tokens already in the cache it builds on (smaller rolls back).
+
+    `hypo_ids` (1-D integer tensor, optional) reorders the batch's cache rows first (beam search).
+    """
+
+    TAG: ClassVar[str] = "step"
+    session_id: bytes = _f(_ID)
+    step: int = _f(_UInt())
+    position: int = _f(_UInt())
+    hidden: TensorPayload = _f(_Tensor())
+    hypo_ids: TensorPayload | None = _opt(_Tensor())
+
+    def _check(self) -> None:
+        if self.hypo_ids is not None:
+            self._require(
+                self.hypo_ids.dtype in ("int64", "int32") and len(self.hypo_ids.shape) == 1,
+                f"hypo_ids must be a 1-D int tensor, got {self.hypo_ids.dtype}{list(self.hypo_ids.shape)}",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult(_Message):
+    TAG: ClassVar[str] = "result"
+    session_id: bytes = _f(_ID)
+    step: int = _f(_UInt())
+    position: int = _f(_UInt())
+    hidden: TensorPayload = _f(_Tensor())
+    signature: bytes = _f(_SIGNATURE)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession(_Message):
+    TAG: ClassVar[str] = "close"
+    session_id: bytes = _f(_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest(_Message):
+    TAG: ClassVar[str] = "fwd"
+    request_id: bytes = _f(_ID)
+    model_fingerprint: str = _f(_Fingerprint())
+    start_block: int = _f(_UInt())
+    end_block: int = _f(_UInt())
+    hidden: TensorPayload = _f(_Tensor())
+
+    def _check(self) -> None:
+        _check_span(self, self.start_block, self.end_block)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardResponse(_Message):
+    TAG: ClassVar[str] = "fwd_res"
+    request_id: bytes = _f(_ID)
+    hidden: TensorPayload = _f(_Tensor())
+    signature: bytes = _f(_SIGNATURE)
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardRequest(_Message):
+    TAG: ClassVar[str] = "bwd"
+    request_id: bytes = _f(_ID)
+    model_fingerprint: str = _f(_Fingerprint())
+    start_block: int = _f(_UInt())
+    end_block: int = _f(_UInt())
+    hidden: TensorPayload = _f(_Tensor())
+    grad_output: TensorPayload = _f(_Tensor())
+
+    def _check(self) -> None:
+        _check_span(self, self.start_block, self.end_block)
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardResponse(_Message):
+    TAG: ClassVar[str] = "bwd_res"
+    request_id: bytes = _f(_ID)
+    grad_input: TensorPayload = _f(_Tensor())
+    signature: bytes = _f(_SIGNATURE)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(_Message):
+    """A request failed on the daemon's side; names the session or request it concerns, if any."""
+
+    TAG: ClassVar[str] = "error"
+    code: ErrorCode = _f(_Code())
+    message: str = _f(_Text(MAX_ERROR_MESSAGE_LENGTH))
+    session_id: bytes | None = _opt(_ID)
+    request_id: bytes | None = _opt(_ID)
+
+    def to_exception(self, peer: str | None = None) -> RemoteError:
+        """The exception to raise on the receiving side (`peer`: the sender's peer id text)."""
+        return RemoteError(self.code, self.message, peer)
+
+
+Message = (
+    InfoRequest
+    | InfoResponse
+    | OpenSession
+    | SessionOpened
+    | InferenceStep
+    | StepResult
+    | CloseSession
+    | ForwardRequest
+    | ForwardResponse
+    | BackwardRequest
+    | BackwardResponse
+    | ErrorReply
+)
+MESSAGE_TYPES: tuple[type[_Message], ...] = Message.__args__  # type: ignore[attr-defined]
+
+_TAG_KEY = "t"
+_BY_TAG: dict[str, type[_Message]] = {cls.TAG: cls for cls in MESSAGE_TYPES}
+
+
+def encode_message(msg: Message) -> bytes:
+    """The msgpack payload of one frame (pass it to `encode_frame`)."""
+    if type(msg) not in MESSAGE_TYPES:
+        raise TypeError(f"not a message: {_type_name(msg)}")
+    return msgpack.packb({_TAG_KEY: msg.TAG, **_fields_to_wire(msg)}, use_bin_type=True)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise MalformedMessage(f"msgpack extension type {code} is not allowed")
+
+
+def unpack_strict(payload: bytes, *, max_container_len: int = _MAX_CONTAINER_LEN) -> Any:
+    """msgpack-decode one object with the limits every decoder here uses; only MalformedMessage escapes.
+
+    Refuses ext types, non-str/bytes map keys, trailing bytes and containers longer than
+    `max_container_len`; strings and binaries are bounded by the payload itself.
+    """
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise MalformedMessage(f"payload must be bytes, got {_type_name(payload)}")
+    n = len(payload)
+    try:
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=False,
+            ext_hook=_reject_ext,
+            timestamp=0,
+            max_bin_len=n,
+            max_str_len=n,
+            max_ext_len=0,
+            max_array_len=max_container_len,
+            max_map_len=max_container_len,
+        )
+    except MalformedMessage:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # ValueError covers ExtraData, FormatError, StackError, OutOfData-like limits, bad UTF-8.
+        raise MalformedMessage(f"not a valid msgpack object ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_message(payload: bytes) -> Message:
+    """Parse one frame's payload; raises MalformedMessage or BadTensor, nothing else."""
+    obj = unpack_strict(payload)
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"message must be a map, got {_type_name(obj)}")
+    tag = obj.get(_TAG_KEY)
+    cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise MalformedMessage(f"unknown message tag {tag!r}")
+    return cls(**_fields_from_wire(cls, obj, MalformedMessage, ignore=_TAG_KEY))  # type: ignore[return-value]
+
+
+def error_reply(
+    exc: BaseException, *, session_id: bytes | None = None, request_id: bytes | None = None
+) -> ErrorReply:
+    """The ErrorReply that reports `exc` to the peer.
+
+    ProtocolError and RemoteError keep their code and message; anything else is INTERNAL with the
+    exception's type and text (truncated), so the caller learns it was not its fault.
+    """
+    if isinstance(exc, (ProtocolError, RemoteError)):
+        code, message = exc.code, exc.message
+    else:
+        code, message = ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+    return ErrorReply(code, message[:MAX_ERROR_MESSAGE_LENGTH], session_id, request_id)

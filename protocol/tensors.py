@@ -1,0 +1,165 @@
+"""Tensors on the wire: `{dtype, shape, data}` with raw little-endian bytes, never pickle.
+
+A `TensorPayload` is validated when it is built, so one that exists is always consistent:
+whitelisted dtype, rank <= MAX_RANK, non-negative dims, and `prod(shape) * itemsize == len(data)`.
+`from_wire` additionally bounds the element count (MAX_ELEMENTS by default) because the shape
+comes from a peer and is later handed to torch.
+
+torch is imported lazily inside `from_torch`/`to_torch` so that the protocol core stays importable
+(and fast to import) without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from .errors import BadTensor
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+__all__ = ["DTYPES", "MAX_RANK", "MAX_ELEMENTS", "TensorPayload", "from_torch", "to_torch"]
+
+# dtype name -> bytes per element. Everything else (float64, complex, quantized...) is refused.
+DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+MAX_RANK = 8
+# 2**28 elements (1 GiB of fp32) is far above what a 64 MiB frame can carry; it exists so that a
+# shape like (2**40, 0) or a huge dim cannot reach torch. Receivers may pass a tighter bound.
+MAX_ELEMENTS = 2**28
+_WIRE_KEYS = frozenset({"dtype", "shape", "data"})
+_DIGEST_DOMAIN = b"petals/tensor/1\n"
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPayload:
+    """An n-d array as raw little-endian bytes (bfloat16 as its 16-bit patterns)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _validate(self.dtype, self.shape, self.data, max_elements=None)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack-able form: {"dtype": str, "shape": [int, ...], "data": bytes}."""
+        return {"dtype": self.dtype, "shape": list(self.shape), "data": self.data}
+
+    @classmethod
+    def from_wire(cls, obj: object, *, max_elements: int = MAX_ELEMENTS) -> TensorPayload:
+        """Build from a decoded wire dict; raise BadTensor on anything that is not exactly right."""
+        if not isinstance(obj, dict):
+            raise BadTensor(f"tensor must be a map, got {_type_name(obj)}")
+        keys = set(obj)
+        if keys != _WIRE_KEYS:
+            missing = sorted(map(str, _WIRE_KEYS - keys))
+            extra = sorted(map(repr, keys - _WIRE_KEYS))
+            raise BadTensor(f"tensor map keys wrong (missing {missing}, extra {extra})")
+        shape = obj["shape"]
+        if not isinstance(shape, (list, tuple)):
+            raise BadTensor(f"tensor shape must be an array, got {_type_name(shape)}")
+        shape = tuple(shape)
+        _validate(obj["dtype"], shape, obj["data"], max_elements=max_elements)
+        return cls(obj["dtype"], shape, obj["data"])
+
+    def digest(self) -> bytes:
+        """SHA-256 over a canonical encoding of dtype, shape and data (what signatures bind to)."""
+        h = hashlib.sha256(_DIGEST_DOMAIN)
+        # msgpack of [dtype, shape] is self-delimiting, so header and data cannot be confused.
+        h.update(msgpack.packb([self.dtype, list(self.shape)], use_bin_type=True))
+        h.update(self.data)
+        return h.digest()
+
+
+def _validate(dtype: object, shape: object, data: object, *, max_elements: int | None) -> None:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise BadTensor(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not isinstance(shape, tuple):
+        raise BadTensor(f"shape must be a tuple, got {_type_name(shape)}")
+    if len(shape) > MAX_RANK:
+        raise BadTensor(f"rank {len(shape)} exceeds {MAX_RANK}")
+    # Locally built payloads only need dims torch can hold; wire ones get the element limit.
+    dim_bound = 2**63 - 1 if max_elements is None else max_elements
+    for dim in shape:
+        # bool is an int subclass; a shape of (True, 2) is a bug or an attack, not (1, 2).
+        if type(dim) is not int:
+            raise BadTensor(f"shape entries must be ints, got {_type_name(dim)}")
+        if dim < 0:
+            raise BadTensor(f"negative dimension {dim} in shape {shape}")
+        if dim > dim_bound:
+            raise BadTensor(f"dimension {dim} exceeds the limit {dim_bound}")
+    numel = math.prod(shape)
+    if max_elements is not None and numel > max_elements:
+        raise BadTensor(f"shape {shape} has {numel} elements (max {max_elements})")
+    if not isinstance(data, bytes):
+        raise BadTensor(f"tensor data must be bytes, got {_type_name(data)}")
+    expected = numel * DTYPES[dtype]
+    if len(data) != expected:
+        raise BadTensor(f"{dtype}{list(shape)} needs {expected} bytes, got {len(data)}")
+    # torch gives undefined results for bool bytes other than 0/1; refuse them up front (C-speed scan).
+    if dtype == "bool" and data.translate(None, b"\x00\x01"):
+        raise BadTensor("bool tensor contains bytes other than 0 and 1")
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "int64": torch.int64,
+        "int32": torch.int32,
+        "bool": torch.bool,
+    }
+
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+        raise RuntimeError("tensor wire format is little-endian; big-endian hosts are not supported")
+
+
+def from_torch(tensor: torch.Tensor) -> TensorPayload:
+    """Copy a tensor (any device, any strides) into a payload; refuses dtypes off the whitelist."""
+    _require_little_endian()
+    names = {v: k for k, v in _torch_dtypes().items()}
+    name = names.get(tensor.dtype)
+    if name is None:
+        raise BadTensor(f"torch dtype {tensor.dtype} is not one of {sorted(DTYPES)}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    # Reinterpret as bytes (bfloat16 keeps its exact bit pattern; numpy has no bfloat16).
+    import torch
+
+    data = flat.view(torch.uint8).numpy().tobytes()
+    return TensorPayload(name, tuple(int(d) for d in tensor.shape), data)
+
+
+def to_torch(payload: TensorPayload, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A fresh, writable, contiguous tensor with the payload's dtype and shape on `device`."""
+    _require_little_endian()
+    import torch
+
+    dtype = _torch_dtypes()[payload.dtype]
+    if not payload.data:  # torch.frombuffer refuses empty buffers
+        return torch.empty(payload.shape, dtype=dtype, device=device)
+    # bytearray: frombuffer over immutable bytes would give a read-only tensor (and a warning).
+    flat = torch.frombuffer(bytearray(payload.data), dtype=dtype)
+    return flat.reshape(payload.shape).to(device)
