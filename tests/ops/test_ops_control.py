@@ -274,7 +274,7 @@ try:
 except OSError as e:
     print("connect-error", type(e).__name__)
     raise SystemExit
-s.sendall(b"GET /v1/status HTTP/1.1\r\nhost: x\r\n\r\n")
+s.sendall(b"GET /v1/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
 data = b""
 while chunk := s.recv(65536):
     data += chunk
