@@ -61,7 +61,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", metavar="PATH",
                         help=f"control socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
     parser.add_argument("--json", action="store_true", help="print the daemon's raw JSON")
-    parser.add_argument("command", choices=list(COMMANDS),
+    # dest differs from "command": the `petals` parser uses that name for its subcommand.
+    parser.add_argument("ctl_command", metavar="command", choices=list(COMMANDS),
                         help="status, sessions, peers, metrics (Prometheus text), or an action: "
                              "drain (stop taking sessions, finish open ones), reload (re-read "
                              "the config), stop (drain, then exit)")
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     out = out or sys.stdout
     err = err or sys.stderr
     path = socket_path(args)
-    method, target = COMMANDS[args.command]
+    method, target = COMMANDS[args.ctl_command]
     try:
         status, _ctype, body = request(path, method, target)
     except CtlError as e:
@@ -110,9 +111,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         return 1
     text = body.decode("utf-8", errors="replace")
     if status != 200:
-        print(f"petals ctl: {args.command}: {_error_message(status, text)}", file=err)
+        print(f"petals ctl: {args.ctl_command}: {_error_message(status, text)}", file=err)
         return 1
-    if args.command == "metrics" or args.json:
+    if args.ctl_command == "metrics" or args.json:
         out.write(text if text.endswith("\n") else text + "\n")
         return 0
     try:

@@ -29,6 +29,7 @@ import os
 import socket
 import stat
 import struct
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,7 +277,8 @@ class _Connection:
                    ("content-length", str(len(reply.body))), *reply.headers]
         if close:
             headers.append(("connection", "close"))
-        data = self.conn.send(h11.Response(status_code=reply.status, headers=headers))
+        data = self.conn.send(h11.Response(status_code=reply.status, headers=headers,
+                                           reason=HTTPStatus(reply.status).phrase))
         data += self.conn.send(h11.Data(data=reply.body)) + self.conn.send(h11.EndOfMessage())
         await self.stream.send_all(data)
 

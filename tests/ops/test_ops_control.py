@@ -308,7 +308,7 @@ def test_other_uid_refused(sock_dir: Path) -> None:
     by_mode, by_creds = with_server(sock_dir / "c.sock", backend, client)
     assert by_mode.strip() == "connect-error PermissionError"
     status_line, body = by_creds.splitlines()[:2]
-    assert status_line.startswith("HTTP/1.1 403 ")
+    assert status_line == "HTTP/1.1 403 Forbidden"
     assert json.loads(body)["error"]["code"] == "forbidden"
     assert backend.calls == []
 
