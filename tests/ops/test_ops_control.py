@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import grp
-import http.client
 import io
 import json
 import os
