@@ -228,7 +228,7 @@ def record_key(fingerprint: str, peer_id_text: str) -> str:
     """"/petals/<fingerprint>/<peer id>": where a daemon stores its record for that model."""
     if not is_valid_fingerprint(fingerprint):
         raise ValueError(f"invalid model fingerprint {fingerprint!r}")
-    peer_id_from_text(peer_id_text)  # refuses non-canonical text
+    peer_id_from_text(peer_id_text)  # refuses what is not a peer id
     return f"/{RECORD_NAMESPACE}/{fingerprint}/{peer_id_text}"
 
 
