@@ -1,0 +1,217 @@
+"""`AutoDistributedModelForCausalLM`: a causal LM whose blocks live in the swarm.
+
+The client loads only the embeddings, the final norm and the head (`ClientPart`), joins the swarm
+through the initial peers, and drives inference sessions over a chain of daemons. Generation
+reproduces `transformers` exactly (client/generation.py), token for token.
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[...])
+    out = model.generate(input_ids, max_new_tokens=20)
+    with model.inference_session(max_length=256) as session:    # several turns, caches kept
+        model.generate(turn1, session=session, max_new_tokens=10)
+        model.generate(turn2, session=session, max_new_tokens=10)
+    logits = model(input_ids)                                      # full forward, stateless
+    hidden = model.layers[2:5](hidden_states)                      # a slice of remote blocks
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+import trio
+from transformers import GenerationConfig
+
+from petals_protocol.models.client_part import ClientPart, load_client_part
+from petals_protocol.models.fingerprint import model_fingerprint
+from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
+from petals_protocol.p2p.identity import ephemeral_identity
+
+from . import generation
+from .remote import RemoteSequential
+from .routing import NoRoute, describe_route
+from .runtime import ClientRuntime
+from .session import InferenceSession
+from .swarm import SwarmClient
+
+log = logging.getLogger("petals_client")
+
+
+class RemoteInferenceSession:
+    """A synchronous handle on an inference session (context manager); see `inference_session`."""
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int) -> None:
+        self.model = model
+        self._session = InferenceSession(model.swarm, 0, model.num_blocks, max_length=max_length,
+                                         batch_size=batch_size)
+        model.runtime.call(self._session.open)
+        # Tokens whose hidden states every daemon has cached, and tokens seen or generated so far
+        # (the last generated token is not fed until the next step needs it, as in transformers).
+        self.fed = 0
+        self.ids: torch.Tensor | None = None
+
+    @property
+    def position(self) -> int:
+        return self._session.position
+
+    @property
+    def route(self) -> list[Any]:
+        return self._session.route
+
+    @property
+    def recoveries(self) -> int:
+        return self._session.recoveries
+
+    def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Run hidden states [B, T, H] through all remote blocks with the session's caches."""
+        return self.model.runtime.call(self._session.step, hidden, position)
+
+    def close(self) -> None:
+        self.model.runtime.call(self._session.close)
+
+    def __enter__(self) -> RemoteInferenceSession:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class DistributedModelForCausalLM:
+    def __init__(self, path: Path, client_part: ClientPart, runtime: ClientRuntime, swarm: SwarmClient,
+                 generation_config: GenerationConfig | None) -> None:
+        self.path = path
+        self.client_part = client_part
+        self.config = client_part.config
+        self.runtime = runtime
+        self.swarm = swarm
+        self.generation_config = generation_config
+        self.num_blocks = client_part.num_blocks
+        self.layers = RemoteSequential(runtime, swarm, 0, self.num_blocks)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        initial_peers: Sequence[str],
+        dtype: torch.dtype | None = None,
+        device: str = "cpu",
+        swarm_key: str | Path | None = None,
+        connect_timeout: float = 10.0,
+        step_timeout: float = 30.0,
+        max_retries: int = 5,
+        use_dht: bool = True,
+    ) -> DistributedModelForCausalLM:
+        """Load the client's part of the local checkpoint at `path` and find daemons for the rest.
+
+        `dtype` must match what the daemons compute in (default: the dtype they announce).
+        """
+        path = Path(path)
+        if not initial_peers:
+            raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
+        fingerprint = model_fingerprint(path)
+        psk = load_swarm_key(Path(swarm_key)) if swarm_key else None
+        holder: dict[str, Any] = {}
+
+        async def main(nursery: trio.Nursery, stop: trio.Event) -> None:
+            host = make_host(ephemeral_identity(), psk=psk)
+            ready = trio.Event()
+
+            async def keep_host() -> None:
+                async with running_host(host, ["/ip4/127.0.0.1/tcp/0"]):
+                    ready.set()
+                    await trio.sleep_forever()
+
+            nursery.start_soon(keep_host)
+            await ready.wait()
+            swarm = SwarmClient(host=host, nursery=nursery, model_fingerprint=fingerprint,
+                                initial_peers=list(initial_peers), connect_timeout=connect_timeout,
+                                step_timeout=step_timeout, max_retries=max_retries)
+            if use_dht:
+                try:
+                    from .discovery import join_swarm
+                except ImportError:
+                    pass
+                else:
+                    swarm.discovery = await join_swarm(host, nursery, list(initial_peers))
+            await swarm.refresh()
+            holder["swarm"] = swarm
+
+        runtime = ClientRuntime(main)
+        swarm: SwarmClient = holder["swarm"]
+        servers = swarm.servers()
+        if dtype is None:  # compute in what the daemons compute in, or the hidden states will be refused
+            dtype = getattr(torch, servers[0].dtype) if servers else torch.float32
+        client_part = load_client_part(path, dtype=dtype, device=device)
+        if not servers:
+            runtime.close()
+            raise NoRoute([(0, client_part.num_blocks)], " (none of the initial peers answered for this model)")
+        gen_config = None
+        if (path / "generation_config.json").exists():
+            gen_config = GenerationConfig.from_pretrained(path)
+        return cls(path, client_part, runtime, swarm, gen_config)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- inference
+    def inference_session(self, max_length: int, batch_size: int = 1) -> RemoteInferenceSession:
+        return RemoteInferenceSession(self, max_length, batch_size)
+
+    def route(self) -> str:
+        from .routing import choose_route
+
+        return describe_route(choose_route(self.swarm.servers(), 0, self.num_blocks, banned=self.swarm.banned()))
+
+    def _next_logits(self, session: RemoteInferenceSession, ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = self.client_part.embed(ids, position=session.fed)
+            out = session.step(hidden)
+            session.fed += ids.shape[1]
+            return self.client_part.logits(out[:, -1:, :])[:, -1, :]
+
+    def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                 session: RemoteInferenceSession | None = None, streamer: generation.Streamer | None = None,
+                 **options: Any) -> torch.Tensor:
+        """transformers-compatible generation (greedy or sampling), token for token identical.
+
+        In a `session`, `input_ids` are the new tokens of this turn: they are fed after everything
+        the session has seen, and the result is `input_ids` followed by the generated tokens.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported: give rows of equal length (attention_mask all ones)")
+        config = generation.resolve_config(self.generation_config, options)
+        own_session = session is None
+        if session is None:
+            budget = generation.max_new_tokens(config, input_ids.shape[1])
+            session = self.inference_session(input_ids.shape[1] + budget, batch_size=input_ids.shape[0])
+        try:
+            context = input_ids if session.ids is None else torch.cat([session.ids, input_ids], dim=1)
+            unseen = context[:, session.fed:]
+            out = generation.decode(context, lambda ids: self._next_logits(session, ids), config, streamer,
+                                    unseen=unseen)
+            session.ids = out
+            return out[:, context.shape[1] - input_ids.shape[1]:]
+        finally:
+            if own_session:
+                session.close()
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every position [B, T, vocab] (stateless forward through the swarm)."""
+        hidden = self.client_part.embed(input_ids)
+        return self.client_part.logits(self.layers(hidden))
+
+
+AutoDistributedModelForCausalLM = DistributedModelForCausalLM

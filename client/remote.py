@@ -1,0 +1,142 @@
+"""Remote blocks as a torch module: stateless forward and backward through the swarm.
+
+`RemoteSequential` runs hidden states [B, T, H] through blocks [start, end) that live on daemons,
+over `/petals/forward/1` (and `/petals/backward/1` for gradients), so researchers can read
+internal states (`model.layers[4:8](hidden)`) and fine-tuning can train client-side parameters
+(prompts, adapters, a head) through frozen remote blocks. Every reply is signature-checked; a
+failed request is retried on other daemons serving the same blocks (the failed one is banned).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import trio
+
+from petals_protocol.errors import PetalsError
+from petals_protocol.messages import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
+from petals_protocol.signing import backward_binding, forward_binding, peer_id_from_text, verify_response
+from petals_protocol.tensors import TensorPayload, from_torch, to_torch
+
+from .routing import Hop, ServerInfo, choose_route
+from .runtime import ClientRuntime
+from .swarm import NETWORK_ERRORS, SwarmClient, raise_for_reply
+
+log = logging.getLogger("petals_client.remote")
+
+
+async def _request(swarm: SwarmClient, server: ServerInfo, msg: Any, expected: type) -> Any:
+    with trio.fail_after(swarm.step_timeout):
+        stream = await swarm.open_forward(server)
+        try:
+            await stream.send(msg)
+            reply = await stream.receive()
+        finally:
+            await stream.aclose()
+    return raise_for_reply(reply, expected, server.peer_id)
+
+
+async def run_hop(swarm: SwarmClient, hop: Hop, hidden: TensorPayload,
+                  grad_output: TensorPayload | None = None) -> TensorPayload:
+    """One forward (or backward, with grad_output) request to one daemon, verified."""
+    request_id = os.urandom(16)
+    if grad_output is None:
+        msg: Any = ForwardRequest(request_id=request_id, model_fingerprint=swarm.model_fingerprint,
+                                  start_block=hop.start, end_block=hop.end, hidden=hidden)
+        reply = await _request(swarm, hop.server, msg, ForwardResponse)
+        out = reply.hidden
+        binding = forward_binding(msg, out)
+    else:
+        msg = BackwardRequest(request_id=request_id, model_fingerprint=swarm.model_fingerprint,
+                              start_block=hop.start, end_block=hop.end, hidden=hidden, grad_output=grad_output)
+        reply = await _request(swarm, hop.server, msg, BackwardResponse)
+        out = reply.grad_input
+        binding = backward_binding(msg, out)
+    verify_response(peer_id_from_text(hop.server.peer_id), binding, reply.signature)
+    if out.shape != hidden.shape:
+        raise PetalsError(f"daemon {hop.server.name} returned shape {out.shape} for input {hidden.shape}")
+    return out
+
+
+async def run_range(swarm: SwarmClient, start: int, end: int, hidden: TensorPayload,
+                    grad_output: TensorPayload | None = None) -> TensorPayload:
+    """Blocks [start, end) forward (or, with grad_output, backward in reverse order), with retries.
+
+    Backward needs each hop's input: it re-runs the forward over the chain first (daemons keep no
+    activations between requests), then walks the hops backwards.
+    """
+    attempts = 0
+    while True:
+        route = choose_route(swarm.servers(), start, end, banned=swarm.banned())
+        try:
+            inputs: list[TensorPayload] = []
+            current = hidden
+            for hop in route:
+                inputs.append(current)
+                if grad_output is None or hop is not route[-1]:
+                    current = await run_hop(swarm, hop, current)
+            if grad_output is None:
+                return current
+            grad = grad_output
+            for hop, hop_input in zip(reversed(route), reversed(inputs)):
+                grad = await run_hop(swarm, hop, hop_input, grad)
+            return grad
+        except NETWORK_ERRORS as exc:
+            attempts += 1
+            failed = getattr(exc, "peer", None) or (route[len(inputs) - 1].server.peer_id if inputs else None)
+            log.warning("request through blocks %d:%d failed (%s); retrying (%d/%d)", start, end, exc,
+                        attempts, swarm.max_retries)
+            if failed:
+                swarm.ban(failed)
+            if attempts >= swarm.max_retries:
+                raise
+            await swarm.refresh()
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    """Autograd bridge: forward and backward of frozen remote blocks (gradient w.r.t. the input only)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, remote: RemoteSequential) -> torch.Tensor:  # type: ignore[override]
+        ctx.remote = remote
+        ctx.save_for_backward(hidden)
+        payload = remote.runtime.call(run_range, remote.swarm, remote.start, remote.end, from_torch(hidden.detach()))
+        return to_torch(payload, device=hidden.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (hidden,) = ctx.saved_tensors
+        remote: RemoteSequential = ctx.remote
+        payload = remote.runtime.call(run_range, remote.swarm, remote.start, remote.end,
+                                      from_torch(hidden.detach()), from_torch(grad_output.contiguous().to(hidden.dtype)))
+        return to_torch(payload, device=hidden.device), None
+
+
+class RemoteSequential(torch.nn.Module):
+    """Blocks [start, end) of the model, served by the swarm. Slicing gives a sub-range."""
+
+    def __init__(self, runtime: ClientRuntime, swarm: SwarmClient, start: int, end: int) -> None:
+        super().__init__()
+        self.runtime, self.swarm, self.start, self.end = runtime, swarm, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, index: int | slice) -> RemoteSequential:
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"block {index} out of range for {len(self)} blocks")
+            index = index % len(self)
+            return RemoteSequential(self.runtime, self.swarm, self.start + index, self.start + index + 1)
+        lo, hi, step = index.indices(len(self))
+        if step != 1 or lo >= hi:
+            raise IndexError("remote blocks can only be sliced into a non-empty contiguous range")
+        return RemoteSequential(self.runtime, self.swarm, self.start + lo, self.start + hi)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _RemoteBlocks.apply(hidden, self)
+
+    def extra_repr(self) -> str:
+        return f"blocks {self.start}:{self.end}"

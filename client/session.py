@@ -1,0 +1,271 @@
+"""An inference session over a chain of daemons, with recovery when one of them fails.
+
+Each hop of the route holds one long-lived inference stream to its daemon, which keeps the KV
+cache of that hop's blocks. A step sends the hidden states through the hops in order; every
+reply is checked against its signature (bound to session, step, position, span, model and the
+digests of input and output) before it is used.
+
+Recovery: every hop remembers the inputs it was sent, chunk by chunk. When a daemon fails
+(stream closed, timeout, error reply, bad signature) the hop's daemon is banned for a while, a
+replacement chain is chosen for exactly that hop's blocks, and the remembered chunks are replayed
+to it in their original chunking: the replacement then holds a bit-identical cache (a matmul over
+a different number of tokens may round differently, so we do not merge chunks), and the step
+that failed is retried. The user sees a log line and a delay, never a different token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import trio
+
+from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError, RemoteError
+from petals_protocol.messages import (
+    CloseSession,
+    ErrorReply,
+    InferenceStep,
+    OpenSession,
+    SessionOpened,
+    StepResult,
+)
+from petals_protocol.signing import inference_binding, peer_id_from_text, verify_response
+from petals_protocol.tensors import TensorPayload, from_torch, to_torch
+
+from .routing import Hop, choose_route, describe_route
+
+log = logging.getLogger("petals_client.session")
+
+
+class Channel(Protocol):
+    """A typed message stream to one daemon (see petals_protocol.p2p.streams)."""
+
+    async def send(self, msg: object) -> None: ...
+
+    async def receive(self) -> object: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Swarm(Protocol):
+    """What a session needs from the client's view of the swarm (client/swarm.py implements it)."""
+
+    model_fingerprint: str
+    step_timeout: float
+    max_retries: int
+
+    def servers(self) -> list: ...
+
+    async def refresh(self) -> None: ...
+
+    def ban(self, peer_id: str) -> None: ...
+
+    def banned(self) -> frozenset[str]: ...
+
+    async def open_inference(self, hop: Hop) -> Channel: ...
+
+
+class SessionFailed(PetalsError):
+    """The session could not continue: every retry failed or no daemon is left for some blocks."""
+
+    code = ErrorCode.UNSUPPORTED
+
+
+@dataclass
+class _HopState:
+    hop: Hop
+    channel: Channel
+    session_id: bytes
+    # Inputs this hop has consumed, in the chunks they were sent: replayed to a replacement.
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    position: int = 0
+    step: int = 0
+
+
+def _check_step_reply(reply: object, state: _HopState, sent: InferenceStep, fingerprint: str) -> TensorPayload:
+    if isinstance(reply, ErrorReply):
+        raise reply.to_exception(state.hop.server.peer_id)
+    if not isinstance(reply, StepResult) or reply.session_id != state.session_id or reply.step != sent.step:
+        raise ProtocolError(ErrorCode.MALFORMED, f"unexpected reply to step {sent.step}: {type(reply).__name__}")
+    binding = inference_binding(sent, start_block=state.hop.start, end_block=state.hop.end,
+                                model_fingerprint=fingerprint, output=reply.hidden)
+    verify_response(peer_id_from_text(state.hop.server.peer_id), binding, reply.signature)
+    if reply.hidden.shape != sent.hidden.shape or reply.hidden.dtype != sent.hidden.dtype:
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"reply shape {reply.hidden.shape} != sent {sent.hidden.shape}")
+    return reply.hidden
+
+
+class InferenceSession:
+    """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
+
+    def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1) -> None:
+        self.swarm = swarm
+        self.start, self.end = start, end
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.position = 0
+        self.hops: list[_HopState] = []
+        self.recoveries = 0
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self.hops]
+
+    async def open(self) -> None:
+        self.hops = await self._open_chain(self.start, self.end)
+        log.info("session route: %s", describe_route(self.route))
+
+    async def _open_chain(self, start: int, end: int) -> list[_HopState]:
+        route = choose_route(
+            self.swarm.servers(), start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length
+        )
+        opened: list[_HopState] = []
+        try:
+            for hop in route:
+                opened.append(await self._open_hop(hop))
+        except BaseException:
+            for state in opened:
+                await self._close_hop(state)
+            raise
+        return opened
+
+    async def _open_hop(self, hop: Hop) -> _HopState:
+        session_id = os.urandom(16)
+        with trio.fail_after(self.swarm.step_timeout):
+            channel = await self.swarm.open_inference(hop)
+            try:
+                await channel.send(OpenSession(
+                    session_id=session_id, model_fingerprint=self.swarm.model_fingerprint,
+                    start_block=hop.start, end_block=hop.end, max_length=self.max_length,
+                    batch_size=self.batch_size,
+                ))
+                reply = await channel.receive()
+            except BaseException:
+                await channel.aclose()
+                raise
+        if isinstance(reply, ErrorReply):
+            await channel.aclose()
+            raise reply.to_exception(hop.server.peer_id)
+        if not isinstance(reply, SessionOpened) or reply.session_id != session_id:
+            await channel.aclose()
+            raise ProtocolError(ErrorCode.MALFORMED, f"unexpected reply to open: {type(reply).__name__}")
+        return _HopState(hop=hop, channel=channel, session_id=session_id)
+
+    async def _close_hop(self, state: _HopState) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await state.channel.send(CloseSession(session_id=state.session_id))
+            except (PetalsError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the daemon is gone or the stream broke: it frees the session on its own timeout
+            await state.channel.aclose()
+
+    async def _send_step(self, state: _HopState, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        sent = InferenceStep(session_id=state.session_id, step=state.step, position=position,
+                             hidden=from_torch(hidden), hypo_ids=None)
+        with trio.fail_after(self.swarm.step_timeout):
+            await state.channel.send(sent)
+            reply = await state.channel.receive()
+        out = _check_step_reply(reply, state, sent, self.swarm.model_fingerprint)
+        state.step += 1
+        return to_torch(out)
+
+    def _rollback(self, state: _HopState, position: int) -> None:
+        """Trim the remembered chunks to `position` tokens (the daemon crops its cache likewise)."""
+        kept: list[torch.Tensor] = []
+        total = 0
+        for chunk in state.chunks:
+            if total >= position:
+                break
+            take = min(chunk.shape[1], position - total)
+            kept.append(chunk[:, :take])
+            total += take
+        state.chunks = kept
+        state.position = position
+
+    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Run `hidden` [B, T, H] through every hop, continuing after `position` tokens
+        (default: after everything so far; smaller values roll back). Returns the last hop's output."""
+        if position is None:
+            position = self.position
+        if not 0 <= position <= self.position:
+            raise ValueError(f"position {position} is outside 0..{self.position}")
+        if position + hidden.shape[1] > self.max_length:
+            raise ValueError(
+                f"session max_length {self.max_length} exceeded: {position} + {hidden.shape[1]} tokens"
+            )
+        index = 0
+        while index < len(self.hops):
+            state = self.hops[index]
+            try:
+                out = await self._send_step(state, hidden, position)
+            except (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as exc:
+                await self._recover(index, exc, position)
+                continue  # retry the same hop index: now a replacement (possibly several hops)
+            self._rollback(state, position)
+            state.chunks.append(hidden)
+            state.position = position + hidden.shape[1]
+            hidden = out
+            index += 1
+        self.position = position + hidden.shape[1]
+        return hidden
+
+    async def _recover(self, index: int, exc: BaseException, position: int) -> None:
+        failed = self.hops[index]
+        self._rollback(failed, position)  # replay only what the step builds on
+        peer = failed.hop.server.peer_id
+        log.warning("daemon %s failed on blocks %d:%d (%s: %s); rerouting",
+                    failed.hop.server.name, failed.hop.start, failed.hop.end, type(exc).__name__, exc)
+        if isinstance(exc, RemoteError) and exc.code in (ErrorCode.TOO_LONG, ErrorCode.BAD_TENSOR,
+                                                         ErrorCode.BAD_REQUEST, ErrorCode.WRONG_MODEL):
+            raise exc  # our request is at fault: another daemon would refuse it too
+        self.swarm.ban(peer)
+        await self._close_hop(failed)
+        self.recoveries += 1
+        last_error: BaseException = exc
+        for attempt in range(self.swarm.max_retries):
+            try:
+                replacement = await self._open_chain(failed.hop.start, failed.hop.end)
+                await self._replay(replacement, failed.chunks)
+            except (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as retry_exc:
+                last_error = retry_exc
+                bad = getattr(retry_exc, "peer", None)
+                if bad:
+                    self.swarm.ban(bad)
+                if isinstance(retry_exc, PetalsError) and retry_exc.__class__.__name__ == "NoRoute":
+                    await self.swarm.refresh()
+                await trio.sleep(min(0.2 * 2**attempt, 5.0))
+                continue
+            self.hops[index:index + 1] = replacement
+            log.info("recovered blocks %d:%d via %s", failed.hop.start, failed.hop.end,
+                     describe_route([h.hop for h in replacement]))
+            return
+        raise SessionFailed(
+            f"blocks {failed.hop.start}:{failed.hop.end} could not be served after "
+            f"{self.swarm.max_retries} attempts: {last_error}"
+        ) from last_error
+
+    async def _replay(self, chain: list[_HopState], chunks: list[torch.Tensor]) -> None:
+        position = 0
+        for chunk in chunks:
+            hidden = chunk
+            for state in chain:
+                try:
+                    out = await self._send_step(state, hidden, position)
+                except BaseException:
+                    for s in chain:
+                        await self._close_hop(s)
+                    raise
+                state.chunks.append(hidden)
+                state.position = position + hidden.shape[1]
+                hidden = out
+            position += chunk.shape[1]
+
+    async def close(self) -> None:
+        for state in self.hops:
+            await self._close_hop(state)
+        self.hops = []

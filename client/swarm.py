@@ -1,0 +1,144 @@
+"""The client's view of the swarm: which daemons serve which blocks of our model, and how to reach them.
+
+Lives on the client runtime's trio loop. `refresh()` learns who serves what: from the DHT once
+discovery is available (petals_client.discovery), and always by asking daemons directly over
+`/petals/info/1`, which also measures the round-trip time that routing uses. Daemons that fail
+are banned for a while, with a backoff that doubles on repeated failures.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError, RemoteError
+from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
+from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
+from petals_protocol.signing import peer_id_to_text
+from petals_protocol.p2p.host import connect
+from petals_protocol.p2p.streams import FramedStream, StreamClosed, open_stream
+
+from .routing import Hop, ServerInfo
+
+log = logging.getLogger("petals_client.swarm")
+
+#: First ban after a failure, doubled on each repeat (Petals: 15 s doubling), capped.
+BAN_BASE_SECONDS = 15.0
+BAN_MAX_SECONDS = 300.0
+NETWORK_ERRORS = (PetalsError, StreamClosed, trio.TooSlowError, trio.BrokenResourceError,
+                  trio.ClosedResourceError, OSError)
+
+
+@dataclass
+class _Ban:
+    until: float
+    strikes: int
+
+
+@dataclass
+class SwarmClient:
+    host: Any
+    nursery: trio.Nursery
+    model_fingerprint: str
+    initial_peers: Sequence[str]
+    connect_timeout: float = 10.0
+    step_timeout: float = 30.0
+    max_retries: int = 5
+    discovery: Any = None  # petals_client.discovery.Discovery once the DHT is joined
+    _servers: dict[str, ServerInfo] = field(default_factory=dict)
+    _bans: dict[str, _Ban] = field(default_factory=dict)
+    _addrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- bans
+    def ban(self, peer_id: str) -> None:
+        previous = self._bans.get(peer_id)
+        strikes = previous.strikes + 1 if previous else 1
+        seconds = min(BAN_BASE_SECONDS * 2 ** (strikes - 1), BAN_MAX_SECONDS)
+        self._bans[peer_id] = _Ban(until=time.monotonic() + seconds, strikes=strikes)
+        log.info("banned peer=%s for %.0f s (strike %d)", peer_id, seconds, strikes)
+
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(p for p, b in self._bans.items() if b.until > now)
+
+    def servers(self) -> list[ServerInfo]:
+        return list(self._servers.values())
+
+    # ---------------------------------------------------------------- discovery
+    async def _info(self, addr_or_peer: str, addrs: tuple[str, ...] = ()) -> ServerInfo | None:
+        """Ask one daemon what it serves; None (logged) when it is unreachable or serves another model."""
+        try:
+            with trio.fail_after(self.connect_timeout):
+                peer_id = await connect(self.host, addr_or_peer)
+                if not addrs:
+                    addrs = (addr_or_peer,)
+                begin = time.perf_counter()
+                stream = await open_stream(self.host, peer_id, INFO_PROTOCOL, nursery=self.nursery)
+                try:
+                    await stream.send(InfoRequest())
+                    reply = await stream.receive()
+                    rtt = time.perf_counter() - begin
+                finally:
+                    await stream.aclose()
+        except NETWORK_ERRORS as exc:
+            log.info("no answer from %s: %s", addr_or_peer, exc)
+            return None
+        if isinstance(reply, ErrorReply) or not isinstance(reply, InfoResponse):
+            log.info("unexpected info reply from %s: %s", addr_or_peer, reply)
+            return None
+        if reply.model_fingerprint != self.model_fingerprint:
+            log.info("peer=%s serves another model (%s), ignored", reply.peer_id, reply.model_fingerprint[:16])
+            return None
+        return ServerInfo(peer_id=peer_id_to_text(reply.peer_id), addrs=addrs, start=reply.start_block, end=reply.end_block,
+                          throughput=reply.throughput, cache_tokens_free=reply.cache_tokens_free,
+                          state=reply.state, public_name=reply.public_name, dtype=reply.dtype, rtt=rtt)
+
+    async def refresh(self) -> None:
+        """Re-learn who serves the model (DHT records if joined, then a direct info probe of each)."""
+        targets: dict[str, tuple[str, ...]] = {}
+        if self.discovery is not None:
+            for record in await self.discovery.find_servers(self.model_fingerprint):
+                targets[record.peer_id] = record.addrs
+        for addr in self.initial_peers:
+            targets.setdefault(addr, ())
+        found: dict[str, ServerInfo] = {}
+
+        async def probe(target: str, addrs: tuple[str, ...]) -> None:
+            if not target.startswith("/"):
+                if not addrs:
+                    return
+                target = addrs[0]
+            info = await self._info(target, addrs)
+            if info is not None:
+                found[info.peer_id] = info
+
+        async with trio.open_nursery() as nursery:
+            for target, addrs in targets.items():
+                nursery.start_soon(probe, target, addrs)
+        self._servers = found
+
+    # ---------------------------------------------------------------- streams
+    async def open_inference(self, hop: Hop) -> FramedStream:
+        return await self._open(hop.server, INFERENCE_PROTOCOL)
+
+    async def open_forward(self, server: ServerInfo) -> FramedStream:
+        return await self._open(server, FORWARD_PROTOCOL)
+
+    async def _open(self, server: ServerInfo, protocol: str) -> FramedStream:
+        if server.addrs:
+            await connect(self.host, server.addrs[0])
+        return await open_stream(self.host, ID.from_base58(server.peer_id), protocol, nursery=self.nursery)
+
+
+def raise_for_reply(reply: object, expected: type, peer: str) -> Any:
+    """Turn an ErrorReply into RemoteError and anything unexpected into a ProtocolError."""
+    if isinstance(reply, ErrorReply):
+        raise reply.to_exception(peer)
+    if not isinstance(reply, expected):
+        raise ProtocolError(ErrorCode.MALFORMED, f"expected {expected.__name__}, got {type(reply).__name__}")
+    return reply

@@ -1,0 +1,58 @@
+"""The `petalsd` command: parse the configuration, set up logging, run the daemon.
+
+Exit status: 0 after a clean drain (SIGTERM/SIGINT/`petals ctl stop`), 2 for a bad command line
+or configuration, 1 for any other fatal error, always with a one-line reason on stderr.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import trio
+
+from petals_protocol.errors import PetalsError
+from petals_protocol.models.checkpoint import ModelLoadError
+from petals_protocol.p2p.host import quiet_libp2p_logs
+
+from . import config as config_mod
+from .daemon import build_daemon
+from .notify import Notifier
+
+log = logging.getLogger("petalsd")
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr; no timestamps under systemd (journald adds its own)."""
+    under_systemd = "INVOCATION_ID" in os.environ or "JOURNAL_STREAM" in os.environ
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr, force=True)
+    quiet_libp2p_logs()
+    # The auto-connector logs its (empty) dial plans at INFO every 10 s on its own logger.
+    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        invocation = config_mod.load_invocation(argv)
+    except config_mod.ConfigError as exc:
+        print(f"petalsd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    config = invocation.config
+    if invocation.print_config:
+        print(config_mod.to_toml(config), end="")
+        return 0
+    setup_logging(config.log_level)
+    notifier = Notifier.from_env()
+    try:
+        daemon = build_daemon(config, argv, notifier)
+        trio.run(daemon.serve)
+    except KeyboardInterrupt:
+        return 0
+    except (PetalsError, ModelLoadError, OSError) as exc:
+        print(f"petalsd: fatal: {exc}", file=sys.stderr)
+        notifier.stopping()
+        return 1
+    return 0

@@ -1,0 +1,317 @@
+"""One handler per protocol: what the daemon does with the messages of one stream.
+
+Every handler speaks to a `Channel` (typed messages over one libp2p stream, drained continuously
+by petals_protocol.p2p.streams) and never lets one client's mistake escape its own stream: bad
+input gets an `ErrorReply` with a typed code and the stream goes on (or is closed cleanly when
+nothing sensible can follow); the daemon keeps serving everyone else.
+
+Inference: one stream is one session. The first message opens it (KV-cache room reserved up
+front, or "busy"), then each `InferenceStep` runs the span on the session's cache in the compute
+thread and comes back signed. The session ends with `CloseSession`, a closed stream, or after
+`session_idle_timeout` seconds without a message; every exit path returns its cache budget.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import trio
+
+from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
+from petals_protocol.messages import (
+    BackwardRequest,
+    BackwardResponse,
+    CloseSession,
+    ErrorReply,
+    ForwardRequest,
+    ForwardResponse,
+    InferenceStep,
+    InfoRequest,
+    InfoResponse,
+    OpenSession,
+    SessionOpened,
+    StepResult,
+)
+from petals_protocol.signing import (
+    backward_binding,
+    forward_binding,
+    inference_binding,
+    peer_id_from_text,
+    sign_response,
+)
+from petals_protocol.tensors import TensorPayload, from_torch, to_torch
+
+from .compute import ComputeWorker
+from .sessions import Session, SessionRefused, SessionTable
+
+log = logging.getLogger("petalsd.handlers")
+
+
+class Channel(Protocol):
+    peer_id: str | None
+
+    async def send(self, msg: object) -> None: ...
+
+    async def receive(self) -> object: ...
+
+
+@dataclass
+class Limits:
+    """The limits a handler enforces; reloadable, so handlers read them at each use."""
+
+    max_length: int
+    max_batch_size: int
+    session_idle_timeout: float
+    step_timeout: float
+
+
+@dataclass
+class ServingContext:
+    """Everything a handler needs, passed explicitly (no module state)."""
+
+    span: Any  # petals_protocol.models.span.Span
+    fingerprint: str
+    model_name: str
+    peer_id: str
+    signer: Any  # cryptography Ed25519PrivateKey
+    sessions: SessionTable
+    worker: ComputeWorker
+    limits: Limits
+    public_name: str = ""
+    version: str = ""
+    state: str = "online"
+    throughput: float = 1.0
+    stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "forward": 0, "backward": 0, "errors": 0})
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.span.dtype).removeprefix("torch.")
+
+    def cache_tokens_free(self) -> int:
+        per_token = self.span.cache_bytes_per_token(1)
+        return self.sessions.budget.free // max(per_token, 1)
+
+    def info(self) -> InfoResponse:
+        return InfoResponse(
+            peer_id=peer_id_from_text(self.peer_id), version=self.version, model_name=self.model_name,
+            model_fingerprint=self.fingerprint, num_blocks=self.span.num_blocks_total,
+            start_block=self.span.start, end_block=self.span.end, dtype=self.dtype_name,
+            state=self.state, max_length=self.limits.max_length,
+            max_batch_size=self.limits.max_batch_size, max_sessions=self.sessions.max_sessions,
+            active_sessions=len(self.sessions), cache_tokens_free=self.cache_tokens_free(),
+            throughput=self.throughput, public_name=self.public_name,
+        )
+
+
+def _refuse(code: ErrorCode, message: str) -> SessionRefused:
+    return SessionRefused(code, message)
+
+
+def _check_span(ctx: ServingContext, fingerprint: str, start: int, end: int) -> None:
+    if fingerprint != ctx.fingerprint:
+        raise _refuse(ErrorCode.WRONG_MODEL, f"this daemon serves model {ctx.fingerprint[:16]}, not {fingerprint[:16]}")
+    if not (ctx.span.start <= start < end <= ctx.span.end):
+        raise _refuse(ErrorCode.BAD_REQUEST,
+                      f"blocks {start}:{end} are not inside the served span {ctx.span.start}:{ctx.span.end}")
+
+
+def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str) -> torch.Tensor:
+    """Validate a hidden-state payload against what this span computes, then make it a tensor."""
+    if payload.dtype != ctx.dtype_name:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} has dtype {payload.dtype}; this daemon computes in {ctx.dtype_name}")
+    shape = payload.shape
+    if len(shape) != 3 or shape[2] != ctx.span.hidden_size or shape[1] < 1 or shape[0] < 1:
+        raise _refuse(ErrorCode.BAD_TENSOR,
+                      f"{what} must be [batch, tokens>=1, {ctx.span.hidden_size}], got {list(shape)}")
+    if batch_size is not None and shape[0] != batch_size:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} batch {shape[0]} != the session's batch size {batch_size}")
+    if shape[0] > ctx.limits.max_batch_size or shape[1] > ctx.limits.max_length:
+        raise _refuse(ErrorCode.TOO_LONG, f"{what} {list(shape)} exceeds max batch {ctx.limits.max_batch_size} "
+                                          f"or max length {ctx.limits.max_length}")
+    return to_torch(payload, device=ctx.span.device)
+
+
+def _error_reply(exc: PetalsError, session_id: bytes | None = None, request_id: bytes | None = None) -> ErrorReply:
+    code = getattr(exc, "code", ErrorCode.INTERNAL)
+    return ErrorReply(code=code if isinstance(code, ErrorCode) else ErrorCode.INTERNAL, message=str(exc)[:1000],
+                      session_id=session_id, request_id=request_id)
+
+
+# ------------------------------------------------------------------------------------------ info
+
+async def serve_info(ctx: ServingContext, channel: Channel) -> None:
+    while True:
+        msg = await channel.receive()
+        if isinstance(msg, InfoRequest):
+            await channel.send(ctx.info())
+        else:
+            await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST,
+                                          message=f"{type(msg).__name__} is not valid on the info protocol",
+                                          session_id=None, request_id=None))
+
+
+# ------------------------------------------------------------------------------------- inference
+
+async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
+    _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
+    if msg.max_length < 1 or msg.max_length > ctx.limits.max_length:
+        raise _refuse(ErrorCode.TOO_LONG, f"max_length {msg.max_length} is outside 1..{ctx.limits.max_length}")
+    if msg.batch_size < 1 or msg.batch_size > ctx.limits.max_batch_size:
+        raise _refuse(ErrorCode.BAD_REQUEST, f"batch_size {msg.batch_size} is outside 1..{ctx.limits.max_batch_size}")
+    nbytes = ctx.span.cache_bytes_per_token(msg.batch_size, msg.start_block, msg.end_block) * msg.max_length
+    ctx.sessions.reserve(msg.session_id, nbytes)
+    try:
+        cache = await ctx.worker.run(ctx.span.new_cache, msg.batch_size, msg.max_length, msg.start_block, msg.end_block)
+    except BaseException:
+        ctx.sessions.budget.release(nbytes)
+        raise
+    session = Session(session_id=msg.session_id, peer=peer, start=msg.start_block, end=msg.end_block,
+                      max_length=msg.max_length, batch_size=msg.batch_size, cache=cache, reserved_bytes=nbytes)
+    ctx.sessions.add(session)
+    return session
+
+
+def _run_step(span: Any, session: Session, hidden: torch.Tensor, position: int,
+              hypo_ids: torch.Tensor | None) -> torch.Tensor:
+    cache = session.cache
+    if position < cache.length:
+        cache.crop(position)
+    if hypo_ids is not None:
+        cache.reorder(hypo_ids)
+    return span.forward(hidden, cache, session.start, session.end)
+
+
+async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> StepResult:
+    if msg.session_id != session.session_id:
+        raise _refuse(ErrorCode.UNKNOWN_SESSION, f"this stream holds session {session.session_id.hex()}, "
+                                                 f"not {msg.session_id.hex()}")
+    hidden = _hidden(ctx, msg.hidden, session.batch_size, "hidden states")
+    length = session.cache.length
+    if msg.position > length:
+        raise _refuse(ErrorCode.BAD_REQUEST, f"position {msg.position} is past the {length} cached tokens")
+    if msg.position + hidden.shape[1] > session.max_length:
+        raise _refuse(ErrorCode.TOO_LONG, f"{msg.position} + {hidden.shape[1]} tokens exceeds the session's "
+                                          f"max_length {session.max_length}")
+    hypo_ids = None
+    if msg.hypo_ids is not None:
+        hypo_ids = to_torch(msg.hypo_ids)
+        if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,) or \
+                bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
+            raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
+    out = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg.position, hypo_ids,
+                               tokens=hidden.shape[0] * hidden.shape[1])
+    payload = from_torch(out)
+    binding = inference_binding(msg, start_block=session.start, end_block=session.end,
+                                model_fingerprint=ctx.fingerprint, output=payload)
+    session.steps += 1
+    session.last_step = msg.step
+    session.tokens += hidden.shape[1]
+    session.last_active = time.monotonic()
+    ctx.stats["steps"] += 1
+    return StepResult(session_id=session.session_id, step=msg.step, position=msg.position, hidden=payload,
+                      signature=sign_response(ctx.signer, binding))
+
+
+async def _receive_within(channel: Channel, seconds: float) -> object | None:
+    with trio.move_on_after(seconds):
+        return await channel.receive()
+    return None
+
+
+async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
+    session: Session | None = None
+    try:
+        first = await _receive_within(channel, ctx.limits.session_idle_timeout)
+        if first is None:
+            return
+        if not isinstance(first, OpenSession):
+            await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message="an inference stream must "
+                                          f"start with OpenSession, not {type(first).__name__}",
+                                          session_id=None, request_id=None))
+            return
+        try:
+            session = await _open(ctx, first, channel.peer_id)
+        except PetalsError as exc:
+            log.info("refused session peer=%s session=%s: %s", channel.peer_id, first.session_id.hex()[:12], exc)
+            await channel.send(_error_reply(exc, session_id=first.session_id))
+            return
+        log.info("session open peer=%s session=%s blocks=%d:%d max_length=%d batch=%d", channel.peer_id,
+                 session.session_id.hex()[:12], session.start, session.end, session.max_length, session.batch_size)
+        await channel.send(SessionOpened(session_id=session.session_id, max_length=session.max_length))
+        while True:
+            msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+            if msg is None:
+                log.info("session idle peer=%s session=%s: closing after %.0f s", channel.peer_id,
+                         session.session_id.hex()[:12], ctx.limits.session_idle_timeout)
+                await channel.send(ErrorReply(code=ErrorCode.TIMEOUT, message="session idle for "
+                                              f"{ctx.limits.session_idle_timeout:.0f} s; closed",
+                                              session_id=session.session_id, request_id=None))
+                return
+            if isinstance(msg, CloseSession):
+                return
+            if not isinstance(msg, InferenceStep):
+                await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message=f"{type(msg).__name__} "
+                                              "is not valid inside a session", session_id=session.session_id,
+                                              request_id=None))
+                continue
+            try:
+                reply = await _step(ctx, session, msg)
+            except PetalsError as exc:
+                ctx.stats["errors"] += 1
+                log.info("step refused peer=%s session=%s: %s", channel.peer_id, session.session_id.hex()[:12], exc)
+                await channel.send(_error_reply(exc, session_id=msg.session_id))
+                continue
+            await channel.send(reply)
+    finally:
+        if session is not None:
+            ctx.sessions.close(session.session_id)
+            log.info("session closed peer=%s session=%s steps=%d", channel.peer_id, session.session_id.hex()[:12],
+                     session.steps)
+
+
+# --------------------------------------------------------------------------- forward / backward
+
+async def _forward(ctx: ServingContext, msg: ForwardRequest) -> ForwardResponse:
+    _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
+    hidden = _hidden(ctx, msg.hidden, None, "hidden states")
+    out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block,
+                               tokens=hidden.shape[0] * hidden.shape[1])
+    payload = from_torch(out)
+    binding = forward_binding(msg, payload)
+    ctx.stats["forward"] += 1
+    return ForwardResponse(request_id=msg.request_id, hidden=payload, signature=sign_response(ctx.signer, binding))
+
+
+async def _backward(ctx: ServingContext, msg: BackwardRequest) -> BackwardResponse:
+    _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
+    hidden = _hidden(ctx, msg.hidden, None, "hidden states")
+    grad_output = _hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output")
+    if grad_output.shape != hidden.shape:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
+    grad = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block, msg.end_block)
+    payload = from_torch(grad)
+    binding = backward_binding(msg, payload)
+    ctx.stats["backward"] += 1
+    return BackwardResponse(request_id=msg.request_id, grad_input=payload, signature=sign_response(ctx.signer, binding))
+
+
+async def serve_stateless(ctx: ServingContext, channel: Channel) -> None:
+    """Forward and backward requests: any number per stream, one reply each."""
+    while True:
+        msg = await channel.receive()
+        request_id = getattr(msg, "request_id", None)
+        try:
+            if isinstance(msg, ForwardRequest):
+                reply: object = await _forward(ctx, msg)
+            elif isinstance(msg, BackwardRequest):
+                reply = await _backward(ctx, msg)
+            else:
+                raise _refuse(ErrorCode.BAD_REQUEST, f"{type(msg).__name__} is not valid on this protocol")
+        except PetalsError as exc:
+            ctx.stats["errors"] += 1
+            log.info("request refused peer=%s: %s", channel.peer_id, exc)
+            reply = _error_reply(exc, request_id=request_id)
+        await channel.send(reply)
