@@ -48,6 +48,7 @@ __all__ = [
     "encode_message",
     "decode_message",
     "error_reply",
+    "unpack_strict",
 ]
 
 ID_SIZE = 16  # session_id / request_id: 16 random bytes chosen by the client

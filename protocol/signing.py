@@ -200,29 +200,27 @@ def inference_binding(
     )
 
 
-def forward_binding(request: ForwardRequest, output: TensorPayload) -> ResponseBinding:
+def _stateless_binding(
+    kind: str, request: ForwardRequest | BackwardRequest, inputs: tuple[TensorPayload, ...], output: TensorPayload
+) -> ResponseBinding:
     return ResponseBinding(
-        "forward",
+        kind,
         request.request_id,
         0,
         0,
         request.start_block,
         request.end_block,
         request.model_fingerprint,
-        _inputs_digest(request.hidden),
+        _inputs_digest(*inputs),
         output.digest(),
     )
 
 
+def forward_binding(request: ForwardRequest, output: TensorPayload) -> ResponseBinding:
+    """The binding for a ForwardResponse carrying `output` (step and position are 0)."""
+    return _stateless_binding("forward", request, (request.hidden,), output)
+
+
 def backward_binding(request: BackwardRequest, grad_input: TensorPayload) -> ResponseBinding:
-    return ResponseBinding(
-        "backward",
-        request.request_id,
-        0,
-        0,
-        request.start_block,
-        request.end_block,
-        request.model_fingerprint,
-        _inputs_digest(request.hidden, request.grad_output),
-        grad_input.digest(),
-    )
+    """The binding for a BackwardResponse; the input digest covers hidden and grad_output."""
+    return _stateless_binding("backward", request, (request.hidden, request.grad_output), grad_input)
