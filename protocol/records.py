@@ -125,7 +125,8 @@ class ServerRecord:
     def __post_init__(self) -> None:
         _check_fields(self, BadRecord)
         if not self.start_block < self.end_block <= self.num_blocks:
-            raise BadRecord(f"span [{self.start_block}, {self.end_block}) is empty or not within {self.num_blocks} blocks")
+            span = f"[{self.start_block}, {self.end_block})"
+            raise BadRecord(f"span {span} is empty or not within {self.num_blocks} blocks")
 
     @property
     def peer_id_text(self) -> str:
@@ -187,7 +188,8 @@ def decode_record(
     if record.expires_at <= now:
         raise BadRecord(f"record of {record.peer_id_text} expired {now - record.expires_at:.1f} s ago")
     if record.expires_at > now + max_ttl:
-        raise BadRecord(f"record of {record.peer_id_text} claims to live {record.expires_at - now:.0f} s (max {max_ttl:.0f})")
+        lifetime = record.expires_at - now
+        raise BadRecord(f"record of {record.peer_id_text} claims to live {lifetime:.0f} s (max {max_ttl:.0f})")
     return record
 
 

@@ -64,7 +64,14 @@ def test_peer_id_text_round_trip_and_rejects() -> None:
 
 @pytest.mark.parametrize(
     "peer_id",
-    [b"", PEER[:-1], PEER + b"\x00", b"\x00\x25" + PEER[2:] + b"\x00", b"\x12\x20" + bytes(32), b"\x00\x24\x08\x02\x12\x20" + bytes(32)],
+    [
+        b"",
+        PEER[:-1],
+        PEER + b"\x00",
+        b"\x00\x25" + PEER[2:] + b"\x00",  # identity multihash of 37 bytes
+        b"\x12\x20" + bytes(32),  # sha256 multihash (RSA/secp256k1-style ids): no key inside
+        b"\x00\x24\x08\x02\x12\x20" + bytes(32),  # key type 2 = secp256k1
+    ],
 )
 def test_public_key_from_non_ed25519_peer_id(peer_id: bytes) -> None:
     with pytest.raises(BadSignature):
@@ -129,9 +136,8 @@ def test_binding_helpers_bind_request_and_output() -> None:
     assert (binding.kind, binding.id, binding.step, binding.position) == ("inference", SESSION_ID, 4, 9)
     assert binding.output_digest == output.digest()
     # the input digest covers hypo_ids: dropping them changes the binding
-    no_hypo = inference_binding(
-        dataclasses.replace(step, hypo_ids=None), start_block=1, end_block=3, model_fingerprint=FINGERPRINT, output=output
-    )
+    without = dataclasses.replace(step, hypo_ids=None)
+    no_hypo = inference_binding(without, start_block=1, end_block=3, model_fingerprint=FINGERPRINT, output=output)
     assert no_hypo.input_digest != binding.input_digest
 
     fwd = ForwardRequest(REQUEST_ID, FINGERPRINT, 0, 4, hidden())
