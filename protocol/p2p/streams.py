@@ -1,0 +1,389 @@
+"""`FramedStream`: typed petals messages over one long-lived libp2p stream, always drained.
+
+Two py-libp2p bugs shape this module (shared notes/py-libp2p.md):
+- Bug 2: a yamux sender waits at most 5 s for a window update, then resets the stream. A reader
+  that pauses (the consumer is busy, e.g. awaiting torch in a worker thread) would get its peer's
+  stream killed. So every FramedStream has a *pump* task that reads continuously and queues whole
+  frames in a bounded trio memory channel; the application reads from the queue at its own pace.
+- Bug 3: `libp2p.io.utils.read_exactly` gives up after 100 partial reads (messages over ~6.5 MB
+  fail). The pump asks yamux for "up to 1 MiB" per read and feeds a sans-IO FrameDecoder, so a
+  frame of any allowed size arrives in as many reads as it takes.
+
+Structured concurrency: the pump runs in a nursery the caller owns, either explicitly
+(`await nursery.start(framed.pump)`, what `open_stream(..., nursery=)` does) or through the
+`open_framed(stream)` context manager, which owns a nursery for the life of its block.
+
+Bounds: at most `max_buffered_frames` frames wait in the queue (plus one in the decoder), so a
+peer can make us hold about `(max_buffered_frames + 1) * max_frame_size` bytes. When the queue is
+full the pump stops reading: that is backpressure, and a peer that keeps pushing while we do not
+consume gets its own stream reset by libp2p after 5 s. Request/response protocols never queue
+more than a few frames.
+
+Per-message cost: one msgpack encode, one header+payload concatenation, one stream write (one
+yamux frame per 64 KiB, each Noise-encrypted); on receive one copy out of the decoder buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+
+from ..errors import PetalsError, ProtocolError
+from ..framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from ..messages import Message, decode_message, encode_message
+
+__all__ = [
+    "DEFAULT_MAX_BUFFERED_FRAMES",
+    "DEFAULT_OPEN_TIMEOUT",
+    "StreamClosed",
+    "StreamOpenError",
+    "FramedStream",
+    "open_framed",
+    "open_stream",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BUFFERED_FRAMES = 16
+# new_stream costs ~10 ms on an open connection, a dial ~15 ms on loopback; a few seconds covers a
+# distant or loaded peer, and a dead one is found out before a client's step budget is gone.
+DEFAULT_OPEN_TIMEOUT = 10.0
+# Ask yamux for up to this much per read. It returns whatever is buffered (never waits to fill
+# it), so a large value only means fewer calls when a big frame is streaming in.
+_READ_CHUNK = 1 << 20
+# Closing politely (sending our FIN) must not hang a cancelled caller; after this we give up.
+_CLOSE_TIMEOUT = 1.0
+# Errors the libp2p stream stack raises when the stream or its connection is gone. Raw transport
+# errors sometimes escape as trio's resource errors.
+_STREAM_GONE = (BaseLibp2pError, trio.ClosedResourceError, trio.BrokenResourceError, OSError)
+
+
+class StreamClosed(PetalsError):
+    """The stream ended: the peer closed it (`clean`), reset it, the connection died, or we closed it.
+
+    Not the caller's input fault; retry on a new stream or another peer.
+    """
+
+    def __init__(self, peer: str | None, protocol: str | None, reason: str, *, clean: bool = False) -> None:
+        where = " ".join(part for part in (protocol, f"with {peer}" if peer else None) if part)
+        super().__init__(f"stream {where} closed: {reason}" if where else f"stream closed: {reason}")
+        self.peer = peer
+        self.protocol = protocol
+        self.reason = reason
+        self.clean = clean
+
+
+class StreamOpenError(PetalsError):
+    """Could not open a stream: no connection/dial failed, protocol not supported, or timed out."""
+
+    def __init__(self, peer: str, protocol: str, reason: str) -> None:
+        super().__init__(f"cannot open {protocol} with {peer}: {reason}")
+        self.peer = peer
+        self.protocol = protocol
+        self.reason = reason
+
+
+class FramedStream:
+    """Send and receive `Message`s (length-prefixed msgpack frames) on one libp2p stream.
+
+    Usage (handler side):
+
+        async def handle(stream: INetStream) -> None:
+            async with open_framed(stream) as framed:
+                async for request in framed:       # ends when the peer closes cleanly
+                    await framed.send(reply_to(request))
+
+    `send` may be called from several tasks: each message goes out in one write under a lock,
+    so frames never interleave. `receive` is meant for one consumer task at a time.
+
+    Lifetime: `pump()` must run (in a nursery) for `receive` to make progress. `close()` stops the
+    pump, wakes a blocked `receive` with StreamClosed, and sends our FIN; `reset()` aborts instead.
+    If the pump is cancelled (its nursery is cancelled), `receive` raises StreamClosed and the
+    stream stays open until `close()`/`reset()`: closing is the owner's job, as with any resource.
+    """
+
+    def __init__(
+        self,
+        stream: INetStream,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_buffered_frames: int = DEFAULT_MAX_BUFFERED_FRAMES,
+    ) -> None:
+        self.stream = stream
+        self.max_frame_size = max_frame_size
+        self.peer_id: str | None = _peer_of(stream)
+        self.protocol: str | None = _protocol_of(stream)
+        self._decoder = FrameDecoder(max_frame_size)  # validates max_frame_size
+        self._send_lock = trio.Lock()
+        self._frames_in: trio.MemorySendChannel[bytes]
+        self._frames_out: trio.MemoryReceiveChannel[bytes]
+        self._frames_in, self._frames_out = trio.open_memory_channel(max_buffered_frames)
+        self._pump_scope: trio.CancelScope | None = None
+        self._pump_started = False
+        self._end: PetalsError | None = None  # why the pump stopped, raised once the queue is empty
+        self._end_reported = False
+        self._closed = False
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def pump(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Read frames from the stream into the queue until EOF, reset, a bad frame or close().
+
+        Never raises for anything the peer does: the outcome is delivered to `receive()` (after
+        the frames queued before it). Compatible with `nursery.start`. Runs at most once.
+        """
+        if self._pump_started:
+            raise RuntimeError("FramedStream.pump() is already running or has run")
+        self._pump_started = True
+        with trio.CancelScope() as scope:
+            self._pump_scope = scope
+            task_status.started()
+            async with self._frames_in:
+                self._end = await self._read_frames()
+        if self._end is None:
+            self._end = self._closed_error("closed locally" if self._closed else "reader stopped (cancelled)")
+
+    async def _read_frames(self) -> PetalsError:
+        """The pump's loop; returns why it ended (cancellation propagates out of it)."""
+        decoder = self._decoder
+        while True:
+            try:
+                data = await self.stream.read(_READ_CHUNK)
+            except StreamEOF:
+                data = b""
+            except _STREAM_GONE as exc:
+                return self._closed_error(_reason(exc, "reset or connection lost"), cause=exc)
+            try:
+                if not data:
+                    decoder.eof()  # raises MalformedMessage if the peer stopped mid-frame
+                else:
+                    decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    await self._frames_in.send(frame)
+            except ProtocolError as exc:
+                # The byte stream cannot be resynchronised after a bad frame: reset it now, before
+                # the consumer hears of it (it might close politely, which the peer would take for
+                # a clean end).
+                await self._abort()
+                return exc
+            if not data:
+                return self._ending()
+
+    def _ending(self) -> StreamClosed:
+        """Why the stream hit EOF. py-libp2p reports a peer's reset and a dead connection as EOF
+        too; only a FIN with the connection alive is a clean close (ending `async for`)."""
+        muxed = getattr(self.stream, "muxed_stream", None)
+        if getattr(muxed, "reset_received", False):
+            return self._closed_error("reset by peer")
+        conn = getattr(self.stream, "muxed_conn", None)
+        shutting_down = getattr(conn, "event_shutting_down", None)
+        if shutting_down is not None and shutting_down.is_set():
+            return self._closed_error("connection lost")
+        return self._closed_error("closed by peer", clean=True)
+
+    async def receive(self) -> Message:
+        """The next message. Raises StreamClosed when the stream has ended (see `clean`),
+        ProtocolError subclasses for a bad frame (FrameTooLarge: the stream is then dead) or a
+        frame that is not a valid message (MalformedMessage/BadTensor: the stream stays usable).
+        """
+        return decode_message(await self.receive_frame())
+
+    async def receive_frame(self) -> bytes:
+        """The next frame's payload, undecoded (for relaying or benchmarks)."""
+        if not self._pump_started:
+            raise RuntimeError("FramedStream.receive() needs the pump running: nursery.start(framed.pump)")
+        try:
+            return await self._frames_out.receive()
+        except trio.EndOfChannel:
+            raise self._take_end() from None
+        except trio.ClosedResourceError:
+            raise self._closed_error("closed locally") from None
+
+    def _take_end(self) -> PetalsError:
+        end = self._end if self._end is not None else self._closed_error("reader stopped")
+        if self._end_reported and isinstance(end, ProtocolError):
+            # Report a bad frame once; afterwards the stream is simply dead.
+            return self._closed_error(f"after a protocol error ({end})")
+        self._end_reported = True
+        return end
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        """Messages until the peer closes cleanly; other endings raise as in `receive`."""
+        while True:
+            try:
+                message = await self.receive()
+            except StreamClosed as exc:
+                if exc.clean:
+                    return
+                raise
+            yield message
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        """Send one message. FrameTooLarge if it exceeds `max_frame_size`; StreamClosed if the
+        stream is gone (including a peer that stopped reading for 5 s: libp2p resets then).
+        Cancellation mid-write leaves a partial frame on the wire: the stream must then be reset.
+        """
+        await self.send_frame(encode_message(message))
+
+    async def send_frame(self, payload: bytes) -> None:
+        """Send one already-encoded payload as a frame."""
+        frame = encode_frame(payload, self.max_frame_size)
+        if self._closed:
+            raise self._closed_error("closed locally")
+        async with self._send_lock:
+            try:
+                await self.stream.write(frame)
+            except _STREAM_GONE as exc:
+                raise self._closed_error(_reason(exc, "reset or connection lost"), cause=exc) from exc
+
+    # -- closing -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop reading, wake a blocked `receive` (StreamClosed), send our FIN. Idempotent.
+
+        Safe under cancellation: sending the FIN is shielded for at most 1 s; a cancelled caller
+        still gets Cancelled afterwards.
+        """
+        if self._closed:
+            return
+        self._stop_reading()
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            try:
+                await self.stream.close()
+            except _STREAM_GONE as exc:
+                logger.debug("closing %s: %s", self, exc)
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions (the peer sees a reset). Idempotent."""
+        if self._closed:
+            return
+        self._stop_reading()
+        await self._abort()
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    async def __aenter__(self) -> FramedStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _stop_reading(self) -> None:
+        self._closed = True
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
+        self._frames_out.close()
+
+    async def _abort(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            try:
+                await self.stream.reset()
+            except _STREAM_GONE as exc:
+                logger.debug("resetting %s: %s", self, exc)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _closed_error(self, reason: str, *, clean: bool = False, cause: BaseException | None = None) -> StreamClosed:
+        error = StreamClosed(self.peer_id, self.protocol, reason, clean=clean)
+        error.__cause__ = cause
+        return error
+
+    def __repr__(self) -> str:
+        return f"<FramedStream {self.protocol} peer={self.peer_id}>"
+
+
+@asynccontextmanager
+async def open_framed(
+    stream: INetStream,
+    *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    max_buffered_frames: int = DEFAULT_MAX_BUFFERED_FRAMES,
+) -> AsyncIterator[FramedStream]:
+    """Wrap `stream`, run its pump for the life of the block, close the stream on exit.
+
+    On exit (normal, error or cancellation) the pump is stopped and our FIN is sent (or the stream
+    is reset if the block raised), so nothing outlives the block. An exception from the block
+    propagates as itself, not wrapped in an ExceptionGroup.
+    """
+    framed = FramedStream(stream, max_frame_size=max_frame_size, max_buffered_frames=max_buffered_frames)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(framed.pump)
+            try:
+                yield framed
+            except BaseException:
+                await framed.reset()
+                raise
+            finally:
+                await framed.close()
+    except BaseExceptionGroup as group:
+        # The pump never raises, so a group holds only the block's own exception: re-raise it
+        # bare, so that `except StreamClosed:` around this block works as it reads.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def open_stream(
+    host: IHost,
+    peer_id: ID,
+    protocol: str,
+    *,
+    nursery: trio.Nursery,
+    timeout: float = DEFAULT_OPEN_TIMEOUT,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    max_buffered_frames: int = DEFAULT_MAX_BUFFERED_FRAMES,
+) -> FramedStream:
+    """Open a `protocol` stream to `peer_id` (dialing a known address if not connected) and start
+    its pump in `nursery`, which must outlive the stream. Close it with `await framed.close()`.
+
+    Raises StreamOpenError on failure or after `timeout` seconds.
+    """
+    with trio.move_on_after(timeout) as scope:
+        try:
+            stream = await host.new_stream(peer_id, [TProtocol(protocol)])
+        except Exception as exc:  # dial and multistream-select failures come in many libp2p types
+            raise StreamOpenError(str(peer_id), protocol, _reason(exc, "failed")) from exc
+    if scope.cancelled_caught:
+        raise StreamOpenError(str(peer_id), protocol, f"timed out after {timeout:g} s")
+    framed = FramedStream(stream, max_frame_size=max_frame_size, max_buffered_frames=max_buffered_frames)
+    await nursery.start(framed.pump)
+    return framed
+
+
+def _reason(exc: BaseException, default: str) -> str:
+    """libp2p exceptions often have empty messages and the cause one or two levels down."""
+    current: BaseException | None = exc
+    for _ in range(4):
+        if current is None:
+            break
+        if str(current):
+            return f"{type(current).__name__}: {current}"
+        current = current.__cause__ or current.__context__
+    return f"{type(exc).__name__} ({default})"
+
+
+def _peer_of(stream: INetStream) -> str | None:
+    conn = getattr(stream, "muxed_conn", None)
+    peer = getattr(conn, "peer_id", None)
+    return str(peer) if peer is not None else None
+
+
+def _protocol_of(stream: INetStream) -> str | None:
+    protocol = stream.get_protocol()
+    return str(protocol) if protocol is not None else None
