@@ -100,20 +100,23 @@ class LocalSwarm:
         return [d.addrs[0] for d in self.daemons if d.addrs]
 
     def start(self, blocks: str | None = None, *, initial_peers: list[str] | None = None,
-              args: list[str] | None = None, name: str | None = None, wait: bool = True) -> DaemonProcess:
+              args: list[str] | None = None, name: str | None = None, wait: bool = True,
+              env: dict[str, str] | None = None, public_name: bool = True) -> DaemonProcess:
         """Start one daemon. The first joins no one (`--new-swarm`) unless peers are given."""
         name = name or f"d{len(self.daemons) + 1}"
         peers = initial_peers if initial_peers is not None else self.addrs[:1]
         cmd = [self.python, "-m", "petalsd", "--model", self.model,
                "--listen", "/ip4/127.0.0.1/tcp/0",
-               "--identity", str(self.workdir / f"{name}.key"),
-               "--public-name", name]
+               "--identity", str(self.workdir / f"{name}.key")]
+        if public_name:  # name the daemon after its slot, unless a config file should decide
+            cmd += ["--public-name", name]
         if blocks is not None:
             cmd += ["--blocks", blocks]
         cmd += ["--initial-peers", *peers] if peers else ["--new-swarm"]
         cmd += self.extra_args + (args or [])
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("NOTIFY_SOCKET", None)
+        base = dict(os.environ, PYTHONUNBUFFERED="1")
+        base.pop("NOTIFY_SOCKET", None)
+        env = {**base, **(env or {})}
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
         daemon = DaemonProcess(name=name, args=cmd, process=process, echo=self.echo)

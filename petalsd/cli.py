@@ -50,9 +50,25 @@ def main(argv: list[str] | None = None) -> int:
         daemon = build_daemon(config, argv, notifier)
         trio.run(daemon.serve)
     except KeyboardInterrupt:
-        return 0
-    except (PetalsError, ModelLoadError, OSError) as exc:
-        print(f"petalsd: fatal: {exc}", file=sys.stderr)
+        return 130
+    except BaseException as exc:
+        reason = _expected_failure(exc)
+        if reason is None:
+            raise
+        print(f"petalsd: fatal: {reason}", file=sys.stderr)
         notifier.stopping()
         return 1
     return 0
+
+
+def _expected_failure(exc: BaseException) -> BaseException | None:
+    """The error to report in one line (bad model path, port in use, unreadable identity...), even
+    when trio wrapped it in exception groups; None for a bug, which keeps its traceback."""
+    if isinstance(exc, (PetalsError, ModelLoadError, OSError)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _expected_failure(inner)
+            if found is not None:
+                return found
+    return None
