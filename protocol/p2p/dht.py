@@ -1,0 +1,509 @@
+"""Kademlia glue: the petals validator, a DHT that keeps clients out of routing tables, and lookups
+that really walk the network (the workarounds for bug 6 in shared notes/py-libp2p.md).
+
+What py-libp2p 0.8.1 gets wrong, and what this module does instead:
+- `put_value` says nothing about how many peers stored a record -> `put_record` counts the
+  PUT_VALUE acknowledgements and returns that number.
+- `get_value` / `find_providers` answer from local state when they have any, so a node never sees
+  a newer record or a new provider -> `get_fresh` / `find_providers_fresh` ask the k closest peers
+  found by an iterative network lookup, every time, and merge with the local copy.
+- Peers that opened a KAD stream to us are added to the routing table unchecked, so client-mode
+  nodes end up there and every later lookup fails on them ("protocol not supported") ->
+  `ServerOnlyRoutingTable` admits a peer only once it is known to speak /ipfs/kad/1.0.0 (identify
+  says so, or a background probe opened a KAD stream to it).
+- The routing table is not filled from existing connections -> `start_dht` adds the bootstrap
+  peers and every connected server itself, then runs a self-lookup.
+- Routine RPCs log WARNINGs and rejected records as multi-MB hex -> the kad_dht logger is raised
+  to ERROR.
+
+Freshness is never py-libp2p's business: values live 24 h and providers 48 h there, with no
+per-record TTL and no way to withdraw. Every petals value carries `expires_at` and `seq` inside
+its signed body and `PetalsValidator` enforces them on every node, on store and on read.
+
+The per-model index (how a client finds every daemon of a model in a few queries): daemons add
+themselves as *providers* of index keys derived from the model fingerprint, and clients read the
+providers, then fetch each provider's signed record. Liveness is judged only by that record
+(expiry, state), never by the provider entry. Two problems of py-libp2p's provider store shape the
+keys: entries cannot be withdrawn and live 48 h, and a node keeps at most 20 providers per key and
+ignores any newcomer beyond that. So the index key rotates every `INDEX_EPOCH_SECONDS` (dead
+daemons fall out of the index within an epoch, and "first 20 ever" never locks newcomers out for
+good), and it is split into `INDEX_SHARDS` shards by peer id (up to 20 x INDEX_SHARDS daemons per
+model per epoch). A client reads the shards of the current epoch in parallel. Daemons provide the
+next epoch's keys `INDEX_EPOCH_LEAD` seconds before it starts, so clients whose clock is a little
+ahead still find them. Keys are 34-byte sha2-256 multihashes (ADD_PROVIDER refuses keys over 80
+bytes, and the textual "/petals-model/<fingerprint>" alone is 78).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.routing_table import RoutingTable
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.kad_dht.pb.kademlia_pb2 import Record
+from libp2p.records.record import make_signed_put_record
+from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+from ..errors import BadRecord, PetalsError
+from ..records import (
+    RECORD_NAMESPACE,
+    ServerRecord,
+    decode_record,
+    model_index_key,
+    parse_record_key,
+    record_key,
+    select_record,
+)
+from ..signing import peer_id_from_text, peer_id_to_text
+from .host import DialError, connect
+
+__all__ = [
+    "INDEX_EPOCH_SECONDS",
+    "INDEX_EPOCH_LEAD",
+    "INDEX_SHARDS",
+    "RPC_TIMEOUT",
+    "DHTError",
+    "PetalsValidator",
+    "ServerOnlyRoutingTable",
+    "PetalsDHT",
+    "start_dht",
+    "put_record",
+    "get_fresh",
+    "provide",
+    "find_providers_fresh",
+    "index_keys",
+    "index_key_for",
+    "find_model_records",
+]
+
+log = logging.getLogger(__name__)
+
+#: The index key of a model changes every hour: dead daemons leave the index within ~1 h.
+INDEX_EPOCH_SECONDS = 3600.0
+#: Daemons also provide the next epoch's key during the last 10 minutes of an epoch.
+INDEX_EPOCH_LEAD = 600.0
+#: A py-libp2p node keeps 20 providers per key; 4 shards -> up to 80 daemons per model and epoch.
+INDEX_SHARDS = 4
+#: One DHT RPC (dial + request + answer). A loopback RPC takes ~10 ms, a WAN one a few RTTs;
+#: 5 s bounds how long one dead peer can hold up a lookup (libp2p's own QUERY_TIMEOUT is 10 s).
+RPC_TIMEOUT = 5.0
+#: Verdicts of "is this peer a DHT server" probes, kept this long and for this many peers.
+_VERDICT_TTL = 600.0
+_MAX_VERDICTS = 4096
+_MULTIHASH_SHA256 = b"\x12\x20"
+
+
+class DHTError(PetalsError):
+    """The DHT could not be joined or used (no bootstrap peer reachable, ...)."""
+
+
+# ------------------------------------------------------------------------------------ validator
+
+
+class PetalsValidator(Validator):
+    """Accepts a value under "/petals/<fingerprint>/<peer id>" only if it is a valid record.
+
+    Valid means everything `decode_record` checks (size, structure, signature by the peer the
+    record names, not expired, not living longer than MAX_TTL), plus: the peer and fingerprint in
+    the record are the ones in the key, so nobody can store a record under another peer's key or
+    another model's key. `select` prefers the higher seq (then the later expiry); an invalid
+    candidate never wins. `clock` is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+
+    def validate(self, key: str, value: bytes) -> None:
+        fingerprint, peer_id = parse_record_key(key)
+        decode_record(value, now=self._clock(), expected_peer_id=peer_id, expected_fingerprint=fingerprint)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        fingerprint, peer_id = parse_record_key(key)
+        return select_record(values, now=self._clock(), expected_peer_id=peer_id, expected_fingerprint=fingerprint)
+
+
+# ------------------------------------------------------------------------------ routing table
+
+
+class ServerOnlyRoutingTable(RoutingTable):
+    """A routing table that admits only peers known to serve the KAD protocol.
+
+    py-libp2p adds every peer that sent us a KAD request (`skip_server_mode_check=True`), and
+    every peer it is about to query, whether or not that peer answers KAD requests itself;
+    client-mode nodes do not, so lookups that later pick them fail. Here a peer enters only when
+    identify listed /ipfs/kad/1.0.0 for it or a probe (opening a KAD stream, done in the
+    background so no RPC waits for it) succeeded. Verdicts are cached for `_VERDICT_TTL`.
+    """
+
+    def __init__(self, local_id: ID, host: IHost) -> None:
+        super().__init__(local_id, host)
+        self._nursery: trio.Nursery | None = None
+        self._verdicts: OrderedDict[ID, tuple[bool, float]] = OrderedDict()
+        self._probing: set[ID] = set()
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Where background probes run; without one, unknown peers are simply not admitted."""
+        self._nursery = nursery
+
+    async def add_peer(self, peer_obj: PeerInfo | ID, *, skip_server_mode_check: bool = False) -> bool:
+        peer_id = peer_obj.peer_id if isinstance(peer_obj, PeerInfo) else peer_obj
+        if peer_id == self.local_id:
+            return False
+        if self.peer_in_table(peer_id):
+            return await super().add_peer(peer_obj, skip_server_mode_check=True)  # refresh last-seen
+        verdict = self._known_verdict(peer_id)
+        if verdict is None:
+            if self._nursery is not None and peer_id not in self._probing:
+                self._probing.add(peer_id)
+                self._nursery.start_soon(self._probe_and_add, peer_id)
+            return False
+        if not verdict:
+            return False
+        return await super().add_peer(peer_obj, skip_server_mode_check=True)
+
+    async def admit(self, peer_id: ID) -> bool:
+        """Probe `peer_id` now if needed and add it if it is a DHT server (used while bootstrapping)."""
+        verdict = self._known_verdict(peer_id)
+        if verdict is None:
+            verdict = await self._probe(peer_id)
+        return verdict and await super().add_peer(peer_id, skip_server_mode_check=True)
+
+    def _known_verdict(self, peer_id: ID) -> bool | None:
+        try:
+            protocols = self.host.get_peerstore().get_protocols(peer_id)
+        except Exception:  # PeerStoreError for an unknown peer; the peerstore raises nothing narrower
+            protocols = []
+        if protocols and str(KAD_PROTOCOL) in protocols:
+            return True  # identify says so; a peer that lacks it in identify may still be probed
+        cached = self._verdicts.get(peer_id)
+        if cached is not None and time.monotonic() - cached[1] < _VERDICT_TTL:
+            return cached[0]
+        return None
+
+    async def _probe(self, peer_id: ID) -> bool:
+        """Open (and close) a KAD stream: multistream-select tells whether the peer serves KAD."""
+        is_server = False
+        with trio.move_on_after(RPC_TIMEOUT):
+            try:
+                stream = await self.host.new_stream(peer_id, [KAD_PROTOCOL])
+            except Exception as exc:  # libp2p raises assorted types for "not supported"/"no route"
+                log.debug("peer %s is not a DHT server: %s", peer_id, exc)
+            else:
+                is_server = True
+                await stream.close()
+        self._verdicts[peer_id] = (is_server, time.monotonic())
+        self._verdicts.move_to_end(peer_id)
+        while len(self._verdicts) > _MAX_VERDICTS:
+            self._verdicts.popitem(last=False)
+        return is_server
+
+    async def _probe_and_add(self, peer_id: ID) -> None:
+        try:
+            if await self._probe(peer_id):
+                await super().add_peer(peer_id, skip_server_mode_check=True)
+        finally:
+            self._probing.discard(peer_id)
+
+
+class PetalsDHT(KadDHT):
+    """KadDHT with the petals validator and a server-only routing table; no random walk."""
+
+    def __init__(self, host: IHost, mode: DHTMode, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(host, mode, enable_random_walk=False)
+        self.clock = clock
+        self.register_validator(RECORD_NAMESPACE, PetalsValidator(clock))
+        # Swap the table before anything uses it; PeerRouting (shared by the provider store) holds
+        # its own reference.
+        table = ServerOnlyRoutingTable(self.local_peer_id, host)
+        self.routing_table = table
+        self.peer_routing.routing_table = table
+        self.server_table = table
+
+
+class _DropKadNegotiationFailures(logging.Filter):
+    """basic_host logs an 8-line ERROR for every stream that fails to open. For the KAD protocol
+    that is routine (probing or querying a client-mode peer), so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to open stream") and str(KAD_PROTOCOL) in message)
+
+
+def _quiet_dht_logs() -> None:
+    """kad_dht logs a WARNING per routine RPC and rejected values as hex dumps: ERROR and up only."""
+    logger = logging.getLogger("libp2p.kad_dht")
+    if logger.getEffectiveLevel() < logging.ERROR:
+        logger.setLevel(logging.ERROR)
+    host_logger = logging.getLogger("libp2p.host.basic_host")
+    if not any(isinstance(f, _DropKadNegotiationFailures) for f in host_logger.filters):
+        host_logger.addFilter(_DropKadNegotiationFailures())
+
+
+async def _run_service(dht: KadDHT, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async with background_trio_service(dht):
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def start_dht(
+    host: IHost,
+    nursery: trio.Nursery,
+    *,
+    server: bool,
+    bootstrap: Iterable[str],
+    clock: Callable[[], float] = time.time,
+) -> PetalsDHT:
+    """Start a Kademlia node on a running host; it lives as long as `nursery`.
+
+    `server=True` for daemons (answers DHT requests, stores records), False for clients (asks
+    only, and is never added to anyone's routing table). `bootstrap`: full multiaddrs
+    (".../p2p/PEER_ID") of daemons to join through; unreachable ones are logged and skipped.
+    Raises DHTError when bootstrap addresses were given but none could be reached (a daemon with
+    `--new-swarm` passes none). On return the routing table holds every reachable bootstrap peer
+    and every already-connected DHT server, and a self-lookup has run.
+    """
+    _quiet_dht_logs()
+    dht = PetalsDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, clock=clock)
+    dht.server_table.attach(nursery)
+    await nursery.start(_run_service, dht)
+
+    addrs = list(bootstrap)
+    reached: list[ID] = []
+    failures: list[str] = []
+
+    async def dial(addr: str) -> None:
+        try:
+            reached.append(await connect(host, addr))
+        except DialError as exc:
+            failures.append(str(exc))
+            log.warning("DHT bootstrap: %s", exc)
+
+    async with trio.open_nursery() as dials:
+        for addr in addrs:
+            dials.start_soon(dial, addr)
+    if addrs and not reached:
+        raise DHTError(f"no bootstrap peer reachable ({'; '.join(failures)})")
+
+    async with trio.open_nursery() as admits:
+        for peer_id in dict.fromkeys([*reached, *host.get_connected_peers()]):
+            admits.start_soon(dht.server_table.admit, peer_id)
+    if dht.routing_table.size() > 0:
+        with trio.move_on_after(4 * RPC_TIMEOUT):
+            await dht.peer_routing.find_closest_peers_network(host.get_id().to_bytes())
+    log.info("DHT %s mode, %d peers in the routing table", dht.mode.value.lower(), dht.routing_table.size())
+    return dht
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+async def _closest_peers(dht: KadDHT, key: bytes) -> list[ID]:
+    with trio.move_on_after(6 * RPC_TIMEOUT):
+        peers = await dht.peer_routing.find_closest_peers_network(key)
+        return [p for p in peers if p != dht.local_peer_id]
+    return []
+
+
+async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
+    """Validate `blob`, keep it locally (servers) and store it at the k closest peers.
+
+    Returns how many *remote* peers acknowledged storing it (a peer that already holds a newer or
+    identical record refuses and is not counted). Raises BadRecord (only) if the blob is not
+    valid for `key`: a caller's bug, never a network condition.
+    """
+    try:
+        dht.validator.validate(key, blob)  # type: ignore[union-attr]  # PetalsDHT always has one
+    except BadRecord:
+        raise
+    except Exception as exc:  # libp2p's InvalidRecordType for a key without a validator
+        raise BadRecord(f"no validator accepts key {key[:200]!r}: {exc}") from exc
+    key_bytes = key.encode("utf-8")
+    if dht.mode == DHTMode.SERVER:
+        dht.value_store.put(key_bytes, blob)
+    stored = 0
+
+    async def store(peer: ID) -> None:
+        nonlocal stored
+        with trio.move_on_after(RPC_TIMEOUT):
+            # Unlike put_value's path, `record` pins the value we store (not a stale local one).
+            if await dht.value_store._store_at_peer(peer, key_bytes, blob, record=_signed(dht, key_bytes, blob)):
+                stored += 1
+
+    async with trio.open_nursery() as nursery:
+        for peer in await _closest_peers(dht, key_bytes):
+            nursery.start_soon(store, peer)
+    return stored
+
+
+def _signed(dht: KadDHT, key: bytes, value: bytes) -> Record:
+    """A libp2p Record envelope for `value`, signed by this host (what PUT_VALUE carries)."""
+    return make_signed_put_record(key, value, dht.host.get_private_key())
+
+
+async def get_fresh(dht: KadDHT, key: str) -> list[bytes]:
+    """Every distinct valid value for `key` held by the k closest peers (and locally), best first.
+
+    Always walks the network (never answers from the local copy alone). Values that fail the
+    validator (forged, expired, for another key) are dropped. Empty when nobody has a valid one.
+    """
+    key_bytes = key.encode("utf-8")
+    values: list[bytes] = []
+    local = dht.value_store.get(key_bytes)
+    if local is not None:
+        values.append(local.value)
+
+    async def fetch(peer: ID) -> None:
+        with trio.move_on_after(RPC_TIMEOUT):
+            value = await dht.value_store._get_from_peer(peer, key_bytes)
+            if isinstance(value, bytes) and value:
+                values.append(value)
+
+    async with trio.open_nursery() as nursery:
+        for peer in await _closest_peers(dht, key_bytes):
+            nursery.start_soon(fetch, peer)
+    return _valid_best_first(dht, key, values)
+
+
+def _valid_best_first(dht: KadDHT, key: str, values: list[bytes]) -> list[bytes]:
+    validator = dht.validator
+    assert validator is not None
+    valid: list[bytes] = []
+    for value in dict.fromkeys(values):
+        try:
+            validator.validate(key, value)
+        except Exception as exc:  # BadRecord from ours; libp2p's validators raise their own types
+            log.debug("dropped an invalid value for %s: %s", key[:120], exc)
+        else:
+            valid.append(value)
+    if len(valid) > 1:
+        best = validator.select(key, valid)
+        valid.insert(0, valid.pop(best))
+    return valid
+
+
+# ------------------------------------------------------------------------------- providers
+
+
+async def provide(dht: KadDHT, key: bytes) -> int:
+    """Announce this node as a provider of `key` to the k closest peers; how many were sent.
+
+    ADD_PROVIDER has no acknowledgement in py-libp2p (fire-and-forget, like Kubo), so the count is
+    of messages delivered to a stream, the best evidence available.
+    """
+    dht.provider_store.add_provider(key, PeerInfo(dht.local_peer_id, dht.host.get_addrs()))
+    sent = 0
+
+    async def send(peer: ID) -> None:
+        nonlocal sent
+        with trio.move_on_after(RPC_TIMEOUT):
+            if await dht.provider_store._send_add_provider(peer, key):
+                sent += 1
+
+    async with trio.open_nursery() as nursery:
+        for peer in await _closest_peers(dht, key):
+            nursery.start_soon(send, peer)
+    return sent
+
+
+async def find_providers_fresh(dht: KadDHT, key: bytes) -> list[PeerInfo]:
+    """Providers of `key` according to the k closest peers (and the local store), one per peer."""
+    found: dict[ID, PeerInfo] = {info.peer_id: info for info in dht.provider_store.get_providers(key)}
+
+    async def ask(peer: ID) -> None:
+        with trio.move_on_after(RPC_TIMEOUT):
+            providers, _closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+            for info in providers:
+                known = found.get(info.peer_id)
+                if known is None or (not known.addrs and info.addrs):
+                    found[info.peer_id] = info
+
+    async with trio.open_nursery() as nursery:
+        for peer in await _closest_peers(dht, key):
+            nursery.start_soon(ask, peer)
+    return list(found.values())
+
+
+def _epoch(now: float) -> int:
+    return math.floor(now / INDEX_EPOCH_SECONDS)
+
+
+def index_key_for(fingerprint: str, epoch: int, shard: int) -> bytes:
+    """The provider key of one shard of a model's index in one epoch (a sha2-256 multihash)."""
+    text = f"{model_index_key(fingerprint)}/{epoch}/{shard}"
+    return _MULTIHASH_SHA256 + hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _shard_of(peer_id_text: str) -> int:
+    return hashlib.sha256(peer_id_text.encode("utf-8")).digest()[0] % INDEX_SHARDS
+
+
+def index_keys(fingerprint: str, *, now: float, peer_id_text: str | None = None) -> list[bytes]:
+    """Index keys to use at time `now`.
+
+    With `peer_id_text` (a daemon providing itself): its shard in the current epoch, plus the
+    next epoch's when that starts within INDEX_EPOCH_LEAD. Without (a reader): every shard of the
+    current epoch.
+    """
+    epoch = _epoch(now)
+    if peer_id_text is None:
+        return [index_key_for(fingerprint, epoch, shard) for shard in range(INDEX_SHARDS)]
+    shard = _shard_of(peer_id_text)
+    keys = [index_key_for(fingerprint, epoch, shard)]
+    if _epoch(now + INDEX_EPOCH_LEAD) != epoch:
+        keys.append(index_key_for(fingerprint, epoch + 1, shard))
+    return keys
+
+
+async def find_model_records(dht: PetalsDHT, fingerprint: str, *, extra_peers: Iterable[str] = ()) -> list[ServerRecord]:
+    """The newest valid record of every daemon that indexed itself under `fingerprint`.
+
+    Reads all index shards in parallel, de-duplicates providers, then fetches each provider's
+    record with `get_fresh` (in parallel) and keeps the one with the highest seq. Records that are
+    expired, forged or for another model are dropped; offline ones are kept (callers decide).
+    `extra_peers`: peer ids (text) to look up even if the index does not list them (e.g. initial
+    peers). Time (index epoch, expiry) is the DHT's clock.
+    """
+    providers: set[str] = set(extra_peers)
+
+    async def read_shard(key: bytes) -> None:
+        for info in await find_providers_fresh(dht, key):
+            providers.add(info.peer_id.to_base58())
+
+    async with trio.open_nursery() as nursery:
+        for key in index_keys(fingerprint, now=dht.clock()):
+            nursery.start_soon(read_shard, key)
+
+    records: dict[bytes, ServerRecord] = {}
+
+    async def fetch(peer_text: str) -> None:
+        try:
+            key = record_key(fingerprint, peer_text)
+        except (ValueError, PetalsError) as exc:
+            log.debug("skipping provider %s: %s", peer_text, exc)
+            return
+        for blob in await get_fresh(dht, key):  # valid ones, best first
+            try:
+                records[peer_id_from_text(peer_text)] = decode_record(
+                    blob, now=dht.clock(), expected_peer_id=peer_id_from_text(peer_text),
+                    expected_fingerprint=fingerprint,
+                )
+            except BadRecord as exc:  # expired between the lookup and now
+                log.debug("record of %s: %s", peer_text, exc)
+                continue
+            return
+
+    async with trio.open_nursery() as nursery:
+        for peer_text in sorted(providers):
+            nursery.start_soon(fetch, peer_text)
+    return sorted(records.values(), key=lambda r: (r.start_block, r.end_block, peer_id_to_text(r.peer_id)))
