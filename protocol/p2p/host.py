@@ -12,8 +12,9 @@ What `make_host` fixes compared with `libp2p.new_host()` defaults (see shared no
   Noise handshake. py-libp2p's pnet uses Salsa20 with an 8-byte nonce, so it only interoperates
   with other py-libp2p peers, which is all a petals swarm contains.
 
-`running_host` also fixes that `host.run()` silently ignores addresses it failed to listen on
-(e.g. a port in use): it raises ListenError instead of serving on nothing.
+`running_host` also fixes that `host.run()` silently ignores addresses it failed to listen on,
+and that py-libp2p listens with SO_REUSEPORT, so that a port already in use by another daemon
+"works" and the kernel splits connections between the two: it raises ListenError instead.
 """
 
 from __future__ import annotations
@@ -150,15 +151,19 @@ def make_host(key_pair: KeyPair, *, psk: bytes | None = None) -> IHost:
     )
 
 
-class _TruncateLongMessages(logging.Filter):
-    """Cut log lines that libp2p fills with hex dumps of whole records down to a readable size."""
+class _ForwardTruncated(logging.Handler):
+    """Hand libp2p's records to the root logger's handlers, with hex-dump-sized messages cut.
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    A handler (not a logger filter) because logger filters do not see records that propagate
+    up from child loggers such as libp2p.kad_dht.kad_dht.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if len(message) > _MAX_LOG_MESSAGE:
             record.msg = f"{message[:_MAX_LOG_MESSAGE]}... [{len(message)} chars]"
             record.args = None
-        return True
+        logging.getLogger().handle(record)
 
 
 def quiet_libp2p_logs(level: int = logging.WARNING, *, dht_level: int = logging.ERROR) -> None:
@@ -166,14 +171,15 @@ def quiet_libp2p_logs(level: int = logging.WARNING, *, dht_level: int = logging.
 
     py-libp2p detaches its "libp2p" logger (propagate=False, no handler) unless LIBP2P_DEBUG is
     set, so its warnings reach stderr through logging's last-resort handler, unformatted. Kademlia
-    logs a WARNING for routine events on every RPC (bug 6), hence its own, higher `dht_level`.
+    logs a WARNING for routine events on every RPC (bug 6), hence its own, higher `dht_level`;
+    and it logs rejected records as multi-megabyte hex dumps, hence the truncation.
     Idempotent: call it once at start-up, after configuring logging.
     """
     root = logging.getLogger("libp2p")
     root.setLevel(level)
-    root.propagate = True
-    if not any(isinstance(f, _TruncateLongMessages) for f in root.filters):
-        root.addFilter(_TruncateLongMessages())
+    root.propagate = False  # records go to the root handlers through _ForwardTruncated instead
+    if not any(isinstance(h, _ForwardTruncated) for h in root.handlers):
+        root.addHandler(_ForwardTruncated())
     logging.getLogger("libp2p.kad_dht").setLevel(max(level, dht_level))
 
 
@@ -186,11 +192,18 @@ async def running_host(host: IHost, listen_addrs: Sequence[str]) -> AsyncIterato
     then reports the real one.
     """
     multiaddrs = [_parse_listen_addr(addr) for addr in listen_addrs]
+    for addr in multiaddrs:
+        # py-libp2p listens with SO_REUSEPORT (for hole punching), so a second daemon on a taken
+        # port binds "successfully" and the kernel splits incoming connections between the two.
+        # A bind without SO_REUSEPORT fails while the port has a listener: check first.
+        problem = _probe_bind(addr)
+        if problem is not None:
+            raise ListenError(str(addr), problem)
     async with host.run(multiaddrs):
         listeners = host.get_network().listeners
         for addr in multiaddrs:
             if str(addr) not in listeners:
-                raise ListenError(str(addr), _why_cannot_listen(addr))
+                raise ListenError(str(addr), _probe_bind(addr) or "libp2p could not listen there")
         yield host
 
 
@@ -201,22 +214,29 @@ def _parse_listen_addr(addr: str) -> Multiaddr:
         raise ListenError(addr, f"not a valid multiaddr ({exc})") from exc
 
 
-def _why_cannot_listen(addr: Multiaddr) -> str:
-    """Best-effort diagnosis for ListenError: try the bind ourselves and report the OS's answer."""
+def _probe_bind(addr: Multiaddr) -> str | None:
+    """Why we cannot listen on `addr` (the OS's answer to a plain bind), or None if we can.
+
+    SO_REUSEADDR keeps a restart from failing on the previous run's TIME_WAIT connections; on
+    Linux it still refuses a port that has a listening socket.
+    """
     protocols = {p.name for p in addr.protocols()}
     if "tcp" not in protocols or not ({"ip4", "ip6"} & protocols):
         return "unsupported address (petals listens on /ip4|ip6/.../tcp/PORT)"
+    port = int(addr.value_for_protocol("tcp"))
+    if port == 0:
+        return None  # the OS picks a free port
     family = socket.AF_INET if "ip4" in protocols else socket.AF_INET6
     host = addr.value_for_protocol("ip4" if family == socket.AF_INET else "ip6")
-    port = int(addr.value_for_protocol("tcp"))
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             return "address already in use"
         return exc.strerror or str(exc)
-    return "libp2p refused the address"
+    return None
 
 
 def listen_multiaddrs(host: IHost) -> list[str]:
