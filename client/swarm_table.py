@@ -1,0 +1,117 @@
+"""`petals swarm`: which blocks of a model are served by whom, and where the gaps are.
+
+Joins the swarm as a DHT client, looks the model up by fingerprint and prints one line per daemon
+and one per run of blocks with the same servers. A block counts as served only by `online`
+daemons (joining ones cannot answer yet, draining ones refuse new sessions); gaps are printed as
+"GAP: blocks A:B served by nobody". Exit status 1 when there is a gap, 0 otherwise.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from petals_protocol.models.checkpoint import Checkpoint
+from petals_protocol.models.fingerprint import model_fingerprint
+from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
+from petals_protocol.p2p.identity import ephemeral_identity
+
+from .discovery import FoundServer, join_swarm
+
+__all__ = ["show_swarm", "block_runs", "render_table", "swarm_document"]
+
+SERVING_STATE = "online"
+_CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)  # outbound-only in practice; libp2p wants one listener
+
+
+def short_id(peer_id: str) -> str:
+    """The last 8 characters: the start is the same "12D3KooW" for every Ed25519 peer."""
+    return f"…{peer_id[-8:]}"
+
+
+def block_runs(servers: Sequence[FoundServer], num_blocks: int) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Maximal runs [start, end) of blocks served by the same set of online peers (empty = gap)."""
+    holders: list[tuple[str, ...]] = [
+        tuple(sorted(s.peer_id for s in servers if s.state == SERVING_STATE and s.start <= block < s.end))
+        for block in range(num_blocks)
+    ]
+    runs: list[tuple[int, int, tuple[str, ...]]] = []
+    for block, peers in enumerate(holders):
+        if runs and runs[-1][2] == peers:
+            runs[-1] = (runs[-1][0], block + 1, peers)
+        else:
+            runs.append((block, block + 1, peers))
+    return runs
+
+
+def swarm_document(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer]) -> dict[str, Any]:
+    """The `--json` output: servers, per-run coverage and gaps, machine-readable."""
+    runs = block_runs(servers, num_blocks)
+    throughput = {s.peer_id: s.throughput for s in servers}
+    return {
+        "model_fingerprint": fingerprint,
+        "num_blocks": num_blocks,
+        "servers": [asdict(s) for s in servers],
+        "blocks": [
+            {"start": a, "end": b, "peers": list(p), "throughput": sum(throughput[x] for x in p)} for a, b, p in runs
+        ],
+        "gaps": [[a, b] for a, b, p in runs if not p],
+        "complete": all(p for _a, _b, p in runs),
+    }
+
+
+def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer], *, now: float) -> str:
+    lines = [f"model {fingerprint[:16]}…  {num_blocks} blocks  {len(servers)} servers", ""]
+    lines.append(f"{'peer':<10} {'name':<16} {'state':<8} {'blocks':>7} {'tok/s':>8} {'cache':>8}  {'via':<6} {'expires':>7}")
+    for s in sorted(servers, key=lambda s: (s.start, s.end, s.peer_id)):
+        lines.append(
+            f"{short_id(s.peer_id):<10} {s.public_name[:16]:<16} {s.state:<8} {f'{s.start}:{s.end}':>7} "
+            f"{s.throughput:>8.1f} {s.cache_tokens_free:>8}  {'relay' if s.using_relay else 'direct':<6} "
+            f"{max(0.0, s.expires_at - now):>6.0f}s"
+        )
+    lines.append("")
+    throughput = {s.peer_id: s.throughput for s in servers}
+    for start, end, peers in block_runs(servers, num_blocks):
+        if not peers:
+            lines.append(f"GAP: blocks {start}:{end} served by nobody")
+        else:
+            who = ", ".join(short_id(p) for p in peers)
+            lines.append(f"blocks {start}:{end}  {sum(throughput[p] for p in peers):.1f} tok/s  by {who}")
+    return "\n".join(lines)
+
+
+async def _find(initial_peers: Sequence[str], fingerprint: str, psk: bytes | None) -> list[FoundServer]:
+    host = make_host(ephemeral_identity(), psk=psk)
+    async with running_host(host, _CLIENT_LISTEN), trio.open_nursery() as nursery:
+        discovery = await join_swarm(host, nursery, initial_peers)
+        servers = await discovery.find_servers(fingerprint)
+        nursery.cancel_scope.cancel()
+    return servers
+
+
+def show_swarm(
+    model_path: str | Path,
+    initial_peers: Sequence[str],
+    *,
+    as_json: bool = False,
+    swarm_key: str | Path | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Print the swarm's coverage of the model at `model_path`; 1 if some block is unserved."""
+    out = out if out is not None else sys.stdout
+    fingerprint = model_fingerprint(model_path)
+    num_blocks = int(Checkpoint(model_path).config.num_hidden_layers)
+    psk = load_swarm_key(Path(swarm_key)) if swarm_key is not None else None
+    servers = trio.run(_find, list(initial_peers), fingerprint, psk)
+    if as_json:
+        json.dump(swarm_document(fingerprint, num_blocks, servers), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(render_table(fingerprint, num_blocks, servers, now=time.time()) + "\n")
+    return 0 if all(peers for _a, _b, peers in block_runs(servers, num_blocks)) else 1
