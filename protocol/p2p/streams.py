@@ -217,18 +217,19 @@ class FramedStream:
         return end
 
     def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Message]:
         """Messages until the peer closes cleanly; other endings raise as in `receive`."""
+        return (decode_message(payload) async for payload in self.frames())
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """Frame payloads, undecoded, until the peer closes cleanly (for relaying, echo, benchmarks)."""
         while True:
             try:
-                message = await self.receive()
+                payload = await self.receive_frame()
             except StreamClosed as exc:
                 if exc.clean:
                     return
                 raise
-            yield message
+            yield payload
 
     # -- sending -----------------------------------------------------------------------------
 

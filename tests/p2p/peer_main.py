@@ -33,12 +33,11 @@ SLEEP = 7.0  # longer than yamux's hard-coded 5 s window-update wait (bug 2)
 
 
 async def _echo_frames(framed: FramedStream) -> None:
-    while True:
-        try:
-            payload = await framed.receive_frame()
-        except StreamClosed:
-            return
-        await framed.send_frame(payload)
+    try:
+        async for payload in framed.frames():
+            await framed.send_frame(payload)
+    except StreamClosed:
+        return  # reset or connection lost: nothing to answer
 
 
 async def handle_echo(stream: INetStream) -> None:

@@ -105,6 +105,11 @@ def test_dial_errors_are_typed() -> None:
             with pytest.raises(DialError, match="not a valid peer multiaddr"):
                 await connect(client, "not a multiaddr")
 
+            relay = peer_id(ephemeral_identity())
+            relayed = f"/ip4/127.0.0.1/tcp/1/p2p/{relay}/p2p-circuit/p2p/{other.get_id()}"
+            with pytest.raises(DialError, match="Circuit Relay"):
+                await connect(client, relayed)
+
             with socket.socket() as closed:  # a port nobody listens on
                 closed.bind(("127.0.0.1", 0))
                 dead_port = closed.getsockname()[1]
