@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -94,7 +94,3 @@ async def swarm(num_servers: int) -> AsyncIterator[Swarm]:
             yield result
         finally:
             nursery.cancel_scope.cancel()
-
-
-def forged(record: ServerRecord, **changes: object) -> ServerRecord:
-    return replace(record, **changes)

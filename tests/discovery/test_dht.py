@@ -3,8 +3,6 @@ everywhere, offline and expired records, and clients kept out of routing tables 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-
 import msgpack
 import pytest
 import trio
@@ -217,4 +215,3 @@ def test_validator_select_prefers_higher_seq_and_skips_invalid() -> None:
     assert validator.select(key, [expired, old]) == 1
     with pytest.raises(BadRecord):
         validator.select(key, [expired])
-    assert replace(make_record(keys), seq=3).seq == 3

@@ -6,7 +6,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,7 +69,7 @@ def _serve(fingerprint: str, spans: list[tuple[int, int]], ready: queue.Queue, s
 
 
 @pytest.fixture
-def running_swarm(model: Path) -> Iterator[callable]:
+def running_swarm(model: Path) -> Iterator[Callable[[list[tuple[int, int]]], str]]:
     threads: list[tuple[threading.Thread, threading.Event]] = []
 
     def start(spans: list[tuple[int, int]]) -> str:
