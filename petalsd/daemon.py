@@ -140,7 +140,9 @@ class Daemon:
             # libp2p runs handlers inside its connection's service: an exception escaping here would
             # take down the whole daemon. So nothing escapes but cancellation; every outcome is logged.
             try:
-                async with open_framed(stream, max_frame_size=max_frame) as channel:
+                # Requests and replies alternate on our protocols, so a peer never needs more than a
+                # couple of frames queued: this bounds what one stream can make us hold to 3 frames.
+                async with open_framed(stream, max_frame_size=max_frame, max_buffered_frames=2) as channel:
                     await self._serve_channel(serve, channel)
             except Exception as exc:  # noqa: BLE001 - closing a dead stream; groups from the pump
                 log.debug("stream ended with %r", exc)
