@@ -15,13 +15,14 @@ from typing import Any
 import torch
 import trio
 
-from petals_protocol.errors import PetalsError
+from petals_protocol.errors import PetalsError, RemoteError
 from petals_protocol.messages import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
 from petals_protocol.signing import backward_binding, forward_binding, peer_id_from_text, verify_response
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
-from .routing import Hop, ServerInfo, choose_route
+from .routing import Hop, NoRoute, ServerInfo, choose_route
 from .runtime import ClientRuntime
+from .session import CALLER_FAULTS
 from .swarm import NETWORK_ERRORS, SwarmClient, raise_for_reply
 
 log = logging.getLogger("petals_client.remote")
@@ -65,34 +66,51 @@ async def run_range(swarm: SwarmClient, start: int, end: int, hidden: TensorPayl
     """Blocks [start, end) forward (or, with grad_output, backward in reverse order), with retries.
 
     Backward needs each hop's input: it re-runs the forward over the chain first (daemons keep no
-    activations between requests), then walks the hops backwards.
+    activations between requests), then walks the hops backwards. A request that fails (stream
+    closed, timeout, error reply, bad signature) bans the daemon that failed and starts over on a
+    new route, at most `swarm.max_retries` times; every request is bounded by `swarm.step_timeout`.
     """
     attempts = 0
     while True:
-        route = choose_route(swarm.servers(), start, end, banned=swarm.banned())
+        route = await _route(swarm, start, end)
+        current_hop: Hop | None = None
         try:
             inputs: list[TensorPayload] = []
             current = hidden
             for hop in route:
                 inputs.append(current)
                 if grad_output is None or hop is not route[-1]:
+                    current_hop = hop
                     current = await run_hop(swarm, hop, current)
             if grad_output is None:
                 return current
             grad = grad_output
             for hop, hop_input in zip(reversed(route), reversed(inputs)):
+                current_hop = hop
                 grad = await run_hop(swarm, hop, hop_input, grad)
             return grad
         except NETWORK_ERRORS as exc:
+            if isinstance(exc, RemoteError) and exc.code in CALLER_FAULTS:
+                raise  # our request is at fault: every daemon would refuse it
             attempts += 1
-            failed = getattr(exc, "peer", None) or (route[len(inputs) - 1].server.peer_id if inputs else None)
-            log.warning("request through blocks %d:%d failed (%s); retrying (%d/%d)", start, end, exc,
-                        attempts, swarm.max_retries)
+            failed = current_hop.server.peer_id if current_hop is not None else getattr(exc, "peer", None)
+            log.warning("request through blocks %d:%d failed at %s (%s: %s); retrying (%d/%d)", start, end,
+                        current_hop.server.name if current_hop else "?", type(exc).__name__, exc, attempts,
+                        swarm.max_retries)
             if failed:
                 swarm.ban(failed)
             if attempts >= swarm.max_retries:
                 raise
-            await swarm.refresh()
+
+
+async def _route(swarm: SwarmClient, start: int, end: int) -> list[Hop]:
+    """The best route among known daemons; re-learn the swarm only when none is left, because a
+    refresh waits up to connect_timeout on a daemon that hangs (SIGSTOP) instead of dying."""
+    try:
+        return choose_route(swarm.servers(), start, end, banned=swarm.banned())
+    except NoRoute:
+        await swarm.refresh()
+        return choose_route(swarm.servers(), start, end, banned=swarm.banned())
 
 
 class _RemoteBlocks(torch.autograd.Function):

@@ -11,6 +11,17 @@ replacement chain is chosen for exactly that hop's blocks, and the remembered ch
 to it in their original chunking: the replacement then holds a bit-identical cache (a matmul over
 a different number of tokens may round differently, so we do not merge chunks), and the step
 that failed is retried. The user sees a log line and a delay, never a different token.
+
+Idle closes are not failures: daemons close connections idle for `idle_connection_timeout` and
+sessions idle for `session_idle_timeout`, freeing the cache. A hop that breaks after being quiet
+for `IDLE_RESUME_AFTER` seconds is first re-opened on the *same* daemon (no ban) and replayed;
+only if that fails too is the daemon banned and replaced. A daemon that died while the hop was
+idle costs one refused dial before the usual rerouting.
+
+Bounds: each replacement search makes at most `swarm.max_retries` attempts (backoff 0.2 s
+doubling, capped at 5 s); one step survives at most `swarm.max_retries` failures; every network
+wait is under `swarm.step_timeout`. So a session never hangs: it continues or raises
+`SessionFailed` naming the blocks that could not be served.
 """
 from __future__ import annotations
 
@@ -32,10 +43,11 @@ from petals_protocol.messages import (
     SessionOpened,
     StepResult,
 )
+from petals_protocol.p2p.streams import StreamClosed
 from petals_protocol.signing import inference_binding, peer_id_from_text, verify_response
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
-from .routing import Hop, choose_route, describe_route
+from .routing import Hop, NoRoute, choose_route, describe_route
 
 log = logging.getLogger("petals_client.session")
 
@@ -69,9 +81,26 @@ class Swarm(Protocol):
 
 
 class SessionFailed(PetalsError):
-    """The session could not continue: every retry failed or no daemon is left for some blocks."""
+    """The session could not continue: every retry failed or no daemon is left for some blocks.
+
+    `blocks` is the range [start, end) that could not be served; the cause is chained.
+    """
 
     code = ErrorCode.UNSUPPORTED
+
+    def __init__(self, blocks: tuple[int, int], message: str) -> None:
+        super().__init__(message)
+        self.blocks = blocks
+
+
+#: Errors after which another daemon (or a re-opened stream) may succeed.
+RETRYABLE_ERRORS = (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: Daemon replies that blame our request: another daemon would refuse it too, so do not retry.
+CALLER_FAULTS = frozenset({ErrorCode.TOO_LONG, ErrorCode.BAD_TENSOR, ErrorCode.BAD_REQUEST, ErrorCode.WRONG_MODEL})
+#: A hop quiet for this long whose stream then turns out closed was most likely closed by the
+#: daemon's idle timeouts (connection or session), not by a crash: during generation steps follow
+#: each other within milliseconds, and idle timeouts are seconds at the least.
+IDLE_RESUME_AFTER = 1.0
 
 
 @dataclass
@@ -83,6 +112,10 @@ class _HopState:
     chunks: list[torch.Tensor] = field(default_factory=list)
     position: int = 0
     step: int = 0
+    # time.monotonic() of the last reply (or of the open), and of the last step sent: the gap is
+    # how long the hop had been quiet when the step that failed went out.
+    last_active: float = field(default_factory=time.monotonic)
+    last_sent: float = field(default_factory=time.monotonic)
 
 
 def _check_step_reply(reply: object, state: _HopState, sent: InferenceStep, fingerprint: str) -> TensorPayload:
@@ -98,6 +131,13 @@ def _check_step_reply(reply: object, state: _HopState, sent: InferenceStep, fing
     return reply.hidden
 
 
+def _looks_like_idle_close(exc: BaseException) -> bool:
+    """A stream the daemon closed (idle connection) or a session it timed out (idle session)."""
+    if isinstance(exc, StreamClosed):
+        return True
+    return isinstance(exc, RemoteError) and exc.code == ErrorCode.TIMEOUT
+
+
 class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
@@ -108,7 +148,8 @@ class InferenceSession:
         self.batch_size = batch_size
         self.position = 0
         self.hops: list[_HopState] = []
-        self.recoveries = 0
+        self.recoveries = 0  # failed daemons replaced
+        self.resumes = 0  # hops re-opened on the same daemon after an idle close
 
     @property
     def route(self) -> list[Hop]:
@@ -165,11 +206,13 @@ class InferenceSession:
     async def _send_step(self, state: _HopState, hidden: torch.Tensor, position: int) -> torch.Tensor:
         sent = InferenceStep(session_id=state.session_id, step=state.step, position=position,
                              hidden=from_torch(hidden), hypo_ids=None)
+        state.last_sent = time.monotonic()
         with trio.fail_after(self.swarm.step_timeout):
             await state.channel.send(sent)
             reply = await state.channel.receive()
         out = _check_step_reply(reply, state, sent, self.swarm.model_fingerprint)
         state.step += 1
+        state.last_active = time.monotonic()
         return to_torch(out)
 
     def _rollback(self, state: _HopState, position: int) -> None:
@@ -197,12 +240,17 @@ class InferenceSession:
                 f"session max_length {self.max_length} exceeded: {position} + {hidden.shape[1]} tokens"
             )
         index = 0
+        failures = 0
         while index < len(self.hops):
             state = self.hops[index]
             try:
                 out = await self._send_step(state, hidden, position)
-            except (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    OSError) as exc:
+            except RETRYABLE_ERRORS as exc:
+                failures += 1
+                if failures > self.swarm.max_retries:
+                    raise SessionFailed((state.hop.start, state.hop.end),
+                                        f"blocks {state.hop.start}:{state.hop.end}: the step failed {failures} "
+                                        f"times in a row (last: {exc})") from exc
                 await self._recover(index, exc, position)
                 continue  # retry the same hop index: now a replacement (possibly several hops)
             self._rollback(state, position)
@@ -214,39 +262,57 @@ class InferenceSession:
         return hidden
 
     async def _recover(self, index: int, exc: BaseException, position: int) -> None:
+        """Replace hop `index` after `exc`: resume on the same daemon after an idle close, else
+        ban it and find a chain for exactly its blocks; the replacement gets the hop's inputs replayed."""
         failed = self.hops[index]
         self._rollback(failed, position)  # replay only what the step builds on
-        peer = failed.hop.server.peer_id
-        log.warning("daemon %s failed on blocks %d:%d (%s: %s); rerouting",
-                    failed.hop.server.name, failed.hop.start, failed.hop.end, type(exc).__name__, exc)
-        if isinstance(exc, RemoteError) and exc.code in (ErrorCode.TOO_LONG, ErrorCode.BAD_TENSOR,
-                                                         ErrorCode.BAD_REQUEST, ErrorCode.WRONG_MODEL):
-            raise exc  # our request is at fault: another daemon would refuse it too
-        self.swarm.ban(peer)
+        if isinstance(exc, RemoteError) and exc.code in CALLER_FAULTS:
+            raise exc
+        idle_for = failed.last_sent - failed.last_active
         await self._close_hop(failed)
+        if _looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER:
+            log.info("daemon %s closed blocks %d:%d after %.1f s idle (%s); re-opening and replaying %d tokens",
+                     failed.hop.server.name, failed.hop.start, failed.hop.end, idle_for, exc, failed.position)
+            try:
+                resumed = [await self._open_hop(failed.hop)]
+                await self._replay(resumed, failed.chunks)
+            except RETRYABLE_ERRORS as resume_exc:
+                exc = resume_exc  # gone for real: fall through to ban and reroute
+            else:
+                self.hops[index:index + 1] = resumed
+                self.resumes += 1
+                return
+        log.warning("daemon %s failed on blocks %d:%d (%s: %s); rerouting", failed.hop.server.name,
+                    failed.hop.start, failed.hop.end, type(exc).__name__, exc)
+        self.swarm.ban(failed.hop.server.peer_id)
         self.recoveries += 1
-        last_error: BaseException = exc
+        self.hops[index:index + 1] = await self._replacement(failed)
+
+    async def _replacement(self, failed: _HopState) -> list[_HopState]:
+        """A chain for the failed hop's blocks with its inputs replayed, within max_retries attempts."""
+        start, end = failed.hop.start, failed.hop.end
+        began = time.monotonic()
+        last_error: BaseException | None = None
         for attempt in range(self.swarm.max_retries):
             try:
-                replacement = await self._open_chain(failed.hop.start, failed.hop.end)
+                replacement = await self._open_chain(start, end)
                 await self._replay(replacement, failed.chunks)
-            except (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    OSError) as retry_exc:
+            except RETRYABLE_ERRORS as retry_exc:
                 last_error = retry_exc
                 bad = getattr(retry_exc, "peer", None)
-                if bad:
+                if isinstance(bad, str) and bad:
                     self.swarm.ban(bad)
-                if isinstance(retry_exc, PetalsError) and retry_exc.__class__.__name__ == "NoRoute":
-                    await self.swarm.refresh()
-                await trio.sleep(min(0.2 * 2**attempt, 5.0))
+                if isinstance(retry_exc, NoRoute):
+                    await self.swarm.refresh()  # maybe a daemon came (back) up meanwhile
+                if attempt + 1 < self.swarm.max_retries:
+                    await trio.sleep(min(0.2 * 2**attempt, 5.0))
                 continue
-            self.hops[index:index + 1] = replacement
-            log.info("recovered blocks %d:%d via %s", failed.hop.start, failed.hop.end,
-                     describe_route([h.hop for h in replacement]))
-            return
+            log.info("recovered blocks %d:%d via %s in %.3f s (replayed %d tokens)", start, end,
+                     describe_route([h.hop for h in replacement]), time.monotonic() - began, failed.position)
+            return replacement
         raise SessionFailed(
-            f"blocks {failed.hop.start}:{failed.hop.end} could not be served after "
-            f"{self.swarm.max_retries} attempts: {last_error}"
+            (start, end),
+            f"blocks {start}:{end} could not be served after {self.swarm.max_retries} attempts: {last_error}",
         ) from last_error
 
     async def _replay(self, chain: list[_HopState], chunks: list[torch.Tensor]) -> None:

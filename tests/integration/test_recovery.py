@@ -1,0 +1,352 @@
+"""Fault tolerance with real daemons: a daemon killed (SIGKILL) or hung (SIGSTOP) mid-generation,
+an idle close, a vanished client. The output stays token for token what local transformers gives.
+
+Killing tests share one pool of six daemons (two per span) and restore it after each test by
+starting replacements for the daemons they hurt (fewer processes to start than a swarm per test).
+Recovery times (kill -> next token) are printed; run with -s to see them.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from libp2p.peer.id import ID
+from transformers import AutoModelForCausalLM
+
+from petals_client import AutoDistributedModelForCausalLM
+from petals_client.ctl import request as control_request
+from petals_client.localswarm import DaemonProcess, LocalSwarm
+from petals_client.routing import choose_route
+from petals_client.session import SessionFailed
+
+from conftest import make_model, start_swarm
+
+pytestmark = pytest.mark.integration
+
+SPANS = ["0:2", "2:4", "4:6"]
+PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+NEW_TOKENS = 110
+FAIL_AFTER = 30  # tokens generated before the failure
+# Generous for 2 shared cores, short enough that a hung daemon (SIGSTOP) is detected quickly.
+STEP_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    # No eos token: greedy generation runs the full max_new_tokens.
+    return make_model(tmp_path_factory.mktemp("models"), "llama", eos_token_id=None, bos_token_id=None,
+                      pad_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def local_generate(model_path) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    local = AutoModelForCausalLM.from_pretrained(model_path)
+
+    def generate(ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        return local.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+
+    return generate
+
+
+class Pool:
+    """Two daemons per span. Tests `hurt` daemons; `restore` stops the hurt ones and starts replacements."""
+
+    def __init__(self, swarm: LocalSwarm) -> None:
+        self.swarm = swarm
+        self.hurt: list[DaemonProcess] = []
+
+    def live(self) -> list[DaemonProcess]:
+        return [d for d in self.swarm.daemons if d not in self.hurt and d.process.poll() is None]
+
+    def addrs(self) -> list[str]:
+        return [d.addrs[0] for d in self.live()]
+
+    def daemon_of(self, peer_id: str) -> DaemonProcess:
+        return next(d for d in self.swarm.daemons if d.peer_id == peer_id)
+
+    def hurt_daemon(self, daemon: DaemonProcess, signum: int) -> None:
+        self.hurt.append(daemon)
+        daemon.signal(signum)
+
+    def restore(self) -> None:
+        for daemon in self.hurt:
+            daemon.stop(grace=2.0)  # SIGCONT first: a stopped daemon must not linger
+        self.hurt.clear()
+        missing = [blocks for blocks in SPANS for _ in range(2 - self._count(blocks))]
+        peers = self.addrs()[:1]
+        started = [self.swarm.start(blocks, initial_peers=peers, wait=False) for blocks in missing]
+        for daemon in started:
+            daemon.wait_ready(self.swarm.ready_timeout)
+
+    def _count(self, blocks: str) -> int:
+        return sum(1 for d in self.live() if f"--blocks {blocks}" in " ".join(d.args))
+
+
+@pytest.fixture(scope="module")
+def shared_pool(model_path) -> Iterator[Pool]:
+    swarm = start_swarm(model_path, SPANS + SPANS)
+    yield Pool(swarm)
+    swarm.stop()
+
+
+@pytest.fixture
+def pool(shared_pool: Pool) -> Iterator[Pool]:
+    yield shared_pool
+    shared_pool.restore()
+
+
+def connect(path: Path, peers: list[str], **options) -> AutoDistributedModelForCausalLM:
+    opts = dict(step_timeout=STEP_TIMEOUT, connect_timeout=3.0, max_retries=3)
+    opts.update(options)
+    return AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers, **opts)
+
+
+class FailAfter:
+    """A streamer that calls `action` once `tokens` new tokens have come out, and times tokens.
+
+    `put` gets the prompt first, then each new token: so the action runs between two steps, and
+    the next step is the first to meet the failure.
+    """
+
+    def __init__(self, tokens: int, action: Callable[[], None]) -> None:
+        self.tokens = tokens
+        self.action = action
+        self.stamps: list[float] = []
+        self.failed_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) - 1 == self.tokens:
+            self.action()
+            self.failed_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+    def recovery_seconds(self) -> float:
+        """From the failure to the next token."""
+        assert self.failed_at is not None
+        return next(t for t in self.stamps if t > self.failed_at) - self.failed_at
+
+    def usual_token_seconds(self) -> float:
+        gaps = [b - a for a, b in zip(self.stamps[2:], self.stamps[3:]) if a > (self.failed_at or 0) + 0.5 or
+                b < (self.failed_at or 0)]
+        return statistics.median(gaps)
+
+
+def hurt_hops(pool: Pool, session, hops: list[int], signum: int) -> Callable[[], None]:
+    def action() -> None:
+        for index in hops:
+            pool.hurt_daemon(pool.daemon_of(session.route[index].server.peer_id), signum)
+    return action
+
+
+def report(label: str, streamer: FailAfter) -> None:
+    print(f"\nrecovery {label}: {streamer.recovery_seconds() * 1000:.0f} ms from failure to next token "
+          f"(usual token: {streamer.usual_token_seconds() * 1000:.0f} ms)")
+
+
+# ------------------------------------------------------------------------------- daemon failures
+
+@pytest.mark.parametrize("hops, signum", [
+    ([1], signal.SIGKILL),
+    ([1], signal.SIGSTOP),
+    ([0, 2], signal.SIGKILL),
+], ids=["middle-killed", "middle-hung", "first-and-last-killed"])
+def test_generation_survives_daemon_failure(pool, model_path, local_generate, hops, signum):
+    expected = local_generate(PROMPT, NEW_TOKENS)
+    with connect(model_path, pool.addrs()) as model, \
+            model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+        streamer = FailAfter(FAIL_AFTER, hurt_hops(pool, session, hops, signum))
+        before = [h.server.peer_id for h in session.route]
+        out = model.generate(PROMPT, session=session, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)
+        after = [h.server.peer_id for h in session.route]
+        assert [(h.start, h.end) for h in session.route] == [(0, 2), (2, 4), (4, 6)]
+        assert session.recoveries == len(hops)
+        assert model.swarm.banned() == {before[i] for i in hops}
+    assert out.tolist() == expected.tolist()
+    for i in range(3):
+        assert (after[i] != before[i]) == (i in hops)
+    report(f"{'+'.join(SPANS[i] for i in hops)} {signal.Signals(signum).name}", streamer)
+    if signum == signal.SIGKILL:
+        assert streamer.recovery_seconds() < 3.0
+    else:  # a hang is found by the step timeout
+        assert STEP_TIMEOUT <= streamer.recovery_seconds() < STEP_TIMEOUT + 3.0
+
+
+def test_multi_turn_session_survives_kills_during_and_between_turns(pool, model_path, local_generate):
+    turn2 = torch.tensor([[7, 7, 21]])
+    with connect(model_path, pool.addrs()) as model, model.inference_session(max_length=128) as session:
+        first = model.generate(PROMPT, session=session, max_new_tokens=40, do_sample=False,
+                               streamer=FailAfter(20, hurt_hops(pool, session, [1], signal.SIGKILL)))
+        hurt_hops(pool, session, [2], signal.SIGKILL)()  # dies while the user reads the answer
+        second = model.generate(turn2, session=session, max_new_tokens=60, do_sample=False,
+                                streamer=FailAfter(30, hurt_hops(pool, session, [0], signal.SIGKILL)))
+        assert session.recoveries == 3
+    ref1 = local_generate(PROMPT, 40)
+    assert first.tolist() == ref1.tolist()
+    ref2 = local_generate(torch.cat([ref1, turn2], dim=1), 60)
+    assert second.tolist() == ref2[:, ref1.shape[1]:].tolist()
+
+
+def test_no_replacement_fails_fast_naming_the_blocks(pool, model_path):
+    with connect(model_path, pool.addrs(), max_retries=3) as model, model.inference_session(max_length=64) as session:
+        middle = [d for d in pool.live() if "--blocks 2:4" in " ".join(d.args)]
+        assert len(middle) == 2
+
+        def kill_all_middle() -> None:
+            for daemon in middle:
+                pool.hurt_daemon(daemon, signal.SIGKILL)
+
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                model.generate(PROMPT, session=session, max_new_tokens=30, do_sample=False,
+                               streamer=FailAfter(5, kill_all_middle))
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome.append(exc)
+
+        began = time.monotonic()
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "generation hung after its only daemons for blocks 2:4 died"
+        elapsed = time.monotonic() - began
+    assert isinstance(outcome[0], SessionFailed), outcome
+    assert outcome[0].blocks == (2, 4)
+    assert "blocks 2:4" in str(outcome[0]) and "3 attempts" in str(outcome[0])
+    assert elapsed < 15, elapsed
+
+
+def test_stateless_forward_retries_on_another_daemon(pool, model_path):
+    with connect(model_path, pool.addrs()) as model:
+        hidden = model.client_part.embed(PROMPT)
+        with torch.no_grad():
+            logits = model(PROMPT)
+            middle = model.layers[2:4](hidden)
+        used = choose_route(model.swarm.servers(), 0, 6, banned=model.swarm.banned())
+        pool.hurt_daemon(pool.daemon_of(used[1].server.peer_id), signal.SIGKILL)
+        with torch.no_grad():
+            assert torch.equal(model(PROMPT), logits)
+            assert torch.equal(model.layers[2:4](hidden), middle)
+        assert model.swarm.banned() == {used[1].server.peer_id}
+
+
+# ------------------------------------------------------------------------- idle closes, vanished clients
+
+@pytest.fixture(scope="module")
+def lone_daemon(model_path) -> Iterator[tuple[LocalSwarm, Path]]:
+    """One daemon serving every block (so a ban would leave no route), with a control socket and a
+    short session idle timeout."""
+    swarm = LocalSwarm(model_path, extra_args=["--num-threads", "1", "--log-level", "info"])
+    socket = swarm.workdir / "control.sock"
+    try:
+        swarm.start("0:6", args=["--control-socket", str(socket), "--session-idle-timeout", "2"])
+    except BaseException:
+        swarm.stop()
+        raise
+    yield swarm, socket
+    swarm.stop()
+
+
+def daemon_status(socket: Path) -> dict:
+    status, _, body = control_request(str(socket), "GET", "/v1/status")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def wait_for_status(socket: Path, predicate: Callable[[dict], bool], timeout: float) -> tuple[dict, float]:
+    began = time.monotonic()
+    while True:
+        status = daemon_status(socket)
+        if predicate(status) or time.monotonic() - began > timeout:
+            return status, time.monotonic() - began
+        time.sleep(0.05)
+
+
+def test_session_resumes_after_the_daemon_timed_it_out(lone_daemon, model_path, local_generate):
+    swarm, socket = lone_daemon
+    turn2 = torch.tensor([[5, 6]])
+    with connect(model_path, swarm.addrs) as model, model.inference_session(max_length=64) as session:
+        first = model.generate(PROMPT, session=session, max_new_tokens=8, do_sample=False)
+        status, _ = wait_for_status(socket, lambda s: s["sessions"] == 0, timeout=6)  # idle timeout: 2 s
+        assert status["sessions"] == 0 and status["cache_bytes_used"] == 0
+        second = model.generate(turn2, session=session, max_new_tokens=8, do_sample=False)
+        assert (session._session.resumes, session.recoveries) == (1, 0)
+        assert not model.swarm.banned()
+    ref1 = local_generate(PROMPT, 8)
+    assert first.tolist() == ref1.tolist()
+    assert second.tolist() == local_generate(torch.cat([ref1, turn2], dim=1), 8)[:, ref1.shape[1]:].tolist()
+
+
+def test_session_resumes_after_its_connection_closed_while_idle(lone_daemon, model_path, local_generate):
+    swarm, socket = lone_daemon
+    turn2 = torch.tensor([[9, 1]])
+    with connect(model_path, swarm.addrs) as model, model.inference_session(max_length=64) as session:
+        first = model.generate(PROMPT, session=session, max_new_tokens=8, do_sample=False)
+        time.sleep(1.2)  # longer than IDLE_RESUME_AFTER, shorter than the session idle timeout
+
+        async def drop_connection() -> None:  # what the daemon's idle sweeper does, seen from here
+            for conn in model.swarm.host.get_network().get_connections(ID.from_base58(swarm.daemons[0].peer_id)):
+                await conn.close()
+
+        model.runtime.call(drop_connection)
+        status, _ = wait_for_status(socket, lambda s: s["sessions"] == 0, timeout=3)
+        assert status["sessions"] == 0 and status["cache_bytes_used"] == 0
+        second = model.generate(turn2, session=session, max_new_tokens=8, do_sample=False)
+        assert (session._session.resumes, session.recoveries) == (1, 0)
+        assert not model.swarm.banned()
+    ref1 = local_generate(PROMPT, 8)
+    assert first.tolist() == ref1.tolist()
+    assert second.tolist() == local_generate(torch.cat([ref1, turn2], dim=1), 8)[:, ref1.shape[1]:].tolist()
+
+
+CLIENT_SCRIPT = """
+import sys, time, torch
+from petals_client import AutoDistributedModelForCausalLM
+torch.set_num_threads(1)
+model = AutoDistributedModelForCausalLM.from_pretrained(sys.argv[1], initial_peers=sys.argv[2:])
+session = model.inference_session(max_length=64)
+model.generate(torch.tensor([[1, 2, 3]]), session=session, max_new_tokens=2, do_sample=False)
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+def start_client(model_path: Path, addrs: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, str(model_path), *addrs],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+@pytest.mark.parametrize("signum, within", [(signal.SIGKILL, 1.5), (signal.SIGSTOP, 4.5)],
+                         ids=["killed-stream-reset", "hung-idle-timeout"])
+def test_daemon_frees_a_vanished_clients_session(lone_daemon, model_path, signum, within):
+    """A killed client resets its streams (freed at once); a hung one keeps its connection open
+    (freed by the 2 s session idle timeout)."""
+    swarm, socket = lone_daemon
+    wait_for_status(socket, lambda s: s["sessions"] == 0, timeout=5)
+    client = start_client(model_path, swarm.addrs)
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "open"
+        status = daemon_status(socket)
+        assert status["sessions"] == 1 and status["cache_bytes_used"] > 0
+        client.send_signal(signum)
+        status, took = wait_for_status(socket, lambda s: s["sessions"] == 0, timeout=within + 3)
+        assert status["sessions"] == 0 and status["cache_bytes_used"] == 0
+        print(f"\nsession of a {signal.Signals(signum).name} client freed after {took:.2f} s")
+        assert took < within
+    finally:
+        client.send_signal(signal.SIGCONT)
+        client.kill()
+        client.wait()
