@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="a local checkpoint folder (default: the shipped demo model)")
     demo.add_argument("--prompt", help="text to continue")
     demo.add_argument("--daemons", type=int, default=3, help="how many daemons to split the model over (default 3)")
-    demo.add_argument("--max-new-tokens", type=int, default=400)
+    demo.add_argument("--max-new-tokens", type=int, default=1000, help="upper bound; the model stops at its end-of-text token")
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="generate text through a swarm")

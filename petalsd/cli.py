@@ -29,8 +29,6 @@ def setup_logging(level: str) -> None:
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr, force=True)
     quiet_libp2p_logs()
-    # The auto-connector logs its (empty) dial plans at INFO every 10 s on its own logger.
-    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,13 +38,18 @@ from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.models.span import Span, load_span
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ed25519_private_key, load_or_create_identity, peer_id as peer_id_of
+from petals_protocol.p2p.dht import find_model_records, start_dht
 from petals_protocol.p2p.streams import StreamClosed, open_framed
+from petals_protocol.records import ServerRecord
+from petals_protocol.signing import peer_id_from_text
 
 from . import config as config_mod
+from .announce import Announcer
 from .compute import ComputeWorker
 from .config import DaemonConfig
 from .handlers import Limits, ServingContext, serve_inference, serve_info, serve_stateless
 from .notify import Notifier
+from .placement import choose_span, default_num_blocks, should_move
 from .sessions import CacheBudget, SessionTable
 
 log = logging.getLogger("petalsd")
@@ -72,12 +77,8 @@ def choose_dtype(config: DaemonConfig, checkpoint: Checkpoint) -> torch.dtype:
 
 
 def parse_blocks(config: DaemonConfig, num_blocks: int) -> tuple[int, int]:
-    if config.blocks is not None:
-        start, end = (int(x) for x in config.blocks.split(":"))
-    elif config.num_blocks is not None:
-        start, end = 0, min(config.num_blocks, num_blocks)  # refined by discovery when it knows the swarm
-    else:
-        start, end = 0, num_blocks
+    assert config.blocks is not None
+    start, end = (int(x) for x in config.blocks.split(":"))
     if not 0 <= start < end <= num_blocks:
         raise StartupError(f"--blocks {start}:{end} is not within the model's {num_blocks} blocks")
     return start, end
@@ -123,14 +124,24 @@ def measure_throughput(span: Span, steps: int = 5) -> float:
 class Daemon:
     config: DaemonConfig
     argv: list[str]
-    ctx: ServingContext
     key_pair: Any
     notifier: Notifier
     started_at: float
+    checkpoint: Checkpoint
+    fingerprint: str
+    dtype: torch.dtype
+    blocks: tuple[int, int] | None  # None: chosen from the swarm (--num-blocks or the default)
+    ctx: ServingContext | None = None  # set once the span is loaded
     host: Any = None
     addrs: list[str] | None = None
+    announcer: Announcer | None = None
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
+
+    def __post_init__(self) -> None:
+        self.signer = ed25519_private_key(self.key_pair)
+        self.peer_id = peer_id_of(self.key_pair).to_base58()
+        self.peer_id_bytes = peer_id_from_text(self.peer_id)
 
     # ------------------------------------------------------------------ stream handlers
     def _handler(self, serve: Callable[[ServingContext, Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
@@ -173,18 +184,26 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     def status_line(self) -> str:
+        if self.ctx is None:
+            return "starting"
         return (f"serving blocks {self.ctx.span.start}:{self.ctx.span.end}, "
                 f"{len(self.ctx.sessions)} sessions, state {self.ctx.state}")
 
     async def drain(self) -> None:
-        """Refuse new sessions, let running ones finish (up to drain_grace), then stop."""
+        """Refuse new sessions, announce OFFLINE, let running ones finish (up to drain_grace), then stop."""
+        if self.ctx is None:
+            self.stop()
+            return
         if not self.ctx.sessions.accepting:
             return
         log.info("draining: refusing new sessions, %d open, grace %.0f s", len(self.ctx.sessions),
                  self.config.drain_grace)
         self.ctx.sessions.accepting = False
-        self.ctx.state = "offline"
+        self.ctx.state = "draining"
         self.notifier.status("draining: " + self.status_line())
+        if self.announcer is not None:
+            with trio.move_on_after(5):
+                await self.announcer.announce_offline()
         with trio.move_on_after(self.config.drain_grace):
             while len(self.ctx.sessions):
                 await trio.sleep(0.05)
@@ -214,6 +233,8 @@ class Daemon:
 
     def apply_live_config(self) -> None:
         c = self.config
+        if self.ctx is None:
+            return
         self.ctx.limits.max_length = c.max_length
         self.ctx.limits.max_batch_size = c.max_batch_size
         self.ctx.limits.session_idle_timeout = c.session_idle_timeout
@@ -238,18 +259,109 @@ class Daemon:
             self.notifier.status(self.status_line())
             await trio.sleep(5)
 
+    # ------------------------------------------------------------------ discovery
+    def make_record(self) -> ServerRecord:
+        """What we announce; the announcer sets seq and expiry."""
+        ctx = self.ctx
+        assert ctx is not None
+        return ServerRecord(
+            peer_id=peer_id_from_text(ctx.peer_id), model_fingerprint=ctx.fingerprint, model_name=ctx.model_name,
+            start_block=ctx.span.start, end_block=ctx.span.end, num_blocks=ctx.span.num_blocks_total,
+            state="online" if ctx.state == "online" else ("joining" if ctx.state == "joining" else "offline"),
+            throughput=ctx.throughput, cache_tokens_free=ctx.cache_tokens_free(),
+            addrs=tuple(self.announce_addrs()[:16]), public_name=ctx.public_name, version=ctx.version,
+            expires_at=time.time() + self.config.record_ttl, seq=0, using_relay=False,
+        )
+
+    def announce_addrs(self) -> list[str]:
+        """Operator-given announce addresses first, then what we listen on (minus the unspecified)."""
+        suffix = f"/p2p/{self.peer_id}"
+        given = [a if "/p2p/" in a else a + suffix for a in self.config.announce_addrs]
+        listening = [a for a in (self.addrs or []) if "/ip4/0.0.0.0/" not in a and "/ip6/::/" not in a]
+        return given + [a for a in listening if a not in given]
+
+    async def _place(self, dht: Any) -> tuple[int, int]:
+        """--num-blocks: the span whose blocks the swarm serves least (by announced throughput)."""
+        num_blocks = self.checkpoint.config.num_hidden_layers
+        n = min(self.config.num_blocks or self._blocks_that_fit(num_blocks), num_blocks)
+        records = [r for r in await find_model_records(dht, self.fingerprint) if r.peer_id != self.peer_id_bytes]
+        start, end = choose_span(records, num_blocks, n)
+        log.info("placement peer=%s: %d daemons known, chose blocks %d:%d of %d", self.peer_id, len(records),
+                 start, end, num_blocks)
+        return start, end
+
+    def _blocks_that_fit(self, num_blocks: int) -> int:
+        """Default span length: what fits in this machine's memory, leaving headroom."""
+        checkpoint_bytes = sum(f.stat().st_size for f in self.checkpoint.files())
+        element = torch.finfo(self.dtype).bits // 8
+        stored = 4 if "float32" in str(getattr(self.checkpoint.config, "dtype", "float32")) else 2
+        block_bytes = max(1, checkpoint_bytes * element // stored // max(num_blocks, 1))
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") - self.config.cache_budget
+        return default_num_blocks(max(memory, block_bytes), block_bytes)
+
+    async def _rebalance(self, dht: Any, announcer: Announcer) -> None:
+        """Every rebalance_period: move if the swarm's weakest block would clearly gain (never uncovering one)."""
+        while True:
+            await trio.sleep(self.config.rebalance_period)
+            ctx = self.ctx
+            assert ctx is not None
+            if not ctx.sessions.accepting:
+                return
+            records = [r for r in await find_model_records(dht, self.fingerprint) if r.state != "offline"]
+            target = should_move(records, self.make_record(), ctx.span.num_blocks_total, self.config.balance_quality)
+            if target is None:
+                continue
+            if len(ctx.sessions):
+                log.info("rebalance peer=%s: would move to %d:%d but %d sessions are open; later", self.peer_id,
+                         target[0], target[1], len(ctx.sessions))
+                continue
+            log.info("rebalance peer=%s: moving from %d:%d to %d:%d", self.peer_id, ctx.span.start, ctx.span.end,
+                     *target)
+            span, throughput = await trio.to_thread.run_sync(self.load, *target)
+            ctx.span, ctx.throughput = span, throughput
+            announcer.request_announce()
+
+    # ------------------------------------------------------------------ serving
+    def load(self, start: int, end: int) -> tuple[Span, float]:
+        """Load blocks [start, end) and measure their throughput (blocking: run in a thread)."""
+        self.notifier.status(f"loading blocks {start}:{end}")
+        log.info("loading peer=%s model=%s blocks=%d:%d dtype=%s device=%s", self.peer_id, self.config.model,
+                 start, end, str(self.dtype).removeprefix("torch."), self.config.device)
+        span = load_span(self.config.model, start, end, dtype=self.dtype, device=self.config.device,
+                         progress=_progress_reporter(f"loading blocks {start}:{end}"))
+        throughput = measure_throughput(span) if self.config.throughput == "auto" else float(self.config.throughput)
+        log.info("loaded peer=%s blocks=%d:%d weights=%.1f MiB throughput=%.1f block-steps/s", self.peer_id,
+                 start, end, span.weight_bytes / 2**20, throughput)
+        return span, throughput
+
+    def _context(self, span: Span, throughput: float) -> ServingContext:
+        c = self.config
+        return ServingContext(
+            span=span, fingerprint=self.fingerprint, model_name=Path(c.model).name, peer_id=self.peer_id,
+            signer=self.signer, sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget)),
+            worker=ComputeWorker(),
+            limits=Limits(max_length=c.max_length, max_batch_size=c.max_batch_size,
+                          session_idle_timeout=c.session_idle_timeout, step_timeout=c.step_timeout),
+            public_name=c.public_name, version=__version__, state="joining", throughput=throughput,
+        )
+
     async def serve(self) -> None:
         self._stop = trio.Event()
         psk = load_swarm_key(self.config.swarm_key) if self.config.swarm_key else None
         self.host = make_host(self.key_pair, psk=psk)
         async with running_host(self.host, self.config.listen) as host, trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.addrs = listen_multiaddrs(host)
+            nursery.start_soon(self._signals)
+            dht = await start_dht(host, nursery, server=True,
+                                  bootstrap=[] if self.config.new_swarm else self.config.initial_peers)
+            blocks = self.blocks or await self._place(dht)
+            span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
+            self.ctx = self._context(span, throughput)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info))
             host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference))
             host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless))
-            self.addrs = listen_multiaddrs(host)
-            nursery.start_soon(self._signals)
             if self.config.control_socket is not None:
                 from .control import serve_control
                 from .control_backend import DaemonControl
@@ -257,45 +369,37 @@ class Daemon:
                 await nursery.start(functools.partial(serve_control, self.config.control_socket,
                                                       DaemonControl(self), group=self.config.control_group))
             self.ctx.state = "online"
-            log.info("ready peer=%s blocks=%d:%d addrs=%s", self.ctx.peer_id, self.ctx.span.start,
-                     self.ctx.span.end, " ".join(self.addrs))
+            self.announcer = Announcer(host, dht, self.signer, self.peer_id, self.make_record,
+                                       period=self.config.announce_period, ttl=self.config.record_ttl)
+            await self.announcer.announce_once()
+            nursery.start_soon(self.announcer.run)
+            if self.blocks is None:
+                nursery.start_soon(self._rebalance, dht, self.announcer)
+            log.info("ready peer=%s blocks=%d:%d addrs=%s", self.peer_id, span.start, span.end, " ".join(self.addrs))
             self.notifier.ready()
             nursery.start_soon(self.notifier.run_watchdog)
             nursery.start_soon(self._status_updates)
             await self._stop.wait()
             self.notifier.stopping()
-            log.info("stopping peer=%s", self.ctx.peer_id)
+            log.info("stopping peer=%s", self.peer_id)
             nursery.cancel_scope.cancel()
 
 
 def build_daemon(config: DaemonConfig, argv: list[str], notifier: Notifier) -> Daemon:
-    """Everything before serving; raises StartupError with a one-line reason."""
+    """Everything that can fail before joining the swarm; raises with a one-line reason."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    identity_path = config.identity or default_identity_path()
-    key_pair = load_or_create_identity(identity_path)
-    signer = ed25519_private_key(key_pair)
-    peer_id = peer_id_of(key_pair).to_base58()
+    key_pair = load_or_create_identity(config.identity or default_identity_path())
     checkpoint = Checkpoint(config.model)
-    start, end = parse_blocks(config, checkpoint.config.num_hidden_layers)
-    dtype = choose_dtype(config, checkpoint)
-    notifier.status(f"loading blocks {start}:{end}")
-    log.info("loading peer=%s model=%s blocks=%d:%d dtype=%s device=%s", peer_id, config.model, start, end,
-             str(dtype).removeprefix("torch."), config.device)
-    span = load_span(config.model, start, end, dtype=dtype, device=config.device,
-                     progress=_progress_reporter(f"loading blocks {start}:{end}"))
+    num_blocks = checkpoint.config.num_hidden_layers
+    blocks = parse_blocks(config, num_blocks) if config.blocks is not None else None
+    notifier.status("hashing the model's weights (fingerprint)")
     fingerprint = model_fingerprint(config.model, cache_dir=_cache_dir())
-    throughput = (measure_throughput(span) if config.throughput == "auto" else float(config.throughput))
-    log.info("loaded peer=%s weights=%.1f MiB fingerprint=%s throughput=%.1f block-steps/s", peer_id,
-             span.weight_bytes / 2**20, fingerprint[:16], throughput)
-    ctx = ServingContext(
-        span=span, fingerprint=fingerprint, model_name=Path(config.model).name, peer_id=peer_id, signer=signer,
-        sessions=SessionTable(config.max_sessions, CacheBudget(config.cache_budget)), worker=ComputeWorker(),
-        limits=Limits(max_length=config.max_length, max_batch_size=config.max_batch_size,
-                      session_idle_timeout=config.session_idle_timeout, step_timeout=config.step_timeout),
-        public_name=config.public_name, version=__version__, state="joining", throughput=throughput,
-    )
-    return Daemon(config=config, argv=argv, ctx=ctx, key_pair=key_pair, notifier=notifier, started_at=time.time())
+    daemon = Daemon(config=config, argv=argv, key_pair=key_pair, notifier=notifier, started_at=time.time(),
+                    checkpoint=checkpoint, fingerprint=fingerprint, dtype=choose_dtype(config, checkpoint),
+                    blocks=blocks)
+    log.info("identity peer=%s model=%s fingerprint=%s", daemon.peer_id, config.model, fingerprint[:16])
+    return daemon
 
 
 def _cache_dir() -> Path | None:

@@ -62,7 +62,7 @@ class _TimedPrinter:
 
 
 def run_demo(model: Path = DEFAULT_MODEL, *, prompt: str = DEFAULT_PROMPT, daemons: int = 3,
-             max_new_tokens: int = 400, echo_logs: bool = False) -> int:
+             max_new_tokens: int = 1000, echo_logs: bool = False) -> int:
     from petals_protocol.models.checkpoint import Checkpoint
 
     num_blocks = Checkpoint(model).config.num_hidden_layers
@@ -71,8 +71,11 @@ def run_demo(model: Path = DEFAULT_MODEL, *, prompt: str = DEFAULT_PROMPT, daemo
           f"({num_blocks} blocks)", flush=True)
     begin = time.perf_counter()
     with LocalSwarm(model, echo=echo_logs) as swarm:
-        for blocks in spans:
-            d = swarm.start(blocks, initial_peers=swarm.addrs[:1])
+        first = swarm.start(spans[0], initial_peers=[])  # the bootstrap peer; the rest join it at once
+        for blocks in spans[1:]:
+            swarm.start(blocks, initial_peers=first.addrs, wait=False)
+        swarm.wait_all()
+        for d, blocks in zip(swarm.daemons, spans):
             print(f"  daemon {d.name}  blocks {blocks:>7}  pid {d.pid}  {d.addrs[0]}", flush=True)
         print(f"swarm ready in {time.perf_counter() - begin:.1f} s; joining as a client", flush=True)
         tokenizer = load_tokenizer(model)

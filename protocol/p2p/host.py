@@ -181,6 +181,8 @@ def quiet_libp2p_logs(level: int = logging.WARNING, *, dht_level: int = logging.
     if not any(isinstance(h, _ForwardTruncated) for h in root.handlers):
         root.addHandler(_ForwardTruncated())
     logging.getLogger("libp2p.kad_dht").setLevel(max(level, dht_level))
+    # The auto-connector sets its own INFO level and reports its (disabled) dial plans every tick.
+    logging.getLogger("libp2p.network.auto_connector").setLevel(max(level, logging.WARNING))
 
 
 @asynccontextmanager
