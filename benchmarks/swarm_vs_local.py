@@ -15,11 +15,13 @@ on a shared machine hits both sides alike:
 - per daemon: seconds from process start to its `ready` line; VmRSS and VmHWM against the bytes
   of its span's weights plus its KV-cache budget.
 
-Thread settings: the local model and the client use `--local-threads` torch threads (default:
-all cores), and every daemon gets `--daemon-threads` (default: all cores too). In a chain only
-one daemon computes at a time for one session, so each may use every core, and the local model
-gets the same cores: the per-token ratio then compares equal compute. With concurrent sessions
-the daemons do compete for the cores (see BENCHMARKS.md).
+Thread settings: the local model and the client use `--local-threads` torch threads, and every
+daemon gets `--daemon-threads` (passed as `--num-threads`); both default to 1. The local model and
+each daemon then compute with the same single core, so the per-token ratio compares equal compute;
+concurrent sessions can keep several daemons (and cores) busy at once; and on a 2-core machine
+shared by 3 daemons, a client and other users, a multi-threaded OpenMP region stalls whenever one
+of its threads is descheduled (measured: 4x slower decode with 2 threads under load; see
+BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ class BenchConfig:
     prompt_tokens: int = 16
     prefill_tokens: int = 512
     sessions: int = 8
-    local_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    daemon_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    local_threads: int = 1
+    daemon_threads: int = 1
     cache_budget: int = 2**30
     cache_dir: Path = field(default_factory=default_cache_dir)
     echo_daemons: bool = False
@@ -287,9 +289,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]
     parser.add_argument("--prefill-tokens", type=int, default=defaults.prefill_tokens)
     parser.add_argument("--sessions", type=int, default=defaults.sessions, help="concurrent sessions")
     parser.add_argument("--local-threads", type=int, default=defaults.local_threads,
-                        help="torch threads of the local model and the client (default: all cores)")
+                        help="torch threads of the local model and the client (default: 1)")
     parser.add_argument("--daemon-threads", type=int, default=defaults.daemon_threads,
-                        help="torch threads per daemon, passed as --num-threads (default: all cores)")
+                        help="torch threads per daemon, passed as --num-threads (default: 1)")
     parser.add_argument("--cache-budget", type=int, default=defaults.cache_budget,
                         help="each daemon's KV-cache budget in bytes (the RSS target includes it)")
     parser.add_argument("--cache-dir", type=Path, default=defaults.cache_dir,
