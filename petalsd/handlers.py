@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 import trio
 
-from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
+from petals_protocol.errors import BadTensor, ErrorCode, MalformedMessage, PetalsError, ProtocolError
 from petals_protocol.messages import (
     BackwardRequest,
     BackwardResponse,
@@ -221,6 +221,16 @@ async def _receive_within(channel: Channel, seconds: float) -> object | None:
     return None
 
 
+# A frame that arrived whole but is not a valid message (bad msgpack, wrong field types, a tensor
+# whose bytes disagree with its shape) leaves the byte stream in sync: the next frame starts where
+# this one ended. Inside a session such a frame is answered like any other refused step, and the
+# session goes on with its cache untouched. (A frame over the limit arrives as FrameTooLarge and
+# ends the session; a frame cut short by the peer's EOF is a MalformedMessage too, but the stream
+# layer has already reset that stream, so the reply fails with StreamClosed and the session ends as
+# for any vanished client.)
+_UNDECODABLE = (MalformedMessage, BadTensor)
+
+
 async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
     session: Session | None = None
     try:
@@ -242,7 +252,13 @@ async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
                  session.session_id.hex()[:12], session.start, session.end, session.max_length, session.batch_size)
         await channel.send(SessionOpened(session_id=session.session_id, max_length=session.max_length))
         while True:
-            msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+            try:
+                msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+            except _UNDECODABLE as exc:
+                ctx.stats["errors"] += 1
+                log.info("bad message peer=%s session=%s: %s", channel.peer_id, session.session_id.hex()[:12], exc)
+                await channel.send(_error_reply(exc, session_id=session.session_id))
+                continue
             if msg is None:
                 log.info("session idle peer=%s session=%s: closing after %.0f s", channel.peer_id,
                          session.session_id.hex()[:12], ctx.limits.session_idle_timeout)
