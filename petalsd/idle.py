@@ -8,10 +8,10 @@ session's cache. Clients treat such a close as benign: they re-open and replay o
 (client/session.py), and re-dial for stateless requests.
 
 What counts as activity: a stream opened or closed on the connection (every info, forward and
-backward request, DHT RPC) or an inference step on a session of that peer. Yamux pings and window
-updates do not count, since they flow on idle connections too. The sweeper only reads the host's
-connection table and the session table (no hooks in the handlers), so a request that is still
-computing when the timeout is reached would be cut: keep the timeout well above `step_timeout`.
+backward request, DHT RPC; seen through a libp2p network notifee) or an inference step on a
+session of that peer (read from the session table). Yamux pings and window updates do not count,
+since they flow on idle connections too. Nothing hooks into the handlers, so a stateless request
+still computing when the timeout is reached would be cut: keep the timeout above `step_timeout`.
 
 Cost: one pass over the connections and sessions every `timeout / 4` seconds (at least 0.25 s,
 at most 10 s), so a connection is closed between `timeout` and `1.25 * timeout` after it went idle.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 
 log = logging.getLogger("petalsd.idle")
 
@@ -41,8 +42,38 @@ class SessionLike(Protocol):
 
 @dataclass
 class _Seen:
-    fingerprint: tuple[frozenset[int], int]
-    since: float
+    steps: int  # steps of this peer's sessions at the last sweep (+1 per session, so opens count)
+    since: float  # last activity
+
+
+class _StreamActivity(INotifee):
+    """libp2p notifee: the time of the last stream opened or closed on each connection (inbound
+    and outbound; short requests that start and end between two sweeps are seen too)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.last: dict[int, float] = {}  # id(muxed connection) -> time
+
+    def _touch(self, stream: INetStream) -> None:
+        self.last[id(stream.muxed_conn)] = self.clock()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        self._touch(stream)
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        self._touch(stream)
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self.last[id(conn.muxed_conn)] = self.clock()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self.last.pop(id(conn.muxed_conn), None)
+
+    async def listen(self, network: INetwork, multiaddr: Any) -> None:
+        pass  # listening is not connection activity
+
+    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
+        pass  # likewise
 
 
 @dataclass
@@ -50,6 +81,7 @@ class IdleConnections:
     """Tracks when each connection last showed activity; `sweep()` closes the idle ones.
 
     `timeout` is read at every sweep (a callable, so a reload that changes it applies at once).
+    `run()` registers the stream-activity notifee on the host's network for as long as it runs.
     """
 
     host: Any  # libp2p IHost
@@ -57,17 +89,9 @@ class IdleConnections:
     timeout: Callable[[], float]
     clock: Callable[[], float] = time.monotonic
     _seen: dict[int, _Seen] = field(default_factory=dict)
+    _streams: _StreamActivity | None = None
 
-    def _connections(self) -> list[tuple[str, Any]]:
-        return [(str(peer), conn) for peer, conns in self.host.get_network().get_connections_map().items()
-                for conn in conns]
-
-    def _fingerprint(self, conn: Any, steps_by_peer: dict[str, int]) -> tuple[frozenset[int], int]:
-        streams = frozenset(_stream_key(s) for s in conn.get_streams())
-        peer = str(conn.muxed_conn.peer_id)
-        return streams, steps_by_peer.get(peer, 0)
-
-    def idle_connections(self) -> list[tuple[str, Any, float]]:
+    def idle_connections(self) -> list[tuple[str, INetConn, float]]:
         """(peer, connection, idle seconds) of connections idle for at least `timeout()` seconds;
         updates the activity record of every connection as a side effect."""
         now = self.clock()
@@ -75,16 +99,21 @@ class IdleConnections:
         for session in self.sessions():
             steps_by_peer[session.peer] = steps_by_peer.get(session.peer, 0) + session.steps + 1
         timeout = self.timeout()
+        stream_times = self._streams.last if self._streams is not None else {}
         live: dict[int, _Seen] = {}
-        idle: list[tuple[str, Any, float]] = []
-        for peer, conn in self._connections():
-            fingerprint = self._fingerprint(conn, steps_by_peer)
-            seen = self._seen.get(id(conn))
-            if seen is None or seen.fingerprint != fingerprint:
-                seen = _Seen(fingerprint, now)
-            live[id(conn)] = seen
-            if now - seen.since >= timeout:
-                idle.append((peer, conn, now - seen.since))
+        idle: list[tuple[str, INetConn, float]] = []
+        for peer_id, conns in self.host.get_network().get_connections_map().items():
+            peer = str(peer_id)
+            for conn in conns:
+                key = id(conn.muxed_conn)
+                steps = steps_by_peer.get(peer, 0)
+                seen = self._seen.get(key)
+                if seen is None or seen.steps != steps:
+                    seen = _Seen(steps, now)
+                seen.since = max(seen.since, stream_times.get(key, seen.since))
+                live[key] = seen
+                if now - seen.since >= timeout:
+                    idle.append((peer, conn, now - seen.since))
         self._seen = live  # forget connections that are gone
         return idle
 
@@ -96,20 +125,19 @@ class IdleConnections:
                      len(conn.get_streams()))
             with trio.move_on_after(5.0):  # closing resets streams; never let one stuck peer stall the sweeper
                 await conn.close()
-            self._seen.pop(id(conn), None)
+            self._seen.pop(id(conn.muxed_conn), None)
             closed += 1
         return closed
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Sweep forever (until cancelled with the daemon's nursery)."""
-        task_status.started()
-        while True:
-            await trio.sleep(min(max(self.timeout() / 4, MIN_SWEEP_PERIOD), MAX_SWEEP_PERIOD))
-            await self.sweep()
-
-
-def _stream_key(stream: Any) -> int:
-    """A yamux stream id (unique per connection); the object's id for other muxers."""
-    muxed = getattr(stream, "muxed_stream", None)
-    stream_id = getattr(muxed, "stream_id", None)
-    return stream_id if isinstance(stream_id, int) else id(stream)
+        """Sweep until cancelled (with the daemon's nursery). Compatible with `nursery.start`."""
+        network = self.host.get_network()
+        self._streams = _StreamActivity(self.clock)
+        network.register_notifee(self._streams)
+        try:
+            task_status.started()
+            while True:
+                await trio.sleep(min(max(self.timeout() / 4, MIN_SWEEP_PERIOD), MAX_SWEEP_PERIOD))
+                await self.sweep()
+        finally:
+            network.remove_notifee(self._streams)
