@@ -24,16 +24,19 @@ import torch
 from petals_client.localswarm import LocalSwarm
 
 from .shapes import SHAPES, default_cache_dir, ensure_model, split_blocks
-from .swarm_vs_local import _greedy, _prompt, _start_daemons
+from .swarm_vs_local import greedy_options, random_prompt, start_daemons
 
 FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
-GROUPS = (("ours", ("/work/main/", "petals_protocol", "petalsd", "petals_client")), ("libp2p", ("libp2p/",)),
+# py-spy shortens paths to what follows a sys.path entry, e.g. "client/session.py", "libp2p/...".
+GROUPS = (("ours", ("client/", "petalsd/", "protocol/", "benchmarks/")), ("libp2p", ("libp2p/",)),
           ("trio", ("trio/",)), ("torch", ("torch/", "transformers/")))
 
 
-def group_of(file: str) -> str:
-    for name, needles in GROUPS:
-        if any(n in file for n in needles):
+def group_of(frame: str) -> str:
+    match = FRAME_RE.match(frame.strip())
+    file = match["file"] if match else frame
+    for name, prefixes in GROUPS:
+        if file.startswith(prefixes) or any(f"/{p}" in file for p in prefixes):
             return name
     return "other"
 
@@ -108,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     path = ensure_model(shape, args.cache_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     with LocalSwarm(path, extra_args=["--num-threads", str(args.threads), "--log-level", "info"]) as swarm:
-        _start_daemons(swarm, split_blocks(shape.num_layers, args.daemons))
+        start_daemons(swarm, split_blocks(shape.num_layers, args.daemons))
         with AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.addrs) as model:
-            prompt = _prompt(shape, 16, seed=1)
-            model.generate(prompt, **_greedy(4))  # warm-up
+            prompt = random_prompt(shape, 16, seed=1)
+            model.generate(prompt, **greedy_options(4))  # warm-up
             daemon = swarm.daemons[-1]
             targets = {"daemon": daemon.pid, "client": os.getpid()}
             spies = {name: record(pid, args.out / f"{name}.txt", args.seconds, args.rate)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             began = time.perf_counter()
             produced = 0
             while time.perf_counter() - began < args.seconds + 1:
-                model.generate(prompt, **_greedy(args.new_tokens))
+                model.generate(prompt, **greedy_options(args.new_tokens))
                 produced += args.new_tokens
             print(f"decoded {produced} tokens in {time.perf_counter() - began:.1f} s while sampling")
             for name, spy in spies.items():

@@ -75,23 +75,23 @@ class BenchConfig:
             raise ValueError("--new-tokens must be at least 2 (the first token is the prefill)")
 
 
-def _prompt(shape: ModelShape, length: int, seed: int) -> torch.Tensor:
+def random_prompt(shape: ModelShape, length: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, shape.vocab_size, (1, length), generator=generator)
 
 
-def _greedy(new_tokens: int) -> dict[str, Any]:
+def greedy_options(new_tokens: int) -> dict[str, Any]:
     # min_new_tokens masks EOS on both sides, so a random model always produces exactly this many.
     return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
 def _timed_generate(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[TokenClock, torch.Tensor]:
     clock = TokenClock()
-    out = model.generate(ids, streamer=clock, **_greedy(new_tokens))
+    out = model.generate(ids, streamer=clock, **greedy_options(new_tokens))
     return clock, out
 
 
-def _start_daemons(swarm: LocalSwarm, spans: list[tuple[int, int]]) -> list[float]:
+def start_daemons(swarm: LocalSwarm, spans: list[tuple[int, int]]) -> list[float]:
     """Start daemons one after another (each alone on the CPU) and return each start-to-ready time."""
     ready: list[float] = []
     first: DaemonProcess | None = None
@@ -111,7 +111,7 @@ def _concurrent_tokens_per_s(model: Any, prompts: list[torch.Tensor], new_tokens
     def run(ids: torch.Tensor) -> None:
         barrier.wait()
         try:
-            model.generate(ids, **_greedy(new_tokens))
+            model.generate(ids, **greedy_options(new_tokens))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread below
             errors.append(exc)
 
@@ -151,13 +151,13 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     daemon_args = ["--num-threads", str(config.daemon_threads), "--log-level", "info",
                    "--cache-budget", str(config.cache_budget)]
     with LocalSwarm(path, extra_args=daemon_args, echo=config.echo_daemons) as swarm:
-        ready_s = _start_daemons(swarm, spans)
+        ready_s = start_daemons(swarm, spans)
         began = time.monotonic()
         remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.addrs)
         connect_s = time.monotonic() - began
         try:
-            prompt = _prompt(shape, config.prompt_tokens, seed=1)
-            long_prompt = _prompt(shape, config.prefill_tokens, seed=2)
+            prompt = random_prompt(shape, config.prompt_tokens, seed=1)
+            long_prompt = random_prompt(shape, config.prefill_tokens, seed=2)
             for model in (local, remote):  # warm-up: allocators, connections, streams
                 _timed_generate(model, prompt, 2)
 
@@ -174,10 +174,10 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
             single: list[float] = []
             aggregate: list[float] = []
-            prompts = [_prompt(shape, config.prompt_tokens, seed=100 + i) for i in range(config.sessions)]
+            prompts = [random_prompt(shape, config.prompt_tokens, seed=100 + i) for i in range(config.sessions)]
             for _ in range(config.repeats):
                 began = time.perf_counter()
-                remote.generate(prompt, **_greedy(config.new_tokens))
+                remote.generate(prompt, **greedy_options(config.new_tokens))
                 single.append(config.new_tokens / (time.perf_counter() - began))
                 aggregate.append(_concurrent_tokens_per_s(remote, prompts, config.new_tokens))
 
