@@ -62,7 +62,13 @@ class RemoteInferenceSession:
 
     @property
     def recoveries(self) -> int:
+        """How many times a failed daemon was replaced (history replayed to another one)."""
         return self._session.recoveries
+
+    @property
+    def resumes(self) -> int:
+        """How many times a hop was re-opened on the same daemon (e.g. after an idle close)."""
+        return self._session.resumes
 
     def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run hidden states [B, T, H] through all remote blocks with the session's caches."""

@@ -304,7 +304,8 @@ class DaemonConfig:
         60.0, _positive_seconds, "Seconds one step or forward/backward may compute before it "
         "fails with a timeout error.", flag_type=float)
     idle_connection_timeout: float = _opt(
-        120.0, _positive_seconds, "Seconds an idle connection without open streams is kept.",
+        120.0, _positive_seconds, "Seconds a connection with no new streams and no session steps is kept; "
+        "closing it frees its sessions (clients replay). Keep it above step_timeout.",
         flag_type=float)
     max_frame_size: int = _opt(
         64 * 2**20, _positive_size, "Largest protocol frame accepted, in bytes or with a unit; "
@@ -329,8 +330,9 @@ class DaemonConfig:
         False, _bool, "Act as a circuit relay for other peers (needs a public address).",
         flag_type=None)
     balance_quality: float = _opt(
-        0.75, _quality, "Move to other blocks only when the swarm's throughput would improve "
-        "to less than this fraction (1.0 never moves).", flag_type=float)
+        0.75, _quality, "Move to other blocks only when the swarm's weakest block would gain: old minimum "
+        "throughput < balance_quality x new minimum (near 0 never moves; 1.0 moves on any gain).",
+        flag_type=float)
     rebalance_period: float = _opt(
         120.0, _positive_seconds, "Seconds between checks whether to move to other blocks.",
         flag_type=float)

@@ -47,6 +47,7 @@ from . import config as config_mod
 from .announce import Announcer
 from .compute import ComputeWorker
 from .config import DaemonConfig
+from .idle import IdleConnections
 from .handlers import Limits, ServingContext, serve_inference, serve_info, serve_stateless
 from .notify import Notifier
 from .placement import choose_span, default_num_blocks, should_move
@@ -202,14 +203,24 @@ class Daemon:
         self.ctx.state = "draining"
         self.notifier.status("draining: " + self.status_line())
         if self.announcer is not None:
-            with trio.move_on_after(5):
-                await self.announcer.announce_offline()
+            # In the background: the drain proceeds (and may finish) while the record spreads.
+            self._nursery.start_soon(self._announce_offline)
         with trio.move_on_after(self.config.drain_grace):
             while len(self.ctx.sessions):
                 await trio.sleep(0.05)
         if len(self.ctx.sessions):
             log.info("drain grace over: closing %d sessions", len(self.ctx.sessions))
+        with trio.move_on_after(3):  # let the OFFLINE record reach the peers we know
+            while self.announcer is not None and self.announcer.last_record is not None \
+                    and self.announcer.last_record.state != "offline":
+                await trio.sleep(0.05)
         self.stop()
+
+    async def _announce_offline(self) -> None:
+        assert self.announcer is not None
+        with trio.move_on_after(10):
+            stored = await self.announcer.announce_offline()
+            log.info("announced OFFLINE peer=%s (%s)", self.peer_id, "stored" if stored else "no peer stored it")
 
     def stop(self) -> None:
         if self._stop is not None:
@@ -309,6 +320,7 @@ class Daemon:
                 return
             records = [r for r in await find_model_records(dht, self.fingerprint) if r.state != "offline"]
             target = should_move(records, self.make_record(), ctx.span.num_blocks_total, self.config.balance_quality)
+            log.debug("rebalance check peer=%s: %d records, move to %s", self.peer_id, len(records), target)
             if target is None:
                 continue
             if len(ctx.sessions):
@@ -362,6 +374,8 @@ class Daemon:
             host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference))
             host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless))
+            await nursery.start(IdleConnections(host, sessions=lambda: self.ctx.sessions,
+                                                timeout=lambda: self.config.idle_connection_timeout).run)
             if self.config.control_socket is not None:
                 from .control import serve_control
                 from .control_backend import DaemonControl

@@ -340,9 +340,16 @@ async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
             if await dht.value_store._store_at_peer(peer, key_bytes, blob, record=_signed(dht, key_bytes, blob)):
                 stored += 1
 
+    # Store at the closest peers we already know at once, in parallel with the network walk: the
+    # walk can spend RPC_TIMEOUT on each unresponsive peer it meets, and an OFFLINE announcement at
+    # shutdown must not wait for that. Peers the walk adds get the record when it ends.
     async with trio.open_nursery() as nursery:
-        for peer in await _closest_peers(dht, key_bytes):
+        known = [p for p in dht.routing_table.find_local_closest_peers(key_bytes) if p != dht.local_peer_id]
+        for peer in known:
             nursery.start_soon(store, peer)
+        for peer in await _closest_peers(dht, key_bytes):
+            if peer not in known:
+                nursery.start_soon(store, peer)
     return stored
 
 

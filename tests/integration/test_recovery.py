@@ -310,7 +310,7 @@ def test_session_resumes_after_the_daemon_timed_it_out(lone_daemon, model_path, 
         status, _ = wait_for_status(socket, lambda s: s["sessions"] == 0, timeout=6)  # idle timeout: 2 s
         assert status["sessions"] == 0 and status["cache_bytes_used"] == 0
         second = model.generate(turn2, session=session, max_new_tokens=8, do_sample=False)
-        assert (session._session.resumes, session.recoveries) == (1, 0)
+        assert (session.resumes, session.recoveries) == (1, 0)
         assert not model.swarm.banned()
     ref1 = local_generate(PROMPT, 8)
     assert first.tolist() == ref1.tolist()
@@ -332,7 +332,7 @@ def test_session_resumes_after_its_connection_closed_while_idle(lone_daemon, mod
         status, _ = wait_for_status(socket, lambda s: s["sessions"] == 0, timeout=3)
         assert status["sessions"] == 0 and status["cache_bytes_used"] == 0
         second = model.generate(turn2, session=session, max_new_tokens=8, do_sample=False)
-        assert (session._session.resumes, session.recoveries) == (1, 0)
+        assert (session.resumes, session.recoveries) == (1, 0)
         assert not model.swarm.banned()
     ref1 = local_generate(PROMPT, 8)
     assert first.tolist() == ref1.tolist()
