@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError, RemoteError
+from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
 from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
 from petals_protocol.signing import peer_id_to_text

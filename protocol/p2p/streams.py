@@ -132,6 +132,7 @@ class FramedStream:
         self._end: PetalsError | None = None  # why the pump stopped, raised once the queue is empty
         self._end_reported = False
         self._closed = False
+        self._poisoned = False  # a bad frame was read: the stream ends with a reset, never a FIN
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -170,10 +171,11 @@ class FramedStream:
                 while (frame := decoder.next_frame()) is not None:
                     await self._frames_in.send(frame)
             except ProtocolError as exc:
-                # The byte stream cannot be resynchronised after a bad frame: reset it now, before
-                # the consumer hears of it (it might close politely, which the peer would take for
-                # a clean end).
-                await self._abort()
+                # The byte stream cannot be resynchronised after a bad frame: stop reading and mark
+                # the stream poisoned. The consumer hears of it next and may still *send* (e.g. an
+                # ErrorReply saying `too_large`); its close() then resets instead of sending a FIN,
+                # so the peer never mistakes the end for a clean one.
+                self._poisoned = True
                 return exc
             if not data:
                 return self._ending()
@@ -254,7 +256,8 @@ class FramedStream:
     # -- closing -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop reading, wake a blocked `receive` (StreamClosed), send our FIN. Idempotent.
+        """Stop reading, wake a blocked `receive` (StreamClosed), send our FIN (a reset after a bad
+        frame was read). Idempotent.
 
         Safe under cancellation: sending the FIN is shielded for at most 1 s; a cancelled caller
         still gets Cancelled afterwards.
@@ -262,6 +265,9 @@ class FramedStream:
         if self._closed:
             return
         self._stop_reading()
+        if self._poisoned:
+            await self._abort()
+            return
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
             try:
                 await self.stream.close()
