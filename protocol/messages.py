@@ -36,6 +36,9 @@ __all__ = [
     "OpenSession",
     "SessionOpened",
     "InferenceStep",
+    "PushTarget",
+    "MAX_PUSH_HOPS",
+    "MAX_PUSH_ADDR_LENGTH",
     "StepResult",
     "CloseSession",
     "ForwardRequest",
@@ -63,6 +66,10 @@ SERVER_STATES = ("joining", "online", "draining", "offline")
 # Containers in a message are tiny (a shape has <= 8 dims, a message ~16 fields); capping them far
 # below the frame size keeps a 64 MiB frame of nils from expanding into a 512 MiB list.
 _MAX_CONTAINER_LEN = 256
+# Daemon-to-daemon forwarding (InferenceStep.push): a chain is at most this many further hops, and
+# each names one dialable multiaddr of at most this many characters (same bound as DHT records).
+MAX_PUSH_HOPS = 32
+MAX_PUSH_ADDR_LENGTH = 256
 
 
 def _type_name(value: object) -> str:
@@ -184,6 +191,36 @@ class _Optional(_Spec):
 
     def from_wire(self, raw: Any) -> Any:
         return None if raw is None else self.inner.from_wire(raw)
+
+
+class _PushList(_Spec):
+    """A non-empty tuple of `PushTarget`s whose spans follow each other (each starts where the
+    previous ends); on the wire, a list of maps. Absent is None, never an empty list."""
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not tuple or not 1 <= len(value) <= MAX_PUSH_HOPS:
+            return f"must be a tuple of 1..{MAX_PUSH_HOPS} PushTargets, got {_type_name(value)}"
+        if not all(type(t) is PushTarget for t in value):
+            return "entries must be PushTargets"
+        for before, after in zip(value, value[1:]):
+            if after.start_block != before.end_block:
+                return f"hops must be contiguous, got [{before.start_block}, {before.end_block}) then " \
+                       f"[{after.start_block}, {after.end_block})"
+        return None
+
+    def to_wire(self, value: tuple[PushTarget, ...]) -> Any:
+        return [_fields_to_wire(t) for t in value]
+
+    def from_wire(self, raw: Any) -> Any:
+        # Structure problems raise here (the constructor cannot see a list of non-maps).
+        if not isinstance(raw, (list, tuple)):
+            raise MalformedMessage(f"push must be a list of maps, got {_type_name(raw)}")
+        targets = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise MalformedMessage(f"push entries must be maps, got {_type_name(item)}")
+            targets.append(PushTarget(**_fields_from_wire(PushTarget, item, MalformedMessage)))
+        return tuple(targets)
 
 
 _ID = _Bytes(ID_SIZE, ID_SIZE)
@@ -316,10 +353,37 @@ class SessionOpened(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PushTarget(_Message):
+    """The next hop a daemon forwards a step's output to (an entry of `InferenceStep.push`).
+
+    Not a message of its own (no tag): a nested record. `peer_id` is the next daemon's peer id
+    (bytes), `addr` a multiaddr it can be dialled at (ending in /p2p/<that peer id>; the daemon
+    checks they agree), `session_id` the session the client opened there, [start_block, end_block)
+    that session's blocks, `step` the step number the client expects that hop to answer.
+    """
+
+    peer_id: bytes = _f(_Bytes(1, MAX_PEER_ID_SIZE))
+    addr: str = _f(_Text(MAX_PUSH_ADDR_LENGTH))
+    session_id: bytes = _f(_ID)
+    start_block: int = _f(_UInt())
+    end_block: int = _f(_UInt())
+    step: int = _f(_UInt())
+
+    def _check(self) -> None:
+        _check_span(self, self.start_block, self.end_block)
+        self._require(self.addr.startswith("/"), f"addr must be a multiaddr, got {self.addr[:40]!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class InferenceStep(_Message):
     """One step: `position` = tokens already in the cache it builds on (smaller rolls back).
 
     `hypo_ids` (1-D integer tensor, optional) reorders the batch's cache rows first (beam search).
+
+    `push` (optional): daemon-to-daemon forwarding. The daemon answers the client as usual, and
+    also sends `InferenceStep(push[0].session_id, push[0].step, position, <its output>, hypo_ids,
+    push[1:])` to the daemon `push[0]` names, whose answer goes to the client on the client's own
+    stream with that daemon. `push[0].start_block` must equal the end of this session's blocks.
     """
 
     TAG: ClassVar[str] = "step"
@@ -328,6 +392,7 @@ class InferenceStep(_Message):
     position: int = _f(_UInt())
     hidden: TensorPayload = _f(_Tensor())
     hypo_ids: TensorPayload | None = _opt(_Tensor())
+    push: tuple[PushTarget, ...] | None = _opt(_PushList())
 
     def _check(self) -> None:
         if self.hypo_ids is not None:

@@ -49,6 +49,18 @@ def hypo_ids() -> TensorPayload:
     return TensorPayload("int64", (2,), struct.pack("<2q", 1, 0))
 
 
+def push_targets() -> tuple:
+    """Two contiguous next hops (blocks 5:7 and 7:8) for InferenceStep.push."""
+    from petals_protocol.messages import PushTarget
+
+    peers = [peer_id_from_private_key(private_key_from_seed(bytes([s]) * 32)) for s in (10, 11)]
+    return tuple(
+        PushTarget(peer, f"/ip4/127.0.0.1/tcp/{4001 + i}/p2p/{peer_id_to_text(peer)}", bytes([i + 1]) * 16,
+                   start, end, step=3 + i)
+        for i, (peer, (start, end)) in enumerate(zip(peers, [(5, 7), (7, 8)]))
+    )
+
+
 def sample_messages() -> list[Message]:
     """One instance of every message type, plus the optional-field variants."""
     peer_id = peer_id_from_private_key(private_key_from_seed(SEED))
@@ -76,6 +88,7 @@ def sample_messages() -> list[Message]:
         SessionOpened(SESSION_ID, 256),
         InferenceStep(SESSION_ID, step=0, position=0, hidden=hidden()),
         InferenceStep(SESSION_ID, step=7, position=12, hidden=hidden(2, 1, 4, "float16"), hypo_ids=hypo_ids()),
+        InferenceStep(SESSION_ID, step=2, position=5, hidden=hidden(), push=push_targets()),
         StepResult(SESSION_ID, 7, 12, hidden(), SIGNATURE),
         CloseSession(SESSION_ID),
         ForwardRequest(REQUEST_ID, FINGERPRINT, 0, 8, hidden()),

@@ -52,6 +52,7 @@ def test_wire_layout_is_a_tagged_map_with_explicit_optionals() -> None:
         "position": 2,
         "hidden": hidden().to_wire(),
         "hypo_ids": None,
+        "push": None,
     }
 
 
@@ -188,3 +189,70 @@ def test_signature_length_is_checked() -> None:
     result = next(m for m in sample_messages() if type(m).__name__ == "StepResult")
     with pytest.raises(MalformedMessage, match="64 bytes"):
         decode_message(mutate(result, signature=SIGNATURE[:63]))
+
+
+# ------------------------------------------------------------------------ InferenceStep.push
+
+def _pushed_step() -> InferenceStep:
+    from protocol_samples import push_targets
+
+    return InferenceStep(SESSION_ID, step=2, position=5, hidden=hidden(), push=push_targets())
+
+
+def test_push_wire_layout_is_a_list_of_maps() -> None:
+    step = _pushed_step()
+    wire = msgpack.unpackb(encode_message(step))
+    assert [sorted(entry) for entry in wire["push"]] == [
+        ["addr", "end_block", "peer_id", "session_id", "start_block", "step"]
+    ] * 2
+    assert wire["push"][0]["session_id"] == step.push[0].session_id  # type: ignore[index]
+    assert decode_message(encode_message(step)) == step
+
+
+def _push_entry(msg: InferenceStep, index: int, changes: dict[str, object]) -> list[dict[str, object]]:
+    entries = msgpack.unpackb(encode_message(msg))["push"]
+    entries[index].update(changes)
+    return entries
+
+
+@pytest.mark.parametrize(
+    "index, changes, match",
+    [
+        (0, {"session_id": SESSION_ID[:15]}, "16 bytes"),
+        (0, {"peer_id": b""}, "peer_id"),
+        (0, {"addr": "ip4/127.0.0.1"}, "multiaddr"),
+        (0, {"addr": "/" + "a" * 300}, "at most 256"),
+        (0, {"end_block": 5}, "span"),
+        (1, {"start_block": 6}, "contiguous"),
+        (1, {"step": -1}, "range|\\[0"),
+        (0, {"extra": 1}, "unexpected fields"),
+    ],
+)
+def test_push_entries_are_validated(index: int, changes: dict[str, object], match: str) -> None:
+    step = _pushed_step()
+    with pytest.raises(MalformedMessage, match=match):
+        decode_message(mutate(step, push=_push_entry(step, index, changes)))
+
+
+@pytest.mark.parametrize("bad", [[], "x", 7, [1, 2], {"addr": "/x"}, [None]])
+def test_push_must_be_a_non_empty_list_of_maps_or_nil(bad: object) -> None:
+    with pytest.raises(MalformedMessage, match="push"):
+        decode_message(mutate(_pushed_step(), push=bad))
+
+
+def test_push_is_bounded_in_length() -> None:
+    step = _pushed_step()
+    first = msgpack.unpackb(encode_message(step))["push"][0]
+    chain = [dict(first, start_block=i, end_block=i + 1) for i in range(40)]
+    with pytest.raises(MalformedMessage, match="1..32"):
+        decode_message(mutate(step, push=chain))
+    assert len(decode_message(mutate(step, push=chain[:32])).push) == 32  # type: ignore[union-attr, arg-type]
+
+
+def test_push_built_locally_is_checked_too() -> None:
+    targets = _pushed_step().push
+    assert targets is not None
+    with pytest.raises(MalformedMessage, match="contiguous"):
+        InferenceStep(SESSION_ID, 0, 0, hidden(), push=(targets[1], targets[0]))
+    with pytest.raises(MalformedMessage, match="tuple"):
+        InferenceStep(SESSION_ID, 0, 0, hidden(), push=list(targets))  # type: ignore[arg-type]
