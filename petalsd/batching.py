@@ -1,0 +1,228 @@
+"""Continuous batching: decode steps of concurrent sessions run as one forward in the worker.
+
+Without it, 8 sessions stepping at once cost 8 separate [1, 1, H] forwards per token: every linear
+layer's weights are read from memory 8 times. The batcher queues each decode step and lets the
+first worker job that starts take every queued step (up to ``max_rows`` sequences) and run them as
+one batched forward (``petals_protocol.models.batched``). Steps therefore gather for as long as the
+worker is busy with something else, plus, when other sessions were active in the last
+``recent_s`` seconds, a short ``window_s`` wait for them (a lone session never waits).
+
+How it fits on the FIFO ``ComputeWorker``: every step still submits one job of its own, so queued
+steps always have a job that will take them; a job whose step was already taken by an earlier
+batch returns at once. The queue is shared with worker threads, hence a ``threading.Lock``.
+
+Cancellation: a step cancelled while still queued is removed and its cache is untouched; a step
+cancelled once a batch has taken it behaves like a cancelled per-session step (the compute finishes,
+the cache advances, the result is dropped), and the other sessions of that batch get their results.
+
+Parity: batched linear layers round differently from per-session ones on CPU (see
+``petals_protocol.models.batched``), so batching is off by default (``BatchingConfig.enabled``).
+When off, or for prefill, beam reorders of non-Llama families, or a lone step, a step goes through
+``Span.forward`` exactly as before.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from petals_protocol.models.batched import DecodeItem, batched_decode, can_batch, check_item
+from petals_protocol.models.span import SpanCache, SpanUsageError
+
+from .compute import ComputeWorker
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How the daemon batches decode steps (``--batching on|off``; off by default, see module doc)."""
+
+    enabled: bool = False
+    max_rows: int = 8  # sequences in one batched forward
+    window_s: float = 0.003  # how long a step waits for other recently active sessions
+    recent_s: float = 1.0  # a session that stepped this recently is expected to step again
+
+
+def prepare_cache(cache: SpanCache, position: int | None, hypo_ids: torch.Tensor | None) -> None:
+    """Roll the cache back to ``position`` and apply a beam reorder, as a session step requires."""
+    if position is not None and position < cache.length:
+        cache.crop(position)
+    if hypo_ids is not None:
+        cache.reorder(hypo_ids)
+
+
+def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor, start: int | None, end: int | None,
+                    position: int | None, hypo_ids: torch.Tensor | None) -> torch.Tensor:
+    """The per-session path (worker thread): one session's step through ``Span.forward``."""
+    prepare_cache(cache, position, hypo_ids)
+    return span.forward(hidden, cache, start, end)
+
+
+@dataclass(eq=False)
+class _Step:
+    """One queued decode step and, once a batch ran it, its outcome."""
+
+    cache: SpanCache
+    hidden: torch.Tensor
+    start: int | None
+    end: int | None
+    position: int | None
+    hypo_ids: torch.Tensor | None
+    done: trio.Event = field(default_factory=trio.Event)
+    taken: bool = False
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+class Batcher:
+    """Runs session steps on ``worker``, merging concurrent decode steps when ``config.enabled``.
+
+    ``await batcher.step(cache, hidden, start, end, position=..., hypo_ids=...)`` replaces
+    ``await worker.run(_run_step, ...)``: same result, same errors (``SpanUsageError``), same
+    semantics for ``position`` (roll back) and ``hypo_ids`` (reorder).
+    """
+
+    def __init__(self, worker: ComputeWorker, span: Any, config: BatchingConfig | None = None) -> None:
+        self.worker = worker
+        self.span = span
+        self.config = config or BatchingConfig()
+        self._lock = threading.Lock()  # guards _pending and _Step.taken (worker threads take steps)
+        self._pending: list[_Step] = []
+        self._arrived = trio.Event()
+        self._recent: weakref.WeakKeyDictionary[SpanCache, float] = weakref.WeakKeyDictionary()
+        self.batches = 0  # batched forwards run (more than one step)
+        self.batched_steps = 0  # steps that ran inside one of them
+
+    async def step(self, cache: SpanCache, hidden: torch.Tensor, start: int | None = None, end: int | None = None,
+                   *, position: int | None = None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step of the session owning ``cache``; return its output hidden states."""
+        tokens = int(hidden.shape[0] * hidden.shape[1])
+        if not self.config.enabled or not can_batch(self.span, hidden, cache):
+            return await self.worker.run(run_single_step, self.span, cache, hidden, start, end, position, hypo_ids,
+                                         tokens=tokens)
+        step = _Step(cache, hidden, start, end, position, hypo_ids)
+        self._enqueue(step)
+        try:
+            await self._gather_window()
+            batch = await self.worker.run(self._take_and_run, step)
+            self._deliver(batch)
+            await step.done.wait()
+        except BaseException:
+            with self._lock:
+                if not step.taken:
+                    self._pending.remove(step)
+            raise
+        if step.error is not None:
+            raise step.error
+        assert step.result is not None
+        return step.result
+
+    # ---------------------------------------------------------------------------- trio side
+
+    def _enqueue(self, step: _Step) -> None:
+        now = time.monotonic()
+        self._recent[step.cache] = now
+        with self._lock:
+            self._pending.append(step)
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    def _expected(self) -> int:
+        """Sessions that stepped within ``recent_s``: how many steps are worth waiting for."""
+        horizon = time.monotonic() - self.config.recent_s
+        return sum(1 for seen in list(self._recent.values()) if seen >= horizon)
+
+    async def _gather_window(self) -> None:
+        want = min(self.config.max_rows, self._expected())
+        if want <= 1 or self.config.window_s <= 0:
+            return
+        with trio.move_on_after(self.config.window_s):
+            while len(self._pending) < want:
+                await self._arrived.wait()
+
+    def _deliver(self, batch: Sequence[_Step]) -> None:
+        """Wake the steps a job ran (no checkpoint between the job's return and here)."""
+        for step in batch:
+            step.done.set()
+        if len(batch) > 1:
+            self.batches += 1
+            self.batched_steps += len(batch)
+        self.worker.stats.tokens += sum(step.rows for step in batch)
+
+    # -------------------------------------------------------------------------- worker side
+
+    def _take(self) -> list[_Step]:
+        """Queued steps in arrival order, up to ``max_rows`` sequences, one step per session."""
+        batch: list[_Step] = []
+        caches: set[int] = set()
+        rows = 0
+        with self._lock:
+            for step in list(self._pending):
+                if id(step.cache) in caches:
+                    continue
+                if batch and rows + step.rows > self.config.max_rows:
+                    break
+                batch.append(step)
+                caches.add(id(step.cache))
+                rows += step.rows
+                step.taken = True
+                self._pending.remove(step)
+        return batch
+
+    def _take_and_run(self, own: _Step) -> list[_Step]:
+        """Worker thread: unless a previous batch already ran ``own``, run everything queued."""
+        with self._lock:
+            if own.taken:
+                return []
+        batch = self._take()
+        try:
+            self._run(batch)
+        except BaseException as exc:  # never leave a taken step without an outcome
+            for step in batch:
+                if step.result is None and step.error is None:
+                    step.error = exc
+            raise
+        return batch
+
+    def _run(self, batch: Sequence[_Step]) -> None:
+        """Prepare each cache, then one forward per group of steps over the same blocks."""
+        groups: dict[tuple[int, int], list[_Step]] = {}
+        for step in batch:
+            try:
+                prepare_cache(step.cache, step.position, step.hypo_ids)
+                self._check_range(step)
+                step.hidden = check_item(self.span, DecodeItem(step.hidden, step.cache))
+            except Exception as exc:  # a bad step fails alone; its error goes to its caller
+                step.error = exc
+                continue
+            groups.setdefault((step.cache.start, step.cache.end), []).append(step)
+        for group in groups.values():
+            try:
+                if len(group) == 1:  # a lone step takes the exact per-session path
+                    (step,) = group
+                    step.result = self.span.forward(step.hidden, step.cache, step.cache.start, step.cache.end)
+                else:
+                    outputs = batched_decode(self.span, [DecodeItem(s.hidden, s.cache) for s in group])
+                    for step, out in zip(group, outputs, strict=True):
+                        step.result = out
+            except Exception as exc:  # routed to every caller of the group, raised there
+                for step in group:
+                    step.error = exc
+
+    @staticmethod
+    def _check_range(step: _Step) -> None:
+        """The blocks asked for must be the cache's (``Span.forward`` checks the same)."""
+        start = step.cache.start if step.start is None else step.start
+        end = step.cache.end if step.end is None else step.end
+        if (start, end) != (step.cache.start, step.cache.end):
+            raise SpanUsageError(f"cache is for blocks [{step.cache.start}, {step.cache.end}), "
+                                 f"not [{start}, {end})")
