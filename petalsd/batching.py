@@ -99,7 +99,7 @@ class Batcher:
         self._pending: list[_Step] = []
         self._arrived = trio.Event()
         self._recent: weakref.WeakKeyDictionary[SpanCache, float] = weakref.WeakKeyDictionary()
-        self.batches = 0  # batched forwards run (more than one step)
+        self.batches = 0  # batched forwards run (two steps or more)
         self.batched_steps = 0  # steps that ran inside one of them
 
     async def step(self, cache: SpanCache, hidden: torch.Tensor, start: int | None = None, end: int | None = None,
@@ -153,9 +153,6 @@ class Batcher:
         """Wake the steps a job ran (no checkpoint between the job's return and here)."""
         for step in batch:
             step.done.set()
-        if len(batch) > 1:
-            self.batches += 1
-            self.batched_steps += len(batch)
         self.worker.stats.tokens += sum(step.rows for step in batch)
 
     # -------------------------------------------------------------------------- worker side
@@ -212,6 +209,8 @@ class Batcher:
                     step.result = self.span.forward(step.hidden, step.cache, step.cache.start, step.cache.end)
                 else:
                     outputs = batched_decode(self.span, [DecodeItem(s.hidden, s.cache) for s in group])
+                    self.batches += 1  # only the worker thread (capacity 1) writes these
+                    self.batched_steps += len(group)
                     for step, out in zip(group, outputs, strict=True):
                         step.result = out
             except Exception as exc:  # routed to every caller of the group, raised there
