@@ -70,7 +70,10 @@ def run_demo(model: Path = DEFAULT_MODEL, *, prompt: str = DEFAULT_PROMPT, daemo
     print(f"petals demo: starting {len(spans)} daemons on 127.0.0.1 serving {model.name} "
           f"({num_blocks} blocks)", flush=True)
     begin = time.perf_counter()
-    with LocalSwarm(model, echo=echo_logs) as swarm:
+    # One torch thread per daemon: several processes share this machine's cores, and a multi-threaded
+    # OpenMP region stalls whenever one of its threads loses its core (BENCHMARKS.md, "Thread setting").
+    torch.set_num_threads(1)
+    with LocalSwarm(model, echo=echo_logs, extra_args=["--num-threads", "1"]) as swarm:
         first = swarm.start(spans[0], initial_peers=[])  # the bootstrap peer; the rest join it at once
         for blocks in spans[1:]:
             swarm.start(blocks, initial_peers=first.addrs, wait=False)
