@@ -183,6 +183,9 @@ def quiet_libp2p_logs(level: int = logging.WARNING, *, dht_level: int = logging.
     logging.getLogger("libp2p.kad_dht").setLevel(max(level, dht_level))
     # The auto-connector sets its own INFO level and reports its (disabled) dial plans every tick.
     logging.getLogger("libp2p.network.auto_connector").setLevel(max(level, logging.WARNING))
+    # A failed dial (a peer that left; the DHT still knows its address) is logged as ERROR by the
+    # TCP transport on every attempt; callers get a DialError with the reason, so this is noise.
+    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(max(level, logging.CRITICAL))
 
 
 @asynccontextmanager
