@@ -32,12 +32,18 @@ def ensure_venv() -> None:
     if not _bin("python").exists():
         print("tasks: creating .venv", file=sys.stderr, flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    print("tasks: installing petalsd and its dependencies into .venv", file=sys.stderr, flush=True)
-    subprocess.run(
-        [str(_bin("python")), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-e", f"{ROOT}[test]"],
-        check=True,
-    )
+    log = VENV / "pip-install.log"
+    print(f"tasks: installing petalsd and its dependencies into .venv (log: {log})", file=sys.stderr, flush=True)
+    with open(log, "w") as out:
+        result = subprocess.run(
+            [str(_bin("python")), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             "-e", f"{ROOT}[test]"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    if result.returncode != 0:
+        tail = log.read_text().splitlines()[-30:]
+        print("\n".join(tail), file=sys.stderr)
+        sys.exit(f"tasks: pip install failed (exit {result.returncode}); full log in {log}")
     STAMP.write_text(digest)
 
 
