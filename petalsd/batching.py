@@ -183,11 +183,10 @@ class Batcher:
         batch = self._take()
         try:
             self._run(batch)
-        except BaseException as exc:  # never leave a taken step without an outcome
+        except Exception as exc:  # every taken step needs an outcome, or its caller waits forever
             for step in batch:
                 if step.result is None and step.error is None:
                     step.error = exc
-            raise
         return batch
 
     def _run(self, batch: Sequence[_Step]) -> None:
