@@ -45,7 +45,7 @@ class RemoteInferenceSession:
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int) -> None:
         self.model = model
         self._session = InferenceSession(model.swarm, 0, model.num_blocks, max_length=max_length,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, push=model.push)
         model.runtime.call(self._session.open)
         # Tokens whose hidden states every daemon has cached, and tokens seen or generated so far
         # (the last generated token is not fed until the next step needs it, as in transformers).
@@ -96,6 +96,7 @@ class DistributedModelForCausalLM:
         self.generation_config = generation_config
         self.num_blocks = client_part.num_blocks
         self.layers = RemoteSequential(runtime, swarm, 0, self.num_blocks)
+        self.push = True  # daemon-to-daemon forwarding in inference sessions (from_pretrained's `push`)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -111,10 +112,13 @@ class DistributedModelForCausalLM:
         step_timeout: float = 30.0,
         max_retries: int = 5,
         use_dht: bool = True,
+        push: bool = True,
     ) -> DistributedModelForCausalLM:
         """Load the client's part of the local checkpoint at `path` and find daemons for the rest.
 
         `dtype` must match what the daemons compute in (default: the dtype they announce).
+        `push`: daemons forward each step's output to the next daemon themselves (fewer network
+        legs per token; client/session.py); False makes the client drive every hop.
         """
         path = Path(path)
         if not initial_peers:
@@ -159,7 +163,9 @@ class DistributedModelForCausalLM:
         gen_config = None
         if (path / "generation_config.json").exists():
             gen_config = GenerationConfig.from_pretrained(path)
-        return cls(path, client_part, runtime, swarm, gen_config)
+        model = cls(path, client_part, runtime, swarm, gen_config)
+        model.push = push
+        return model
 
     def close(self) -> None:
         self.runtime.close()

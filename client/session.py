@@ -12,6 +12,25 @@ to it in their original chunking: the replacement then holds a bit-identical cac
 a different number of tokens may round differently, so we do not merge chunks), and the step
 that failed is retried. The user sees a log line and a delay, never a different token.
 
+Daemon-to-daemon forwarding (`push`, on by default): the client sends a step to the first hop
+only, naming the next hops (peer, address, session id, blocks, step number) in the step's `push`
+field; each daemon answers the client and also sends its output straight to the next one, so the
+critical path is client -> d1 -> d2 -> d3 -> client (4 network legs for 3 hops, not 6). The
+client still receives every hop's signed result, each on its own stream, and checks the chain: a
+hop's result must be signed over an input equal to the previous hop's signed output (the binding
+holds the input digest), so it keeps exactly the inputs it would have sent and replay works as
+before. When a pushed hop fails, the steps of the hops before it stand and the client takes over
+from that hop:
+- its stream closed or no result within `step_timeout`: that hop failed, exactly as if the client
+  had sent the step itself (recovery below). After such a timeout push is turned off for the rest
+  of the session: a missing result may also mean the previous daemon could not reach this one (or
+  withheld the push), and one ban per session is the most that may cost an innocent daemon.
+- an error reply or a result that does not verify: the input may have come wrong from the
+  previous daemon, so nobody is blamed yet; the client resends the step to that hop itself, and
+  only a failure of that direct step counts against the hop.
+Results left over from such a resend (a later hop answering a push that the client no longer
+waits for) are recognised by their old step number and dropped.
+
 Idle closes are not failures: daemons close connections idle for `idle_connection_timeout` and
 sessions idle for `session_idle_timeout`, freeing the cache. A hop that breaks after being quiet
 for `IDLE_RESUME_AFTER` seconds is first re-opened on the *same* daemon (no ban) and replayed;
@@ -36,10 +55,12 @@ import trio
 
 from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError, RemoteError
 from petals_protocol.messages import (
+    MAX_PUSH_HOPS,
     CloseSession,
     ErrorReply,
     InferenceStep,
     OpenSession,
+    PushTarget,
     SessionOpened,
     StepResult,
 )
@@ -108,6 +129,7 @@ class _HopState:
     hop: Hop
     channel: Channel
     session_id: bytes
+    peer: bytes  # the daemon's peer id (what its signatures verify against)
     # Inputs this hop has consumed, in the chunks they were sent: replayed to a replacement.
     chunks: list[torch.Tensor] = field(default_factory=list)
     position: int = 0
@@ -119,13 +141,15 @@ class _HopState:
 
 
 def _check_step_reply(reply: object, state: _HopState, sent: InferenceStep, fingerprint: str) -> TensorPayload:
+    """The verified output of `state`'s hop for `sent` (the step it was sent, or for a pushed hop
+    the step the previous daemon should have sent it: its signed output as input)."""
     if isinstance(reply, ErrorReply):
         raise reply.to_exception(state.hop.server.peer_id)
     if not isinstance(reply, StepResult) or reply.session_id != state.session_id or reply.step != sent.step:
         raise ProtocolError(ErrorCode.MALFORMED, f"unexpected reply to step {sent.step}: {type(reply).__name__}")
     binding = inference_binding(sent, start_block=state.hop.start, end_block=state.hop.end,
                                 model_fingerprint=fingerprint, output=reply.hidden)
-    verify_response(peer_id_from_text(state.hop.server.peer_id), binding, reply.signature)
+    verify_response(state.peer, binding, reply.signature)
     if reply.hidden.shape != sent.hidden.shape or reply.hidden.dtype != sent.hidden.dtype:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"reply shape {reply.hidden.shape} != sent {sent.hidden.shape}")
     return reply.hidden
@@ -141,8 +165,10 @@ def _looks_like_idle_close(exc: BaseException) -> bool:
 class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
-    def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1) -> None:
+    def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1,
+                 push: bool = True) -> None:
         self.swarm = swarm
+        self.push = push  # daemon-to-daemon forwarding (see the module docstring)
         self.start, self.end = start, end
         self.max_length = max_length
         self.batch_size = batch_size
@@ -193,7 +219,7 @@ class InferenceSession:
         if not isinstance(reply, SessionOpened) or reply.session_id != session_id:
             await channel.aclose()
             raise ProtocolError(ErrorCode.MALFORMED, f"unexpected reply to open: {type(reply).__name__}")
-        return _HopState(hop=hop, channel=channel, session_id=session_id)
+        return _HopState(hop=hop, channel=channel, session_id=session_id, peer=peer_id_from_text(hop.server.peer_id))
 
     async def _close_hop(self, state: _HopState) -> None:
         with trio.move_on_after(1.0):
@@ -204,19 +230,47 @@ class InferenceSession:
             await state.channel.aclose()
 
     async def _send_step(self, state: _HopState, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """One hop driven by the client (replays): send, await the result, verify, count the step."""
         sent = InferenceStep(session_id=state.session_id, step=state.step, position=position,
                              hidden=from_torch(hidden), hypo_ids=None)
         state.last_sent = time.monotonic()
         with trio.fail_after(self.swarm.step_timeout):
             await state.channel.send(sent)
-            reply = await state.channel.receive()
-        out = _check_step_reply(reply, state, sent, self.swarm.model_fingerprint)
+        out = await self._receive_result(state, sent)
         state.step += 1
-        state.last_active = time.monotonic()
         return to_torch(out)
+
+    async def _receive_result(self, state: _HopState, expected: InferenceStep) -> TensorPayload:
+        """`state`'s verified result for `expected`, within step_timeout. Results of earlier steps
+        (answers to pushes the client stopped waiting for) are dropped."""
+        with trio.fail_after(self.swarm.step_timeout):
+            while True:
+                reply = await state.channel.receive()
+                if isinstance(reply, StepResult) and reply.session_id == state.session_id \
+                        and reply.step < expected.step:
+                    log.debug("dropped a stale result of step %d from %s", reply.step, state.hop.server.name)
+                    continue
+                break
+        out = _check_step_reply(reply, state, expected, self.swarm.model_fingerprint)
+        state.last_active = time.monotonic()
+        return out
+
+    def _push_targets(self, index: int) -> list[_HopState]:
+        """The hops after `index` that hop `index` may push to: consecutive ones with a dialable
+        address, on another daemon than the one before (a daemon does not push to itself)."""
+        if not self.push:
+            return []
+        targets: list[_HopState] = []
+        for before, state in zip(self.hops[index:], self.hops[index + 1:index + 1 + MAX_PUSH_HOPS]):
+            if not state.hop.server.addrs or state.hop.server.peer_id == before.hop.server.peer_id:
+                break
+            targets.append(state)
+        return targets
 
     def _rollback(self, state: _HopState, position: int) -> None:
         """Trim the remembered chunks to `position` tokens (the daemon crops its cache likewise)."""
+        if position == state.position:
+            return  # the usual decode step: nothing to trim (and no walk over every chunk)
         kept: list[torch.Tensor] = []
         total = 0
         for chunk in state.chunks:
@@ -227,6 +281,13 @@ class InferenceSession:
             total += take
         state.chunks = kept
         state.position = position
+
+    def _commit(self, state: _HopState, hidden: torch.Tensor, position: int) -> None:
+        """A hop consumed `hidden` at `position`: remember it for replay."""
+        self._rollback(state, position)
+        state.chunks.append(hidden)
+        state.position = position + hidden.shape[1]
+        state.step += 1
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run `hidden` [B, T, H] through every hop, continuing after `position` tokens
@@ -242,22 +303,51 @@ class InferenceSession:
         index = 0
         failures = 0
         while index < len(self.hops):
-            state = self.hops[index]
+            first = self.hops[index]
+            pushed = self._push_targets(index)
+            payload = from_torch(hidden)
+            expected = InferenceStep(
+                session_id=first.session_id, step=first.step, position=position, hidden=payload, hypo_ids=None,
+                push=tuple(PushTarget(peer_id=s.peer, addr=s.hop.server.addrs[0], session_id=s.session_id,
+                                      start_block=s.hop.start, end_block=s.hop.end, step=s.step)
+                           for s in pushed) or None,
+            )
+            now = time.monotonic()
+            for state in (first, *pushed):
+                state.last_sent = now
+            done = 0  # hops of this round whose results are verified and committed
             try:
-                out = await self._send_step(state, hidden, position)
+                with trio.fail_after(self.swarm.step_timeout):
+                    await first.channel.send(expected)
+                for state in (first, *pushed):
+                    if done:  # a pushed hop: its input is the previous hop's verified output
+                        expected = InferenceStep(session_id=state.session_id, step=state.step, position=position,
+                                                 hidden=payload, hypo_ids=None)
+                    payload = await self._receive_result(state, expected)
+                    self._commit(state, hidden, position)
+                    hidden = to_torch(payload)
+                    done += 1
             except RETRYABLE_ERRORS as exc:
+                failed = index + done
                 failures += 1
+                state = self.hops[failed]
                 if failures > self.swarm.max_retries:
                     raise SessionFailed((state.hop.start, state.hop.end),
                                         f"blocks {state.hop.start}:{state.hop.end}: the step failed {failures} "
                                         f"times in a row (last: {exc})") from exc
-                await self._recover(index, exc, position)
+                index = failed
+                if done and isinstance(exc, (RemoteError, ProtocolError)) and not isinstance(exc, StreamClosed):
+                    # Maybe the previous daemon pushed a wrong input: resend to this hop ourselves.
+                    log.info("pushed step to %s for blocks %d:%d failed (%s); sending it directly",
+                             state.hop.server.name, state.hop.start, state.hop.end, exc)
+                    continue
+                if done and isinstance(exc, trio.TooSlowError) and self.push:
+                    log.warning("no result from %s for blocks %d:%d on a pushed step; push is off for the rest "
+                                "of this session", state.hop.server.name, state.hop.start, state.hop.end)
+                    self.push = False
+                await self._recover(failed, exc, position)
                 continue  # retry the same hop index: now a replacement (possibly several hops)
-            self._rollback(state, position)
-            state.chunks.append(hidden)
-            state.position = position + hidden.shape[1]
-            hidden = out
-            index += 1
+            index += done
         self.position = position + hidden.shape[1]
         return hidden
 

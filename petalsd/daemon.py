@@ -48,6 +48,7 @@ from .announce import Announcer
 from .compute import ComputeWorker
 from .config import DaemonConfig
 from .idle import IdleConnections
+from .forwarding import Forwarder
 from .handlers import Limits, ServingContext, serve_inference, serve_info, serve_stateless
 from .notify import Notifier
 from .placement import choose_span, default_num_blocks, should_move
@@ -370,11 +371,14 @@ class Daemon:
             blocks = self.blocks or await self._place(dht)
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
             self.ctx = self._context(span, throughput)
+            self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info))
             host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference))
             host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless))
-            await nursery.start(IdleConnections(host, sessions=lambda: self.ctx.sessions,
+            # Push links carry steps without new streams: they count as activity like sessions do.
+            await nursery.start(IdleConnections(host,
+                                                sessions=lambda: [*self.ctx.sessions, *self.ctx.link_activity()],
                                                 timeout=lambda: self.config.idle_connection_timeout).run)
             if self.config.control_socket is not None:
                 from .control import serve_control

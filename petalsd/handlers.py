@@ -5,10 +5,27 @@ by petals_protocol.p2p.streams) and never lets one client's mistake escape its o
 input gets an `ErrorReply` with a typed code and the stream goes on (or is closed cleanly when
 nothing sensible can follow); the daemon keeps serving everyone else.
 
-Inference: one stream is one session. The first message opens it (KV-cache room reserved up
-front, or "busy"), then each `InferenceStep` runs the span on the session's cache in the compute
-thread and comes back signed. The session ends with `CloseSession`, a closed stream, or after
-`session_idle_timeout` seconds without a message; every exit path returns its cache budget.
+Inference: a client's stream is one session. The first message opens it (KV-cache room reserved
+up front, or "busy"), then each `InferenceStep` runs the span on the session's cache in the compute
+thread (which also signs the result) and comes back signed. The session ends with `CloseSession`,
+a closed stream, or after `session_idle_timeout` seconds without a step; every exit path returns
+its cache budget.
+
+Daemon-to-daemon forwarding (petalsd/forwarding.py): a step with `push` is also sent on to the
+next daemon. An inference stream whose first message is an `InferenceStep` (not `OpenSession`) is
+such a *push stream* from a previous daemon: each step on it must name a session open here, runs
+exactly like a step from the client, and its result (or error) is sent on the *client's* stream
+of that session, the session's owner. A push stream can only run steps: it cannot open or close
+sessions, and nothing it causes is answered to it except "unknown session" or a bad message.
+
+Why accepting steps from another peer is safe: the session id is 16 random bytes the client chose
+and sent only over Noise-encrypted streams, to this daemon and to the daemons before it in the
+chain of that step; it is a capability, as unguessable as a key. Those earlier daemons could
+already give the client wrong activations for their own blocks, so letting them feed ours adds no
+power over the result. What it could change is *blame*, and the client guards that: it verifies
+every hop's signature over its input digest and checks that each hop's input is exactly the
+previous hop's signed output (a daemon that pushes something else than it reported breaks the
+chain and is caught), and it treats any result it did not ask for as an error.
 """
 from __future__ import annotations
 
@@ -44,7 +61,10 @@ from petals_protocol.signing import (
 )
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
+from petals_protocol.p2p.streams import StreamClosed
+
 from .compute import ComputeWorker
+from .forwarding import Forwarder, LinkActivity, PushRefused
 from .sessions import Session, SessionRefused, SessionTable
 
 log = logging.getLogger("petalsd.handlers")
@@ -85,6 +105,19 @@ class ServingContext:
     state: str = "online"
     throughput: float = 1.0
     stats: dict[str, int] = field(default_factory=lambda: {"steps": 0, "forward": 0, "backward": 0, "errors": 0})
+    # Daemon-to-daemon forwarding: None means steps with `push` are computed and answered but not
+    # forwarded (the client then drives the next hops itself after its step timeout).
+    forwarder: Forwarder | None = None
+    # Open sessions by id, with the client stream that owns each (where pushed steps are answered).
+    owners: dict[bytes, _Owned] = field(default_factory=dict)
+    # Steps received on push streams, by the pushing peer (connection activity for the sweeper).
+    push_streams: dict[str, LinkActivity] = field(default_factory=dict)
+
+    def link_activity(self) -> list[LinkActivity]:
+        """Push traffic in both directions, shaped like sessions (peer, steps), so that the idle
+        connection sweeper does not close a connection that only carries pushes."""
+        outbound = self.forwarder.activity() if self.forwarder is not None else []
+        return [*outbound, *self.push_streams.values()]
 
     @property
     def dtype_name(self) -> str:
@@ -104,6 +137,16 @@ class ServingContext:
             active_sessions=len(self.sessions), cache_tokens_free=self.cache_tokens_free(),
             throughput=self.throughput, public_name=self.public_name,
         )
+
+
+@dataclass
+class _Owned:
+    """A session and the client stream it was opened on. `lock` serialises its steps, which may
+    arrive on that stream and on push streams at once."""
+
+    session: Session
+    channel: Channel
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 def _refuse(code: ErrorCode, message: str) -> SessionRefused:
@@ -174,14 +217,19 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
     return session
 
 
-def _run_step(span: Any, session: Session, hidden: torch.Tensor, position: int,
-              hypo_ids: torch.Tensor | None) -> torch.Tensor:
+def _run_step(span: Any, session: Session, hidden: torch.Tensor, msg: InferenceStep,
+              hypo_ids: torch.Tensor | None, fingerprint: str, signer: Any) -> tuple[TensorPayload, bytes]:
+    """The compute job of one step: run the span on the session's cache, then encode and sign the
+    output here too (one trip through the trio loop less per step than signing on it)."""
     cache = session.cache
-    if position < cache.length:
-        cache.crop(position)
+    if msg.position < cache.length:
+        cache.crop(msg.position)
     if hypo_ids is not None:
         cache.reorder(hypo_ids)
-    return span.forward(hidden, cache, session.start, session.end)
+    payload = from_torch(span.forward(hidden, cache, session.start, session.end))
+    binding = inference_binding(msg, start_block=session.start, end_block=session.end,
+                                model_fingerprint=fingerprint, output=payload)
+    return payload, sign_response(signer, binding)
 
 
 async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> StepResult:
@@ -195,24 +243,58 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> St
     if msg.position + hidden.shape[1] > session.max_length:
         raise _refuse(ErrorCode.TOO_LONG, f"{msg.position} + {hidden.shape[1]} tokens exceeds the session's "
                                           f"max_length {session.max_length}")
+    if msg.push is not None and msg.push[0].start_block != session.end:
+        raise _refuse(ErrorCode.BAD_REQUEST, f"push starts at block {msg.push[0].start_block}, but this "
+                                             f"session's blocks end at {session.end}")
     hypo_ids = None
     if msg.hypo_ids is not None:
         hypo_ids = to_torch(msg.hypo_ids)
         if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,) or \
                 bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
-    out = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg.position, hypo_ids,
-                               tokens=hidden.shape[0] * hidden.shape[1])
-    payload = from_torch(out)
-    binding = inference_binding(msg, start_block=session.start, end_block=session.end,
-                                model_fingerprint=ctx.fingerprint, output=payload)
+    payload, signature = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids, ctx.fingerprint,
+                                              ctx.signer, tokens=hidden.shape[0] * hidden.shape[1])
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
     session.last_active = time.monotonic()
     ctx.stats["steps"] += 1
     return StepResult(session_id=session.session_id, step=msg.step, position=msg.position, hidden=payload,
-                      signature=sign_response(ctx.signer, binding))
+                      signature=signature)
+
+
+def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepResult) -> None:
+    """Queue the step for the next daemon named in `msg.push` (best effort, never blocks)."""
+    assert msg.push is not None
+    if ctx.forwarder is None:
+        log.warning("step of session %s asks to push, but forwarding is off here", msg.session_id.hex()[:12])
+        return
+    target, rest = msg.push[0], msg.push[1:]
+    onward = InferenceStep(session_id=target.session_id, step=target.step, position=msg.position,
+                           hidden=result.hidden, hypo_ids=msg.hypo_ids, push=rest or None)
+    try:
+        ctx.forwarder.push(target, onward)
+    except PushRefused as exc:
+        log.info("push of session %s not forwarded: %s", msg.session_id.hex()[:12], exc)
+
+
+async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep, via: str | None) -> None:
+    """Run one step of an owned session (from its client stream or a push stream) and answer on the
+    client's stream; with `push`, the output goes to the next daemon first (the critical path)."""
+    sid = owned.session.session_id.hex()[:12]
+    async with owned.lock:
+        if ctx.owners.get(msg.session_id) is not owned:  # closed while this step waited for the lock
+            return
+        try:
+            reply = await _step(ctx, owned.session, msg)
+        except PetalsError as exc:
+            ctx.stats["errors"] += 1
+            log.info("step refused peer=%s session=%s: %s", via or owned.channel.peer_id, sid, exc)
+            await owned.channel.send(_error_reply(exc, session_id=msg.session_id))
+            return
+        if msg.push is not None:
+            _forward_output(ctx, msg, reply)
+        await owned.channel.send(reply)
 
 
 async def _receive_within(channel: Channel, seconds: float) -> object | None:
@@ -232,36 +314,56 @@ _UNDECODABLE = (MalformedMessage, BadTensor)
 
 
 async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
-    session: Session | None = None
+    first = await _receive_within(channel, ctx.limits.session_idle_timeout)
+    if first is None:
+        return
+    if isinstance(first, InferenceStep):
+        await _serve_push_stream(ctx, channel, first)
+    elif isinstance(first, OpenSession):
+        await _serve_session(ctx, channel, first)
+    else:
+        await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message="an inference stream must start "
+                                      f"with OpenSession (or InferenceStep on a push stream), not {type(first).__name__}",
+                                      session_id=None, request_id=None))
+
+
+async def _receive_step(channel: Channel, session: Session, idle_timeout: float) -> object | None:
+    """The next message on a session's client stream; None once the *session* (not just this
+    stream: its steps may all come on a push stream) has had no step for `idle_timeout` seconds."""
+    while True:
+        idle_for = time.monotonic() - session.last_active
+        if idle_for >= idle_timeout:
+            return None
+        msg = await _receive_within(channel, idle_timeout - idle_for)
+        if msg is not None:
+            return msg
+
+
+async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSession) -> None:
     try:
-        first = await _receive_within(channel, ctx.limits.session_idle_timeout)
-        if first is None:
-            return
-        if not isinstance(first, OpenSession):
-            await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message="an inference stream must "
-                                          f"start with OpenSession, not {type(first).__name__}",
-                                          session_id=None, request_id=None))
-            return
-        try:
-            session = await _open(ctx, first, channel.peer_id)
-        except PetalsError as exc:
-            log.info("refused session peer=%s session=%s: %s", channel.peer_id, first.session_id.hex()[:12], exc)
-            await channel.send(_error_reply(exc, session_id=first.session_id))
-            return
+        session = await _open(ctx, first, channel.peer_id)
+    except PetalsError as exc:
+        log.info("refused session peer=%s session=%s: %s", channel.peer_id, first.session_id.hex()[:12], exc)
+        await channel.send(_error_reply(exc, session_id=first.session_id))
+        return
+    owned = _Owned(session, channel)
+    ctx.owners[session.session_id] = owned
+    sid = session.session_id.hex()[:12]
+    try:
         log.info("session open peer=%s session=%s blocks=%d:%d max_length=%d batch=%d", channel.peer_id,
-                 session.session_id.hex()[:12], session.start, session.end, session.max_length, session.batch_size)
+                 sid, session.start, session.end, session.max_length, session.batch_size)
         await channel.send(SessionOpened(session_id=session.session_id, max_length=session.max_length))
         while True:
             try:
-                msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+                msg = await _receive_step(channel, session, ctx.limits.session_idle_timeout)
             except _UNDECODABLE as exc:
                 ctx.stats["errors"] += 1
-                log.info("bad message peer=%s session=%s: %s", channel.peer_id, session.session_id.hex()[:12], exc)
+                log.info("bad message peer=%s session=%s: %s", channel.peer_id, sid, exc)
                 await channel.send(_error_reply(exc, session_id=session.session_id))
                 continue
             if msg is None:
-                log.info("session idle peer=%s session=%s: closing after %.0f s", channel.peer_id,
-                         session.session_id.hex()[:12], ctx.limits.session_idle_timeout)
+                log.info("session idle peer=%s session=%s: closing after %.0f s", channel.peer_id, sid,
+                         ctx.limits.session_idle_timeout)
                 await channel.send(ErrorReply(code=ErrorCode.TIMEOUT, message="session idle for "
                                               f"{ctx.limits.session_idle_timeout:.0f} s; closed",
                                               session_id=session.session_id, request_id=None))
@@ -273,19 +375,49 @@ async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
                                               "is not valid inside a session", session_id=session.session_id,
                                               request_id=None))
                 continue
-            try:
-                reply = await _step(ctx, session, msg)
-            except PetalsError as exc:
-                ctx.stats["errors"] += 1
-                log.info("step refused peer=%s session=%s: %s", channel.peer_id, session.session_id.hex()[:12], exc)
-                await channel.send(_error_reply(exc, session_id=msg.session_id))
-                continue
-            await channel.send(reply)
+            await _run_owned_step(ctx, owned, msg, None)
     finally:
-        if session is not None:
-            ctx.sessions.close(session.session_id)
-            log.info("session closed peer=%s session=%s steps=%d", channel.peer_id, session.session_id.hex()[:12],
-                     session.steps)
+        # No new pushed step may start; one running now finishes first (the cache is dropped
+        # below, and a compute job must never see it vanish). Steps are short: shield briefly.
+        del ctx.owners[session.session_id]
+        with trio.CancelScope(shield=True):
+            async with owned.lock:
+                ctx.sessions.close(session.session_id)
+        log.info("session closed peer=%s session=%s steps=%d", channel.peer_id, sid, session.steps)
+
+
+async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: InferenceStep) -> None:
+    """Steps forwarded by a previous daemon; each runs on the session it names and is answered to
+    that session's client. Ends when the pusher closes the stream or after the idle timeout."""
+    peer = channel.peer_id or "?"
+    activity = ctx.push_streams.setdefault(peer, LinkActivity(peer))
+    log.info("push stream open peer=%s", peer)
+    try:
+        msg: object | None = first
+        while msg is not None:
+            if not isinstance(msg, InferenceStep):
+                await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message=f"{type(msg).__name__} is not "
+                                              "valid on a push stream", session_id=None, request_id=None))
+            elif (owned := ctx.owners.get(msg.session_id)) is None:
+                await channel.send(ErrorReply(code=ErrorCode.UNKNOWN_SESSION, message="no open session "
+                                              f"{msg.session_id.hex()}", session_id=msg.session_id, request_id=None))
+            else:
+                activity.steps += 1
+                try:
+                    await _run_owned_step(ctx, owned, msg, peer)
+                except StreamClosed as exc:  # the client's stream is gone; its handler closes the session
+                    log.info("push result for session %s undeliverable: %s", msg.session_id.hex()[:12], exc)
+            try:
+                msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+            except _UNDECODABLE as exc:
+                ctx.stats["errors"] += 1
+                log.info("bad message on push stream peer=%s: %s", peer, exc)
+                await channel.send(_error_reply(exc))
+                msg = None  # a daemon sent us garbage: end its push stream (its link re-opens if it must)
+    finally:
+        if ctx.push_streams.get(peer) is activity:
+            del ctx.push_streams[peer]
+        log.info("push stream closed peer=%s steps=%d", peer, activity.steps)
 
 
 # --------------------------------------------------------------------------- forward / backward

@@ -79,7 +79,7 @@ def test_invalid_value_names_key_and_file(tmp_path: Path) -> None:
     ('balance_quality = 1.5', "balance_quality"),
     ('throughput = "fast"', "throughput"),
     ('cache_budget = "2 parsecs"', "cache_budget"),
-    ('use_relay = "yes"', "use_relay"),
+    ('batching = "yes"', "batching"),
     ('record_ttl = 10', "record_ttl"),
 ])
 def test_each_invalid_value_is_rejected(tmp_path: Path, text: str, key: str) -> None:
@@ -162,14 +162,14 @@ def test_size_flag_and_format() -> None:
 
 def test_print_config_round_trips(tmp_path: Path) -> None:
     inv = load_invocation(["--model", "m", "--initial-peers", PEER, "--blocks", "2:6",
-                           "--throughput", "12.5", "--no-use-relay", "--print-config",
+                           "--throughput", "12.5", "--batching", "--print-config",
                            "--public-name", 'a "quoted" name'], environ={})
     assert inv.print_config
     text = to_toml(inv.config)
     tomllib.loads(text)
     again = load_config(["--config", str(write(tmp_path, text))], environ={})
     assert again == inv.config
-    assert again.throughput == 12.5 and again.use_relay is False
+    assert again.throughput == 12.5 and again.batching is True
 
 
 def test_every_field_has_a_flag_and_help() -> None:

@@ -1,0 +1,172 @@
+"""Daemon-to-daemon forwarding: outbound inference streams, one per next peer, pooled.
+
+A step that carries `push` (see `InferenceStep` in petals_protocol.messages) is computed here, its
+signed result goes back to the client as usual, and its output goes on to the next daemon as a new
+`InferenceStep`. That puts the chain client -> d1 -> d2 -> d3 -> client on the critical path (4
+network legs for 3 hops instead of 6), while the client still gets every hop's signed output.
+
+`Forwarder.push` never blocks the handler that calls it: it queues the message for the next peer's
+*link*, a task in the daemon's nursery that owns one long-lived `/petals/inference/1` stream to
+that peer (dialled on first use) and writes what is queued, in order. A link closes itself after
+`idle_timeout` seconds without a push (it is shared by every session pushing to that peer, so it
+outlives any one session) and on any stream error; the next push opens a fresh one.
+
+Failure model: forwarding is best effort. A push that cannot be delivered (dial refused, stream
+reset, queue full) is logged and dropped; the client, which waits for every hop's result on its
+own stream with that hop, notices the missing result and falls back to driving the hop itself
+(client/session.py). Nothing here retries: retrying would only duplicate what the client does
+with better knowledge (it also chooses replacements).
+
+Bounds: at most `queue_size` messages wait per peer (a session has at most one step in flight,
+so this is about concurrent sessions); each is at most one frame of `max_frame_size`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from petals_protocol.errors import PetalsError
+from petals_protocol.ids import INFERENCE_PROTOCOL
+from petals_protocol.messages import ErrorReply, InferenceStep, PushTarget
+from petals_protocol.p2p.host import connect, parse_peer_multiaddr
+from petals_protocol.p2p.streams import FramedStream, open_stream
+from petals_protocol.signing import peer_id_to_text
+
+log = logging.getLogger("petalsd.forwarding")
+
+#: A link with no push for this long closes its stream (a decode step comes every few ms; a
+#: session between turns may pause for minutes, and re-opening costs one stream open, ~10 ms).
+LINK_IDLE_TIMEOUT = 60.0
+#: Messages queued per next peer before pushes are dropped (one in flight per session at most).
+LINK_QUEUE_SIZE = 64
+#: Dial plus stream open; a peer that cannot be reached in this time gets the step dropped (the
+#: client's own step timeout then decides what to do).
+LINK_OPEN_TIMEOUT = 10.0
+
+
+class PushRefused(PetalsError):
+    """A push target this daemon will not forward to (address and peer id disagree)."""
+
+
+@dataclass
+class LinkActivity:
+    """What the idle-connection sweeper reads of a link (same shape as a session: peer, steps)."""
+
+    peer: str
+    steps: int = 0
+
+
+@dataclass
+class _Link:
+    peer: str
+    queue: trio.MemorySendChannel[InferenceStep]
+    activity: LinkActivity
+
+
+@dataclass
+class Forwarder:
+    """Pushes steps to next daemons over pooled outbound streams (see the module docstring)."""
+
+    host: Any  # libp2p IHost
+    nursery: trio.Nursery
+    max_frame_size: int
+    idle_timeout: float = LINK_IDLE_TIMEOUT
+    queue_size: int = LINK_QUEUE_SIZE
+    _links: dict[str, _Link] = field(default_factory=dict)
+
+    def activity(self) -> list[LinkActivity]:
+        """One entry per open link: pushes count as activity on the connection to that peer."""
+        return [link.activity for link in self._links.values()]
+
+    def push(self, target: PushTarget, msg: InferenceStep) -> None:
+        """Queue `msg` for the daemon `target` names; never blocks. PushRefused for a bad target;
+        a full queue drops the message (logged)."""
+        peer = peer_id_to_text(target.peer_id)
+        try:
+            dialled = str(parse_peer_multiaddr(target.addr).peer_id)
+        except Exception as exc:  # noqa: BLE001 - multiaddr parsing raises many types
+            raise PushRefused(f"push address {target.addr[:80]!r} is not a dialable multiaddr: {exc}") from exc
+        if dialled != peer:
+            raise PushRefused(f"push address {target.addr[:80]!r} names peer {dialled}, not {peer}")
+        for _ in range(2):  # a link that just closed (idle or broken) refuses: open a new one once
+            link = self._links.get(peer) or self._open_link(peer, target.addr)
+            try:
+                link.queue.send_nowait(msg)
+                return
+            except trio.WouldBlock:
+                log.warning("push queue to peer=%s is full (%d); dropped a step of session %s", peer,
+                            self.queue_size, msg.session_id.hex()[:12])
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._forget(link)
+
+    def _open_link(self, peer: str, addr: str) -> _Link:
+        send, receive = trio.open_memory_channel[InferenceStep](self.queue_size)
+        link = _Link(peer=peer, queue=send, activity=LinkActivity(peer))
+        self._links[peer] = link
+        self.nursery.start_soon(self._run_link, link, addr, receive)
+        return link
+
+    def _forget(self, link: _Link) -> None:
+        if self._links.get(link.peer) is link:
+            del self._links[link.peer]
+        link.queue.close()
+
+    async def _run_link(self, link: _Link, addr: str, queue: trio.MemoryReceiveChannel[InferenceStep]) -> None:
+        """The link's task: open the stream, write queued pushes until idle or broken, close.
+        Never raises (it runs in the daemon's nursery): every ending is logged."""
+        stream: FramedStream | None = None
+        try:
+            with trio.fail_after(LINK_OPEN_TIMEOUT):
+                peer_id = await connect(self.host, addr)
+                stream = await open_stream(self.host, ID.from_base58(str(peer_id)), INFERENCE_PROTOCOL,
+                                           nursery=self.nursery, max_frame_size=self.max_frame_size)
+            log.info("push link open peer=%s", link.peer)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_replies, stream, link.peer, nursery.cancel_scope)
+                try:
+                    await self._write_pushes(stream, link, queue)
+                except PetalsError as exc:  # caught here, not around the nursery: no exception group
+                    log.info("push link to peer=%s broke: %s", link.peer, exc)
+                nursery.cancel_scope.cancel()
+        except (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("push link to peer=%s failed: %s", link.peer, exc)
+        finally:
+            self._forget(link)
+            queue.close()
+            if stream is not None:
+                await stream.aclose()
+
+    async def _write_pushes(self, stream: FramedStream, link: _Link,
+                            queue: trio.MemoryReceiveChannel[InferenceStep]) -> None:
+        while True:
+            with trio.move_on_after(self.idle_timeout):
+                msg = await queue.receive()
+                await stream.send(msg)
+                link.activity.steps += 1
+                continue
+            # Idle: stop taking pushes *before* any await, so none is queued to a closing link.
+            self._forget(link)
+            log.info("push link idle peer=%s: closing after %d pushes", link.peer, link.activity.steps)
+            return
+
+    @staticmethod
+    async def _read_replies(stream: FramedStream, peer: str, link_scope: trio.CancelScope) -> None:
+        """Drain what the next daemon answers on this stream: only errors (its results go to the
+        client), e.g. an unknown session after the client replaced it. Logged, nothing else.
+        When the stream ends, the whole link ends (`link_scope`)."""
+        while True:
+            try:
+                reply = await stream.receive()
+            except PetalsError as exc:
+                log.info("push link to peer=%s ended: %s", peer, exc)
+                link_scope.cancel()
+                return
+            if isinstance(reply, ErrorReply):
+                log.info("push refused by peer=%s: %s %s", peer, reply.code.value, reply.message[:200])
+            else:
+                log.info("unexpected %s from peer=%s on a push link", type(reply).__name__, peer)

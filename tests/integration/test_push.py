@@ -1,0 +1,152 @@
+"""Daemon-to-daemon forwarding (`push`) with real daemons: exact output, multi-turn sessions,
+recovery from a daemon killed mid-generation, and per-token time with push on vs off.
+
+Three daemons (0:2 2:4 4:6) serve every test; one more for blocks 2:4 stands by as the
+replacement for the kill test. Timings are printed (run with -s), never asserted.
+"""
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from petals_client import AutoDistributedModelForCausalLM
+from petals_client.localswarm import LocalSwarm
+
+from conftest import make_model, start_swarm
+
+pytestmark = pytest.mark.integration
+
+PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    # No eos token: greedy generation runs the full max_new_tokens.
+    return make_model(tmp_path_factory.mktemp("models"), "llama", eos_token_id=None, bos_token_id=None,
+                      pad_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def local(model_path):
+    return AutoModelForCausalLM.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="module")
+def swarm(model_path) -> Iterator[LocalSwarm]:
+    swarm = start_swarm(model_path, ["0:2", "2:4", "4:6"])
+    yield swarm
+    for daemon in swarm.daemons:
+        daemon.signal(signal.SIGKILL)
+    swarm.stop()
+
+
+def connect(path: Path, swarm: LocalSwarm, **options) -> AutoDistributedModelForCausalLM:
+    return AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.addrs, **options)
+
+
+def test_greedy_with_push_equals_local(model_path, local, swarm):
+    expected = local.generate(PROMPT, max_new_tokens=24, do_sample=False)
+    with connect(model_path, swarm) as model, model.inference_session(max_length=64) as session:
+        out = model.generate(PROMPT, session=session, max_new_tokens=24, do_sample=False)
+        assert [(h.start, h.end) for h in session.route] == [(0, 2), (2, 4), (4, 6)]
+        inner = session._session
+        assert inner.push  # never fell back
+        # Every hop still got every input, chunk by chunk, for replay: the prompt, then one token each.
+        assert [len(h.chunks) for h in inner.hops] == [24] * 3
+        assert [h.position for h in inner.hops] == [PROMPT.shape[1] + 23] * 3
+    assert out.tolist() == expected.tolist()
+
+
+def test_multi_turn_session_with_push(model_path, local, swarm):
+    turn2 = torch.tensor([[7, 7, 21]])
+    with connect(model_path, swarm) as model, model.inference_session(max_length=64) as session:
+        first = model.generate(PROMPT, session=session, max_new_tokens=8)
+        second = model.generate(turn2, session=session, max_new_tokens=8)
+        assert session.recoveries == 0
+    ref1 = local.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    assert first.tolist() == ref1.tolist()
+    ref2 = local.generate(torch.cat([ref1, turn2], dim=1), max_new_tokens=8, do_sample=False)
+    assert second.tolist() == ref2[:, ref1.shape[1]:].tolist()
+
+
+def test_rollback_with_push_matches_client_driven_hops(model_path, swarm):
+    """A step at an earlier position crops every hop's cache, pushed hops included: the same
+    steps give bit-identical outputs with push on and off."""
+    outputs = []
+    for push in (True, False):
+        with connect(model_path, swarm, push=push) as model, model.inference_session(max_length=32) as session:
+            hidden = model.client_part.embed(PROMPT)
+            with torch.inference_mode():
+                steps = [session.step(hidden), session.step(hidden[:, 5:], position=5),
+                         session.step(hidden[:, :2], position=0)]
+            assert [h.position for h in session._session.hops] == [2] * 3
+            outputs.append(steps)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
+def _per_token_ms(model, tokens: int) -> float:
+    stamps: list[float] = []
+
+    class Stamp:
+        def put(self, value: torch.Tensor) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    model.generate(PROMPT, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=Stamp())
+    gaps = [b - a for a, b in zip(stamps[2:], stamps[3:])]  # after the first token (prefill excluded)
+    return statistics.mean(gaps) * 1000
+
+
+def test_per_token_time_push_on_vs_off(model_path, swarm):
+    """Same swarm, same run, interleaved: push on vs off (printed; no timing is asserted)."""
+    with connect(model_path, swarm, push=True) as pushing, connect(model_path, swarm, push=False) as driving:
+        for model in (pushing, driving):
+            _per_token_ms(model, 8)  # warm up streams and caches
+        on, off = [], []
+        for _ in range(3):
+            on.append(_per_token_ms(pushing, 40))
+            off.append(_per_token_ms(driving, 40))
+        assert pushing.generate(PROMPT, max_new_tokens=16).tolist() == \
+            driving.generate(PROMPT, max_new_tokens=16).tolist()
+    print(f"\nper-token time over 3 daemons, tiny llama (hidden 64): push on {statistics.median(on):.2f} ms "
+          f"({', '.join(f'{x:.2f}' for x in on)}), push off {statistics.median(off):.2f} ms "
+          f"({', '.join(f'{x:.2f}' for x in off)})")
+
+
+# Last: it kills a daemon of the module's swarm.
+def test_daemon_killed_mid_generation_with_push(model_path, local, swarm):
+    swarm.start("2:4", initial_peers=swarm.addrs[:1], wait=True)  # the stand-by for the middle hop
+    new_tokens = 60
+    expected = local.generate(PROMPT, max_new_tokens=new_tokens, do_sample=False)
+    with connect(model_path, swarm, step_timeout=2.0, connect_timeout=3.0, max_retries=3) as model, \
+            model.inference_session(max_length=PROMPT.shape[1] + new_tokens) as session:
+        middle = session.route[1].server.peer_id
+        victim = next(d for d in swarm.daemons if d.peer_id == middle)
+        produced: list[float] = []
+
+        class KillAt:
+            def put(self, value: torch.Tensor) -> None:
+                produced.append(time.perf_counter())
+                if len(produced) == 21:
+                    victim.signal(signal.SIGKILL)
+
+            def end(self) -> None:
+                pass
+
+        out = model.generate(PROMPT, session=session, max_new_tokens=new_tokens, do_sample=False,
+                             streamer=KillAt())
+        assert session.recoveries == 1
+        assert model.swarm.banned() == {middle}
+        standby = {d.peer_id for d in swarm.daemons if "2:4" in " ".join(d.args)} - {middle}
+        assert session.route[1].server.peer_id in standby
+        assert session._session.push  # a closed stream is not a reason to stop pushing
+    assert out.tolist() == expected.tolist()
