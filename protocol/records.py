@@ -99,8 +99,8 @@ class _Addrs(_Spec):
 class ServerRecord:
     """What a daemon announces for one model.
 
-    `throughput`: tokens per second the daemon sustains through its whole span for one-token
-    inference steps (what routing compares). `cache_tokens_free`: KV-cache room, in tokens, for
+    `throughput`: block-steps per second for one-token inference steps, i.e. the span's length
+    divided by the time of one decode step through it (what routing divides a hop's length by). `cache_tokens_free`: KV-cache room, in tokens, for
     new sessions. `expires_at`: unix time after which nobody should believe the record.
     `seq`: increases with every record the daemon signs (a restart must not reuse lower values:
     use e.g. the unix time in milliseconds).
