@@ -5,9 +5,12 @@ signed result goes back to the client as usual, and its output goes on to the ne
 `InferenceStep`. That puts the chain client -> d1 -> d2 -> d3 -> client on the critical path (4
 network legs for 3 hops instead of 6), while the client still gets every hop's signed output.
 
-`Forwarder.push` never blocks the handler that calls it: it queues the message for the next peer's
-*link*, a task in the daemon's nursery that owns one long-lived `/petals/inference/1` stream to
-that peer (dialled on first use) and writes what is queued, in order. A link closes itself after
+Each next peer has a *link*: a task in the daemon's nursery that owns one long-lived
+`/petals/inference/1` stream to that peer. `Forwarder.push` writes the step on that stream right
+away, before the handler answers the client (the push is on the critical path, the answer is
+not); while the link is still dialling, pushes wait in its queue and the link task writes them, in
+order, once the stream is open. A write is bounded by `PUSH_WRITE_TIMEOUT` (a stalled peer cannot
+hold the client's answer back for long; the link is then reset). A link closes itself after
 `idle_timeout` seconds without a push (it is shared by every session pushing to that peer, so it
 outlives any one session) and on any stream error; the next push opens a fresh one.
 
@@ -23,6 +26,7 @@ so this is about concurrent sessions); each is at most one frame of `max_frame_s
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,8 @@ LINK_QUEUE_SIZE = 64
 #: Dial plus stream open; a peer that cannot be reached in this time gets the step dropped (the
 #: client's own step timeout then decides what to do).
 LINK_OPEN_TIMEOUT = 10.0
+#: One push write (a decode step's frame takes microseconds; a 2 MB prefill frame a few ms).
+PUSH_WRITE_TIMEOUT = 1.0
 
 
 class PushRefused(PetalsError):
@@ -63,8 +69,12 @@ class LinkActivity:
 @dataclass
 class _Link:
     peer: str
-    queue: trio.MemorySendChannel[InferenceStep]
+    queue: trio.MemorySendChannel[InferenceStep]  # pushes waiting while the stream opens
     activity: LinkActivity
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # ends the link's task
+    stream: FramedStream | None = None  # once open (and the queue drained): pushes write inline
+    last_push: float = field(default_factory=trio.current_time)
+    broken: bool = False  # a write failed or was cut: reset the stream instead of closing it
 
 
 @dataclass
@@ -82,9 +92,9 @@ class Forwarder:
         """One entry per open link: pushes count as activity on the connection to that peer."""
         return [link.activity for link in self._links.values()]
 
-    def push(self, target: PushTarget, msg: InferenceStep) -> None:
-        """Queue `msg` for the daemon `target` names; never blocks. PushRefused for a bad target;
-        a full queue drops the message (logged)."""
+    async def push(self, target: PushTarget, msg: InferenceStep) -> None:
+        """Send `msg` to the daemon `target` names (or queue it while the link opens). PushRefused
+        for a bad target; any delivery failure is logged and the step dropped, never raised."""
         peer = peer_id_to_text(target.peer_id)
         try:
             dialled = str(parse_peer_multiaddr(target.addr).peer_id)
@@ -92,17 +102,26 @@ class Forwarder:
             raise PushRefused(f"push address {target.addr[:80]!r} is not a dialable multiaddr: {exc}") from exc
         if dialled != peer:
             raise PushRefused(f"push address {target.addr[:80]!r} names peer {dialled}, not {peer}")
-        for _ in range(2):  # a link that just closed (idle or broken) refuses: open a new one once
-            link = self._links.get(peer) or self._open_link(peer, target.addr)
-            try:
-                link.queue.send_nowait(msg)
-                return
-            except trio.WouldBlock:
-                log.warning("push queue to peer=%s is full (%d); dropped a step of session %s", peer,
-                            self.queue_size, msg.session_id.hex()[:12])
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._forget(link)
+        link = self._links.get(peer) or self._open_link(peer, target.addr)
+        link.last_push = trio.current_time()
+        if link.stream is None:
+            self._enqueue(link, msg)
+            return
+        try:
+            with trio.fail_after(PUSH_WRITE_TIMEOUT):
+                await link.stream.send(msg)
+            link.activity.steps += 1
+        except (PetalsError, trio.TooSlowError) as exc:
+            log.info("push to peer=%s failed, link closed: %s", peer, exc)
+            link.broken = True
+            self._forget(link)
+
+    def _enqueue(self, link: _Link, msg: InferenceStep) -> None:
+        try:
+            link.queue.send_nowait(msg)
+        except trio.WouldBlock:
+            log.warning("push queue to peer=%s is full (%d); dropped a step of session %s", link.peer,
+                        self.queue_size, msg.session_id.hex()[:12])
 
     def _open_link(self, peer: str, addr: str) -> _Link:
         send, receive = trio.open_memory_channel[InferenceStep](self.queue_size)
@@ -112,47 +131,57 @@ class Forwarder:
         return link
 
     def _forget(self, link: _Link) -> None:
+        """Take the link out of the pool and end its task (idempotent)."""
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
         link.queue.close()
+        link.scope.cancel()
 
     async def _run_link(self, link: _Link, addr: str, queue: trio.MemoryReceiveChannel[InferenceStep]) -> None:
-        """The link's task: open the stream, write queued pushes until idle or broken, close.
-        Never raises (it runs in the daemon's nursery): every ending is logged."""
+        """The link's task: open the stream, write what queued meanwhile, then keep the stream
+        (handlers write on it) until idle or broken, and close it. Never raises (it runs in the
+        daemon's nursery): every ending is logged."""
         stream: FramedStream | None = None
         try:
-            with trio.fail_after(LINK_OPEN_TIMEOUT):
-                peer_id = await connect(self.host, addr)
-                stream = await open_stream(self.host, ID.from_base58(str(peer_id)), INFERENCE_PROTOCOL,
-                                           nursery=self.nursery, max_frame_size=self.max_frame_size)
-            log.info("push link open peer=%s", link.peer)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_replies, stream, link.peer, nursery.cancel_scope)
-                try:
-                    await self._write_pushes(stream, link, queue)
-                except PetalsError as exc:  # caught here, not around the nursery: no exception group
-                    log.info("push link to peer=%s broke: %s", link.peer, exc)
-                nursery.cancel_scope.cancel()
-        except (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            with link.scope:
+                with trio.fail_after(LINK_OPEN_TIMEOUT):
+                    peer_id = await connect(self.host, addr)
+                    stream = await open_stream(self.host, ID.from_base58(str(peer_id)), INFERENCE_PROTOCOL,
+                                               nursery=self.nursery, max_frame_size=self.max_frame_size)
+                log.info("push link open peer=%s", link.peer)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_replies, stream, link.peer, link.scope)
+                    try:
+                        await self._drain_queue(stream, link, queue)
+                    except PetalsError as exc:  # caught here, not around the nursery: no exception group
+                        log.info("push link to peer=%s broke: %s", link.peer, exc)
+                        link.broken = True
+                        link.scope.cancel()
+                    while (left := link.last_push + self.idle_timeout - trio.current_time()) > 0:
+                        await trio.sleep(left)
+                    log.info("push link idle peer=%s: closing after %d pushes", link.peer, link.activity.steps)
+                    link.scope.cancel()
+        except (PetalsError, trio.TooSlowError, OSError) as exc:
             log.info("push link to peer=%s failed: %s", link.peer, exc)
         finally:
             self._forget(link)
             queue.close()
             if stream is not None:
-                await stream.aclose()
+                with suppress(PetalsError):
+                    await (stream.reset() if link.broken else stream.aclose())
 
-    async def _write_pushes(self, stream: FramedStream, link: _Link,
-                            queue: trio.MemoryReceiveChannel[InferenceStep]) -> None:
+    @staticmethod
+    async def _drain_queue(stream: FramedStream, link: _Link, queue: trio.MemoryReceiveChannel[InferenceStep]) -> None:
+        """Write the pushes that queued while the stream opened, then let handlers write inline.
+        No await between the last empty check and `link.stream = stream`: nothing is left behind."""
         while True:
-            with trio.move_on_after(self.idle_timeout):
-                msg = await queue.receive()
-                await stream.send(msg)
-                link.activity.steps += 1
-                continue
-            # Idle: stop taking pushes *before* any await, so none is queued to a closing link.
-            self._forget(link)
-            log.info("push link idle peer=%s: closing after %d pushes", link.peer, link.activity.steps)
-            return
+            try:
+                msg = queue.receive_nowait()
+            except trio.WouldBlock:
+                link.stream = stream
+                return
+            await stream.send(msg)
+            link.activity.steps += 1
 
     @staticmethod
     async def _read_replies(stream: FramedStream, peer: str, link_scope: trio.CancelScope) -> None:

@@ -263,8 +263,8 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> St
                       signature=signature)
 
 
-def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepResult) -> None:
-    """Queue the step for the next daemon named in `msg.push` (best effort, never blocks)."""
+async def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepResult) -> None:
+    """Send the step on to the next daemon named in `msg.push` (best effort, bounded in time)."""
     assert msg.push is not None
     if ctx.forwarder is None:
         log.warning("step of session %s asks to push, but forwarding is off here", msg.session_id.hex()[:12])
@@ -273,7 +273,7 @@ def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepResult)
     onward = InferenceStep(session_id=target.session_id, step=target.step, position=msg.position,
                            hidden=result.hidden, hypo_ids=msg.hypo_ids, push=rest or None)
     try:
-        ctx.forwarder.push(target, onward)
+        await ctx.forwarder.push(target, onward)
     except PushRefused as exc:
         log.info("push of session %s not forwarded: %s", msg.session_id.hex()[:12], exc)
 
@@ -293,7 +293,7 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
             await owned.channel.send(_error_reply(exc, session_id=msg.session_id))
             return
         if msg.push is not None:
-            _forward_output(ctx, msg, reply)
+            await _forward_output(ctx, msg, reply)
         await owned.channel.send(reply)
 
 
