@@ -386,34 +386,54 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
         log.info("session closed peer=%s session=%s steps=%d", channel.peer_id, sid, session.steps)
 
 
+#: Steps of one push stream running at once (each of a different session, normally): the stream
+#: carries the steps of every session whose previous hop is that daemon, and they must not wait
+#: for each other's replies to be read; the compute worker still runs one job at a time.
+MAX_PUSHED_STEPS_IN_FLIGHT = 64
+
+
 async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: InferenceStep) -> None:
     """Steps forwarded by a previous daemon; each runs on the session it names and is answered to
     that session's client. Ends when the pusher closes the stream or after the idle timeout."""
     peer = channel.peer_id or "?"
     activity = ctx.push_streams.setdefault(peer, LinkActivity(peer))
+    in_flight = trio.CapacityLimiter(MAX_PUSHED_STEPS_IN_FLIGHT)
     log.info("push stream open peer=%s", peer)
+
+    async def run(owned: _Owned, msg: InferenceStep) -> None:
+        try:
+            await _run_owned_step(ctx, owned, msg, peer)
+        except StreamClosed as exc:  # the client's stream is gone; its handler closes the session
+            log.info("push result for session %s undeliverable: %s", msg.session_id.hex()[:12], exc)
+        finally:
+            in_flight.release_on_behalf_of(msg)
+
     try:
-        msg: object | None = first
-        while msg is not None:
-            if not isinstance(msg, InferenceStep):
-                await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message=f"{type(msg).__name__} is not "
-                                              "valid on a push stream", session_id=None, request_id=None))
-            elif (owned := ctx.owners.get(msg.session_id)) is None:
-                await channel.send(ErrorReply(code=ErrorCode.UNKNOWN_SESSION, message="no open session "
-                                              f"{msg.session_id.hex()}", session_id=msg.session_id, request_id=None))
-            else:
-                activity.steps += 1
+        async with trio.open_nursery() as nursery:
+            msg: object | None = first
+            while msg is not None:
+                if not isinstance(msg, InferenceStep):
+                    await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message=f"{type(msg).__name__} is "
+                                                  "not valid on a push stream", session_id=None, request_id=None))
+                elif (owned := ctx.owners.get(msg.session_id)) is None:
+                    await channel.send(ErrorReply(code=ErrorCode.UNKNOWN_SESSION, message="no open session "
+                                                  f"{msg.session_id.hex()}", session_id=msg.session_id,
+                                                  request_id=None))
+                else:
+                    activity.steps += 1
+                    await in_flight.acquire_on_behalf_of(msg)
+                    # A session has one step in flight at a time (its client waits for the results).
+                    nursery.start_soon(run, owned, msg)
                 try:
-                    await _run_owned_step(ctx, owned, msg, peer)
-                except StreamClosed as exc:  # the client's stream is gone; its handler closes the session
-                    log.info("push result for session %s undeliverable: %s", msg.session_id.hex()[:12], exc)
-            try:
-                msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
-            except _UNDECODABLE as exc:
-                ctx.stats["errors"] += 1
-                log.info("bad message on push stream peer=%s: %s", peer, exc)
-                await channel.send(_error_reply(exc))
-                msg = None  # a daemon sent us garbage: end its push stream (its link re-opens if it must)
+                    msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+                except StreamClosed as exc:  # the pusher is done: let the steps it sent finish, then end
+                    log.info("push stream from peer=%s ended: %s", peer, exc)
+                    msg = None
+                except _UNDECODABLE as exc:
+                    ctx.stats["errors"] += 1
+                    log.info("bad message on push stream peer=%s: %s", peer, exc)
+                    await channel.send(_error_reply(exc))
+                    msg = None  # a daemon sent us garbage: end its push stream (its link re-opens if it must)
     finally:
         if ctx.push_streams.get(peer) is activity:
             del ctx.push_streams[peer]
