@@ -283,7 +283,7 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
     client's stream; with `push`, the output goes to the next daemon first (the critical path)."""
     sid = owned.session.session_id.hex()[:12]
     async with owned.lock:
-        if ctx.owners.get(msg.session_id) is not owned:  # closed while this step waited for the lock
+        if ctx.owners.get(owned.session.session_id) is not owned:  # closed while this step waited for the lock
             return
         try:
             reply = await _step(ctx, owned.session, msg)
@@ -317,13 +317,14 @@ async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
     first = await _receive_within(channel, ctx.limits.session_idle_timeout)
     if first is None:
         return
-    if isinstance(first, InferenceStep):
+    if isinstance(first, InferenceStep) and first.session_id in ctx.owners:
         await _serve_push_stream(ctx, channel, first)
     elif isinstance(first, OpenSession):
         await _serve_session(ctx, channel, first)
     else:
         await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message="an inference stream must start "
-                                      f"with OpenSession (or InferenceStep on a push stream), not {type(first).__name__}",
+                                      f"with OpenSession (a push stream: with a step of a session open here), "
+                                      f"not {type(first).__name__}",
                                       session_id=None, request_id=None))
 
 

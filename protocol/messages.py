@@ -1,7 +1,8 @@
 """Typed messages and their msgpack wire form (one message per frame).
 
 Wire form: a msgpack map with "t" = the message's short tag, then every field by name (optional
-fields are always present, as nil when absent). Ids are 16 raw bytes, tensors are their
+fields are always present, as nil when absent; except fields added later, which are left out when
+absent so that older peers keep decoding: `InferenceStep.push`). Ids are 16 raw bytes, tensors are their
 `TensorPayload.to_wire()` maps, ints are non-negative int64, floats finite, strings bounded.
 
 One generic, table-driven codec serves every message: each dataclass field carries a spec (in
@@ -182,6 +183,9 @@ class _Code(_Spec):
 @dataclass(frozen=True)
 class _Optional(_Spec):
     inner: _Spec
+    # A field added to a /1 message after peers shipped: left out of the wire when None, and its
+    # absence accepted, so peers that predate it still decode our messages and we theirs.
+    elidable: bool = False
 
     def check(self, value: Any) -> str | None:
         return None if value is None else self.inner.check(value)
@@ -233,8 +237,12 @@ def _f(spec: _Spec, **kwargs: Any) -> Any:
     return field(metadata={"spec": spec}, **kwargs)
 
 
-def _opt(spec: _Spec) -> Any:
-    return field(default=None, metadata={"spec": _Optional(spec)})
+def _opt(spec: _Spec, *, elidable: bool = False) -> Any:
+    return field(default=None, metadata={"spec": _Optional(spec, elidable)})
+
+
+def _elidable(spec: _Spec) -> bool:
+    return isinstance(spec, _Optional) and spec.elidable
 
 
 @cache
@@ -252,18 +260,20 @@ def _check_fields(obj: Any, error: type[ProtocolError]) -> None:
 
 
 def _fields_to_wire(obj: Any) -> dict[str, Any]:
-    return {name: spec.to_wire(getattr(obj, name)) for name, spec in _specs_of(type(obj))}
+    return {name: spec.to_wire(value) for name, spec in _specs_of(type(obj))
+            if (value := getattr(obj, name)) is not None or not _elidable(spec)}
 
 
 def _fields_from_wire(cls: type, obj: dict[Any, Any], error: type[ProtocolError], ignore: str = "") -> dict[str, Any]:
     """Constructor kwargs from a decoded map that must hold exactly cls's fields (plus `ignore`)."""
     specs = _specs_of(cls)
     expected = {name for name, _ in specs} | ({ignore} if ignore else set())
-    if obj.keys() != expected:
-        missing = sorted(expected - obj.keys())
+    required = expected - {name for name, spec in specs if _elidable(spec)}
+    if not required <= obj.keys() <= expected:
+        missing = sorted(required - obj.keys())
         extra = sorted(repr(k) for k in obj.keys() - expected)
         raise error(f"{cls.__name__}: missing fields {missing}, unexpected fields {extra}")  # type: ignore[call-arg]
-    return {name: spec.from_wire(obj[name]) for name, spec in specs}
+    return {name: spec.from_wire(obj[name]) if name in obj else None for name, spec in specs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +402,7 @@ class InferenceStep(_Message):
     position: int = _f(_UInt())
     hidden: TensorPayload = _f(_Tensor())
     hypo_ids: TensorPayload | None = _opt(_Tensor())
-    push: tuple[PushTarget, ...] | None = _opt(_PushList())
+    push: tuple[PushTarget, ...] | None = _opt(_PushList(), elidable=True)
 
     def _check(self) -> None:
         if self.hypo_ids is not None:

@@ -52,7 +52,6 @@ def test_wire_layout_is_a_tagged_map_with_explicit_optionals() -> None:
         "position": 2,
         "hidden": hidden().to_wire(),
         "hypo_ids": None,
-        "push": None,
     }
 
 
@@ -197,6 +196,15 @@ def _pushed_step() -> InferenceStep:
     from protocol_samples import push_targets
 
     return InferenceStep(SESSION_ID, step=2, position=5, hidden=hidden(), push=push_targets())
+
+
+def test_push_is_left_out_of_the_wire_when_absent_and_may_be_missing() -> None:
+    plain = InferenceStep(SESSION_ID, step=1, position=2, hidden=hidden())
+    wire = msgpack.unpackb(encode_message(plain))
+    assert "push" not in wire  # peers that predate push decode it as before
+    assert decode_message(msgpack.packb({**wire, "push": None})) == plain  # explicit nil is fine too
+    with pytest.raises(MalformedMessage, match="missing fields \\['hypo_ids'\\]"):
+        decode_message(msgpack.packb({k: v for k, v in wire.items() if k != "hypo_ids"}))
 
 
 def test_push_wire_layout_is_a_list_of_maps() -> None:
