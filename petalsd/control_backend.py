@@ -71,6 +71,10 @@ class DaemonControl:
             *(Metric("petalsd_requests_total", "counter", "Requests served by kind.", n, {"kind": kind})
               for kind, n in ctx.stats.items()),
             Metric("petalsd_throughput", "gauge", "Announced block-steps per second.", ctx.throughput),
+            Metric("petalsd_batches_total", "counter", "Batched forwards run (two steps or more).",
+                   ctx.batcher.batches if ctx.batcher else 0),
+            Metric("petalsd_batched_steps_total", "counter", "Session steps that ran inside a batched forward.",
+                   ctx.batcher.batched_steps if ctx.batcher else 0),
             Metric("petalsd_uptime_seconds", "gauge", "Seconds since start.", time.time() - self.daemon.started_at),
         ]
 

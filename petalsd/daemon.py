@@ -45,6 +45,7 @@ from petals_protocol.signing import peer_id_from_text
 
 from . import config as config_mod
 from .announce import Announcer
+from .batching import Batcher, BatchingConfig
 from .compute import ComputeWorker
 from .config import DaemonConfig
 from .idle import IdleConnections
@@ -332,6 +333,7 @@ class Daemon:
                      *target)
             span, throughput = await trio.to_thread.run_sync(self.load, *target)
             ctx.span, ctx.throughput = span, throughput
+            ctx.batcher = Batcher(ctx.worker, span, BatchingConfig(enabled=self.config.batching))
             announcer.request_announce()
 
     # ------------------------------------------------------------------ serving
@@ -349,13 +351,15 @@ class Daemon:
 
     def _context(self, span: Span, throughput: float) -> ServingContext:
         c = self.config
+        worker = ComputeWorker()
         return ServingContext(
             span=span, fingerprint=self.fingerprint, model_name=Path(c.model).name, peer_id=self.peer_id,
             signer=self.signer, sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget)),
-            worker=ComputeWorker(),
+            worker=worker,
             limits=Limits(max_length=c.max_length, max_batch_size=c.max_batch_size,
                           session_idle_timeout=c.session_idle_timeout, step_timeout=c.step_timeout),
             public_name=c.public_name, version=__version__, state="joining", throughput=throughput,
+            batcher=Batcher(worker, span, BatchingConfig(enabled=c.batching)),
         )
 
     async def serve(self) -> None:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 import trio
 
-from petals_protocol.errors import BadTensor, ErrorCode, MalformedMessage, PetalsError, ProtocolError
+from petals_protocol.errors import BadTensor, ErrorCode, MalformedMessage, PetalsError
 from petals_protocol.messages import (
     BackwardRequest,
     BackwardResponse,
@@ -63,6 +63,7 @@ from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from petals_protocol.p2p.streams import StreamClosed
 
+from .batching import Batcher
 from .compute import ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
 from .sessions import Session, SessionRefused, SessionTable
@@ -108,6 +109,8 @@ class ServingContext:
     # Daemon-to-daemon forwarding: None means steps with `push` are computed and answered but not
     # forwarded (the client then drives the next hops itself after its step timeout).
     forwarder: Forwarder | None = None
+    # Cross-session batching of decode steps (None or disabled: every step is its own job).
+    batcher: Batcher | None = None
     # Open sessions by id, with the client stream that owns each (where pushed steps are answered).
     owners: dict[bytes, _Owned] = field(default_factory=dict)
     # Steps received on push streams, by the pushing peer (connection activity for the sweeper).
@@ -187,7 +190,11 @@ def _error_reply(exc: PetalsError, session_id: bytes | None = None, request_id: 
 
 async def serve_info(ctx: ServingContext, channel: Channel) -> None:
     while True:
-        msg = await channel.receive()
+        # Bounded like a session: a peer that goes quiet (or never finishes a frame, holding up to
+        # max_frame_size buffered) loses the stream after session_idle_timeout.
+        msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+        if msg is None:
+            return
         if isinstance(msg, InfoRequest):
             await channel.send(ctx.info())
         else:
@@ -252,8 +259,16 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> St
         if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,) or \
                 bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
-    payload, signature = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids, ctx.fingerprint,
-                                              ctx.signer, tokens=hidden.shape[0] * hidden.shape[1])
+    if ctx.batcher is not None and ctx.batcher.config.enabled:
+        # Concurrent sessions' decode steps may share one batched forward (petalsd/batching.py).
+        out = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
+                                     position=msg.position, hypo_ids=hypo_ids)
+        payload = from_torch(out)
+        signature = sign_response(ctx.signer, inference_binding(
+            msg, start_block=session.start, end_block=session.end, model_fingerprint=ctx.fingerprint, output=payload))
+    else:
+        payload, signature = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
+                                                  ctx.fingerprint, ctx.signer, tokens=hidden.shape[0] * hidden.shape[1])
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
@@ -468,9 +483,12 @@ async def _backward(ctx: ServingContext, msg: BackwardRequest) -> BackwardRespon
 
 
 async def serve_stateless(ctx: ServingContext, channel: Channel) -> None:
-    """Forward and backward requests: any number per stream, one reply each."""
+    """Forward and backward requests: any number per stream, one reply each; an idle stream is
+    closed after session_idle_timeout (see serve_info)."""
     while True:
-        msg = await channel.receive()
+        msg = await _receive_within(channel, ctx.limits.session_idle_timeout)
+        if msg is None:
+            return
         request_id = getattr(msg, "request_id", None)
         try:
             if isinstance(msg, ForwardRequest):

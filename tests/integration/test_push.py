@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from petals_client import AutoDistributedModelForCausalLM
 from petals_client.localswarm import LocalSwarm
 
-from conftest import make_model, start_swarm
+from swarmlib import make_model, start_swarm
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,7 @@ from petals_protocol.p2p.identity import ephemeral_identity
 from petals_protocol.p2p.streams import open_framed, open_stream
 from petalsd.idle import IdleConnections
 
-from conftest import make_model, start_swarm
+from swarmlib import make_model, start_swarm
 
 pytestmark = pytest.mark.integration
 
