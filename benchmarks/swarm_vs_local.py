@@ -65,6 +65,7 @@ class BenchConfig:
     cache_budget: int = 2**30
     cache_dir: Path = field(default_factory=default_cache_dir)
     echo_daemons: bool = False
+    batching: bool = False  # daemons merge concurrent sessions' decode steps (petalsd --batching)
 
     def validate(self) -> None:
         if self.model_size not in SHAPES:
@@ -149,7 +150,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     daemon_args = ["--num-threads", str(config.daemon_threads), "--log-level", "info",
-                   "--cache-budget", str(config.cache_budget)]
+                   "--cache-budget", str(config.cache_budget)] + (["--batching"] if config.batching else [])
     with LocalSwarm(path, extra_args=daemon_args, echo=config.echo_daemons) as swarm:
         ready_s = start_daemons(swarm, spans)
         began = time.monotonic()
@@ -298,12 +299,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]
                         help="where built checkpoints are kept between runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the full record here")
     parser.add_argument("--echo-daemons", action="store_true", help="copy daemon logs to stderr")
+    parser.add_argument("--batching", action="store_true",
+                        help="start daemons with --batching (batched decode across sessions)")
     args = parser.parse_args(argv)
     config = BenchConfig(
         model_size=args.model_size, daemons=args.daemons, repeats=args.repeats, new_tokens=args.new_tokens,
         prompt_tokens=args.prompt_tokens, prefill_tokens=args.prefill_tokens, sessions=args.sessions,
         local_threads=args.local_threads, daemon_threads=args.daemon_threads, cache_budget=args.cache_budget,
-        cache_dir=args.cache_dir, echo_daemons=args.echo_daemons,
+        cache_dir=args.cache_dir, echo_daemons=args.echo_daemons, batching=args.batching,
     )
     config.validate()
     return config, args.json
