@@ -63,7 +63,7 @@ from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from petals_protocol.p2p.streams import StreamClosed
 
-from .batching import Batcher
+from .batching import Batcher, run_single_step
 from .compute import ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
 from .sessions import Session, SessionRefused, SessionTable
@@ -228,12 +228,8 @@ def _run_step(span: Any, session: Session, hidden: torch.Tensor, msg: InferenceS
               hypo_ids: torch.Tensor | None, fingerprint: str, signer: Any) -> tuple[TensorPayload, bytes]:
     """The compute job of one step: run the span on the session's cache, then encode and sign the
     output here too (one trip through the trio loop less per step than signing on it)."""
-    cache = session.cache
-    if msg.position < cache.length:
-        cache.crop(msg.position)
-    if hypo_ids is not None:
-        cache.reorder(hypo_ids)
-    payload = from_torch(span.forward(hidden, cache, session.start, session.end))
+    payload = from_torch(run_single_step(span, session.cache, hidden, session.start, session.end,
+                                         msg.position, hypo_ids))
     binding = inference_binding(msg, start_block=session.start, end_block=session.end,
                                 model_fingerprint=fingerprint, output=payload)
     return payload, sign_response(signer, binding)
