@@ -68,7 +68,7 @@ def swarm_document(fingerprint: str, num_blocks: int, servers: Sequence[FoundSer
 
 def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer], *, now: float) -> str:
     lines = [f"model {fingerprint[:16]}…  {num_blocks} blocks  {len(servers)} servers", ""]
-    lines.append(f"{'peer':<10} {'name':<16} {'state':<8} {'blocks':>7} {'tok/s':>8} {'cache':>8}  {'via':<6} {'expires':>7}")
+    lines.append(f"{'peer':<10} {'name':<16} {'state':<8} {'blocks':>7} {'steps/s':>8} {'cache':>8}  {'via':<6} {'expires':>7}")
     for s in sorted(servers, key=lambda s: (s.start, s.end, s.peer_id)):
         lines.append(
             f"{short_id(s.peer_id):<10} {s.public_name[:16]:<16} {s.state:<8} {f'{s.start}:{s.end}':>7} "
@@ -82,7 +82,7 @@ def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServe
             lines.append(f"GAP: blocks {start}:{end} served by nobody")
         else:
             who = ", ".join(short_id(p) for p in peers)
-            lines.append(f"blocks {start}:{end}  {sum(throughput[p] for p in peers):.1f} tok/s  by {who}")
+            lines.append(f"blocks {start}:{end}  {sum(throughput[p] for p in peers):.1f} block-steps/s  by {who}")
     return "\n".join(lines)
 
 
