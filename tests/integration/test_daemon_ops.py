@@ -94,7 +94,10 @@ def test_notify_ready_watchdog_and_drain_with_active_session(llama_path, tmp_pat
         assert out.tolist() == ref.tolist()
         assert d.process.wait(30) == 0
         listener.wait_for("STOPPING=1", timeout=5)
-        assert any("draining" in line for line in d.log)
+        deadline = time.monotonic() + 5  # the reader thread may still be draining the pipe
+        while time.monotonic() < deadline and not any("draining" in line for line in list(d.log)):
+            time.sleep(0.1)
+        assert any("draining" in line for line in list(d.log))
     finally:
         swarm.stop()
         listener.close()
@@ -130,7 +133,12 @@ def test_control_api_reload_and_stop(llama_path, tmp_path):
                 break
             time.sleep(0.1)
         assert status["public_name"] == "beta"
-        assert any("reloaded" in line and "max_length" in line for line in d.log)
+        # The log line reaches us through a pipe and a reader thread: give it a moment.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("reloaded" in line for line in list(d.log)):
+            time.sleep(0.1)
+        reloaded = [line for line in list(d.log) if "reloaded" in line]
+        assert reloaded and "max_length" in reloaded[-1], reloaded
 
         reply = json.loads(ctl.request(str(sock), "POST", "/v1/stop")[2])
         assert reply == {"stopping": True}
