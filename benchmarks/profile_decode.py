@@ -85,10 +85,10 @@ def _short(frame: str) -> str:
     return f"{match['func']} ({file})"
 
 
-def record(pid: int, out: Path, seconds: float, rate: int) -> subprocess.Popen[bytes]:
+def record(pid: int, out: Path, seconds: float, rate: int, gil: bool = False) -> subprocess.Popen[bytes]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
-                             "--format", "raw", "--output", str(out), "--nonblocking"],
+                             "--format", "raw", "--output", str(out), "--nonblocking", *(["--gil"] if gil else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads everywhere")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--out", type=Path, default=Path("profile-out"))
+    parser.add_argument("--gil", action="store_true",
+                        help="only samples of threads holding the GIL: where Python CPU time goes, idle waits left out")
     args = parser.parse_args(argv)
 
     from petals_client import AutoDistributedModelForCausalLM
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             model.generate(prompt, **greedy_options(4))  # warm-up
             daemon = swarm.daemons[-1]
             targets = {"daemon": daemon.pid, "client": os.getpid()}
-            spies = {name: record(pid, args.out / f"{name}.txt", args.seconds, args.rate)
+            spies = {name: record(pid, args.out / f"{name}.txt", args.seconds, args.rate, args.gil)
                      for name, pid in targets.items()}
             began = time.perf_counter()
             produced = 0

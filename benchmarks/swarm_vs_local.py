@@ -65,7 +65,7 @@ class BenchConfig:
     cache_budget: int = 2**30
     cache_dir: Path = field(default_factory=default_cache_dir)
     echo_daemons: bool = False
-    batching: bool = False  # daemons merge concurrent sessions' decode steps (petalsd --batching)
+    batching: bool = False  # daemons (petalsd --batching) and the client's head merge concurrent sessions' steps
 
     def validate(self) -> None:
         if self.model_size not in SHAPES:
@@ -154,7 +154,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     with LocalSwarm(path, extra_args=daemon_args, echo=config.echo_daemons) as swarm:
         ready_s = start_daemons(swarm, spans)
         began = time.monotonic()
-        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.addrs)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.addrs,
+                                                                batching=config.batching)
         connect_s = time.monotonic() - began
         try:
             prompt = random_prompt(shape, config.prompt_tokens, seed=1)
@@ -300,7 +301,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]
     parser.add_argument("--json", type=Path, default=None, help="also write the full record here")
     parser.add_argument("--echo-daemons", action="store_true", help="copy daemon logs to stderr")
     parser.add_argument("--batching", action="store_true",
-                        help="start daemons with --batching (batched decode across sessions)")
+                        help="start daemons with --batching and batch the client's head across sessions "
+                             "(from_pretrained(batching=True)): batched decode across sessions")
     args = parser.parse_args(argv)
     config = BenchConfig(
         model_size=args.model_size, daemons=args.daemons, repeats=args.repeats, new_tokens=args.new_tokens,

@@ -30,6 +30,7 @@ from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
 
 from . import generation
+from .head_batching import HeadBatcher
 from .remote import RemoteSequential
 from .routing import NoRoute, describe_route
 from .runtime import ClientRuntime
@@ -75,6 +76,8 @@ class RemoteInferenceSession:
         return self.model.runtime.call(self._session.step, hidden, position)
 
     def close(self) -> None:
+        if self.model.head_batcher is not None:
+            self.model.head_batcher.forget(self)
         self.model.runtime.call(self._session.close)
 
     def __enter__(self) -> RemoteInferenceSession:
@@ -97,6 +100,8 @@ class DistributedModelForCausalLM:
         self.num_blocks = client_part.num_blocks
         self.layers = RemoteSequential(runtime, swarm, 0, self.num_blocks)
         self.push = True  # daemon-to-daemon forwarding in inference sessions (from_pretrained's `push`)
+        # Concurrent sessions' heads in one matmul (from_pretrained's `batching`; client/head_batching.py)
+        self.head_batcher: HeadBatcher | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -113,12 +118,17 @@ class DistributedModelForCausalLM:
         max_retries: int = 5,
         use_dht: bool = True,
         push: bool = True,
+        batching: bool = False,
     ) -> DistributedModelForCausalLM:
         """Load the client's part of the local checkpoint at `path` and find daemons for the rest.
 
         `dtype` must match what the daemons compute in (default: the dtype they announce).
         `push`: daemons forward each step's output to the next daemon themselves (fewer network
         legs per token; client/session.py); False makes the client drive every hop.
+        `batching`: sessions generating at the same time (from several threads) share one head
+        computation per step, which also keeps them together for the daemons' `--batching`. Faster
+        for many sessions, but within ~1e-6 of local `transformers` rather than bit-identical
+        (client/head_batching.py); a lone session is always exact.
         """
         path = Path(path)
         if not initial_peers:
@@ -165,6 +175,8 @@ class DistributedModelForCausalLM:
             gen_config = GenerationConfig.from_pretrained(path)
         model = cls(path, client_part, runtime, swarm, gen_config)
         model.push = push
+        if batching:
+            model.head_batcher = HeadBatcher(client_part.logits)
         return model
 
     def close(self) -> None:
@@ -190,7 +202,9 @@ class DistributedModelForCausalLM:
             hidden = self.client_part.embed(ids, position=session.fed)
             out = session.step(hidden)
             session.fed += ids.shape[1]
-            return self.client_part.logits(out[:, -1:, :])[:, -1, :]
+            last = out[:, -1:, :]
+            logits = self.head_batcher(session, last) if self.head_batcher else self.client_part.logits(last)
+            return logits[:, -1, :]
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  session: RemoteInferenceSession | None = None, streamer: generation.Streamer | None = None,

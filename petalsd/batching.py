@@ -5,7 +5,12 @@ layer's weights are read from memory 8 times. The batcher queues each decode ste
 first worker job that starts take every queued step (up to ``max_rows`` sequences) and run them as
 one batched forward (``petals_protocol.models.batched``). Steps therefore gather for as long as the
 worker is busy with something else, plus, when other sessions were active in the last
-``recent_s`` seconds, a short ``window_s`` wait for them (a lone session never waits).
+``recent_s`` seconds, a wait for them of at most ``job_factor`` recent batch jobs' time and
+``max_window_s`` (``petals_protocol.models.gathering``; a lone session never waits). The wait is
+what keeps sessions together: without it, sessions that drift a few ms apart elsewhere in the
+chain (the client computes each session's head on its own) reach the worker one by one and run
+one by one (measured on the 271M model with 8 sessions and a fixed 3 ms wait: about two thirds of
+the jobs held a single step; see BENCHMARKS.md).
 
 How it fits on the FIFO ``ComputeWorker``: every step still submits one job of its own, so queued
 steps always have a job that will take them; a job whose step was already taken by an earlier
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +37,7 @@ import torch
 import trio
 
 from petals_protocol.models.batched import DecodeItem, batched_decode, can_batch, check_item
+from petals_protocol.models.gathering import GatherPolicy
 from petals_protocol.models.span import SpanCache, SpanUsageError
 
 from .compute import ComputeWorker
@@ -44,8 +49,12 @@ class BatchingConfig:
 
     enabled: bool = False
     max_rows: int = 8  # sequences in one batched forward
-    window_s: float = 0.003  # how long a step waits for other recently active sessions
+    max_window_s: float = 0.05  # the longest a step waits for other recently active sessions
+    job_factor: float = 2.0  # ... and at most this many recent batch jobs' duration
     recent_s: float = 1.0  # a session that stepped this recently is expected to step again
+
+    def gather_policy(self) -> GatherPolicy:
+        return GatherPolicy(max_window_s=self.max_window_s, job_factor=self.job_factor, recent_s=self.recent_s)
 
 
 def prepare_cache(cache: SpanCache, position: int | None, hypo_ids: torch.Tensor | None) -> None:
@@ -98,7 +107,7 @@ class Batcher:
         self._lock = threading.Lock()  # guards _pending and _Step.taken (worker threads take steps)
         self._pending: list[_Step] = []
         self._arrived = trio.Event()
-        self._recent: weakref.WeakKeyDictionary[SpanCache, float] = weakref.WeakKeyDictionary()
+        self._policy = self.config.gather_policy()  # used on the trio thread only
         self.batches = 0  # batched forwards run (two steps or more)
         self.batched_steps = 0  # steps that ran inside one of them
 
@@ -113,7 +122,9 @@ class Batcher:
         self._enqueue(step)
         try:
             await self._gather_window()
-            batch = await self.worker.run(self._take_and_run, step)
+            batch, seconds = await self.worker.run(self._take_and_run, step)
+            if batch:
+                self._policy.job_done(seconds)
             self._deliver(batch)
             await step.done.wait()
         except BaseException:
@@ -129,25 +140,21 @@ class Batcher:
     # ---------------------------------------------------------------------------- trio side
 
     def _enqueue(self, step: _Step) -> None:
-        now = time.monotonic()
-        self._recent[step.cache] = now
+        self._policy.arrived(step.cache, time.monotonic())
         with self._lock:
             self._pending.append(step)
         self._arrived.set()
         self._arrived = trio.Event()
 
-    def _expected(self) -> int:
-        """Sessions that stepped within ``recent_s``: how many steps are worth waiting for."""
-        horizon = time.monotonic() - self.config.recent_s
-        return sum(1 for seen in list(self._recent.values()) if seen >= horizon)
-
     async def _gather_window(self) -> None:
-        want = min(self.config.max_rows, self._expected())
-        if want <= 1 or self.config.window_s <= 0:
-            return
-        with trio.move_on_after(self.config.window_s):
-            while len(self._pending) < want:
-                await self._arrived.wait()
+        """Wait until one batch's worth of steps is queued (see the module docstring), not longer
+        than the policy's window."""
+        now = time.monotonic()
+        want, window = self._policy.expected(now), self._policy.window(now)
+        if want > 1 and window > 0:
+            with trio.move_on_after(window):
+                while len(self._pending) < want and sum(step.rows for step in self._pending) < self.config.max_rows:
+                    await self._arrived.wait()
 
     def _deliver(self, batch: Sequence[_Step]) -> None:
         """Wake the steps a job ran (no checkpoint between the job's return and here)."""
@@ -175,11 +182,13 @@ class Batcher:
                 self._pending.remove(step)
         return batch
 
-    def _take_and_run(self, own: _Step) -> list[_Step]:
-        """Worker thread: unless a previous batch already ran ``own``, run everything queued."""
+    def _take_and_run(self, own: _Step) -> tuple[list[_Step], float]:
+        """Worker thread: unless a previous batch already ran ``own``, run everything queued.
+        Returns the steps run and the seconds it took."""
         with self._lock:
             if own.taken:
-                return []
+                return [], 0.0
+        began = time.perf_counter()
         batch = self._take()
         try:
             self._run(batch)
@@ -187,7 +196,7 @@ class Batcher:
             for step in batch:
                 if step.result is None and step.error is None:
                     step.error = exc
-        return batch
+        return batch, time.perf_counter() - began
 
     def _run(self, batch: Sequence[_Step]) -> None:
         """Prepare each cache, then one forward per group of steps over the same blocks."""

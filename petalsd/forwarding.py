@@ -50,6 +50,8 @@ LINK_QUEUE_SIZE = 64
 #: Dial plus stream open; a peer that cannot be reached in this time gets the step dropped (the
 #: client's own step timeout then decides what to do).
 LINK_OPEN_TIMEOUT = 10.0
+#: Push addresses whose parsed peer id is remembered (a swarm has a few hundred daemons at most).
+ADDR_CACHE_SIZE = 1024
 #: One push write (a decode step's frame takes microseconds; a 2 MB prefill frame a few ms).
 PUSH_WRITE_TIMEOUT = 1.0
 
@@ -87,6 +89,7 @@ class Forwarder:
     idle_timeout: float = LINK_IDLE_TIMEOUT
     queue_size: int = LINK_QUEUE_SIZE
     _links: dict[str, _Link] = field(default_factory=dict)
+    _addr_peers: dict[str, str] = field(default_factory=dict)  # push address -> the peer it dials
 
     def activity(self) -> list[LinkActivity]:
         """One entry per open link: pushes count as activity on the connection to that peer."""
@@ -96,10 +99,7 @@ class Forwarder:
         """Send `msg` to the daemon `target` names (or queue it while the link opens). PushRefused
         for a bad target; any delivery failure is logged and the step dropped, never raised."""
         peer = peer_id_to_text(target.peer_id)
-        try:
-            dialled = str(parse_peer_multiaddr(target.addr).peer_id)
-        except Exception as exc:  # noqa: BLE001 - multiaddr parsing raises many types
-            raise PushRefused(f"push address {target.addr[:80]!r} is not a dialable multiaddr: {exc}") from exc
+        dialled = self._peer_of_addr(target.addr)
         if dialled != peer:
             raise PushRefused(f"push address {target.addr[:80]!r} names peer {dialled}, not {peer}")
         link = self._links.get(peer) or self._open_link(peer, target.addr)
@@ -115,6 +115,20 @@ class Forwarder:
             log.info("push to peer=%s failed, link closed: %s", peer, exc)
             link.broken = True
             self._forget(link)
+
+    def _peer_of_addr(self, addr: str) -> str:
+        """The peer id a push address dials. Parsing a multiaddr costs ~0.1 ms, on the critical path
+        of every pushed step, and a session pushes to the same few addresses: remember them."""
+        dialled = self._addr_peers.get(addr)
+        if dialled is None:
+            try:
+                dialled = str(parse_peer_multiaddr(addr).peer_id)
+            except Exception as exc:  # noqa: BLE001 - multiaddr parsing raises many types
+                raise PushRefused(f"push address {addr[:80]!r} is not a dialable multiaddr: {exc}") from exc
+            if len(self._addr_peers) >= ADDR_CACHE_SIZE:
+                self._addr_peers.clear()  # bounded: a peer sending ever new addresses gains nothing
+            self._addr_peers[addr] = dialled
+        return dialled
 
     def _enqueue(self, link: _Link, msg: InferenceStep) -> None:
         try:

@@ -305,6 +305,9 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
             return
         if msg.push is not None:
             await _forward_output(ctx, msg, reply)
+            # The steps of one batch finish together: let each push before any answers its client
+            # (the pushes are the next daemon's input, the answers only the client's bookkeeping).
+            await trio.lowlevel.checkpoint()
         await owned.channel.send(reply)
 
 

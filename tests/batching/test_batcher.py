@@ -14,7 +14,7 @@ from petals_protocol.models.span import Span, SpanCache, SpanUsageError, load_sp
 from petalsd.batching import Batcher, BatchingConfig
 from petalsd.compute import ComputeWorker
 
-ON = BatchingConfig(enabled=True, max_rows=8, window_s=0.0)
+ON = BatchingConfig(enabled=True, max_rows=8, max_window_s=0.0)
 CLOSE = dict(rtol=0.0, atol=1e-4)
 
 
@@ -79,7 +79,7 @@ def test_window_gathers_steps_of_recently_active_sessions(span: Span) -> None:
     count = 4
     caches = _caches(span, count)
     worker = ComputeWorker()
-    batcher = Batcher(worker, span, BatchingConfig(enabled=True, window_s=0.5))
+    batcher = Batcher(worker, span, BatchingConfig(enabled=True, max_window_s=0.5, job_factor=1e6))
 
     async def one(i: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -102,7 +102,7 @@ def test_window_gathers_steps_of_recently_active_sessions(span: Span) -> None:
 
 def test_a_lone_session_is_bit_exact_and_never_waits(span: Span) -> None:
     (cache,), (reference,) = _caches(span, 1), _caches(span, 1)
-    batcher = Batcher(ComputeWorker(), span, BatchingConfig(enabled=True, window_s=5.0))
+    batcher = Batcher(ComputeWorker(), span, BatchingConfig(enabled=True, max_window_s=5.0, job_factor=1e6))
     hiddens = _steps(span, 3)
 
     async def main() -> list[torch.Tensor]:
