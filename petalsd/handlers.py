@@ -283,7 +283,7 @@ async def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepR
     target, rest = msg.push[0], msg.push[1:]
     onward = InferenceStep(session_id=target.session_id, step=target.step, position=msg.position,
                            hidden=result.hidden, hypo_ids=msg.hypo_ids, push=rest or None)
-    try:
+    try:  # returns once the push is written: the client is answered after (the critical path first)
         await ctx.forwarder.push(target, onward)
     except PushRefused as exc:
         log.info("push of session %s not forwarded: %s", msg.session_id.hex()[:12], exc)
@@ -305,9 +305,6 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
             return
         if msg.push is not None:
             await _forward_output(ctx, msg, reply)
-            # The steps of one batch finish together: let each push before any answers its client
-            # (the pushes are the next daemon's input, the answers only the client's bookkeeping).
-            await trio.lowlevel.checkpoint()
         await owned.channel.send(reply)
 
 
@@ -398,6 +395,8 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
         with trio.CancelScope(shield=True):
             async with owned.lock:
                 ctx.sessions.close(session.session_id)
+        if ctx.batcher is not None:
+            ctx.batcher.forget(session.cache)
         log.info("session closed peer=%s session=%s steps=%d", channel.peer_id, sid, session.steps)
 
 

@@ -115,6 +115,26 @@ def test_a_lone_session_is_bit_exact_and_never_waits(span: Span) -> None:
     assert batcher.batches == 0
 
 
+def test_a_closed_session_is_not_waited_for(span: Span) -> None:
+    """After `forget` (the daemon calls it when a session closes) the remaining session is alone
+    again and never waits for the window, however long it is."""
+    caches = _caches(span, 2)
+    batcher = Batcher(ComputeWorker(), span, BatchingConfig(enabled=True, max_window_s=5.0, job_factor=1e6))
+    hiddens = _steps(span, 3)
+
+    async def main() -> float:
+        async with trio.open_nursery() as nursery:  # both sessions step once: each expects the other
+            for cache, hidden in zip(caches, hiddens, strict=False):
+                nursery.start_soon(batcher.step, cache, hidden)
+        batcher.forget(caches[1])
+        began = trio.current_time()
+        with trio.fail_after(2.0):
+            await batcher.step(caches[0], hiddens[2])
+        return trio.current_time() - began
+
+    assert trio.run(main) < 1.0
+
+
 def test_cancelling_a_queued_step_leaves_the_others_alone(span: Span) -> None:
     count = 4
     caches, reference = _caches(span, count), _caches(span, count)

@@ -45,6 +45,17 @@ def test_request_response(remote_peer, run_client: Callable[..., None]) -> None:
     run_client(remote_peer.addr, body)
 
 
+def test_send_many_writes_several_messages_that_arrive_one_by_one(remote_peer, run_client: Callable[..., None]) -> None:
+    async def body(host: IHost, peer: ID, nursery: trio.Nursery) -> None:
+        framed = await open_stream(host, peer, ECHO, nursery=nursery)
+        messages = [forward_request(1024 * (i + 1)) for i in range(8)] + [InfoRequest()]
+        await framed.send_many(messages)
+        assert [await framed.receive() for _ in messages] == messages
+        await framed.close()
+
+    run_client(remote_peer.addr, body)
+
+
 def test_fifty_concurrent_streams_do_not_cross_talk(remote_peer, run_client: Callable[..., None]) -> None:
     async def one_stream(host: IHost, peer: ID, nursery: trio.Nursery, done: list[int]) -> None:
         async with trio.open_nursery() as own:
@@ -147,6 +158,8 @@ def test_sending_above_our_own_limit_is_refused_locally(remote_peer, run_client:
         framed = await open_stream(host, peer, ECHO, nursery=nursery, max_frame_size=1024)
         with pytest.raises(FrameTooLarge):
             await framed.send(forward_request(2048))
+        with pytest.raises(FrameTooLarge):  # one message over the limit: none of them is written
+            await framed.send_many([InfoRequest(), forward_request(2048)])
         await framed.send(InfoRequest())  # nothing was written: the stream is intact
         assert await framed.receive() == InfoRequest()
         await framed.close()
