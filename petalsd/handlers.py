@@ -392,11 +392,11 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
         # No new pushed step may start; one running now finishes first (the cache is dropped
         # below, and a compute job must never see it vanish). Steps are short: shield briefly.
         del ctx.owners[session.session_id]
+        if ctx.batcher is not None:
+            ctx.batcher.forget(session.cache)  # (close() below drops the cache)
         with trio.CancelScope(shield=True):
             async with owned.lock:
                 ctx.sessions.close(session.session_id)
-        if ctx.batcher is not None:
-            ctx.batcher.forget(session.cache)
         log.info("session closed peer=%s session=%s steps=%d", channel.peer_id, sid, session.steps)
 
 
