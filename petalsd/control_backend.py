@@ -75,6 +75,10 @@ class DaemonControl:
                    ctx.batcher.batches if ctx.batcher else 0),
             Metric("petalsd_batched_steps_total", "counter", "Session steps that ran inside a batched forward.",
                    ctx.batcher.batched_steps if ctx.batcher else 0),
+            Metric("petalsd_pushes_total", "counter", "Steps forwarded to the next daemon of a chain.",
+                   ctx.forwarder.pushes_sent if ctx.forwarder else 0),
+            Metric("petalsd_push_writes_total", "counter", "Stream writes that carried them (a batch's "
+                   "pushes share one).", ctx.forwarder.push_writes if ctx.forwarder else 0),
             Metric("petalsd_uptime_seconds", "gauge", "Seconds since start.", time.time() - self.daemon.started_at),
         ]
 

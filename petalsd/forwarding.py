@@ -103,6 +103,8 @@ class Forwarder:
     queue_size: int = LINK_QUEUE_SIZE
     _links: dict[str, _Link] = field(default_factory=dict)
     _addr_peers: dict[str, str] = field(default_factory=dict)  # push address -> the peer it dials
+    pushes_sent: int = 0  # steps written to next daemons
+    push_writes: int = 0  # stream writes that carried them (fewer when a batch's pushes coalesce)
 
     def activity(self) -> list[LinkActivity]:
         """One entry per open link: pushes count as activity on the connection to that peer."""
@@ -131,6 +133,8 @@ class Forwarder:
             with trio.fail_after(PUSH_WRITE_TIMEOUT):
                 await link.stream.send(msg)
             link.activity.steps += 1
+            self.pushes_sent += 1
+            self.push_writes += 1
         except (PetalsError, trio.TooSlowError) as exc:
             log.info("push to peer=%s failed, link closed: %s", peer, exc)
             link.broken = True
@@ -211,8 +215,7 @@ class Forwarder:
         log.info("push link idle peer=%s: closing after %d pushes", link.peer, link.activity.steps)
         link.scope.cancel()
 
-    @staticmethod
-    async def _write_pushes(stream: FramedStream, link: _Link, queue: trio.MemoryReceiveChannel[_Push]) -> None:
+    async def _write_pushes(self, stream: FramedStream, link: _Link, queue: trio.MemoryReceiveChannel[_Push]) -> None:
         """Write queued pushes in order, everything queued at once in one write (up to
         `PUSH_COALESCE_MAX` messages)."""
         async for push in queue:
@@ -231,6 +234,8 @@ class Forwarder:
                 for p in batch:
                     p.written.set()
             link.activity.steps += len(batch)
+            self.pushes_sent += len(batch)
+            self.push_writes += 1
 
     @staticmethod
     async def _read_replies(stream: FramedStream, peer: str, link_scope: trio.CancelScope) -> None:

@@ -14,6 +14,11 @@ from petals_client import ctl
 pytestmark = pytest.mark.integration
 
 
+def _metrics(sock) -> dict[str, str]:
+    _, _, body = ctl.request(str(sock), "GET", "/v1/metrics")
+    return dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#"))
+
+
 def _generate_concurrently(model, prompts: list[torch.Tensor]) -> list:
     """Greedy generation of every prompt, one thread each, all started together."""
     results: list = [None] * len(prompts)
@@ -40,18 +45,19 @@ def test_concurrent_sessions_batched_match_local(llama_path, swarm_factory, tmp_
     with AutoDistributedModelForCausalLM.from_pretrained(llama_path, initial_peers=swarm.addrs) as model:
         results = _generate_concurrently(model, prompts)
     assert results == [r.tolist() for r in refs]
-    _, _, body = ctl.request(str(sock), "GET", "/v1/metrics")
-    metrics = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#"))
+    metrics = _metrics(sock)
     assert float(metrics["petalsd_batched_steps_total"]) > 0, "no decode step was batched"
     print(f"\nbatched forwards: {metrics['petalsd_batches_total']}, steps inside them: "
           f"{metrics['petalsd_batched_steps_total']}")
 
 
-def test_client_head_batching_with_batching_daemons_matches_local(llama_path, swarm_factory):
+def test_client_head_batching_with_batching_daemons_matches_local(llama_path, swarm_factory, tmp_path):
     """`from_pretrained(batching=True)`: the client shares head calls across concurrent sessions,
-    two `--batching` daemons batch their steps, push forwards between them, and greedy output is
-    still what local transformers generates."""
-    swarm = swarm_factory(llama_path, ["0:3", "3:6"], ["--batching"])
+    two `--batching` daemons batch their steps, the first pushes each batch's outputs to the
+    second in shared writes, and greedy output is still what local transformers generates."""
+    sock = tmp_path / "control.sock"
+    swarm = swarm_factory(llama_path, ["3:6"], ["--batching"])
+    swarm.start("0:3", args=["--control-socket", str(sock)])  # the first hop: it pushes to 3:6
     prompts = [torch.tensor([[5 + i, 11, 40 + 3 * i, 7, 19, 2 + i]]) for i in range(6)]
     local = AutoModelForCausalLM.from_pretrained(llama_path)
     refs = [local.generate(p, max_new_tokens=24, do_sample=False) for p in prompts]
@@ -62,4 +68,8 @@ def test_client_head_batching_with_batching_daemons_matches_local(llama_path, sw
         batches, requests = model.head_batcher.batches, model.head_batcher.batched_requests
     assert results == [r.tolist() for r in refs]
     assert batches > 0, "no head call was shared between sessions"
-    print(f"\nshared head calls: {batches}, session steps inside them: {requests}")
+    metrics = _metrics(sock)
+    pushes, writes = float(metrics["petalsd_pushes_total"]), float(metrics["petalsd_push_writes_total"])
+    assert pushes >= len(prompts) * 23 and writes < pushes, (pushes, writes)  # pushes of a batch shared writes
+    print(f"\nshared head calls: {batches}, session steps inside them: {requests}; "
+          f"pushes {pushes:.0f} in {writes:.0f} writes")
