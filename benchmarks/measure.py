@@ -67,6 +67,13 @@ def process_memory(pid: int) -> ProcessMemory:
     return ProcessMemory(rss_bytes=fields["VmRSS"], peak_rss_bytes=fields["VmHWM"])
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used, from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def span_weight_bytes(model: Path, start: int, end: int) -> int:
     """Bytes of the checkpoint tensors of blocks [start, end), read from the safetensors headers.
 

@@ -11,7 +11,8 @@ on a shared machine hits both sides alike:
   `--new-tokens` tokens), median over repeats, swarm / local; plus whether the tokens match;
 - prefill: time to the first token of a `--prefill-tokens` prompt, median, swarm / local;
 - concurrency: aggregate tokens/s of `--sessions` threads each calling `generate` at once,
-  over the tokens/s of one session alone;
+  over the tokens/s of one session alone, and how busy the client and the daemons kept the
+  cores meanwhile (CPU seconds / (wall x cores): near 1 means compute-bound);
 - per daemon: seconds from process start to its `ready` line; VmRSS and VmHWM against the bytes
   of its span's weights plus its KV-cache budget.
 
@@ -39,7 +40,7 @@ import torch
 
 from petals_client.localswarm import DaemonProcess, LocalSwarm
 
-from .measure import TokenClock, machine_info, median, process_memory, span_weight_bytes
+from .measure import TokenClock, machine_info, median, process_cpu_seconds, process_memory, span_weight_bytes
 from .shapes import SHAPES, ModelShape, default_cache_dir, ensure_model, split_blocks
 
 #: The issue's targets for each shape (None: no target for that figure). Stated, not asserted.
@@ -176,12 +177,17 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
             single: list[float] = []
             aggregate: list[float] = []
+            busy: list[float] = []  # CPU used by the client and the daemons / (wall x cores)
             prompts = [random_prompt(shape, config.prompt_tokens, seed=100 + i) for i in range(config.sessions)]
+            pids = [os.getpid(), *(d.pid for d in swarm.daemons)]
             for _ in range(config.repeats):
                 began = time.perf_counter()
                 remote.generate(prompt, **greedy_options(config.new_tokens))
                 single.append(config.new_tokens / (time.perf_counter() - began))
+                cpu_before, began = sum(map(process_cpu_seconds, pids)), time.perf_counter()
                 aggregate.append(_concurrent_tokens_per_s(remote, prompts, config.new_tokens))
+                wall = time.perf_counter() - began
+                busy.append((sum(map(process_cpu_seconds, pids)) - cpu_before) / (wall * (os.cpu_count() or 1)))
 
             daemons = [_daemon_record(d, path, span, ready, config.cache_budget)
                        for d, span, ready in zip(swarm.daemons, spans, ready_s)]
@@ -213,6 +219,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "concurrency": {
             "sessions": config.sessions, "single_tokens_per_s": single, "aggregate_tokens_per_s": aggregate,
             "single_median": median(single), "aggregate_median": median(aggregate), "speedup": speedup,
+            "cpu_busy_fraction": busy, "cpu_busy_median": median(busy),
         },
         "client_connect_s": connect_s,
         "daemons": daemons,
@@ -267,7 +274,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"prefill: {p['tokens']} tokens local {p['local_median_s'] * 1e3:.0f} ms, swarm {p['swarm_median_s'] * 1e3:.0f} ms,"
         f" ratio {p['ratio']:.3f}x" + target(t["prefill_met"], f"<= {t['prefill_ratio_max']}x"),
         f"concurrency: 1 session {c['single_median']:.1f} tok/s, {c['sessions']} sessions {c['aggregate_median']:.1f} tok/s"
-        f" aggregate, {c['speedup']:.2f}x" + target(t["concurrency_met"], f">= {t['concurrency_speedup_min']}x"),
+        f" aggregate, {c['speedup']:.2f}x (client and daemons busy {c['cpu_busy_median']:.0%} of the cores)"
+        + target(t["concurrency_met"], f">= {t['concurrency_speedup_min']}x"),
         f"client connect {result['client_connect_s']:.2f} s",
     ]
     for dm in result["daemons"]:

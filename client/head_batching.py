@@ -29,6 +29,7 @@ from petals_protocol.models.gathering import GatherPolicy
 
 @dataclass(eq=False)
 class _Request:
+    session: object
     hidden: torch.Tensor  # [b, 1, H]
     result: torch.Tensor | None = None
     error: BaseException | None = None
@@ -57,7 +58,7 @@ class HeadBatcher:
     def __call__(self, session: object, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.ndim != 3 or hidden.shape[1] != 1:  # prefill and odd shapes: the plain call
             return self.head(hidden)
-        request = _Request(hidden)
+        request = _Request(session, hidden)
         with self._cond:
             self._policy.arrived(session, time.monotonic())
             self._pending.append(request)
@@ -97,8 +98,8 @@ class HeadBatcher:
 
     def _gather(self, now: float) -> None:
         """(Lock held.) Wait for the expected sessions' requests, at most the policy's window."""
-        want = self._policy.expected(now)
-        deadline = now + self._policy.window(now)
+        want, window = self._policy.want(now, {r.session for r in self._pending})
+        deadline = now + window
         while len(self._pending) < want and sum(r.hidden.shape[0] for r in self._pending) < self.max_rows:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -156,8 +156,9 @@ class Batcher:
     async def _gather_window(self) -> None:
         """Wait until one batch's worth of steps is queued (see the module docstring), not longer
         than the policy's window."""
-        now = time.monotonic()
-        want, window = self._policy.expected(now), self._policy.window(now)
+        with self._lock:
+            pending = {step.cache for step in self._pending}
+        want, window = self._policy.want(time.monotonic(), pending)
         if want > 1 and window > 0:
             with trio.move_on_after(window):
                 while len(self._pending) < want and sum(step.rows for step in self._pending) < self.config.max_rows:

@@ -8,13 +8,18 @@ before its batch runs. How long is the question this module answers:
 
 - never, when no other session is expected: a lone session runs at once, on the exact
   per-session path, so batching costs a single user nothing;
+- only for the sessions whose next step is due within the window (each session's last arrival
+  plus its last interval between steps): sessions in another phase of the chain are not waited
+  for: two groups of sessions each waiting the whole window for the other would stretch every
+  round by it (an 8-session run before this rule made 21 tok/s with the cores 49% busy, where
+  the other repeats made 32-39 tok/s; such a split is the suspected cause, not a traced one);
 - at most ``max_window_s``, and at most ``job_factor`` times the recent duration of a batch job
   (an exponential moving average). A batch of many rows costs about as much as one row (the work
   is reading weights), so waiting up to a couple of jobs' time for stragglers is repaid as soon as
   they join, while a session that stopped without closing (or is slow) costs the others a bounded
   delay that scales with the model: ~6 ms for a small model whose steps take 3 ms, not 50 ms.
 
-All expected sessions go into one batch. Splitting them into two half-size "convoys", so that
+All due sessions go into one batch. Splitting them into two half-size "convoys", so that
 two stages of the chain compute at once, was tried on the 271M model (3 daemons, 8 sessions, 2
 cores): each half cost nearly as much as the whole (two batches computing at once share the
 memory bandwidth) and the daemons used ~1.8x the CPU per token, for a lower aggregate (2.6x one
@@ -27,19 +32,22 @@ thread-safe: callers hold their own lock.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 
 @dataclass
 class GatherPolicy:
-    """Tracks which sessions are active and how long batch jobs take; says how long to gather."""
+    """Tracks when each session steps and how long batch jobs take; says whom to wait for, how long."""
 
     max_window_s: float = 0.05
     job_factor: float = 2.0
     recent_s: float = 1.0
     ema_weight: float = 0.2  # of the newest job duration in the moving average
-    # A session is forgotten when it is garbage-collected (closed) or quiet for recent_s.
-    _last_seen: weakref.WeakKeyDictionary[object, float] = field(default_factory=weakref.WeakKeyDictionary)
+    # session -> (last arrival, interval before it or None). A session is forgotten when it is
+    # garbage-collected or forgotten (closed), and ignored once quiet for recent_s.
+    _seen: weakref.WeakKeyDictionary[object, tuple[float, float | None]] = field(
+        default_factory=weakref.WeakKeyDictionary)
     job_seconds: float | None = None  # moving average of batch job durations; None before the first
 
     def __post_init__(self) -> None:
@@ -48,16 +56,18 @@ class GatherPolicy:
 
     def arrived(self, session: object, now: float) -> None:
         """A step of `session` (any weak-referenceable object standing for it) arrived at `now`."""
-        self._last_seen[session] = now
+        previous = self._seen.get(session)
+        interval = now - previous[0] if previous is not None and now - previous[0] <= self.recent_s else None
+        self._seen[session] = (now, interval)
 
     def forget(self, session: object) -> None:
         """`session` ended: stop expecting its steps (it would otherwise count until recent_s)."""
-        self._last_seen.pop(session, None)
+        self._seen.pop(session, None)
 
-    def expected(self, now: float) -> int:
-        """Sessions that stepped within `recent_s` of `now`: how many steps are worth waiting for."""
+    def active(self, now: float) -> int:
+        """Sessions that stepped within `recent_s` of `now`."""
         horizon = now - self.recent_s
-        return sum(1 for seen in list(self._last_seen.values()) if seen >= horizon)
+        return sum(1 for last, _ in list(self._seen.values()) if last >= horizon)
 
     def job_done(self, seconds: float) -> None:
         """A batch job ran for `seconds` (fold it into the moving average)."""
@@ -67,7 +77,21 @@ class GatherPolicy:
             self.job_seconds += self.ema_weight * (seconds - self.job_seconds)
 
     def window(self, now: float) -> float:
-        """Seconds a step arriving at `now` may wait for the expected others (0: run at once)."""
-        if self.expected(now) <= 1 or self.job_seconds is None:
+        """Seconds a step arriving at `now` may wait for others (0: run at once)."""
+        if self.active(now) <= 1 or self.job_seconds is None:
             return 0.0  # alone, or nothing measured yet: never delay on a guess
         return min(self.max_window_s, self.job_factor * self.job_seconds)
+
+    def want(self, now: float, pending: Collection[object]) -> tuple[int, float]:
+        """How many sessions' steps to gather before running, and for at most how long: those
+        already `pending`, plus the active sessions whose next step is due within the window
+        (last arrival + their last interval; a session with no interval yet counts). Sessions in
+        another phase of the chain (due later than the window) are not waited for: waiting
+        would only stretch every round by the window."""
+        window = self.window(now)
+        if window <= 0:
+            return len(pending), 0.0
+        horizon = now - self.recent_s
+        due = sum(1 for session, (last, interval) in list(self._seen.items())
+                  if session not in pending and last >= horizon and (interval is None or last + interval <= now + window))
+        return len(pending) + due, window

@@ -22,7 +22,7 @@ def test_a_lone_session_never_waits() -> None:
     one = Session()
     policy.arrived(one, 10.0)
     policy.job_done(0.01)
-    assert policy.expected(10.0) == 1
+    assert policy.active(10.0) == 1
     assert policy.window(10.0) == 0.0
 
 
@@ -47,13 +47,35 @@ def test_quiet_closed_and_collected_sessions_are_not_expected() -> None:
     policy.arrived(a, 10.0)
     policy.arrived(b, 10.5)
     policy.arrived(c, 10.9)
-    assert policy.expected(11.0) == 3
-    assert policy.expected(11.2) == 2  # a has been quiet for more than recent_s
+    assert policy.active(11.0) == 3
+    assert policy.active(11.2) == 2  # a has been quiet for more than recent_s
     policy.forget(b)
-    assert policy.expected(11.2) == 1
+    assert policy.active(11.2) == 1
     del c
     gc.collect()
-    assert policy.expected(11.2) == 0
+    assert policy.active(11.2) == 0
+
+
+def test_only_sessions_due_within_the_window_are_waited_for() -> None:
+    """Each session's next step is expected at its last arrival plus its last interval; sessions
+    in another phase of the chain (due later than the window) are not waited for."""
+    policy = GatherPolicy(max_window_s=0.05, job_factor=2.0)
+    policy.job_done(0.02)  # window 0.04 s
+    soon, later, new, me = Session(), Session(), Session(), Session()
+    for s in (soon, later, me):
+        policy.arrived(s, 10.0)
+    policy.arrived(soon, 10.2)  # every 0.2 s: next due at 10.4
+    policy.arrived(later, 10.3)  # every 0.3 s: next due at 10.6
+    policy.arrived(new, 10.35)  # first step: no interval yet, so it counts
+    policy.arrived(me, 10.39)
+    want, window = policy.want(10.39, {me})
+    assert window == pytest.approx(0.04)
+    assert want == 3  # me (pending), soon (due at 10.4), new; not later (due at 10.6)
+    assert policy.want(10.39, {me, soon}) == (3, pytest.approx(0.04))  # pending ones count once
+    alone = GatherPolicy()
+    alone.job_done(0.02)
+    alone.arrived(me, 1.0)
+    assert alone.want(1.0, {me}) == (1, 0.0)
 
 
 def test_invalid_policy_is_refused() -> None:

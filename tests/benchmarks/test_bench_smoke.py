@@ -61,6 +61,7 @@ def test_tiny_run_reports_every_field(tmp_path):
     conc = result["concurrency"]
     assert conc["sessions"] == 2 and conc["single_median"] > 0 and conc["aggregate_median"] > 0
     assert math.isclose(conc["speedup"], conc["aggregate_median"] / conc["single_median"])
+    assert 0 < conc["cpu_busy_median"] <= 1.1 and len(conc["cpu_busy_fraction"]) == 1  # (clock ticks round)
 
     path = ensure_model(SHAPES["tiny"], tmp_path / "cache")
     assert [d["blocks"] for d in result["daemons"]] == ["0:2", "2:4"]
