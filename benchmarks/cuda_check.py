@@ -91,10 +91,15 @@ def check_batched(device: str, root: Path) -> str:
 
 
 def time_decode(device: str, root: Path, dtype_name: str, profile: bool = False) -> str:
-    """One decode step of the 271M shape's 16 blocks: two spans vs the whole model's layers."""
+    """One decode step of the 271M shape's 16 blocks: two spans vs the whole model's layers.
+
+    Each path first runs the same 200 steps untimed, then again on fresh caches timed: on a GPU
+    the attention backend (cuDNN in bf16) builds a plan for every new key length and caches it, so
+    whichever path ran second would otherwise get the first one's plans for free (an earlier
+    version of this check timed the spans first and reported them 4x slower in bf16)."""
     dtype = getattr(torch, dtype_name)
-    path = make_random_checkpoint(root / "llama-271m", "llama", num_layers=16, hidden_size=1024, num_heads=16,
-                                  intermediate_size=2816, vocab_size=32000, dtype=dtype_name, seed=4)
+    path = make_random_checkpoint(root / f"llama-271m-{dtype_name}", "llama", num_layers=16, hidden_size=1024,
+                                  num_heads=16, intermediate_size=2816, vocab_size=32000, dtype=dtype_name, seed=4)
     spans = [load_span(path, 0, 8, dtype=dtype, device=device), load_span(path, 8, 16, dtype=dtype, device=device)]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
@@ -102,13 +107,13 @@ def time_decode(device: str, root: Path, dtype_name: str, profile: bool = False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
+    def span_steps(steps: int) -> list[float]:
         caches = [s.new_cache(1, 600) for s in spans]
         hidden = torch.randn(1, 16, 1024, device=device, dtype=dtype)
         for s, c in zip(spans, caches, strict=True):
             hidden = s.forward(hidden, c)
         times = []
-        for _ in range(200):
+        for _ in range(steps):
             x = torch.randn(1, 1, 1024, device=device, dtype=dtype)
             sync()
             began = time.perf_counter()
@@ -116,35 +121,37 @@ def time_decode(device: str, root: Path, dtype_name: str, profile: bool = False)
                 x = s.forward(x, c)
             sync()
             times.append(time.perf_counter() - began)
-        span_ms = sorted(times)[100] * 1e3
+        return times
+
+    def model_steps(steps: int) -> list[float]:
+        past = model(torch.randint(0, 32000, (1, 16), device=device), use_cache=True).past_key_values
+        times = []
+        for _ in range(steps):
+            token = torch.randint(0, 32000, (1, 1), device=device)
+            sync()
+            began = time.perf_counter()
+            past = model(token, past_key_values=past, use_cache=True).past_key_values
+            sync()
+            times.append(time.perf_counter() - began)
+        return times
+
+    with torch.inference_mode():
+        first_span_ms = sorted(span_steps(200))[100] * 1e3  # also warms the plan cache for both
+        model_steps(200)
+        span_ms = sorted(span_steps(200))[100] * 1e3
+        full_ms = sorted(model_steps(200))[100] * 1e3
         if profile:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
             with torch_profile(activities=activities) as prof:
-                for _ in range(10):
-                    x = torch.randn(1, 1, 1024, device=device, dtype=dtype)
-                    for s, c in zip(spans, caches, strict=True):
-                        x = s.forward(x, c)
-                    sync()
-            print(f"--- profile of 10 span decode steps, {dtype_name}")
+                span_steps(10)
+            print(f"--- profile of 10 span decode steps (warm), {dtype_name}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-        ids = torch.randint(0, 32000, (1, 16), device=device)
-        out = model(ids, use_cache=True)
-        past = out.past_key_values
-        times = []
-        for _ in range(200):
-            token = torch.randint(0, 32000, (1, 1), device=device)
-            sync()
-            began = time.perf_counter()
-            out = model(token, past_key_values=past, use_cache=True)
-            sync()
-            times.append(time.perf_counter() - began)
-            past = out.past_key_values
-        full_ms = sorted(times)[100] * 1e3
     return (f"271M shape {dtype_name}: one decode step through 2 spans {span_ms:.2f} ms; whole model "
-            f"(16 blocks + embedding + head) {full_ms:.2f} ms (medians of 200)")
+            f"(16 blocks + embedding + head) {full_ms:.2f} ms (medians of 200, warm); the spans' first, "
+            f"cold pass {first_span_ms:.2f} ms")
 
 
 def main() -> None:
