@@ -19,17 +19,14 @@ Only decode steps (one token per sequence) of the Llama family (llama, mistral, 
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from petals_protocol.errors import ErrorCode
 
-from .families import LLAMA, StepContext, layer_types
+from .families import layer_types
 from .span import Span, SpanCache, SpanUsageError
 
 
@@ -43,7 +40,7 @@ class DecodeItem:
 
 def can_batch(span: Span, hidden: torch.Tensor, cache: SpanCache | None) -> bool:
     """Whether this step can join a batched decode: a Llama-family span, one token, a cache."""
-    return cache is not None and span.family is LLAMA and hidden.ndim == 3 and hidden.shape[1] == 1
+    return cache is not None and span.flat is not None and hidden.ndim == 3 and hidden.shape[1] == 1
 
 
 def check_item(span: Span, item: DecodeItem) -> torch.Tensor:
@@ -69,44 +66,6 @@ def check_item(span: Span, item: DecodeItem) -> torch.Tensor:
     return hidden.to(device=span.device, dtype=span.dtype)
 
 
-def _rotary_function(attn: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The ``apply_rotary_pos_emb`` the attention module's own forward calls (its modeling module's)."""
-    return getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
-
-
-def _attention_kwargs(attn: nn.Module) -> dict[str, object]:
-    """Extra keyword arguments the family's attention forward passes to the attention function.
-
-    Qwen2 passes its per-layer ``sliding_window``, Mistral its config's; Llama passes none.
-    """
-    if hasattr(attn, "sliding_window"):
-        return {"sliding_window": attn.sliding_window}
-    window = getattr(attn.config, "sliding_window", None)
-    return {"sliding_window": window} if window is not None else {}
-
-
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Sequence[int],
-            items: Sequence[DecodeItem], contexts: Sequence[StepContext], layer_type: str) -> torch.Tensor:
-    """Per-session attention of the stacked projections ``q, k, v`` [B, 1, heads*hd]; [B, 1, H*hd] out."""
-    rotary = _rotary_function(attn)
-    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
-    extra = _attention_kwargs(attn)
-    outputs: list[torch.Tensor] = []
-    for (lo, hi), item, ctx in zip(zip(rows, rows[1:]), items, contexts, strict=True):
-        shape = (hi - lo, 1, -1, attn.head_dim)
-        qi = q[lo:hi].view(shape).transpose(1, 2)
-        ki = k[lo:hi].view(shape).transpose(1, 2)
-        vi = v[lo:hi].view(shape).transpose(1, 2)
-        assert ctx.position_embeddings is not None and ctx.masks is not None
-        cos, sin = ctx.position_embeddings
-        qi, ki = rotary(qi, ki, cos, sin)
-        ki, vi = item.cache.dynamic.update(ki, vi, attn.layer_idx)
-        out, _ = interface(attn, qi, ki, vi, ctx.masks[layer_type], dropout=0.0, scaling=attn.scaling, **extra)
-        outputs.append(out.reshape(hi - lo, 1, -1))
-    return torch.cat(outputs, dim=0)
-
-
 def batched_decode(span: Span, items: Sequence[DecodeItem]) -> list[torch.Tensor]:
     """Run one decode step of every item through its cache's blocks; each item's output, in order.
 
@@ -115,8 +74,8 @@ def batched_decode(span: Span, items: Sequence[DecodeItem]) -> list[torch.Tensor
     """
     if not items:
         return []
-    if span.family is not LLAMA:
-        raise SpanUsageError(f"batched decode supports the llama family, not {span.family.name}")
+    if span.flat is None:
+        raise SpanUsageError(f"batched decode supports the llama family (its block layout), not {span.family.name}")
     start, end = items[0].cache.start, items[0].cache.end
     if any((it.cache.start, it.cache.end) != (start, end) for it in items):
         raise SpanUsageError("a batched decode needs every session over the same blocks")
@@ -135,15 +94,11 @@ def batched_decode(span: Span, items: Sequence[DecodeItem]) -> list[torch.Tensor
         for h in hiddens:
             rows.append(rows[-1] + h.shape[0])
         hidden = torch.cat(hiddens, dim=0)
-        for block, layer_type in zip(span.blocks[start - span.start : end - span.start], types, strict=True):
-            attn = block.self_attn
-            residual = hidden
-            normed = block.input_layernorm(hidden)
-            q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
-            attended = _attend(attn, q, k, v, rows, items, contexts, layer_type)
-            hidden = residual + attn.o_proj(attended)
-            residual = hidden
-            hidden = residual + block.mlp(block.post_attention_layernorm(hidden))
+        for block, layer_type in zip(span.flat[start - span.start : end - span.start], types, strict=True):
+            q, k, v = block.project(hidden)
+            attended = torch.cat([block.attend(q[lo:hi], k[lo:hi], v[lo:hi], ctx, layer_type)
+                                  for (lo, hi), ctx in zip(zip(rows, rows[1:]), contexts, strict=True)], dim=0)
+            hidden = block.finish(hidden, attended)
     for it in items:
         it.cache.length += 1
     return [hidden[lo:hi] for lo, hi in zip(rows, rows[1:])]

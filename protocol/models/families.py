@@ -65,6 +65,7 @@ class Family:
     has_rotary: bool
     prepare_step: PrepareStep
     run_block: RunBlock
+    flat: bool = False  # blocks have the Llama layout that ``flat.run_block`` runs without modules
 
     @property
     def block_prefix(self) -> str:
@@ -236,6 +237,7 @@ LLAMA = Family(
     has_rotary=True,
     prepare_step=_prepare_rotary,
     run_block=_run_rotary,
+    flat=True,
 )
 BLOOM = Family(
     name="bloom",

@@ -8,6 +8,7 @@ bit-identical to the full transformers model run on the same inputs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +19,13 @@ from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 from petals_protocol.errors import ErrorCode, PetalsError
 
+from . import flat
 from .checkpoint import Checkpoint, ModelLoadError
 from .families import Family, StepContext, family_for, layer_types
 
 ProgressCallback = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 class SpanUsageError(PetalsError, ValueError):
@@ -125,7 +129,37 @@ class Span:
         self.num_blocks_total: int = config.num_hidden_layers
         self.hidden_size: int = config.hidden_size
         self._layer_types = layer_types(config)
+        # the blocks as straight-line torch calls (Llama layout only); used for cached steps once
+        # verified equal to the modules (see flat.py), and by the batched decode
+        self.flat: list[flat.FlatBlock] | None = None
+        if family.flat and all(flat.is_flat_capable(block) for block in blocks):
+            self.flat = [flat.FlatBlock(block) for block in blocks]
+        self.flat_steps = False
         self._cache_bytes_per_token_per_block = self._measure_cache_bytes()
+        self.flat_steps = self._verify_flat()
+
+    def _verify_flat(self) -> bool:
+        """Whether cached steps may run through ``self.flat``: only if it reproduces the modules bit for bit.
+
+        The probe (a 4-token prefill, then a decode step, on fresh caches) is compared with
+        ``torch.equal``; any difference keeps the module path, with a warning, since parity with
+        transformers is the contract and speed is not. Training (no cache) always uses the modules.
+        """
+        if self.flat is None:
+            return False
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, 4, self.hidden_size, generator=generator).to(device=self.device, dtype=self.dtype)
+        outputs: list[list[torch.Tensor]] = []
+        for use_flat in (False, True):
+            self.flat_steps = use_flat
+            cache = self.new_cache(1, 5)
+            outputs.append([self.forward(probe, cache), self.forward(probe[:, -1:], cache)])
+        self.flat_steps = False
+        if all(torch.equal(a, b) for a, b in zip(*outputs, strict=True)):
+            return True
+        log.warning("blocks %d:%d of %s: the flat block path differs from the transformers modules; using the "
+                    "modules (slower per step, same results)", self.start, self.end, self.config.model_type)
+        return False
 
     def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
         start = self.start if start is None else start
@@ -203,7 +237,13 @@ class Span:
     def _run(self, hidden: torch.Tensor, dynamic: DynamicCache | None, start: int, end: int) -> torch.Tensor:
         types = self._layer_types[start:end]
         ctx: StepContext = self.family.prepare_step(self.config, hidden, dynamic, types, self.rotary)
-        for block, layer_type in zip(self.blocks[start - self.start : end - self.start], types, strict=True):
+        first, last = start - self.start, end - self.start
+        if dynamic is not None and self.flat_steps:
+            assert self.flat is not None
+            for flat_block, layer_type in zip(self.flat[first:last], types, strict=True):
+                hidden = flat_block(hidden, ctx, layer_type)
+            return hidden
+        for block, layer_type in zip(self.blocks[first:last], types, strict=True):
             hidden = self.family.run_block(block, hidden, ctx, layer_type)
         return hidden
 
