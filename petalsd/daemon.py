@@ -349,9 +349,8 @@ class Daemon:
                  start, end, span.weight_bytes / 2**20, throughput)
         return span, throughput
 
-    def _context(self, span: Span, throughput: float) -> ServingContext:
+    def _context(self, span: Span, throughput: float, worker: ComputeWorker) -> ServingContext:
         c = self.config
-        worker = ComputeWorker()
         return ServingContext(
             span=span, fingerprint=self.fingerprint, model_name=Path(c.model).name, peer_id=self.peer_id,
             signer=self.signer, sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget)),
@@ -366,7 +365,8 @@ class Daemon:
         self._stop = trio.Event()
         psk = load_swarm_key(self.config.swarm_key) if self.config.swarm_key else None
         self.host = make_host(self.key_pair, psk=psk)
-        async with running_host(self.host, self.config.listen) as host, trio.open_nursery() as nursery:
+        async with running_host(self.host, self.config.listen) as host, ComputeWorker() as worker, \
+                trio.open_nursery() as nursery:
             self._nursery = nursery
             self.addrs = listen_multiaddrs(host)
             nursery.start_soon(self._signals)
@@ -374,7 +374,7 @@ class Daemon:
                                   bootstrap=[] if self.config.new_swarm else self.config.initial_peers)
             blocks = self.blocks or await self._place(dht)
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
-            self.ctx = self._context(span, throughput)
+            self.ctx = self._context(span, throughput, worker)
             self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info))
             host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from petalsd.compute import ComputeWorker
 
 ON = BatchingConfig(enabled=True, max_rows=8, max_window_s=0.0)
 CLOSE = dict(rtol=0.0, atol=1e-4)
+R = TypeVar("R")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,16 @@ def _caches(span: Span, count: int, start: int | None = None, end: int | None = 
 def _steps(span: Span, count: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(99)
     return [torch.randn(1, 1, span.hidden_size, generator=generator) for _ in range(count)]
+
+
+def _run(worker: ComputeWorker, fn: Callable[..., Awaitable[R]], *args: object) -> R:
+    """`trio.run(fn, *args)` with `worker`'s compute thread running for its duration."""
+
+    async def main() -> R:
+        async with worker:
+            return await fn(*args)
+
+    return trio.run(main)
 
 
 async def _occupy(worker: ComputeWorker, seconds: float, started: trio.Event) -> None:
@@ -66,7 +78,7 @@ def test_concurrent_steps_run_as_one_batch(span: Span) -> None:
             for i in range(count):
                 nursery.start_soon(one, i)
 
-    trio.run(main)
+    _run(batcher.worker, main)
     assert batcher.batches == 1 and batcher.batched_steps == count
     assert worker.stats.tokens == count
     for i in range(count):
@@ -96,7 +108,7 @@ def test_window_gathers_steps_of_recently_active_sessions(span: Span) -> None:
         await round_(0.01)  # arrivals 10 ms apart, all four sessions now recently active
         assert batcher.batches == batches + 1
 
-    trio.run(main)
+    _run(batcher.worker, main)
     assert all(c.length == i + 1 + 2 for i, c in enumerate(caches))
 
 
@@ -109,7 +121,7 @@ def test_a_lone_session_is_bit_exact_and_never_waits(span: Span) -> None:
         with trio.fail_after(2.0):
             return [await batcher.step(cache, h) for h in hiddens]
 
-    outputs = trio.run(main)
+    outputs = _run(batcher.worker, main)
     for out, h in zip(outputs, hiddens, strict=True):
         assert torch.equal(out, span.forward(h, reference))
     assert batcher.batches == 0
@@ -132,7 +144,7 @@ def test_a_closed_session_is_not_waited_for(span: Span) -> None:
             await batcher.step(caches[0], hiddens[2])
         return trio.current_time() - began
 
-    assert trio.run(main) < 1.0
+    assert _run(batcher.worker, main) < 1.0
 
 
 def test_cancelling_a_queued_step_leaves_the_others_alone(span: Span) -> None:
@@ -163,14 +175,14 @@ def test_cancelling_a_queued_step_leaves_the_others_alone(span: Span) -> None:
             await trio.sleep(0.05)  # all four queued behind the slow job
             scopes[1].cancel()
 
-    trio.run(main)
+    _run(batcher.worker, main)
     assert cancelled == [1] and sorted(outputs) == [0, 2, 3]
     assert caches[1].length == 2, "a step cancelled while queued never touches its cache"
     for i in (0, 2, 3):
         torch.testing.assert_close(outputs[i], expected[i], **CLOSE)
     assert batcher.batches == 1 and batcher.batched_steps == 3
     # the cancelled session goes on normally afterwards
-    out = trio.run(batcher.step, caches[1], hiddens[1])
+    out = _run(batcher.worker, batcher.step, caches[1], hiddens[1])
     assert torch.equal(out, expected[1])
 
 
@@ -200,7 +212,7 @@ def test_a_bad_step_fails_alone(span: Span) -> None:
             nursery.start_soon(one, 1, caches[1].length)  # refused
             nursery.start_soon(one, 2, 1)  # rolls session 2 back to one token, then steps
 
-    trio.run(main)
+    _run(batcher.worker, main)
     assert isinstance(results[1], SpanUsageError) and caches[1].length == 2
     assert isinstance(results[0], torch.Tensor) and caches[0].length == 2
     assert isinstance(results[2], torch.Tensor) and caches[2].length == 2
@@ -229,7 +241,7 @@ def test_sub_spans_prefill_and_disabled_batching_take_the_per_session_path(span:
             for i in range(4):
                 nursery.start_soon(one, i)
 
-    trio.run(main)
+    _run(batcher.worker, main)
     assert batcher.batches == 2  # one batch per block range, in the same worker job
     for i, (cache, hidden) in enumerate(zip(ref_whole + ref_sub, hiddens, strict=True)):
         torch.testing.assert_close(outputs[i], span.forward(hidden, cache), **CLOSE)
@@ -237,10 +249,10 @@ def test_sub_spans_prefill_and_disabled_batching_take_the_per_session_path(span:
     # fresh caches (the ones above went through a batched step, a few ulps away from the references)
     (fresh,), (ref_fresh,) = _caches(span, 1), _caches(span, 1)
     prefill = torch.randn(1, 3, span.hidden_size)
-    out = trio.run(batcher.step, fresh, prefill)
+    out = _run(batcher.worker, batcher.step, fresh, prefill)
     assert torch.equal(out, span.forward(prefill, ref_fresh))
 
     off = Batcher(ComputeWorker(), span, BatchingConfig())
     step = hiddens[0]
-    assert torch.equal(trio.run(off.step, fresh, step), span.forward(step, ref_fresh))
+    assert torch.equal(_run(off.worker, off.step, fresh, step), span.forward(step, ref_fresh))
     assert off.batches == 0

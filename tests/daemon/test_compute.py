@@ -1,0 +1,124 @@
+"""The compute worker: one job at a time on its own thread, in arrival order, errors and
+cancellations delivered to the caller, the thread owned by the `async with` block."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import trio
+
+from petalsd.compute import ComputeWorker
+
+
+def test_jobs_run_on_the_worker_thread_one_at_a_time_in_arrival_order() -> None:
+    order: list[int] = []
+    threads: set[str] = set()
+    running = 0
+    overlap = False
+
+    def job(i: int) -> int:
+        nonlocal running, overlap
+        running += 1
+        overlap = overlap or running > 1
+        threads.add(threading.current_thread().name)
+        time.sleep(0.01)
+        order.append(i)
+        running -= 1
+        return i * i
+
+    async def main() -> list[int]:
+        results: dict[int, int] = {}
+        async with ComputeWorker() as worker:
+            async def one(i: int) -> None:
+                results[i] = await worker.run(job, i, tokens=1)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(one, i)
+                    await trio.sleep(0.001)  # arrival order 0..5
+            assert worker.stats.jobs == 6 and worker.stats.tokens == 6 and worker.stats.busy_seconds >= 0.06
+        return [results[i] for i in range(6)]
+
+    assert trio.run(main) == [i * i for i in range(6)]
+    assert order == list(range(6)) and not overlap
+    assert threads == {"petalsd-compute"}
+
+
+def test_inference_mode_for_run_and_autograd_for_run_with_grad() -> None:
+    async def main() -> tuple[bool, bool]:
+        async with ComputeWorker() as worker:
+            in_run = await worker.run(torch.is_inference_mode_enabled)
+            x = torch.ones(2, requires_grad=True)
+            grad = await worker.run_with_grad(lambda: torch.autograd.grad((x * 3).sum(), x)[0])
+        return in_run, bool(torch.equal(grad, torch.full((2,), 3.0)))
+
+    assert trio.run(main) == (True, True)
+
+
+def test_an_error_reaches_its_caller_and_the_worker_goes_on() -> None:
+    def boom() -> None:
+        raise ValueError("bad shapes")
+
+    async def main() -> int:
+        async with ComputeWorker() as worker:
+            with pytest.raises(ValueError, match="bad shapes"):
+                await worker.run(boom)
+            return await worker.run(lambda: 7)
+
+    assert trio.run(main) == 7
+
+
+def test_a_started_job_finishes_before_cancellation_and_a_queued_one_never_runs() -> None:
+    ran: list[str] = []
+
+    def slow(name: str) -> None:
+        time.sleep(0.2)
+        ran.append(name)
+
+    async def main() -> None:
+        async with ComputeWorker() as worker:
+            async with trio.open_nursery() as nursery:
+                first, second = trio.CancelScope(), trio.CancelScope()
+
+                async def submit(scope: trio.CancelScope, name: str) -> None:
+                    with scope:
+                        await worker.run(slow, name)
+                        await trio.lowlevel.checkpoint()  # the cancellation is delivered here
+
+                nursery.start_soon(submit, first, "first")
+                await trio.sleep(0.05)
+                nursery.start_soon(submit, second, "second")
+                await trio.sleep(0.05)
+                began = trio.current_time()
+                first.cancel()
+                second.cancel()
+            # the nursery waited for the started job; the queued one was withdrawn
+            assert trio.current_time() - began >= 0.05
+            assert first.cancelled_caught and second.cancelled_caught
+            assert worker.queued == 0
+            assert await worker.run(lambda: "still serving") == "still serving"
+
+    trio.run(main)
+    assert ran == ["first"]
+
+
+def test_the_thread_lives_exactly_as_long_as_the_block() -> None:
+    worker = ComputeWorker()
+
+    async def outside() -> None:
+        await worker.run(lambda: None)
+
+    with pytest.raises(RuntimeError, match="not running"):
+        trio.run(outside)
+
+    async def main() -> None:
+        async with worker:
+            assert any(t.name == "petalsd-compute" for t in threading.enumerate())
+        assert not any(t.name == "petalsd-compute" for t in threading.enumerate())
+        async with worker:  # may run again afterwards
+            assert await worker.run(lambda: 1) == 1
+
+    trio.run(main)
