@@ -5,8 +5,8 @@
 Every decode step, each hop pays on the client: `from_torch`, `encode_message(InferenceStep)`,
 `decode_message(StepResult)`, the binding's two SHA-256 digests, an Ed25519 verify (including
 rebuilding the public key from the peer id) and `to_torch`; on the daemon the mirror image plus a
-signature and a thread hop into the compute worker. The client's user thread also crosses into
-the trio loop (`trio.from_thread.run`) once per token. This prints the best-of-N time of each, so
+signature and a thread hop into the compute worker (`petalsd.compute.ComputeWorker`). The client's
+user thread also crosses into the trio loop (`trio.from_thread.run`) once per token. This prints the best-of-N time of each, so
 the integrator can see which are worth caching or removing; the network itself (py-libp2p yamux
 + Noise, ~2.4-3.2 ms per request/response on loopback) is measured in the shared py-libp2p notes.
 """
@@ -34,6 +34,7 @@ from petals_protocol.signing import (
     verify_response,
 )
 from petals_protocol.tensors import from_torch, to_torch
+from petalsd.compute import ComputeWorker
 
 FINGERPRINT = "sha256:" + "ab" * 32
 
@@ -58,13 +59,17 @@ def thread_hop_costs(number: int = 300) -> dict[str, float]:
             return None
 
         limiter = trio.CapacityLimiter(1)
-        best = float("inf")
-        for _ in range(5):
-            began = time.perf_counter()
-            for _ in range(number):
-                await trio.to_thread.run_sync(noop, limiter=limiter)
-            best = min(best, (time.perf_counter() - began) / number)
-        results["trio.to_thread.run_sync round trip (daemon compute hop)"] = best
+        async with ComputeWorker() as worker:
+            for name, hop in (("ComputeWorker.run round trip (daemon compute hop)", lambda: worker.run(noop)),
+                              ("trio.to_thread.run_sync round trip (what it replaced)",
+                               lambda: trio.to_thread.run_sync(noop, limiter=limiter))):
+                best = float("inf")
+                for _ in range(5):
+                    began = time.perf_counter()
+                    for _ in range(number):
+                        await hop()
+                    best = min(best, (time.perf_counter() - began) / number)
+                results[name] = best
 
         token = trio.lowlevel.current_trio_token()
 
