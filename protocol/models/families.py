@@ -65,7 +65,7 @@ class Family:
     has_rotary: bool
     prepare_step: PrepareStep
     run_block: RunBlock
-    flat: bool = False  # blocks have the Llama layout that ``flat.run_block`` runs without modules
+    flat: bool = False  # blocks have the Llama layout that ``flat.FlatBlock`` runs without the modules
 
     @property
     def block_prefix(self) -> str:
