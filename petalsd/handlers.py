@@ -225,17 +225,22 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
 
 
 def _run_step(span: Any, session: Session, hidden: torch.Tensor, msg: InferenceStep,
-              hypo_ids: torch.Tensor | None, fingerprint: str, signer: Any) -> tuple[TensorPayload, bytes]:
-    """The compute job of one step: run the span on the session's cache, then encode and sign the
-    output here too (one trip through the trio loop less per step than signing on it)."""
-    payload = from_torch(run_single_step(span, session.cache, hidden, session.start, session.end,
-                                         msg.position, hypo_ids))
-    binding = inference_binding(msg, start_block=session.start, end_block=session.end,
-                                model_fingerprint=fingerprint, output=payload)
-    return payload, sign_response(signer, binding)
+              hypo_ids: torch.Tensor | None) -> TensorPayload:
+    """The compute job of one step: run the span on the session's cache and encode the output."""
+    return from_torch(run_single_step(span, session.cache, hidden, session.start, session.end, msg.position, hypo_ids))
 
 
-async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> StepResult:
+def _signed_result(ctx: ServingContext, session: Session, msg: InferenceStep, payload: TensorPayload) -> StepResult:
+    """The client's answer: the output signed over its binding to the request (DESIGN: signatures)."""
+    signature = sign_response(ctx.signer, inference_binding(
+        msg, start_block=session.start, end_block=session.end, model_fingerprint=ctx.fingerprint, output=payload))
+    return StepResult(session_id=session.session_id, step=msg.step, position=msg.position, hidden=payload,
+                      signature=signature)
+
+
+async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> TensorPayload:
+    """Check and run one step; its output, not yet signed (the next daemon does not need the
+    signature, so a pushed output leaves before it is computed)."""
     if msg.session_id != session.session_id:
         raise _refuse(ErrorCode.UNKNOWN_SESSION, f"this stream holds session {session.session_id.hex()}, "
                                                  f"not {msg.session_id.hex()}")
@@ -260,21 +265,18 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> St
         out = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
                                      position=msg.position, hypo_ids=hypo_ids)
         payload = from_torch(out)
-        signature = sign_response(ctx.signer, inference_binding(
-            msg, start_block=session.start, end_block=session.end, model_fingerprint=ctx.fingerprint, output=payload))
     else:
-        payload, signature = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
-                                                  ctx.fingerprint, ctx.signer, tokens=hidden.shape[0] * hidden.shape[1])
+        payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
+                                       tokens=hidden.shape[0] * hidden.shape[1])
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
     session.last_active = time.monotonic()
     ctx.stats["steps"] += 1
-    return StepResult(session_id=session.session_id, step=msg.step, position=msg.position, hidden=payload,
-                      signature=signature)
+    return payload
 
 
-async def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepResult) -> None:
+async def _forward_output(ctx: ServingContext, msg: InferenceStep, output: TensorPayload) -> None:
     """Send the step on to the next daemon named in `msg.push` (best effort, bounded in time)."""
     assert msg.push is not None
     if ctx.forwarder is None:
@@ -282,7 +284,7 @@ async def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepR
         return
     target, rest = msg.push[0], msg.push[1:]
     onward = InferenceStep(session_id=target.session_id, step=target.step, position=msg.position,
-                           hidden=result.hidden, hypo_ids=msg.hypo_ids, push=rest or None)
+                           hidden=output, hypo_ids=msg.hypo_ids, push=rest or None)
     try:  # returns once the push is written: the client is answered after (the critical path first)
         await ctx.forwarder.push(target, onward)
     except PushRefused as exc:
@@ -291,21 +293,22 @@ async def _forward_output(ctx: ServingContext, msg: InferenceStep, result: StepR
 
 async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep, via: str | None) -> None:
     """Run one step of an owned session (from its client stream or a push stream) and answer on the
-    client's stream; with `push`, the output goes to the next daemon first (the critical path)."""
+    client's stream; with `push`, the output goes to the next daemon first (the critical path),
+    before it is even signed for the client."""
     sid = owned.session.session_id.hex()[:12]
     async with owned.lock:
         if ctx.owners.get(owned.session.session_id) is not owned:  # closed while this step waited for the lock
             return
         try:
-            reply = await _step(ctx, owned.session, msg)
+            output = await _step(ctx, owned.session, msg)
         except PetalsError as exc:
             ctx.stats["errors"] += 1
             log.info("step refused peer=%s session=%s: %s", via or owned.channel.peer_id, sid, exc)
             await owned.channel.send(_error_reply(exc, session_id=msg.session_id))
             return
         if msg.push is not None:
-            await _forward_output(ctx, msg, reply)
-        await owned.channel.send(reply)
+            await _forward_output(ctx, msg, output)
+        await owned.channel.send(_signed_result(ctx, owned.session, msg, output))
 
 
 async def _receive_within(channel: Channel, seconds: float) -> object | None:
