@@ -32,6 +32,8 @@ import outcome
 import torch
 import trio
 
+from petals_protocol.p2p.locking import held
+
 T = TypeVar("T")
 
 
@@ -127,7 +129,7 @@ class ComputeWorker:
         if self._thread is None:
             raise RuntimeError("ComputeWorker is not running: use `async with ComputeWorker() as worker:`")
         job = _Job(fn)
-        async with self._turn:
+        async with held(self._turn):
             self._jobs.put(job)
             with trio.CancelScope(shield=True):  # the job has started: wait for it, whatever happens
                 await trio.lowlevel.wait_readable(self._done_r)

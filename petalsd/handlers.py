@@ -61,6 +61,7 @@ from petals_protocol.signing import (
 )
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
+from petals_protocol.p2p.locking import held
 from petals_protocol.p2p.streams import StreamClosed
 
 from .batching import Batcher, run_single_step
@@ -296,7 +297,7 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
     client's stream; with `push`, the output goes to the next daemon first (the critical path),
     before it is even signed for the client."""
     sid = owned.session.session_id.hex()[:12]
-    async with owned.lock:
+    async with held(owned.lock):
         if ctx.owners.get(owned.session.session_id) is not owned:  # closed while this step waited for the lock
             return
         try:
@@ -398,7 +399,7 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
         if ctx.batcher is not None:
             ctx.batcher.forget(session.cache)  # (close() below drops the cache)
         with trio.CancelScope(shield=True):
-            async with owned.lock:
+            async with held(owned.lock):
                 ctx.sessions.close(session.session_id)
         log.info("session closed peer=%s session=%s steps=%d", channel.peer_id, sid, session.steps)
 

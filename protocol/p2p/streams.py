@@ -39,6 +39,7 @@ from libp2p.peer.id import ID
 
 from ..errors import PetalsError, ProtocolError
 from ..framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from .locking import held
 from ..messages import Message, decode_message, encode_message
 
 __all__ = [
@@ -256,7 +257,7 @@ class FramedStream:
     async def _write(self, data: bytes) -> None:
         if self._closed:
             raise self._closed_error("closed locally")
-        async with self._send_lock:
+        async with held(self._send_lock):
             try:
                 await self.stream.write(data)
             except _STREAM_GONE as exc:
