@@ -81,6 +81,11 @@ class ComputeWorker:
     def queued(self) -> int:
         return self._turn.statistics().tasks_waiting
 
+    @property
+    def busy(self) -> bool:
+        """A job is running (or handing over to the next one)."""
+        return self._turn.locked()
+
     async def __aenter__(self) -> ComputeWorker:
         if self._thread is not None:
             raise RuntimeError("this ComputeWorker is already running")

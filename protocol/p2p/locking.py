@@ -1,13 +1,14 @@
-"""`held(lock)`: hold a `trio.Lock` for a block without a scheduler pass when the lock is free.
+"""Locks that cost no scheduler pass when free: `held(lock)` for a block, `Eager(lock)` as a lock.
 
 `async with trio.Lock()` yields to the scheduler once even when the lock is free (trio makes every
-acquire a checkpoint). That costs a whole pass of the run loop (an epoll call, the run queue), and
-on a token's critical path the loop's code and data are cold (warm: 7.2 us per acquire/release
-against 1.9 us here; in a traced daemon the worker's lock plus the job's set-up took ~40 us). The locks on that path (a session's
-step lock, the compute worker's turn, a stream's send lock) guard blocks that yield right away
-anyway (a job hand-off, a stream write), so the extra pass buys nothing there. A busy lock is
-waited for exactly as `Lock.acquire` does (fairly, cancellably); a free one is taken at once
-(`acquire_nowait` refuses while others wait, so fairness is kept).
+acquire a checkpoint); so does `trio.Semaphore.acquire`. That costs a whole pass of the run loop
+(an epoll call, the run queue), and on a token's critical path the loop's code and data are cold
+(warm: 7.2 us per acquire/release against 1.9 us here; in a traced daemon the worker's lock plus
+the job's set-up took ~40 us). py-libp2p's yamux takes such locks ~17 times per message echoed
+(see `protocol.p2p.muxer`). The blocks they guard yield right away anyway (a job hand-off, a
+socket write), so the extra pass buys nothing. A busy lock is waited for exactly as
+`Lock.acquire` does (fairly, cancellably); a free one is taken at once (`acquire_nowait` refuses
+while others wait, so fairness is kept).
 """
 from __future__ import annotations
 
@@ -16,18 +17,47 @@ from types import TracebackType
 import trio
 
 
-class held:  # noqa: N801 - used like a function: `async with held(lock):`
-    __slots__ = ("_lock",)
+class Eager:
+    """A `trio.Lock` or `trio.Semaphore` whose acquire skips the scheduler pass when it is free.
 
-    def __init__(self, lock: trio.Lock) -> None:
-        self._lock = lock
+    A drop-in for the wrapped object wherever code uses `async with`, `acquire`, `acquire_nowait`,
+    `release`, `locked` or `statistics`; the wrapped primitive keeps the state, so waiters that
+    use it directly and waiters that use the wrapper queue together.
+    """
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: trio.Lock | trio.Semaphore) -> None:
+        self.inner = inner
+
+    async def acquire(self) -> None:
+        try:
+            self.inner.acquire_nowait()
+        except trio.WouldBlock:
+            await self.inner.acquire()
+
+    def acquire_nowait(self) -> None:
+        self.inner.acquire_nowait()
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def locked(self) -> bool:
+        if isinstance(self.inner, trio.Semaphore):
+            return self.inner.value == 0
+        return self.inner.locked()
+
+    def statistics(self) -> object:
+        return self.inner.statistics()
 
     async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        await self.acquire()
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self._lock.release()
+        self.inner.release()
+
+
+def held(lock: trio.Lock) -> Eager:
+    """`async with held(lock):` holds `lock` for the block, at no scheduler pass if it is free."""
+    return Eager(lock)

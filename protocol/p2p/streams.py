@@ -40,6 +40,7 @@ from libp2p.peer.id import ID
 from ..errors import PetalsError, ProtocolError
 from ..framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
 from .locking import held
+from .muxer import make_lean
 from ..messages import Message, decode_message, encode_message
 
 __all__ = [
@@ -119,6 +120,7 @@ class FramedStream:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_buffered_frames: int = DEFAULT_MAX_BUFFERED_FRAMES,
     ) -> None:
+        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see muxer.py)
         self.stream = stream
         self.max_frame_size = max_frame_size
         self.peer_id: str | None = _peer_of(stream)
