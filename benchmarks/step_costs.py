@@ -6,7 +6,9 @@ Every decode step, each hop pays on the client: `from_torch`, `encode_message(In
 `decode_message(StepResult)`, the binding's two SHA-256 digests, an Ed25519 verify (including
 rebuilding the public key from the peer id) and `to_torch`; on the daemon the mirror image plus a
 signature and a thread hop into the compute worker (`petalsd.compute.ComputeWorker`). The client's
-user thread also crosses into the trio loop (`trio.from_thread.run`) once per token. This prints the best-of-N time of each, so
+user thread also crosses into the trio loop (`trio.from_thread.run`) once per token. Last, the
+batched decode's matmuls: `F.linear` (MKL) against a oneDNN-packed weight (`petals_protocol.models.
+packed`), 1 and 8 rows, on the 271M model's MLP and LM-head shapes. This prints the best-of-N time of each, so
 the integrator can see which are worth caching or removing; the network itself (py-libp2p yamux
 + Noise, ~2.4-3.2 ms per request/response on loopback) is measured in the shared py-libp2p notes.
 """
@@ -22,6 +24,8 @@ from collections.abc import Callable
 import torch
 import trio
 
+import torch.nn.functional as F
+
 from petals_protocol.messages import InferenceStep, StepResult, decode_message, encode_message
 from petals_protocol.signing import (
     inference_binding,
@@ -33,6 +37,7 @@ from petals_protocol.signing import (
     sign_response,
     verify_response,
 )
+from petals_protocol.models.packed import pack
 from petals_protocol.tensors import from_torch, to_torch
 from petalsd.compute import ComputeWorker
 
@@ -118,6 +123,22 @@ def step_costs(hidden_size: int) -> dict[str, float]:
     }
 
 
+def linear_costs() -> dict[str, float]:
+    """`F.linear` vs the oneDNN-packed weight the batched decode and head use, fp32, 1 and 8 rows."""
+    results: dict[str, float] = {}
+    for out_features, in_features, what in ((2816, 1024, "MLP"), (32000, 1024, "LM head")):
+        weight = torch.randn(out_features, in_features)
+        packed = pack(weight, None)
+        for rows in (1, 8):
+            x = torch.randn(rows, 1, in_features)
+            number = 50 if out_features < 10000 else 5
+            name = f"{what} {out_features}x{in_features}, {rows} rows"
+            results[f"{name}: F.linear"] = best_of(lambda: F.linear(x, weight), number=number)
+            if packed is not None:
+                results[f"{name}: oneDNN packed"] = best_of(lambda: packed(x), number=number)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_costs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024])
@@ -128,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, seconds in step_costs(hidden_size).items():
             print(f"  {seconds * 1e6:8.1f} us  {name}")
     for name, seconds in thread_hop_costs().items():
+        print(f"  {seconds * 1e6:8.1f} us  {name}")
+    print("matmuls of the batched decode (best of 5)")
+    for name, seconds in linear_costs().items():
         print(f"  {seconds * 1e6:8.1f} us  {name}")
     print(f"(thread count {threading.active_count()}, load {os.getloadavg()[0]:.2f})")
     return 0

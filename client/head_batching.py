@@ -40,8 +40,9 @@ class HeadBatcher:
     """Thread-safe: `batcher(session, hidden)` returns `head(hidden)`, possibly computed in a batch."""
 
     def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], policy: GatherPolicy | None = None,
-                 max_rows: int = 64) -> None:
-        self.head = head
+                 max_rows: int = 64, *, batched_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.head = head  # a lone request's exact path
+        self.batched_head = batched_head or head  # several rows (e.g. ClientPart.packed_logits: faster)
         self.max_rows = max_rows
         self._policy = policy or GatherPolicy()
         self._cond = threading.Condition()
@@ -122,7 +123,7 @@ class HeadBatcher:
             if len(batch) == 1:
                 batch[0].result = self.head(batch[0].hidden)  # the exact per-session path
             else:
-                out = self.head(torch.cat([r.hidden for r in batch], dim=0))
+                out = self.batched_head(torch.cat([r.hidden for r in batch], dim=0))
                 row = 0
                 for request in batch:
                     rows = request.hidden.shape[0]

@@ -176,7 +176,7 @@ class DistributedModelForCausalLM:
         model = cls(path, client_part, runtime, swarm, gen_config)
         model.push = push
         if batching:
-            model.head_batcher = HeadBatcher(client_part.logits)
+            model.head_batcher = HeadBatcher(client_part.logits, batched_head=client_part.packed_logits())
         return model
 
     def close(self) -> None:

@@ -328,7 +328,8 @@ class DaemonConfig:
     batching: bool = _opt(
         False, _bool, "Merge concurrent sessions' decode steps into one batched forward (Llama "
         "family). Several times the throughput for many sessions, but batched matmuls round "
-        "differently from single-row ones (max abs diff ~1e-5 in fp32), so off by default.",
+        "differently from single-row ones (max abs diff ~1e-5 in fp32), so off by default. On CPU "
+        "it keeps a oneDNN-packed copy of the linear weights (about the span's weight bytes again).",
         flag_type=None)
     balance_quality: float = _opt(
         0.75, _quality, "Move to other blocks only when the swarm's weakest block would gain: old minimum "

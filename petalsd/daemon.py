@@ -344,6 +344,11 @@ class Daemon:
                  start, end, str(self.dtype).removeprefix("torch."), self.config.device)
         span = load_span(self.config.model, start, end, dtype=self.dtype, device=self.config.device,
                          progress=_progress_reporter(f"loading blocks {start}:{end}"))
+        if self.config.batching:
+            packed = span.pack_for_batching()
+            log.info("batching peer=%s blocks=%d:%d: %s", self.peer_id, start, end,
+                     f"linear weights packed for oneDNN, {packed / 2**20:.1f} MiB more" if packed else
+                     "linear weights not packed (needs CPU, fp32/bf16, oneDNN): batches use F.linear")
         throughput = measure_throughput(span) if self.config.throughput == "auto" else float(self.config.throughput)
         log.info("loaded peer=%s blocks=%d:%d weights=%.1f MiB throughput=%.1f block-steps/s", self.peer_id,
                  start, end, span.weight_bytes / 2**20, throughput)

@@ -7,6 +7,7 @@ model) reuses the embedding matrix: such checkpoints have no ``lm_head.weight``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, ModelLoadError
 from .families import Family, family_for
+from .packed import pack
 from .span import build_skeleton, load_modules
 
 
@@ -58,6 +60,21 @@ class ClientPart(nn.Module):
         """
         hidden = hidden.to(device=self.head.weight.device, dtype=self.head.weight.dtype)
         return self.head(self.final_norm(hidden))
+
+    def packed_logits(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``logits`` on a oneDNN-packed copy of the head's weight, for many rows at once (the
+        client's head batching: 8 rows through a 32000 x 1024 head take 8.7 ms against 24.5 ms with
+        ``F.linear`` on CPU; not bit-identical to it, see ``packed.py``). Costs a second copy of the
+        head's weight; None where packing is unavailable (then use ``logits``)."""
+        packed = pack(self.head.weight, self.head.bias)
+        if packed is None:
+            return None
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            hidden = hidden.to(device=self.head.weight.device, dtype=self.head.weight.dtype)
+            return packed(self.final_norm(hidden))
+
+        return logits
 
 
 def _tied(config: transformers.PretrainedConfig) -> bool:

@@ -153,6 +153,26 @@ def test_a_lone_session_takes_the_exact_path_at_once() -> None:
     assert head.calls == [1, 1, 1] and batcher.batches == 0
 
 
+def test_batches_use_the_batched_head_and_a_lone_session_the_exact_one() -> None:
+    """`batched_head` (the client passes the oneDNN-packed head) serves only calls of several rows."""
+    exact, batched = CountingHead(), CountingHead()
+    batched.linear = exact.linear
+    batcher = HeadBatcher(exact, GatherPolicy(max_window_s=0.5, job_factor=1e6), batched_head=batched)
+    lone = Session()
+    batcher(lone, torch.randn(1, 1, 16))
+    batcher.forget(lone)
+    sessions = [Session() for _ in range(6)]
+    inputs = [torch.randn(1, 1, 16) for _ in sessions]
+    _run_threads(batcher, sessions, inputs)
+    exact.calls.clear()
+    outputs = _run_threads(batcher, sessions, inputs)
+    assert batched.calls and all(rows > 1 for rows in batched.calls), batched.calls
+    assert all(rows == 1 for rows in exact.calls), exact.calls
+    with torch.no_grad():
+        for x, out in zip(inputs, outputs, strict=True):
+            torch.testing.assert_close(out, exact.linear(x), rtol=0, atol=1e-5)
+
+
 def test_prefill_shapes_bypass_the_batcher() -> None:
     head = CountingHead()
     batcher = HeadBatcher(head)
