@@ -17,6 +17,12 @@ each successful send or receive), so no loop in yamux can spin without letting o
 `_write_frame` skips the per-frame debug formatting (an f-string evaluated even with debug logging
 off) and the extra checkpoint (the socket write just yielded).
 
+Not done, on purpose: buffering the TCP stream's reads (Noise reads each message in two `recv`s;
+a buffer took the echo from 8 to 6 passes). yamux drops a stream's unread data when it processes
+a RST, and with a buffer a reply and the RST right behind it are processed back to back, before
+the reader runs: a daemon's error reply followed by a reset (a frame over the limit) never reached
+the client (tests/integration/test_bad_input.py caught it).
+
 How: py-libp2p builds its `Yamux` itself (a muxer class passed to `new_host` is ignored for the
 yamux protocol id), so `make_lean` adapts the objects under a stream instead, once per stream
 (`FramedStream` calls it on every stream it wraps, opened or accepted) and idempotently: the
