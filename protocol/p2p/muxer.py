@@ -17,6 +17,13 @@ each successful send or receive), so no loop in yamux can spin without letting o
 `_write_frame` skips the per-frame debug formatting (an f-string evaluated even with debug logging
 off) and the extra checkpoint (the socket write just yielded).
 
+Window updates: stock py-libp2p 0.8.1 answers *every* read with a WINDOW_UPDATE frame (its
+"release on read" and "partial slack" rules), so each message costs its reader one more frame
+encrypted and written before the data reaches it, and its sender one more wake-up to read that
+frame. Lean streams credit the peer once half the receive window has been read, go-yamux's rule,
+which py-libp2p's own window code implements for that case (`_release_window`). Echo of 4 KB:
+8 -> 5 passes per round trip; 300 echoes of 60 KB: 603 updates -> 16.
+
 Not done, on purpose: buffering the TCP stream's reads (Noise reads each message in two `recv`s;
 a buffer took the echo from 8 to 6 passes). yamux drops a stream's unread data when it processes
 a RST, and with a buffer a reply and the RST right behind it are processed back to back, before
@@ -75,6 +82,17 @@ def _tcp_stream(conn: object) -> TrioTCPStream | None:
     return None
 
 
+async def _release_window(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """Credit the peer with the bytes read only once half the receive window has been read (the
+    rule of go-yamux, whose window updates py-libp2p says it mirrors). Stock py-libp2p 0.8.1 sends a
+    WINDOW_UPDATE after every read instead: one more frame written, encrypted and sent before each
+    message reaches its reader, and one more frame the sender's loop wakes up for."""
+    del bytes_read  # a read is credited through the window itself: what was read is no longer buffered
+    buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+    if self.target_recv_window - (self.recv_window + buffered) >= self._grow_threshold():
+        await YamuxStream._auto_tune_and_send_window_update(self)
+
+
 async def _write_frame(self: Yamux, data: bytes) -> None:
     """`Yamux._write_frame` without its debug formatting and its extra checkpoint (the socket write
     has just yielded)."""
@@ -102,6 +120,7 @@ def make_lean(stream: object) -> None:
     _eager(stream, "_state_lock")  # NetStream checks its state under it on every read and write
     for name in ("window_lock", "close_lock"):
         _eager(muxed, name)
+    muxed._auto_tune_and_send_window_update = MethodType(_release_window, muxed)  # type: ignore[method-assign]
     rw_lock = getattr(muxed, "rw_lock", None)
     for name in ("_readers_lock", "_writer_lock"):
         _eager(rw_lock, name)

@@ -95,6 +95,7 @@ def _assert_lean(stream: INetStream) -> None:
     tcp = _tcp_stream(muxed.conn.secured_conn)
     assert tcp is not None and isinstance(tcp.read_lock, Eager) and isinstance(tcp.write_lock, Eager)
     assert "_write_frame" in vars(muxed.conn)
+    assert "_auto_tune_and_send_window_update" in vars(muxed)
 
 
 def test_lean_yamux_takes_far_fewer_scheduler_passes_per_message() -> None:
@@ -119,6 +120,42 @@ def test_lean_yamux_takes_far_fewer_scheduler_passes_per_message() -> None:
 
     _with_pair(body)
     assert result["lean"] <= result["stock"] / 2, result
+
+
+def test_window_updates_wait_for_half_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stock py-libp2p answers every read with a WINDOW_UPDATE frame (measured: 2 per echo, one
+    per side); lean streams credit the peer once half the receive window has been read, as go-yamux
+    does, so the peer is never owed more than half a window."""
+    sent = {"updates": 0}
+    stock_send = YamuxStream.send_window_update
+
+    async def counted(self: YamuxStream, increment: int, skip_lock: bool = False) -> None:
+        sent["updates"] += increment > 0
+        await stock_send(self, increment, skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+    result: dict[str, int] = {}
+
+    async def body(client: IHost, server: IHost) -> None:
+        peer = server.get_id()
+        payload = os.urandom(60_000)  # 300 echoes: 18 MB each way, several windows' worth
+        for name, protocol in (("stock", ECHO), ("lean", LEAN_ECHO)):
+            stream = await client.new_stream(peer, [protocol])
+            if name == "lean":
+                make_lean(stream)
+            sent["updates"] = 0
+            await _echo_passes(stream, payload, 300)
+            result[name] = sent["updates"]
+            if name == "lean":
+                muxed = stream.muxed_stream  # type: ignore[attr-defined]
+                buffered = len(muxed.conn.stream_buffers.get(muxed.stream_id, b""))
+                owed = muxed.target_recv_window - (muxed.recv_window + buffered)
+                assert 0 <= owed < muxed._grow_threshold(), (owed, muxed.target_recv_window)
+            await stream.close()
+
+    _with_pair(body)
+    assert result["stock"] >= 2 * 300, result  # what stock does (if not, this test is stale)
+    assert 0 < result["lean"] <= result["stock"] / 10, result
 
 
 def test_framed_streams_are_lean_on_both_ends_and_move_bytes_intact_under_concurrency() -> None:
