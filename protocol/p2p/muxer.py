@@ -24,6 +24,11 @@ frame. Lean streams credit the peer once half the receive window has been read, 
 which py-libp2p's own window code implements for that case (`_release_window`). Echo of 4 KB:
 8 -> 5 passes per round trip; 300 echoes of 60 KB: 603 updates -> 16.
 
+Noise: a plain Noise-over-TCP session (no swarm key) reads and writes its messages straight on the
+TCP stream (`_LeanNoise`), skipping the msgio / RawConnection ladder; same socket calls, same
+cipher states, same exceptions. Echo of 4 KB: 0.42-0.45 -> 0.39 ms; per 6.8M decode token, the
+loop threads' CPU 10-13% lower.
+
 Not done, on purpose: buffering the TCP stream's reads (Noise reads each message in two `recv`s;
 a buffer took the echo from 8 to 6 passes). yamux drops a stream's unread data when it processes
 a RST, and with a buffer a reply and the RST right behind it are processed back to back, before
@@ -46,7 +51,12 @@ from types import MethodType
 from typing import Any
 
 import trio
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, IOException
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from .locking import Eager
@@ -100,6 +110,80 @@ async def _write_frame(self: Yamux, data: bytes) -> None:
         await self.secured_conn.write(data)
 
 
+class _LeanNoise:
+    """A Noise session's reads and writes, straight to the TCP stream under it.
+
+    Stock, a message read goes SecureSession -> NoiseTransportReadWriter -> NoisePacketReadWriter
+    (msgio) -> read_exactly -> RawConnection -> TrioTCPStream twice over (the 2-byte length, then
+    the ciphertext), and a write down the same ladder: about twenty Python frames a message,
+    which a daemon runs cold after every compute step. Here the same socket reads and writes (one
+    `receive_some` for the length, then the body; one `send_all` of length + ciphertext, under
+    the TCP stream's own locks and error mapping), the same Noise cipher states, the same bytes on
+    the wire, and the same exceptions upwards (ConnectionClosedError, IncompleteReadError,
+    RawConnError). Only for the plain Noise-over-TCP layout; with a swarm key (an extra cipher
+    layer) or any other layout the session is left as it is.
+    """
+
+    def __init__(self, session: SecureSession, noise: NoiseTransportReadWriter, tcp: TrioTCPStream) -> None:
+        self.session = session
+        self.noise = noise
+        self.tcp = tcp
+
+    async def _receive_exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = await self.tcp.read(n - len(data))
+            except ConnectionClosedError:
+                raise
+            except (IOException, ConnectionResetError) as error:  # as RawConnection.read
+                raise RawConnError from error
+            if not chunk:
+                raise IncompleteReadError(f"Connection closed during read operation: expected {n} bytes but "
+                                          f"received {len(data)} bytes", expected_bytes=n, received_bytes=len(data))
+            data = chunk if not data else data + chunk
+        return data
+
+    async def read(self, n: int | None = None) -> bytes:
+        """Up to `n` bytes of plaintext (callers loop with `read_exactly`, as yamux does)."""
+        if n == 0:
+            return b""
+        buffered = self.session._drain(n)  # plaintext left over from the last message
+        if buffered:
+            return buffered
+        length = int.from_bytes(await self._receive_exactly(2), "big")
+        msg = self.noise.decrypt(await self._receive_exactly(length))
+        if n is not None and len(msg) > n:
+            self.session._fill(msg[n:])
+            return msg[:n]
+        return msg
+
+    async def write(self, data: bytes) -> None:
+        if len(data) > MAX_PLAINTEXT_LENGTH:  # several Noise messages: the stock path chunks them
+            await self.noise.write_msg(data)
+            return
+        encrypted = self.noise.encrypt(data)
+        try:
+            await self.tcp.write(len(encrypted).to_bytes(2, "big") + encrypted)
+        except ConnectionClosedError:
+            raise
+        except (IOException, ConnectionResetError) as error:  # as RawConnection.write
+            raise RawConnError from error
+
+
+def _lean_noise(session: object) -> None:
+    """Give a plain Noise-over-TCP session `_LeanNoise`'s read and write; leave any other alone."""
+    noise = getattr(session, "conn", None)
+    packets = getattr(noise, "read_writer", None)
+    raw = getattr(packets, "read_write_closer", None)
+    if type(session) is not SecureSession or type(noise) is not NoiseTransportReadWriter \
+            or type(raw) is not RawConnection or not isinstance(raw.stream, TrioTCPStream):
+        return
+    lean = _LeanNoise(session, noise, raw.stream)
+    session.read = lean.read  # type: ignore[method-assign]
+    session.write = lean.write  # type: ignore[method-assign]
+
+
 def _lean_connection(conn: Yamux) -> None:
     if "_write_frame" in vars(conn):
         return  # done for an earlier stream of this connection
@@ -109,6 +193,7 @@ def _lean_connection(conn: Yamux) -> None:
     if tcp is not None:
         _eager(tcp, "read_lock")
         _eager(tcp, "write_lock")
+    _lean_noise(conn.secured_conn)
     conn._write_frame = MethodType(_write_frame, conn)  # type: ignore[method-assign]
 
 
