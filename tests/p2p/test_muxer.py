@@ -11,7 +11,7 @@ import pytest
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from petals_protocol.p2p.host import connect, listen_multiaddrs, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
@@ -196,7 +196,18 @@ def test_framed_streams_are_lean_on_both_ends_and_move_bytes_intact_under_concur
 
 
 @pytest.mark.parametrize("psk", [None, bytes(range(32))], ids=["noise", "noise+swarm-key"])
-def test_the_tcp_locks_are_found_with_and_without_a_swarm_key(psk: bytes | None) -> None:
+def test_the_tcp_locks_are_found_with_and_without_a_swarm_key(psk: bytes | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames of every size arrive intact; with plain Noise the DATA frames skip yamux's own frame
+    handling (its `_read_data_body` is never reached), with a swarm key the stock path runs."""
+    stock_bodies = {"reads": 0}
+    stock_read_data_body = Yamux._read_data_body
+
+    async def counted(self: Yamux, length: int) -> bytes:
+        stock_bodies["reads"] += 1
+        return await stock_read_data_body(self, length)
+
+    monkeypatch.setattr(Yamux, "_read_data_body", counted)
+
     async def body(client: IHost, server: IHost) -> None:
         async with trio.open_nursery() as nursery:
             framed = await open_stream(client, server.get_id(), FRAMED_ECHO, nursery=nursery)
@@ -204,10 +215,12 @@ def test_the_tcp_locks_are_found_with_and_without_a_swarm_key(psk: bytes | None)
             # the Noise session's reads and writes go straight to TCP only without the swarm
             # key's extra cipher layer, which keeps the stock path
             assert _noise_is_lean(framed.stream) == (psk is None)
+            stock_bodies["reads"] = 0
             for frame in (b"ping", os.urandom(70_000), b"", os.urandom(200_000), b"pong"):
                 await framed.send_frame(frame)
                 assert await framed.receive_frame() == frame
             await framed.close()
+            assert (stock_bodies["reads"] == 0) == (psk is None), stock_bodies
 
     _with_pair(body, psk=psk)
 
