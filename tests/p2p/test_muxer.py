@@ -20,6 +20,7 @@ from petals_protocol.p2p.muxer import _tcp_stream, make_lean
 from petals_protocol.p2p.streams import open_framed, open_stream
 
 ECHO = TProtocol("/test/echo/1")
+REPLY_THEN_RESET = TProtocol("/test/reply-then-reset/1")
 LEAN_ECHO = TProtocol("/test/lean-echo/1")
 FRAMED_ECHO = "/test/framed-echo/1"
 
@@ -54,6 +55,14 @@ async def _framed_echo(stream: INetStream) -> None:
             await framed.send_frame(frame)
 
 
+async def _reply_then_reset(stream: INetStream) -> None:
+    """Answers the first frame, then resets at once: the reply and the RST leave back to back."""
+    async with open_framed(stream) as framed:
+        frame = await framed.receive_frame()
+        await framed.send_frame(b"reply to " + frame)
+        await framed.reset()
+
+
 def _with_pair(body: Callable[[IHost, IHost], Awaitable[None]], *, psk: bytes | None = None) -> None:
     """Run `body(client, server)` with two connected hosts in this process."""
 
@@ -62,6 +71,7 @@ def _with_pair(body: Callable[[IHost, IHost], Awaitable[None]], *, psk: bytes | 
         server.set_stream_handler(ECHO, _raw_echo)
         server.set_stream_handler(LEAN_ECHO, _lean_echo)
         server.set_stream_handler(TProtocol(FRAMED_ECHO), _framed_echo)
+        server.set_stream_handler(REPLY_THEN_RESET, _reply_then_reset)
         with trio.fail_after(60):
             async with running_host(server, ["/ip4/127.0.0.1/tcp/0"]), \
                     running_host(client, ["/ip4/127.0.0.1/tcp/0"]):
@@ -223,6 +233,26 @@ def test_the_tcp_locks_are_found_with_and_without_a_swarm_key(psk: bytes | None,
             assert (stock_bodies["reads"] == 0) == (psk is None), stock_bodies
 
     _with_pair(body, psk=psk)
+
+
+def test_a_reply_followed_by_a_reset_reaches_the_reader_first() -> None:
+    """yamux drops a stream's unread data when it processes a RST; the lean reader hands DATA
+    frames over without yielding, so it must let readers run before passing a RST up (a daemon's
+    error reply followed by a reset, e.g. for a frame over the limit, must not be lost)."""
+    from petals_protocol.p2p.streams import StreamClosed
+
+    async def body(client: IHost, server: IHost) -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                framed = await open_stream(client, server.get_id(), str(REPLY_THEN_RESET), nursery=nursery)
+                await framed.send_frame(b"%d" % i)
+                with trio.fail_after(10):
+                    assert await framed.receive_frame() == b"reply to %d" % i
+                    with pytest.raises(StreamClosed):
+                        await framed.receive_frame()
+                await framed.reset()
+
+    _with_pair(body)
 
 
 def test_other_muxers_and_plain_objects_are_left_alone() -> None:
