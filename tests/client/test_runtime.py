@@ -125,6 +125,8 @@ def test_an_interrupted_wait_does_not_hand_its_result_to_the_next_call() -> None
     """Ctrl-C while `generate` waits: the next call must get its own result, not the one the
     interrupted call left behind."""
     runtime, _ = _runtime()
+    # Python's own Ctrl-C handler, even where the suite runs with SIGINT ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main = threading.main_thread()
         assert threading.current_thread() is main  # signals are delivered to the main thread
@@ -139,4 +141,5 @@ def test_an_interrupted_wait_does_not_hand_its_result_to_the_next_call() -> None
         gc.collect()
         assert _lane_tasks(runtime) == 1
     finally:
+        signal.signal(signal.SIGINT, previous)
         runtime.close()

@@ -49,8 +49,11 @@ def test_demo_prints_the_zen_route_and_latency():
 
 
 def test_demo_stops_its_daemons_on_ctrl_c():
+    # Ctrl-C as a terminal delivers it, even where this suite runs with SIGINT ignored (a shell's
+    # background job inherits that, and Python then installs no KeyboardInterrupt handler).
     proc = subprocess.Popen([sys.executable, "-m", "petals_client.cli", "demo", "--max-new-tokens", "5000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pids: list[int] = []
     try:
         assert proc.stdout is not None
