@@ -1,4 +1,4 @@
-"""`make_lean(stream)`: py-libp2p's yamux, same bytes on the wire, without ~19 scheduler passes a message.
+"""`make_lean(stream)`: py-libp2p's yamux and Noise, same bytes on the wire, 4 scheduler passes per echo instead of 26.
 
 Every message a petals peer sends or receives crosses py-libp2p's yamux and Noise layers, which take
 a `trio.Lock` (or a one-slot `trio.Semaphore`) about 17 times per message echoed: the connection's
