@@ -4,23 +4,32 @@
   petals generate --model PATH --initial-peers ADDR... "prompt"
   petals swarm --model PATH --initial-peers ADDR... [--json]
   petals ctl [--socket PATH] status|sessions|peers|metrics|drain|reload|stop
+
+Nothing heavy (torch, transformers, libp2p) is imported before the command line is parsed, so
+`--help`, `--version` and usage errors answer at once. Failures are one line on stderr (plus a
+hint where there is an obvious next step); `-v` shows logs and, for failures, the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
-from petals_protocol.errors import PetalsError
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_STATUS_HELP = ("Exit status: 0 success; 1 failure at run time (unreachable peers, no route, "
+                    "bad model folder); 2 bad command line. Errors are one line on stderr; -v adds "
+                    "logs and tracebacks.")
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .demo.run import _TimedPrinter
     from .model import AutoDistributedModelForCausalLM
     from .tokenizer import load_tokenizer
-    from .demo.run import _TimedPrinter
 
     tokenizer = load_tokenizer(args.model)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
@@ -28,7 +37,6 @@ def _generate(args: argparse.Namespace) -> int:
         if args.show_route:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
-        print(args.prompt, end="", flush=True)
         options = {"max_new_tokens": args.max_new_tokens}
         if args.temperature is not None:
             options.update(do_sample=True, temperature=args.temperature)
@@ -38,8 +46,13 @@ def _generate(args: argparse.Namespace) -> int:
             options["top_p"] = args.top_p
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        lm.generate(ids, streamer=_TimedPrinter(tokenizer), **options)
-    return 0
+        print(args.prompt, end="", flush=True)
+        try:
+            lm.generate(ids, streamer=_TimedPrinter(tokenizer), **options)
+        except BaseException:
+            print(flush=True)  # end the half-printed text, so the error starts its own line
+            raise
+    return EXIT_OK
 
 
 def _swarm(args: argparse.Namespace) -> int:
@@ -55,39 +68,84 @@ def _demo(args: argparse.Namespace) -> int:
                     daemons=args.daemons, max_new_tokens=args.max_new_tokens, echo_logs=args.verbose)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="petals", description="Run language models over a swarm of petalsd daemons.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show client (and demo daemons') logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    demo = sub.add_parser("demo", help="start a local swarm on the shipped model and generate through it")
+    try:
+        return version("petalsd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and a pointer to --help, not the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\nhint: `{self.prog} --help` shows the usage\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default worth reading."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_peers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
+                        help="full multiaddrs (/ip4/HOST/tcp/PORT/p2p/PEER_ID) of daemons in the swarm, "
+                             "as printed on their `ready` line")
+    parser.add_argument("--swarm-key", metavar="FILE", help="pre-shared key file of a private swarm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = _Help
+    parser = _Parser(prog="petals", description="Run language models over a swarm of petalsd daemons.",
+                                     epilog=EXIT_STATUS_HELP, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"petals {_version()}")
+    verbose_help = "show logs (the demo's daemons' too) and tracebacks"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # -v after the subcommand too (`petals generate -v ...`); SUPPRESS keeps the top-level value.
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help, description=help, parents=[common], epilog=EXIT_STATUS_HELP,
+                                 formatter_class=formatter)
+        command.set_defaults(parser=command)  # for errors found after parsing (parse_args)
+        return command
+
+    demo = add("demo", "start a local swarm on the shipped model and generate through it")
     demo.add_argument("--model", help="a local checkpoint folder (default: the shipped demo model)")
-    demo.add_argument("--prompt", help="text to continue")
-    demo.add_argument("--daemons", type=int, default=3, help="how many daemons to split the model over (default 3)")
-    demo.add_argument("--max-new-tokens", type=int, default=1000, help="upper bound; the model stops at its end-of-text token")
+    demo.add_argument("--prompt", help="text to continue (default: the demo's own)")
+    demo.add_argument("--daemons", type=int, default=3, metavar="N", help="how many daemons to split the model over")
+    demo.add_argument("--max-new-tokens", type=int, default=1000, metavar="N", help="upper bound; the model stops at its end-of-text token")
     demo.set_defaults(func=_demo)
 
-    gen = sub.add_parser("generate", help="generate text through a swarm")
+    gen = add("generate", "generate text through a swarm")
     gen.add_argument("--model", required=True, help="local checkpoint folder (the client loads embeddings and head)")
-    gen.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
-    gen.add_argument("--swarm-key", help="pre-shared key file of a private swarm")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int)
+    _add_peers(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens to generate")
+    gen.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (default: greedy)")
+    gen.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
+    gen.add_argument("--top-p", type=float, metavar="P", help="sample within the top-P probability mass")
+    gen.add_argument("--seed", type=int, metavar="N", help="seed torch's generator (reproducible sampling)")
     gen.add_argument("--show-route", action="store_true", help="print which daemons serve which blocks")
-    gen.add_argument("prompt")
-    gen.set_defaults(func=_generate)
+    gen.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the text to continue (or give it last, "
+                     "as a positional argument)")
+    gen.add_argument("prompt", nargs="?", help="the text to continue")
+    gen.set_defaults(func=_generate, positional="prompt")
 
-    swarm = sub.add_parser("swarm", help="which blocks are served by whom")
-    swarm.add_argument("--model", required=True)
-    swarm.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
-    swarm.add_argument("--swarm-key")
+    swarm = add("swarm", "which blocks are served by whom")
+    swarm.add_argument("--model", required=True, help="local checkpoint folder")
+    _add_peers(swarm)
     swarm.add_argument("--json", action="store_true", help="machine-readable output")
     swarm.set_defaults(func=_swarm)
 
-    ctl = sub.add_parser("ctl", help="control the local daemon over its Unix socket")
+    ctl = add("ctl", "control a local daemon over its Unix socket")
     from . import ctl as ctl_mod
 
     ctl_mod.configure_parser(ctl)
@@ -95,21 +153,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse like argparse, except that a positional given after a multi-value option
+    (`--initial-peers ADDR "Hello"`) is taken back from that option: multiaddrs start with "/",
+    a prompt does not, so the split is unambiguous."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "positional", None) == "prompt":
+        peers = args.initial_peers
+        while args.prompt is None and len(peers) > 1 and not peers[-1].startswith("/"):
+            args.prompt = peers.pop()
+        if args.prompt is not None and args.prompt_option is not None:
+            args.parser.error("give the prompt once: either --prompt TEXT or as the last argument")
+        args.prompt = args.prompt if args.prompt is not None else args.prompt_option
+        if args.prompt is None:
+            args.parser.error("the prompt is missing: petals generate --model M --initial-peers ADDR... \"text\"")
+    for addr in getattr(args, "initial_peers", None) or ():
+        problem = _peer_address_problem(addr)
+        if problem:
+            args.parser.error(f"--initial-peers {addr!r}: {problem}")
+    return args
+
+
+def _peer_address_problem(addr: str) -> str | None:
+    """Why `addr` cannot name a peer to dial (None if it can): caught before anything starts."""
+    import multiaddr
+    import multiaddr.exceptions
+
+    try:
+        names = [p.name for p in multiaddr.Multiaddr(addr).protocols()]
+    except (ValueError, multiaddr.exceptions.Error) as exc:
+        return f"not a multiaddr ({str(exc).splitlines()[0]}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID"
+    if "p2p" not in names:
+        return "must end in /p2p/PEER_ID (the daemon's `ready` line prints its full address)"
+    return None
+
+
+def _hint(exc: BaseException) -> str | None:
+    """A next step for the failures a user meets first, by type name (no heavy imports here)."""
+    names = {t.__name__ for t in type(exc).__mro__}
+    if names & {"DialError", "DHTError"}:
+        return ("check the address (copy it from the daemon's `ready` line, /p2p/ part included) "
+                "and that the daemon is running and reachable from here")
+    if "NoRoute" in names:
+        return "`petals swarm --model M --initial-peers ADDR...` shows which blocks are served and the gaps"
+    if "ModelLoadError" in names or isinstance(exc, FileNotFoundError):
+        return "--model takes a local Hugging Face checkpoint folder (config.json, *.safetensors)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from petals_protocol.p2p.host import quiet_libp2p_logs
-
-    quiet_libp2p_logs()
     try:
+        from petals_protocol.p2p.host import quiet_libp2p_logs
+
+        quiet_libp2p_logs()
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (PetalsError, ValueError, OSError) as exc:
-        print(f"petals: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line (a traceback with -v)
+        return _report(exc, args.verbose)
+
+
+def _report(exc: BaseException, verbose: bool) -> int:
+    from petals_protocol.errors import PetalsError, first_error
+
+    error = first_error(exc, (PetalsError, ValueError, OSError)) or exc
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    expected = error is not exc or isinstance(exc, (PetalsError, ValueError, OSError))
+    if expected:
+        print(f"petals: error: {error}", file=sys.stderr)
+    else:  # a bug of ours: still one line, and how to get the rest
+        print(f"petals: internal error: {type(error).__name__}: {error}"
+              + ("" if verbose else " (run with -v for the traceback)"), file=sys.stderr)
+    hint = _hint(error)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

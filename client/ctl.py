@@ -2,6 +2,10 @@
 
     petals ctl [--socket PATH] [--json] status|sessions|peers|metrics|drain|reload|stop
 
+Without --socket (or $PETALSD_CONTROL_SOCKET) it finds the local daemons' sockets where they
+create them (petals_protocol.localpaths): with one daemon running it talks to that one; with
+several it lists them and asks which.
+
 Plain standard library (http.client on an AF_UNIX socket): the tool must work in the smallest
 install and must not import the daemon (client and daemon never import each other), so it only
 knows the HTTP routes and renders whatever JSON comes back.
@@ -17,7 +21,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-DEFAULT_SOCKET = "/run/petalsd/control.sock"
+from petals_protocol.localpaths import SYSTEMD_CONTROL_SOCKET, candidate_sockets, control_socket_dir
+
+DEFAULT_SOCKET = str(SYSTEMD_CONTROL_SOCKET)
 SOCKET_ENV = "PETALSD_CONTROL_SOCKET"
 #: Seconds to wait for the daemon; drain/reload/stop return once the action has started.
 TIMEOUT = 30.0
@@ -59,7 +65,8 @@ class CtlError(Exception):
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add `petals ctl`'s arguments to `parser` (the `ctl` subparser of `petals`)."""
     parser.add_argument("--socket", metavar="PATH",
-                        help=f"control socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
+                        help=f"control socket (default: ${SOCKET_ENV}, else the one running daemon's "
+                             f"socket, found in {DEFAULT_SOCKET} or {control_socket_dir()}/)")
     parser.add_argument("--json", action="store_true", help="print the daemon's raw JSON")
     # dest differs from "command": the `petals` parser uses that name for its subcommand.
     parser.add_argument("ctl_command", metavar="command", choices=list(COMMANDS),
@@ -69,8 +76,48 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def socket_path(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str:
+    """The socket to talk to: --socket, else $PETALSD_CONTROL_SOCKET, else the only live one
+    (`CtlError` listing them when several daemons run, or saying where none was found)."""
     env = os.environ if environ is None else environ
-    return args.socket or env.get(SOCKET_ENV) or DEFAULT_SOCKET
+    chosen = args.socket or env.get(SOCKET_ENV)
+    if chosen:
+        return chosen
+    live = [path for path in candidate_sockets(env) if _answers(path)]
+    if len(live) == 1:
+        return str(live[0])
+    if not live:
+        folders = dict.fromkeys([str(SYSTEMD_CONTROL_SOCKET.parent), str(control_socket_dir(env))])
+        raise CtlError(f"no running petalsd found (no live control socket in {' or '.join(folders)}); "
+                       "give --socket PATH if it uses another one")
+    lines = [f"{len(live)} daemons are running here; choose one with --socket PATH:"]
+    for path in live:
+        lines.append(f"  {path}  {_describe_daemon(str(path))}")
+    raise CtlError("\n".join(lines))
+
+
+def _answers(path: Any) -> bool:
+    """Whether a daemon listens on `path` (a socket left by a killed daemon refuses)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    try:
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def _describe_daemon(path: str) -> str:
+    try:
+        status, _ctype, body = request(path, "GET", "/v1/status")
+        data = json.loads(body) if status == 200 else {}
+    except (CtlError, ValueError):
+        data = {}
+    peer = data.get("peer_id", "?")
+    blocks = data.get("blocks")
+    span = f"{blocks[0]}:{blocks[1]}" if isinstance(blocks, list) and len(blocks) == 2 else "?"
+    return f"peer {peer}  blocks {span}  model {data.get('model', '?')}"
 
 
 def request(path: str, method: str, target: str) -> tuple[int, str, bytes]:
@@ -102,9 +149,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     not be reached (the reason printed as one line on stderr)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    path = socket_path(args)
     method, target = COMMANDS[args.ctl_command]
     try:
+        path = socket_path(args)
         status, _ctype, body = request(path, method, target)
     except CtlError as e:
         print(f"petals ctl: {e}", file=err)

@@ -108,6 +108,11 @@ class LocalSwarm:
         cmd = [self.python, "-m", "petalsd", "--model", self.model,
                "--listen", "/ip4/127.0.0.1/tcp/0",
                "--identity", str(self.workdir / f"{name}.key")]
+        if not any(a.startswith(("--control-socket", "--no-control-api", "--config")) for a in (args or [])):
+            # Each daemon's control socket in the swarm's folder, not in the host-wide default one
+            # (where a test's daemons would be listed beside the user's); AF_UNIX paths stop at 108 bytes.
+            socket = self.workdir / f"{name}.sock"
+            cmd += ["--control-socket", str(socket)] if len(str(socket)) < 100 else ["--no-control-api"]
         if public_name:  # name the daemon after its slot, unless a config file should decide
             cmd += ["--public-name", name]
         if blocks is not None:

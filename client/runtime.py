@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from petals_protocol.errors import first_error
+
 T = TypeVar("T")
 
 
@@ -103,27 +105,38 @@ class ClientRuntime:
         self._thread.start()
         self._started.wait()
         if self._error is not None:
+            self._thread.join(10)  # the loop is unwinding; let it close its host first
             raise self._error
 
     def _run(self) -> None:
         try:
             trio.run(self._amain)
         except BaseException as exc:  # noqa: BLE001 - reported to the thread that started us
-            self._error = exc
+            if self._error is None:
+                self._error = exc
         finally:
             self._started.set()
 
     async def _amain(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                await self._main(nursery, self._stop)
-            finally:
-                self._started.set()
-            await self._stop.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._main(nursery, self._stop)
+                except BaseException as exc:
+                    # Recorded before the caller is woken (the `finally` below), so it never sees a
+                    # runtime that neither started nor failed; a group is reduced to its cause.
+                    self._error = first_error(exc, (Exception,)) or exc
+                    raise
+                finally:
+                    self._started.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            if self._error is None:
+                raise
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run `await fn(*args)` on the runtime's loop and return its result (or raise its error)."""

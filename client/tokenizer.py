@@ -61,6 +61,8 @@ class _HFTokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
     spec_file = path / BYTE_TOKENIZER_FILE
     if spec_file.exists():
         spec = json.loads(spec_file.read_text())
@@ -73,4 +75,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return _HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} has no tokenizer (neither {BYTE_TOKENIZER_FILE} nor Hugging Face files): {exc}") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path} has no tokenizer (neither {BYTE_TOKENIZER_FILE} nor Hugging Face "
+                         f"tokenizer files): {reason}") from exc

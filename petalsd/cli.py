@@ -2,28 +2,26 @@
 
 Exit status: 0 after a clean drain (SIGTERM/SIGINT/`petals ctl stop`), 2 for a bad command line
 or configuration, 1 for any other fatal error, always with a one-line reason on stderr.
+
+Only the configuration module is imported before the command line is parsed: torch and libp2p
+take seconds to import, and `petalsd --help` or a typo should answer at once.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-
-import trio
-
-from petals_protocol.errors import PetalsError
-from petals_protocol.models.checkpoint import ModelLoadError
-from petals_protocol.p2p.host import quiet_libp2p_logs
+import traceback
 
 from . import config as config_mod
-from .daemon import build_daemon
-from .notify import Notifier
 
 log = logging.getLogger("petalsd")
 
 
 def setup_logging(level: str) -> None:
     """One line per event on stderr; no timestamps under systemd (journald adds its own)."""
+    from petals_protocol.p2p.host import quiet_libp2p_logs
+
     under_systemd = "INVOCATION_ID" in os.environ or "JOURNAL_STREAM" in os.environ
     fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(config_mod.to_toml(config), end="")
         return 0
     setup_logging(config.log_level)
+    import trio
+
+    from .daemon import build_daemon
+    from .notify import Notifier
+
     notifier = Notifier.from_env()
     try:
         daemon = build_daemon(config, argv, notifier)
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         reason = _expected_failure(exc)
         if reason is None:
             raise
+        if config.log_level == "debug":
+            traceback.print_exception(reason, file=sys.stderr)
         print(f"petalsd: fatal: {reason}", file=sys.stderr)
         notifier.stopping()
         return 1
@@ -62,11 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 def _expected_failure(exc: BaseException) -> BaseException | None:
     """The error to report in one line (bad model path, port in use, unreadable identity...), even
     when trio wrapped it in exception groups; None for a bug, which keeps its traceback."""
-    if isinstance(exc, (PetalsError, ModelLoadError, OSError)):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _expected_failure(inner)
-            if found is not None:
-                return found
-    return None
+    from petals_protocol.errors import PetalsError, first_error
+
+    return first_error(exc, (PetalsError, OSError))

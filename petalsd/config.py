@@ -46,7 +46,7 @@ _SIZE_UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 #: A public name is shown to other users in `petals swarm`; keep it short and printable.
 MAX_PUBLIC_NAME = 64
@@ -163,8 +163,34 @@ def _choice(choices: Sequence[str]) -> Callable[[object], str]:
 def _device(value: object) -> str:
     s = _str(value)
     if not _DEVICE_RE.match(s):
-        raise _Invalid(f"must be cpu, cuda or cuda:N; got {s!r}")
+        raise _Invalid(f"must be auto, cpu, cuda or cuda:N; got {s!r}")
     return s
+
+
+def check_device_available(device: str) -> None:
+    """Refuse a CUDA device this machine's torch cannot use, before anything is loaded. Imports
+    torch only when CUDA was asked for, so validating a CPU or auto config stays cheap."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?)")
+        raise _Invalid(f"{device} is not available: {why}; use --device cpu or auto")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise _Invalid(f"{device} is not available: this machine has "
+                       f"{torch.cuda.device_count()} CUDA device(s)")
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda when torch sees a GPU, else cpu; anything else as configured."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _blocks(value: object) -> str:
@@ -231,10 +257,11 @@ def _multiaddr_list(require_peer_id: bool) -> Callable[[object], list[str]]:
 
 def _opt(default: Any, parse: Callable[[object], Any], help: str, *,
          flag_type: Callable[[str], Any] | None = str, reload: bool = False,
-         factory: Callable[[], Any] | None = None) -> Any:
+         factory: Callable[[], Any] | None = None, choices: Sequence[str] | None = None) -> Any:
     """A `DaemonConfig` field: its default, its parser, its help (the field's documentation,
     shown in --help, --print-config and the example file) and whether reload applies it."""
-    meta = {"parse": parse, "help": help, "flag_type": flag_type, "reload": reload}
+    meta = {"parse": parse, "help": help, "flag_type": flag_type, "reload": reload,
+            "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -246,8 +273,8 @@ class DaemonConfig:
     field; constructing it directly (in tests) skips validation."""
 
     model: str = field(metadata={
-        "parse": _nonempty_str, "flag_type": str, "reload": False,
-        "help": "Local Hugging Face checkpoint folder (or a hub id when online). Required."})
+        "parse": _nonempty_str, "flag_type": str, "reload": False, "choices": None,
+        "help": "Local Hugging Face checkpoint folder. Required."})
     blocks: str | None = _opt(
         None, _blocks, "Serve exactly blocks START:END (end exclusive). Excludes num_blocks; "
         "with neither, the daemon chooses a span that fits its memory.")
@@ -270,18 +297,25 @@ class DaemonConfig:
         "listen on plus relay addresses.", factory=list)
     identity: Path | None = _opt(
         None, _path, "Ed25519 key file (created if missing) that fixes the peer id across "
-        "restarts. Under systemd defaults to $STATE_DIRECTORY/identity.key; unset elsewhere, "
-        "which means a fresh peer id each start.")
+        "restarts; a second daemon given a key file in use is refused. Under systemd defaults to "
+        "$STATE_DIRECTORY/identity.key. Unset elsewhere: the first key file of "
+        "$XDG_STATE_HOME/petalsd/identity.key, identity-2.key, ... that no running daemon holds, "
+        "so daemons on one host never share a peer id and each keeps its own across restarts.")
     control_socket: Path | None = _opt(
-        None, _path, "Unix socket of the control API. Under systemd defaults to "
-        "$RUNTIME_DIRECTORY/control.sock; unset elsewhere, which disables the control API.")
+        None, _path, "Unix socket of the control API (`petals ctl`). Under systemd defaults to "
+        "$RUNTIME_DIRECTORY/control.sock; elsewhere to $XDG_RUNTIME_DIR/petalsd/PEER.sock "
+        "(/run/petalsd/PEER.sock as root), PEER being the end of the daemon's peer id.")
+    control_api: bool = _opt(
+        True, _bool, "Serve the control API on the control socket; --no-control-api turns it off.",
+        flag_type=None)
     control_group: str | None = _opt(
         None, _nonempty_str, "Group allowed to use the control socket (mode 0660); unset: "
         "only the daemon's user and root (mode 0600).")
     dtype: str = _opt(
         "auto", _choice(DTYPES), "Weights and activations dtype; auto takes the checkpoint's "
-        "dtype (float32 on CPU when that is float16).")
-    device: str = _opt("cpu", _device, "Where blocks run: cpu, cuda or cuda:N.")
+        "dtype (float32 on CPU when that is float16).", choices=DTYPES)
+    device: str = _opt("auto", _device, "Where blocks run: auto (cuda when torch sees a GPU, "
+                       "else cpu), cpu, cuda or cuda:N. An unavailable device is refused at start.")
     public_name: str = _opt(
         "", _public_name, "A name shown to others in `petals swarm` (e.g. a URL).", reload=True)
     swarm_key: Path | None = _opt(
@@ -319,7 +353,8 @@ class DaemonConfig:
         90.0, _positive_seconds, "Seconds a DHT record stays valid; must exceed "
         "announce_period so records never lapse between refreshes.", flag_type=float)
     log_level: str = _opt(
-        "info", _choice(LOG_LEVELS), "Least severe log level written to stderr.", reload=True)
+        "info", _choice(LOG_LEVELS), "Least severe log level written to stderr.", reload=True,
+        choices=LOG_LEVELS)
     throughput: float | str = _opt(
         "auto", _throughput, 'Announced block-steps/s (blocks x one-token steps per second, what '
         'routing divides by); "auto" measures it at start.')
@@ -369,15 +404,26 @@ def _is_chosen(value: object) -> bool:
 # --------------------------------------------------------------------------- flags
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and a pointer to --help, not the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\nhint: `{self.prog} --help` lists the options\n")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """The `petalsd` command line: one flag per `DaemonConfig` field plus --config and
     --print-config. Defaults are suppressed so that only flags actually given override the file.
     """
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="petalsd", argument_default=argparse.SUPPRESS,
         description="Serve a span of a language model's transformer blocks to a petals swarm. "
                     "Options come from --config FILE (TOML, keys as below in snake_case) and "
-                    "flags; flags win.")
+                    "flags; flags win.",
+        epilog="Exit status: 0 after a clean stop (SIGTERM, SIGINT, `petals ctl stop`); 1 for a "
+               "fatal error at run time (model, identity, port, peers); 2 for a bad command line "
+               "or configuration. Errors are one line on stderr; --log-level debug adds tracebacks.")
+    p.add_argument("--version", action="version", version=f"petalsd {_version()}")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help=f"TOML file; under systemd defaults to {SYSTEM_CONFIG_PATH} if it exists")
     p.add_argument("--print-config", action="store_true",
@@ -392,13 +438,41 @@ def build_arg_parser() -> argparse.ArgumentParser:
         if f.name == "new_swarm":  # a one-way switch: the file cannot make it true by default
             target.add_argument(flag, action="store_true", help=help_)
         elif f.type == "bool":
-            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_ + _shown_default(f))
         elif f.type == "list[str]":
-            target.add_argument(flag, nargs="+", metavar="MULTIADDR", help=help_)
+            target.add_argument(flag, nargs="+", metavar="MULTIADDR", help=help_ + _shown_default(f))
         else:
-            target.add_argument(flag, type=f.metadata["flag_type"], metavar=_metavar(f),
-                                help=help_)
+            choices = f.metadata["choices"]
+            target.add_argument(flag, type=f.metadata["flag_type"], help=help_ + _shown_default(f),
+                                metavar="{" + ",".join(choices) + "}" if choices else _metavar(f),
+                                choices=choices)
     return p
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    """" (default: X)" for --help, from the field itself (argparse's own defaults are suppressed
+    so that an untyped flag never overrides the file)."""
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return ""
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is None or value == [] or f.name == "new_swarm":
+        return ""
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
+    if f.metadata["parse"] is _positive_size:
+        return f" (default: {format_size(value)})"
+    if isinstance(value, list):
+        return f" (default: {' '.join(value)})"
+    return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("petalsd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _metavar(f: dataclasses.Field) -> str:
@@ -506,8 +580,13 @@ def merge_layers(layers: Sequence[tuple[str, Mapping[str, object]]]) -> DaemonCo
         raise ConfigError("record_ttl", f"({config.record_ttl:g} s) must exceed announce_period "
                                         f"({config.announce_period:g} s)",
                           origin.get("record_ttl") or origin.get("announce_period"))
-    if config.control_group is not None and config.control_socket is None:
-        raise ConfigError("control_group", "needs control_socket", origin["control_group"])
+    if config.control_group is not None and not config.control_api:
+        raise ConfigError("control_group", "needs the control API (not --no-control-api)",
+                          origin["control_group"])
+    try:
+        check_device_available(config.device)
+    except _Invalid as e:
+        raise ConfigError("device", str(e), origin.get("device")) from None
     return config
 
 

@@ -37,7 +37,14 @@ from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.models.span import Span, load_span
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
-from petals_protocol.p2p.identity import ed25519_private_key, load_or_create_identity, peer_id as peer_id_of
+from petals_protocol.localpaths import default_control_socket
+from petals_protocol.p2p.identity import (
+    IdentityClaim,
+    claim_free_identity,
+    claim_identity,
+    ed25519_private_key,
+    peer_id as peer_id_of,
+)
 from petals_protocol.p2p.dht import find_model_records, start_dht
 from petals_protocol.p2p.streams import StreamClosed, open_framed
 from petals_protocol.records import ServerRecord
@@ -64,17 +71,18 @@ class StartupError(PetalsError):
     """A fatal problem before serving (bad model path, port in use, unreadable identity)."""
 
 
-def default_identity_path() -> Path:
+def default_identity_dir() -> Path:
+    """Where key files live when --identity is not given (see `claim_free_identity`)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "petalsd" / "identity.key"
+    return Path(state) / "petalsd"
 
 
-def choose_dtype(config: DaemonConfig, checkpoint: Checkpoint) -> torch.dtype:
+def choose_dtype(config: DaemonConfig, checkpoint: Checkpoint, device: str) -> torch.dtype:
     if config.dtype != "auto":
         return DTYPES[config.dtype]
     declared = getattr(checkpoint.config, "dtype", None) or getattr(checkpoint.config, "torch_dtype", None)
     name = str(declared).removeprefix("torch.") if declared is not None else "float32"
-    if config.device == "cpu" and name == "float16":
+    if device == "cpu" and name == "float16":
         return torch.float32  # fp16 matmuls are slow or missing on CPUs
     return DTYPES.get(name, torch.float32)
 
@@ -127,13 +135,14 @@ def measure_throughput(span: Span, steps: int = 5) -> float:
 class Daemon:
     config: DaemonConfig
     argv: list[str]
-    key_pair: Any
+    identity: IdentityClaim
     notifier: Notifier
     started_at: float
     checkpoint: Checkpoint
     fingerprint: str
     dtype: torch.dtype
     blocks: tuple[int, int] | None  # None: chosen from the swarm (--num-blocks or the default)
+    device: str  # config.device with "auto" resolved; the config keeps "auto" so reloads compare equal
     ctx: ServingContext | None = None  # set once the span is loaded
     host: Any = None
     addrs: list[str] | None = None
@@ -142,6 +151,7 @@ class Daemon:
     _nursery: trio.Nursery | None = None
 
     def __post_init__(self) -> None:
+        self.key_pair = self.identity.key_pair
         self.signer = ed25519_private_key(self.key_pair)
         self.peer_id = peer_id_of(self.key_pair).to_base58()
         self.peer_id_bytes = peer_id_from_text(self.peer_id)
@@ -341,8 +351,8 @@ class Daemon:
         """Load blocks [start, end) and measure their throughput (blocking: run in a thread)."""
         self.notifier.status(f"loading blocks {start}:{end}")
         log.info("loading peer=%s model=%s blocks=%d:%d dtype=%s device=%s", self.peer_id, self.config.model,
-                 start, end, str(self.dtype).removeprefix("torch."), self.config.device)
-        span = load_span(self.config.model, start, end, dtype=self.dtype, device=self.config.device,
+                 start, end, str(self.dtype).removeprefix("torch."), self.device)
+        span = load_span(self.config.model, start, end, dtype=self.dtype, device=self.device,
                          progress=_progress_reporter(f"loading blocks {start}:{end}"))
         if self.config.batching:
             packed = span.pack_for_batching()
@@ -365,6 +375,26 @@ class Daemon:
             public_name=c.public_name, version=__version__, state="joining", throughput=throughput,
             batcher=Batcher(worker, span, BatchingConfig(enabled=c.batching)),
         )
+
+    async def _start_control_api(self, nursery: trio.Nursery) -> Path | None:
+        """Serve the control API on the configured socket, else on this daemon's default one
+        (petals_protocol.localpaths). A configured socket that cannot be served is fatal; the
+        default one only costs a warning, since nobody asked for it by name."""
+        if not self.config.control_api:
+            return None
+        from .control import ControlSocketError, serve_control
+        from .control_backend import DaemonControl
+
+        serve = functools.partial(serve_control, backend=DaemonControl(self), group=self.config.control_group)
+        if self.config.control_socket is not None:
+            return await nursery.start(serve, self.config.control_socket)
+        path = default_control_socket(self.peer_id)
+        try:
+            _private_dir(path.parent)
+            return await nursery.start(serve, path)
+        except (ControlSocketError, OSError) as exc:
+            log.warning("control API off peer=%s: %s (give --control-socket PATH)", self.peer_id, exc)
+            return None
 
     async def serve(self) -> None:
         self._stop = trio.Event()
@@ -389,12 +419,7 @@ class Daemon:
             await nursery.start(IdleConnections(host,
                                                 sessions=lambda: [*self.ctx.sessions, *self.ctx.link_activity()],
                                                 timeout=lambda: self.config.idle_connection_timeout).run)
-            if self.config.control_socket is not None:
-                from .control import serve_control
-                from .control_backend import DaemonControl
-
-                await nursery.start(functools.partial(serve_control, self.config.control_socket,
-                                                      DaemonControl(self), group=self.config.control_group))
+            control = await self._start_control_api(nursery)
             self.ctx.state = "online"
             self.announcer = Announcer(host, dht, self.signer, self.peer_id, self.make_record,
                                        period=self.config.announce_period, ttl=self.config.record_ttl)
@@ -402,7 +427,8 @@ class Daemon:
             nursery.start_soon(self.announcer.run)
             if self.blocks is None:
                 nursery.start_soon(self._rebalance, dht, self.announcer)
-            log.info("ready peer=%s blocks=%d:%d addrs=%s", self.peer_id, span.start, span.end, " ".join(self.addrs))
+            log.info("ready peer=%s blocks=%d:%d addrs=%s control=%s", self.peer_id, span.start, span.end,
+                     " ".join(self.addrs), control or "off")
             self.notifier.ready()
             nursery.start_soon(self.notifier.run_watchdog)
             nursery.start_soon(self._status_updates)
@@ -416,17 +442,27 @@ def build_daemon(config: DaemonConfig, argv: list[str], notifier: Notifier) -> D
     """Everything that can fail before joining the swarm; raises with a one-line reason."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    key_pair = load_or_create_identity(config.identity or default_identity_path())
     checkpoint = Checkpoint(config.model)
+    identity = claim_identity(config.identity) if config.identity else claim_free_identity(default_identity_dir())
     num_blocks = checkpoint.config.num_hidden_layers
     blocks = parse_blocks(config, num_blocks) if config.blocks is not None else None
     notifier.status("hashing the model's weights (fingerprint)")
     fingerprint = model_fingerprint(config.model, cache_dir=_cache_dir())
-    daemon = Daemon(config=config, argv=argv, key_pair=key_pair, notifier=notifier, started_at=time.time(),
-                    checkpoint=checkpoint, fingerprint=fingerprint, dtype=choose_dtype(config, checkpoint),
-                    blocks=blocks)
-    log.info("identity peer=%s model=%s fingerprint=%s", daemon.peer_id, config.model, fingerprint[:16])
+    device = config_mod.resolve_device(config.device)
+    daemon = Daemon(config=config, argv=argv, identity=identity, notifier=notifier, started_at=time.time(),
+                    checkpoint=checkpoint, fingerprint=fingerprint, dtype=choose_dtype(config, checkpoint, device),
+                    blocks=blocks, device=device)
+    log.info("identity peer=%s key=%s model=%s fingerprint=%s device=%s", daemon.peer_id, identity.path,
+             config.model, fingerprint[:16], device)
     return daemon
+
+
+def _private_dir(folder: Path) -> None:
+    """Create `folder` 0700 if missing; refuse one another user owns (a shared /tmp)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise OSError(f"{folder} belongs to uid {info.st_uid}, not to this user")
 
 
 def _cache_dir() -> Path | None:

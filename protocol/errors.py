@@ -119,3 +119,21 @@ class RemoteError(PetalsError):
 
     def __reduce__(self) -> tuple[type, tuple[ErrorCode, str, str | None]]:
         return (type(self), (self.code, self.message, self.peer))
+
+
+def first_error(exc: BaseException, wanted: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of one of the `wanted` types in `exc`, looking inside (nested) exception
+    groups; None if there is none.
+
+    trio wraps whatever fails inside a nursery in an ExceptionGroup; a user who could not join a
+    swarm should read the `DialError` inside, not a group's traceback. Both commands and the
+    client library report failures through this one function.
+    """
+    if isinstance(exc, wanted):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_error(inner, wanted)
+            if found is not None:
+                return found
+    return None

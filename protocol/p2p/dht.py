@@ -287,13 +287,15 @@ async def start_dht(
             reached.append(await connect(host, addr))
         except DialError as exc:
             failures.append(str(exc))
-            log.warning("DHT bootstrap: %s", exc)
 
     async with trio.open_nursery() as dials:
         for addr in addrs:
             dials.start_soon(dial, addr)
     if addrs and not reached:
-        raise DHTError(f"no bootstrap peer reachable ({'; '.join(failures)})")
+        # One error that carries every cause; logging each as well would say it all twice.
+        raise DHTError(f"no initial peer reachable: {'; '.join(failures)}")
+    for failure in failures:
+        log.warning("DHT bootstrap: skipping an initial peer: %s", failure)
 
     async with trio.open_nursery() as admits:
         for peer_id in dict.fromkeys([*reached, *host.get_connected_peers()]):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -74,8 +75,7 @@ class DialError(PetalsError):
     """Could not reach a peer at an address (bad address, refused, handshake failed, timed out)."""
 
     def __init__(self, peer: str | None, addr: str, reason: str) -> None:
-        who = f"peer {peer} at {addr}" if peer else addr
-        super().__init__(f"cannot connect to {who}: {reason}")
+        super().__init__(f"cannot connect to {addr}: {reason}")  # the address names the peer
         self.peer = peer
         self.addr = addr
         self.reason = reason
@@ -285,14 +285,46 @@ async def connect(host: IHost, addr: str, *, timeout: float = DEFAULT_DIAL_TIMEO
 
 
 def _describe(exc: BaseException) -> str:
-    """libp2p wraps the cause several levels deep; show the chain so the reason is visible."""
+    """The reason a dial failed, in words a user can act on ("connection refused", "timed out").
+
+    libp2p wraps the cause several levels deep (SwarmDialAllFailedError -> MultiError ->
+    SwarmException -> OpenConnectionError -> trio's OSError -> ConnectionRefusedError), each
+    level repeating the peer id; the innermost OS error is what the user needs. Without one, the
+    chain's distinct messages are shown instead.
+    """
+    os_error = _innermost_os_error(exc, set())
+    if os_error is not None and os_error.errno is not None:
+        return os.strerror(os_error.errno).lower()
+    if os_error is not None:
+        return str(os_error)
     parts: list[str] = []
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen and len(parts) < 4:
         seen.add(id(current))
-        text = str(current) or type(current).__name__
+        text = (str(current) or type(current).__name__).splitlines()[0]
         if text not in parts:
             parts.append(text)
         current = current.__cause__ or current.__context__
     return ": ".join(parts)
+
+
+def _innermost_os_error(exc: BaseException, seen: set[int]) -> OSError | None:
+    """Depth-first through causes, contexts, exception groups and libp2p's MultiError (`.errors`):
+    the deepest OSError, preferring one that carries an errno."""
+    if id(exc) in seen:
+        return None
+    seen.add(id(exc))
+    inner: list[BaseException] = []
+    for nested in (getattr(exc, "errors", None), getattr(exc, "exceptions", None)):
+        if isinstance(nested, (list, tuple)):
+            inner.extend(e for e in nested if isinstance(e, BaseException))
+    inner.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+    found = None
+    for e in inner:
+        deeper = _innermost_os_error(e, seen)
+        if deeper is not None and (found is None or (found.errno is None and deeper.errno is not None)):
+            found = deeper
+    if found is None and isinstance(exc, OSError):
+        return exc
+    return found

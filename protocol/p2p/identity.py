@@ -13,14 +13,22 @@ Creation is atomic and race-free: the key is written to a temporary 0600 file in
 directory, fsynced, then hard-linked to the final name (which fails if the name exists). So a
 crash never leaves a half-written key, and two daemons started at once with the same path end
 up sharing one identity instead of one overwriting the other's.
+
+Exclusive use: two running daemons with one peer id look like one peer to the swarm (routes to
+the second one fail), so a daemon *claims* its key file for as long as it runs (`claim_identity`:
+an flock on `KEY.lock`, released by the kernel when the process ends, even on SIGKILL). A second
+daemon given the same file is refused with the holder's pid; one started without a key file takes
+the first free one of `identity.key`, `identity-2.key`, ... (`claim_free_identity`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as CryptoEd25519PrivateKey
@@ -32,6 +40,10 @@ from ..errors import PetalsError
 
 __all__ = [
     "IdentityError",
+    "IdentityInUse",
+    "IdentityClaim",
+    "claim_identity",
+    "claim_free_identity",
     "load_or_create_identity",
     "ephemeral_identity",
     "ed25519_private_key",
@@ -55,6 +67,89 @@ class IdentityError(PetalsError):
         super().__init__(f"{where}{reason}")
         self.path = path
         self.reason = reason
+
+
+class IdentityInUse(IdentityError):
+    """The key file is claimed by another running daemon (`holder_pid`, when it could be read)."""
+
+    def __init__(self, path: Path, holder_pid: int | None) -> None:
+        who = f"daemon pid {holder_pid}" if holder_pid else "another running daemon"
+        super().__init__(path, f"in use by {who}; give this daemon its own --identity FILE "
+                               "(or leave --identity unset to take a free one)")
+        self.holder_pid = holder_pid
+
+
+@dataclass
+class IdentityClaim:
+    """A key pair and the lock that keeps other daemons off its file while we run."""
+
+    key_pair: KeyPair
+    path: Path
+    _lock_fd: int
+
+    def release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the file drops the flock
+            self._lock_fd = -1
+
+
+#: How many default key files a host may hold (identity.key, identity-2.key, ...).
+MAX_DEFAULT_IDENTITIES = 64
+
+
+def claim_identity(path: Path) -> IdentityClaim:
+    """Load (or create) the key at `path` and hold it for this process's lifetime.
+
+    Raises IdentityInUse if another live process holds it, IdentityError for any other problem.
+    """
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    if not path.parent.exists():
+        try:
+            path.parent.mkdir(mode=_KEY_DIR_MODE, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IdentityError(path, f"cannot create directory {path.parent}: {exc.strerror or exc}") from exc
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _KEY_FILE_MODE)
+    except OSError as exc:
+        raise IdentityError(path, f"cannot open its lock file {lock_path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        raise IdentityInUse(path, holder) from None
+    except OSError as exc:
+        os.close(fd)
+        raise IdentityError(path, f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return IdentityClaim(load_or_create_identity(path), path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def claim_free_identity(directory: Path) -> IdentityClaim:
+    """The first key file in `directory` that no running daemon holds (created if missing)."""
+    directory = Path(directory)
+    for n in range(1, MAX_DEFAULT_IDENTITIES + 1):
+        name = "identity.key" if n == 1 else f"identity-{n}.key"
+        try:
+            return claim_identity(directory / name)
+        except IdentityInUse:
+            continue
+    raise IdentityError(directory / "identity.key",
+                        f"all {MAX_DEFAULT_IDENTITIES} default key files in {directory} are in use; "
+                        "give --identity FILE")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def ephemeral_identity() -> KeyPair:

@@ -203,6 +203,6 @@ def test_diff_reload() -> None:
     assert restart == ["device", "max_length"]
     merged = reloaded(old, new)
     assert (merged.max_sessions, merged.log_level, merged.max_length, merged.device) == \
-        (4, "debug", 2048, "cpu")
+        (4, "debug", 2048, "auto")
     assert diff_reload(old, old) == ([], [])
     assert "max_length" not in RELOADABLE_KEYS and "cache_budget" in RELOADABLE_KEYS

@@ -388,11 +388,47 @@ def test_ctl_connection_errors(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) 
     assert code == 1 and "nobody is listening" in err
 
 
-def test_ctl_default_socket() -> None:
+def test_ctl_explicit_socket_wins() -> None:
     ns = argparse.Namespace(socket=None)
-    assert ctl.socket_path(ns, {}) == "/run/petalsd/control.sock"
     assert ctl.socket_path(ns, {ctl.SOCKET_ENV: "/x.sock"}) == "/x.sock"
     assert ctl.socket_path(argparse.Namespace(socket="/y.sock"), {ctl.SOCKET_ENV: "/x"}) == "/y.sock"
+
+
+def test_ctl_finds_the_running_daemons(sock_dir: Path) -> None:
+    """Without --socket: none running -> one line saying where it looked; one -> that one (a stale
+    socket left by a killed daemon is skipped); several -> each listed, the user chooses."""
+    ns = argparse.Namespace(socket=None)
+    env = {"XDG_RUNTIME_DIR": str(sock_dir)}
+    folder = sock_dir / "petalsd"
+    folder.mkdir()
+    with pytest.raises(ctl.CtlError, match=f"no running petalsd found .*{folder}"):
+        ctl.socket_path(ns, env)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(folder / "0stale.sock"))
+    stale.close()
+    with pytest.raises(ctl.CtlError, match="no running petalsd found"):
+        ctl.socket_path(ns, env)
+    assert with_server(folder / "one.sock", FakeBackend(), lambda path: ctl.socket_path(ns, env)) == \
+        str(folder / "one.sock")
+
+    async def two() -> str:
+        async with trio.open_nursery() as nursery:
+            for name in ("a.sock", "b.sock"):
+                await nursery.start(lambda task_status, name=name: serve_control(
+                    folder / name, FakeBackend(), task_status=task_status))
+
+            def attempt() -> str:
+                with pytest.raises(ctl.CtlError) as info:
+                    ctl.socket_path(ns, env)
+                return str(info.value)
+            message = await trio.to_thread.run_sync(attempt)
+            nursery.cancel_scope.cancel()
+        return message
+
+    message = trio.run(two)
+    assert message.startswith("2 daemons are running here; choose one with --socket PATH")
+    assert str(folder / "a.sock") in message and str(folder / "b.sock") in message
+    assert "0stale" not in message
 
 
 def test_ctl_does_not_import_the_daemon() -> None:
