@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".petals-stamp"
+#: The torch the test suite and the demo run on: the CPU build (pip would otherwise pick a multi-GB
+#: CUDA build from the range pyproject.toml accepts for users).
+TESTED_TORCH = "torch==2.13.0"
 
 
 def _bin(name: str) -> Path:
@@ -26,7 +29,7 @@ def _bin(name: str) -> Path:
 
 
 def ensure_venv() -> None:
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TESTED_TORCH.encode()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest and _bin("petals").exists():
         return
     if not _bin("python").exists():
@@ -37,7 +40,7 @@ def ensure_venv() -> None:
     with open(log, "w") as out:
         result = subprocess.run(
             [str(_bin("python")), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             "-e", f"{ROOT}[test]"],
+             "-e", f"{ROOT}[test]", TESTED_TORCH],
             stdout=out, stderr=subprocess.STDOUT,
         )
     if result.returncode != 0:

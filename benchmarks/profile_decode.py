@@ -74,12 +74,15 @@ def summarize(raw: Path, top: int = 25) -> str:
     return "\n".join(out)
 
 
+ROOT = str(Path(__file__).resolve().parent.parent)  # the checkout, to shorten its paths
+
+
 def _short(frame: str) -> str:
     match = FRAME_RE.match(frame.strip())
     if not match:
         return frame.strip()
     file = match["file"]
-    for marker in ("site-packages/", "/work/main/"):
+    for marker in ("site-packages/", f"{ROOT}/"):
         if marker in file:
             file = file.split(marker, 1)[1]
     return f"{match['func']} ({file})"

@@ -10,7 +10,7 @@ user thread also crosses into the trio loop (`trio.from_thread.run`) once per to
 batched decode's matmuls: `F.linear` (MKL) against a oneDNN-packed weight (`petals_protocol.models.
 packed`), 1 and 8 rows, on the 271M model's MLP and LM-head shapes. This prints the best-of-N time of each, so
 the integrator can see which are worth caching or removing; the network itself (py-libp2p yamux
-+ Noise, ~2.4-3.2 ms per request/response on loopback) is measured in the shared py-libp2p notes.
++ Noise, ~2.4-3.2 ms per request/response on loopback) is in docs/py-libp2p.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Kademlia glue: the petals validator, a DHT that keeps clients out of routing tables, and lookups
-that really walk the network (the workarounds for bug 6 in shared notes/py-libp2p.md).
+that really walk the network (the workarounds for py-libp2p bug 6, docs/py-libp2p.md).
 
 What py-libp2p 0.8.1 gets wrong, and what this module does instead:
 - `put_value` says nothing about how many peers stored a record -> `put_record` counts the

@@ -1,6 +1,6 @@
 """A libp2p host configured the way every petals peer needs it, with the py-libp2p workarounds.
 
-What `make_host` fixes compared with `libp2p.new_host()` defaults (see shared notes/py-libp2p.md):
+What `make_host` fixes compared with `libp2p.new_host()` defaults (docs/py-libp2p.md numbers the bugs):
 - Security is Noise only. The default host also accepts plaintext and secio peers (bug 5).
 - Stream muxer is yamux only (mplex moves bulk at ~10 MB/s).
 - `ConnectionConfig(max_connections_per_peer=1)`: with the default every dial waits ~250 ms for
@@ -271,7 +271,7 @@ async def connect(host: IHost, addr: str, *, timeout: float = DEFAULT_DIAL_TIMEO
     info = parse_peer_multiaddr(addr)
     peer = str(info.peer_id)
     if "/p2p-circuit" in addr:
-        # py-libp2p refuses relay-only addresses in host.connect (notes bug 8); a relayed dial
+        # py-libp2p refuses relay-only addresses in host.connect (py-libp2p bug 8); a relayed dial
         # goes through CircuitV2Transport.dial(), which this helper does not do yet.
         raise DialError(peer, addr, "relayed (/p2p-circuit) addresses need a Circuit Relay v2 dial")
     with trio.move_on_after(timeout) as scope:

@@ -1,6 +1,6 @@
 """`FramedStream`: typed petals messages over one long-lived libp2p stream, always drained.
 
-Two py-libp2p bugs shape this module (shared notes/py-libp2p.md):
+Two py-libp2p bugs shape this module (docs/py-libp2p.md):
 - Bug 2: a yamux sender waits at most 5 s for a window update, then resets the stream. A reader
   that pauses (the consumer is busy, e.g. awaiting torch in a worker thread) would get its peer's
   stream killed. So every FramedStream has a *pump* task that reads continuously and queues whole
