@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from petals_protocol.p2p.locking import Eager, held
 
@@ -56,7 +57,9 @@ def test_a_busy_lock_is_handed_over_in_arrival_order() -> None:
         async with trio.open_nursery() as nursery:
             for i in range(4):
                 nursery.start_soon(take, i)
-                await trio.sleep(0.001)
+                # queued in this order however slow the machine (a wall-clock pause here lost the
+                # race against the holder's sleep on a loaded machine)
+                await trio.testing.wait_all_tasks_blocked()
         return order
 
     assert trio.run(main) == [0, 1, 2, 3, 0]
