@@ -1,8 +1,9 @@
 """The `petals` command: the user's tool.
 
   petals demo [--model PATH] [--prompt TEXT]       a local swarm on the shipped model, end to end
-  petals generate --model PATH --initial-peers ADDR... "prompt"
-  petals swarm --model PATH --initial-peers ADDR... [--json]
+  petals generate --model PATH|ORG/NAME --initial-peers ADDR... "prompt"
+  petals swarm --model PATH|ORG/NAME --initial-peers ADDR... [--json]
+  petals manifest FOLDER                            digests of a full copy, for partial copies
   petals ctl [--socket PATH] status|sessions|peers|metrics|drain|reload|stop
 """
 from __future__ import annotations
@@ -22,9 +23,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .tokenizer import load_tokenizer
     from .demo.run import _TimedPrinter
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                         swarm_key=args.swarm_key) as lm:
+                                                         swarm_key=args.swarm_key, revision=args.revision) as lm:
         if args.show_route:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
@@ -45,7 +46,16 @@ def _generate(args: argparse.Namespace) -> int:
 def _swarm(args: argparse.Namespace) -> int:
     from .swarm_table import show_swarm
 
-    return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key)
+    return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key,
+                      revision=args.revision)
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from petals_protocol.models.digests import default_cache_dir
+    from petals_protocol.models.fingerprint import write_manifest
+
+    print(write_manifest(args.folder, cache_dir=default_cache_dir()))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -68,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="generate text through a swarm")
-    gen.add_argument("--model", required=True, help="local checkpoint folder (the client loads embeddings and head)")
+    gen.add_argument("--model", required=True, help="local checkpoint folder or Hub id ORG/NAME (the client "
+                     "fetches and loads only embeddings, final norm and head)")
+    gen.add_argument("--revision", help="Hub models: branch, tag or commit (default: main)")
     gen.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
     gen.add_argument("--swarm-key", help="pre-shared key file of a private swarm")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -81,11 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     swarm = sub.add_parser("swarm", help="which blocks are served by whom")
-    swarm.add_argument("--model", required=True)
+    swarm.add_argument("--model", required=True, help="local checkpoint folder or Hub id ORG/NAME")
+    swarm.add_argument("--revision", help="Hub models: branch, tag or commit (default: main)")
     swarm.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
     swarm.add_argument("--swarm-key")
     swarm.add_argument("--json", action="store_true", help="machine-readable output")
     swarm.set_defaults(func=_swarm)
+
+    manifest = sub.add_parser("manifest", help="write petals_manifest.json (every tensor's digest) into a full "
+                              "checkpoint folder, so that copies holding only some shards share its fingerprint")
+    manifest.add_argument("folder")
+    manifest.set_defaults(func=_manifest)
 
     ctl = sub.add_parser("ctl", help="control the local daemon over its Unix socket")
     from . import ctl as ctl_mod

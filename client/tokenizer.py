@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from petals_protocol.models.source import open_source
+
 BYTE_TOKENIZER_FILE = "petals_tokenizer.json"
 
 
@@ -59,10 +61,21 @@ class _HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path)
+#: the files a Hugging Face tokenizer may consist of; fetched (those that exist) before loading it
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer.model",
+                      "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                      "chat_template.json")
+
+
+def load_tokenizer(model: str | Path, *, revision: str | None = None, token: str | bool | None = None) -> Tokenizer:
+    """The tokenizer of a local checkpoint folder or Hub model id (only its tokenizer files are fetched)."""
+    source = open_source(model, revision=revision, token=token)
+    for name in HF_TOKENIZER_FILES:
+        source.fetch_optional(name)
+    spec = source.fetch_optional(BYTE_TOKENIZER_FILE)
+    path = source.fetch("config.json").parent
     spec_file = path / BYTE_TOKENIZER_FILE
-    if spec_file.exists():
+    if spec is not None:
         spec = json.loads(spec_file.read_text())
         if spec.get("type") != "bytes":
             raise ValueError(f"{spec_file}: unsupported tokenizer type {spec.get('type')!r}")
