@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import trio
 from transformers import GenerationConfig
+from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutput
 
 from petals_protocol.models.checkpoint import Checkpoint
@@ -220,17 +221,25 @@ class DistributedModelForCausalLM:
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  session: RemoteInferenceSession | None = None, streamer: generation.Streamer | None = None,
-                 **options: Any) -> torch.Tensor:
+                 generation_config: GenerationConfig | None = None,
+                 logits_processor: LogitsProcessorList | None = None,
+                 stopping_criteria: StoppingCriteriaList | None = None, tokenizer: Any = None,
+                 **options: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """transformers-compatible generation (greedy or sampling), token for token identical.
 
-        In a `session`, `input_ids` are the new tokens of this turn: they are fed after everything
-        the session has seen, and the result is `input_ids` followed by the generated tokens.
+        As in transformers: `generation_config` replaces the model's, keyword options override it;
+        custom `logits_processor` / `stopping_criteria` join the built ones; `stop_strings` need
+        `tokenizer`; `return_dict_in_generate` (with `output_scores` / `output_logits`) returns a
+        `GenerateDecoderOnlyOutput`. In a `session`, `input_ids` are the new tokens of this turn:
+        they are fed after everything the session has seen, and the result is `input_ids`
+        followed by the generated tokens.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported: give rows of equal length (attention_mask all ones)")
-        config = generation.resolve_config(self.generation_config, options)
+        config = generation.resolve_config(generation_config or self.generation_config, options)
+        extras = generation.Extras(logits_processor, stopping_criteria, tokenizer)
         own_session = session is None
         if session is None:
             budget = generation.max_new_tokens(config, input_ids.shape[1])
@@ -239,12 +248,15 @@ class DistributedModelForCausalLM:
             context = input_ids if session.ids is None else torch.cat([session.ids, input_ids], dim=1)
             unseen = context[:, session.fed:]
             out = generation.decode(context, lambda ids: self._next_logits(session, ids), config, streamer,
-                                    unseen=unseen)
-            session.ids = out
-            return out[:, context.shape[1] - input_ids.shape[1]:]
+                                    unseen=unseen, extras=extras)
+            session.ids = out.sequences
+            sequences = out.sequences[:, context.shape[1] - input_ids.shape[1]:]
         finally:
             if own_session:
                 session.close()
+        if config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences, scores=out.scores, logits=out.logits)
+        return sequences
 
     def __call__(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> CausalLMOutput:
