@@ -3,6 +3,7 @@
   petals demo [--model PATH] [--prompt TEXT]       a local swarm on the shipped model, end to end
   petals generate --model PATH|ORG/NAME --initial-peers ADDR... "prompt"
   petals swarm --model PATH|ORG/NAME --initial-peers ADDR... [--json]
+  petals chat --model PATH|ORG/NAME --initial-peers ADDR...   interactive, the model's chat template
   petals manifest FOLDER                            digests of a full copy, for partial copies
   petals ctl [--socket PATH] status|sessions|peers|metrics|drain|reload|stop
 """
@@ -30,16 +31,36 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
         print(args.prompt, end="", flush=True)
-        options = {"max_new_tokens": args.max_new_tokens}
-        if args.temperature is not None:
-            options.update(do_sample=True, temperature=args.temperature)
-        if args.top_k is not None:
-            options["top_k"] = args.top_k
-        if args.top_p is not None:
-            options["top_p"] = args.top_p
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-        lm.generate(ids, streamer=_TimedPrinter(tokenizer), **options)
+        lm.generate(ids, streamer=_TimedPrinter(tokenizer), **_sampling(args))
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    """generate() options from the sampling flags (seeding torch when --seed is given)."""
+    import torch
+
+    options: dict[str, object] = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None:
+        options.update(do_sample=True, temperature=args.temperature)
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    return options
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import chat_loop
+    from .model import AutoDistributedModelForCausalLM
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
+                                                         swarm_key=args.swarm_key, revision=args.revision) as lm:
+        chat_loop(lm, tokenizer, sys.stdin, sys.stdout, system=args.system, max_length=args.max_length,
+                  **_sampling(args))
     return 0
 
 
@@ -91,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-route", action="store_true", help="print which daemons serve which blocks")
     gen.add_argument("prompt")
     gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="talk with a chat model through a swarm (its tokenizer's chat template)")
+    chat.add_argument("--model", required=True, help="local checkpoint folder or Hub id ORG/NAME")
+    chat.add_argument("--revision", help="Hub models: branch, tag or commit (default: main)")
+    chat.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    chat.add_argument("--swarm-key", help="pre-shared key file of a private swarm")
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.add_argument("--max-length", type=int, default=2048, help="most tokens of the conversation (default 2048)")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="most tokens of one reply")
+    chat.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    chat.add_argument("--top-k", type=int)
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--seed", type=int)
+    chat.set_defaults(func=_chat)
 
     swarm = sub.add_parser("swarm", help="which blocks are served by whom")
     swarm.add_argument("--model", required=True, help="local checkpoint folder or Hub id ORG/NAME")
