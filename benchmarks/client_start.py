@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from petals_protocol.models.synthetic import write_hub_cache
+
 from .shapes import SHAPES, default_cache_dir, ensure_model
 
 REPO_ID = "petals-bench/model"
@@ -101,22 +103,9 @@ def _shard_copy(folder: Path, out: Path) -> Path:
 
 def _hub_cache(sharded: Path, home: Path, files: set[str]) -> None:
     """An offline Hugging Face cache of `sharded` holding the json files and `files`."""
-    import hashlib
-
-    repo = home / "hub" / ("models--" + REPO_ID.replace("/", "--"))
-    snapshot = repo / "snapshots" / COMMIT
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    for name in ["config.json", "generation_config.json", "model.safetensors.index.json", *sorted(files)]:
-        if not (sharded / name).exists():
-            continue
-        data = (sharded / name).read_bytes()
-        etag = (hashlib.sha256(data).hexdigest() if name.endswith(".safetensors")
-                else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
-        (repo / "blobs" / etag).write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(repo / "blobs" / etag, snapshot))
+    small = [n for n in ("config.json", "generation_config.json", "model.safetensors.index.json")
+             if (sharded / n).exists()]
+    write_hub_cache(home, REPO_ID, sharded, [*small, *sorted(files)], commit=COMMIT)
 
 
 def _run_client(model: str, peers: list[str], env: dict[str, str]) -> dict[str, float]:

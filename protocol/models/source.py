@@ -161,6 +161,7 @@ class HubRepo:
     def evict(self, keep: set[str], max_bytes: int) -> list[str]:
         """Delete cached shards of this commit outside ``keep`` (largest first) until the shards
         take at most ``max_bytes``; returns the names deleted. Shards in ``keep`` are never deleted."""
+        snapshot = self.snapshot
         cached = self.cached_shards()
         sizes = {name: blob.stat().st_size for name, blob in cached.items()}
         total = sum(sizes.values())
@@ -168,7 +169,7 @@ class HubRepo:
         for name in sorted(set(cached) - keep, key=lambda n: -sizes[n]):
             if total <= max_bytes:
                 break
-            (self.snapshot / name).unlink(missing_ok=True)
+            (snapshot / name).unlink(missing_ok=True)
             cached[name].unlink(missing_ok=True)
             total -= sizes[name]
             evicted.append(name)
@@ -189,5 +190,8 @@ def open_source(name: str | Path, *, revision: str | None = None, token: str | b
     if cache_dir is None:  # read the environment now, not when huggingface_hub was imported
         hub_cache, home = os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME")
         cache_dir = hub_cache or (Path(home) / "hub" if home else None)
-    return HubRepo(text, revision=revision, token=token,
-                   cache_dir=Path(cache_dir) if cache_dir is not None else None).resolve()
+    try:
+        return HubRepo(text, revision=revision, token=token,
+                       cache_dir=Path(cache_dir) if cache_dir is not None else None).resolve()
+    except ModelLoadError as exc:
+        raise ModelLoadError(text, f"no such local folder, and as a Hub model id: {exc.reason}") from exc

@@ -191,3 +191,20 @@ def test_records_of_another_commit_are_not_routed_to(full, tmp_path, offline):
                                                              revision=OTHER_COMMIT) as model:
             ref = AutoModelForCausalLM.from_pretrained(full).generate(PROMPT, max_new_tokens=4, do_sample=False)
             assert model.generate(PROMPT, max_new_tokens=4, do_sample=False).tolist() == ref.tolist()
+
+
+def test_unknown_models_and_files_are_named(full, tmp_path, offline):
+    home = tmp_path / "hub"
+    add_files(home, full, [])
+    offline(home)
+    with pytest.raises(ModelLoadError, match="no such local folder, and as a Hub model id: config.json .* not in the "
+                                             "local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        Checkpoint("petals-test/absent")
+    with pytest.raises(ModelLoadError, match="revision 'v1' is for Hub models"):
+        Checkpoint(full, revision="v1")
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        Checkpoint(tmp_path / "nope")
+    checkpoint = Checkpoint(REPO_ID)  # only json files cached: opening works, loading a shard says what is missing
+    shard = checkpoint.shard_names()[0]
+    with pytest.raises(ModelLoadError, match=f"{shard} .* not in the local Hugging Face cache"):
+        load_span(checkpoint, 0, 1)
