@@ -236,8 +236,7 @@ class DistributedModelForCausalLM:
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported: give rows of equal length (attention_mask all ones)")
+        _refuse_padding(attention_mask)
         config = generation.resolve_config(generation_config or self.generation_config, options)
         extras = generation.Extras(logits_processor, stopping_criteria, tokenizer)
         own_session = session is None
@@ -262,8 +261,7 @@ class DistributedModelForCausalLM:
                  labels: torch.Tensor | None = None) -> CausalLMOutput:
         """A stateless forward through the swarm, as transformers' causal LMs return it: `.logits` for
         every position [B, T, vocab], and `.loss` (next-token cross-entropy, -100 ignored) with `labels`."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported: give rows of equal length (attention_mask all ones)")
+        _refuse_padding(attention_mask)
         hidden = self.client_part.embed(input_ids)
         logits = self.client_part.logits(self.layers(hidden))
         loss = None
@@ -272,6 +270,11 @@ class DistributedModelForCausalLM:
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                      shifted.reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
+
+
+def _refuse_padding(attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("padded batches are not supported: give rows of equal length (attention_mask all ones)")
 
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM

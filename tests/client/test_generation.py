@@ -2,7 +2,7 @@
 the model's blocks run locally through the same Span code the daemons use)."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -11,6 +11,7 @@ from transformers.generation import (
 )
 
 from petals_client import generation
+from petals_client.demo.run import DEFAULT_MODEL
 from petals_protocol.models.client_part import load_client_part
 from petals_protocol.models.span import load_span
 from petals_protocol.models.synthetic import make_random_checkpoint
@@ -23,9 +24,9 @@ def checkpoint(tmp_path_factory):
                                   vocab_size=96, seed=3)
 
 
-def local_logits_fn(path):
+def local_logits_fn(path, split=2, end=4):
     client = load_client_part(path)
-    spans = [load_span(path, 0, 2), load_span(path, 2, 4)]
+    spans = [load_span(path, 0, split), load_span(path, split, end)]
     caches = [s.new_cache(1, 128) for s in spans]
 
     def next_logits(ids):
@@ -115,3 +116,19 @@ def test_custom_processors_criteria_and_scores_match_transformers(checkpoint):
     assert len(out.scores) == len(ref.scores) == len(out.logits) == stops_after
     for mine, theirs in [*zip(out.scores, ref.scores), *zip(out.logits, ref.logits)]:
         assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+def test_stop_strings_match_transformers():
+    """On the demo model (a real byte-level tokenizer): generation ends where the text contains a stop string."""
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
+    ids = torch.tensor([tokenizer("Beautiful is")["input_ids"]])
+    opts = dict(max_new_tokens=40, do_sample=False, stop_strings=["than"])
+    ref = model.generate(ids, tokenizer=tokenizer, **opts)
+    config = generation.resolve_config(model.generation_config, opts)
+    out = generation.decode(ids, local_logits_fn(DEFAULT_MODEL, 3, 6), config,
+                            extras=generation.Extras(tokenizer=tokenizer)).sequences
+    assert out.tolist() == ref.tolist()
+    assert tokenizer.decode(out[0, ids.shape[1]:]).endswith("than")  # stopped there, not at the budget
+    with pytest.raises(ValueError, match="tokenizer"):
+        generation.decode(ids, local_logits_fn(DEFAULT_MODEL, 3, 6), config)
