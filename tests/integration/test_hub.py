@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from fakehub import COMMIT, OTHER_COMMIT, REPO_ID, add_files, offline_env, repo_dir
 from petals_client import AutoDistributedModelForCausalLM
+from petals_client.cli import main as cli_main
 from petals_client.localswarm import DaemonStartError, LocalSwarm
 from petals_client.routing import NoRoute
 from petals_protocol.models.checkpoint import MANIFEST_FILE, Checkpoint
@@ -78,7 +79,7 @@ def test_partial_hub_caches_generate_exactly(full, tmp_path, offline):
     assert {p.name for p in snapshot.glob("*.safetensors")} == needed["client"]
 
 
-def test_fingerprint_of_any_subset_is_the_full_ones(full, tmp_path, offline):
+def test_fingerprint_of_any_subset_is_the_full_ones(full, tmp_path, offline, monkeypatch):
     checkpoint = Checkpoint(full)
     shards = checkpoint.shard_names()
     # Hub: every subset of one commit gives one value; another commit another
@@ -102,8 +103,12 @@ def test_fingerprint_of_any_subset_is_the_full_ones(full, tmp_path, offline):
         (partial / name).write_bytes((full / name).read_bytes())
     with pytest.raises(ModelLoadError, match="shards are missing"):
         model_fingerprint(partial)
-    manifest = write_manifest(full, cache_dir=tmp_path / "digests")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli_main(["manifest", str(full)]) == 0  # `petals manifest FOLDER`
+    manifest = full / MANIFEST_FILE
     try:
+        with pytest.raises(ModelLoadError, match="exists already"):
+            write_manifest(full)
         (partial / MANIFEST_FILE).write_bytes(manifest.read_bytes())
         assert model_fingerprint(full) == local  # the manifest does not change the value
         assert model_fingerprint(partial) == local
