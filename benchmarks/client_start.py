@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from petals_protocol.models.synthetic import write_hub_cache
-
 from .shapes import SHAPES, default_cache_dir, ensure_model
 
 REPO_ID = "petals-bench/model"
@@ -105,6 +103,8 @@ def _shard_copy(folder: Path, out: Path) -> Path:
 
 def _hub_cache(sharded: Path, home: Path, files: set[str]) -> None:
     """An offline Hugging Face cache of `sharded` holding the json files and `files`."""
+    from petals_protocol.models.synthetic import write_hub_cache  # here: the `local` case runs on older trees too
+
     small = [n for n in ("config.json", "generation_config.json", "model.safetensors.index.json")
              if (sharded / n).exists()]
     write_hub_cache(home, REPO_ID, sharded, [*small, *sorted(files)], commit=COMMIT)
