@@ -213,3 +213,26 @@ def test_unknown_models_and_files_are_named(full, tmp_path, offline):
     shard = checkpoint.shard_names()[0]
     with pytest.raises(ModelLoadError, match=f"{shard} .* not in the local Hugging Face cache"):
         load_span(checkpoint, 0, 1)
+
+
+def test_moving_to_other_blocks_fetches_them_and_evicts_the_old_ones(full, tmp_path, offline):
+    """What a rebalancing move does (Daemon.load, before the new span is announced): the new span's
+    shards are fetched and checked, and with max_disk_space the shards only the old span used go."""
+    from petalsd.config import DaemonConfig
+    from petalsd.daemon import build_daemon
+    from petalsd.notify import Notifier
+
+    checkpoint = Checkpoint(full)
+    home = tmp_path / "hub"
+    snapshot = add_files(home, full, span_shards(checkpoint, 0, 2) | span_shards(checkpoint, 4, 6))
+    offline(home)
+    config = DaemonConfig(model=REPO_ID, new_swarm=True, max_disk_space=1, throughput=1.0,
+                          identity=tmp_path / "id.key")
+    daemon = build_daemon(config, [], Notifier(None))
+    span, _ = daemon.load(0, 2)
+    assert {p.name for p in snapshot.glob("*.safetensors")} == span_shards(checkpoint, 0, 2)
+    add_files(home, full, span_shards(checkpoint, 4, 6))  # the move's shards come "from the Hub" again
+    moved, _ = daemon.load(4, 6)
+    assert (moved.start, moved.end) == (4, 6)
+    assert {p.name for p in snapshot.glob("*.safetensors")} == span_shards(checkpoint, 4, 6)
+    assert daemon.serving_shards == span_shards(checkpoint, 4, 6)
