@@ -37,12 +37,16 @@ class _Printer:
         self._out.flush()
 
 
+def require_chat_template(tokenizer: Tokenizer) -> None:
+    if not tokenizer.has_chat_template:
+        raise ValueError("this model's tokenizer has no chat template; use `petals generate` for plain text")
+
+
 def chat_loop(lm: DistributedModelForCausalLM, tokenizer: Tokenizer, lines: Iterable[str], out: TextIO, *,
               system: str | None = None, max_length: int = 2048, prompt: str = "> ",
               **options: Any) -> list[dict[str, str]]:
     """Answer each line of `lines` as a user turn; returns the conversation. `options` go to generate."""
-    if not tokenizer.has_chat_template:
-        raise ValueError("this model's tokenizer has no chat template; use `petals generate` for plain text")
+    require_chat_template(tokenizer)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     session: RemoteInferenceSession | None = None
     try:

@@ -52,11 +52,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import chat_loop
+    from .chat import chat_loop, require_chat_template
     from .model import AutoDistributedModelForCausalLM
     from .tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, revision=args.revision)
+    require_chat_template(tokenizer)  # before joining the swarm
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                          swarm_key=args.swarm_key, revision=args.revision) as lm:
         chat_loop(lm, tokenizer, sys.stdin, sys.stdout, system=args.system, max_length=args.max_length,
