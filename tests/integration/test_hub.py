@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from fakehub import COMMIT, OTHER_COMMIT, REPO_ID, add_files, offline_env, repo_dir
 from petals_client import AutoDistributedModelForCausalLM
@@ -66,10 +66,13 @@ def test_partial_hub_caches_generate_exactly(full, tmp_path, offline):
             assert fetched == needed[name]
         with AutoDistributedModelForCausalLM.from_pretrained(REPO_ID, initial_peers=swarm.addrs) as model:
             out = model.generate(PROMPT, max_new_tokens=16, do_sample=False)
+            as_dict = model.generate(PROMPT, generation_config=GenerationConfig(max_new_tokens=16, do_sample=False),
+                                     return_dict_in_generate=True, output_scores=True)
             forward = model(PROMPT, labels=PROMPT)
     ref_model = AutoModelForCausalLM.from_pretrained(full)
     ref = ref_model.generate(PROMPT, max_new_tokens=16, do_sample=False)
-    assert out.tolist() == ref.tolist()
+    assert out.tolist() == ref.tolist() == as_dict.sequences.tolist()
+    assert len(as_dict.scores) == 16 and as_dict.scores[0].shape == (1, ref_model.config.vocab_size)
     with torch.no_grad():
         expected = ref_model(PROMPT, labels=PROMPT)
     assert torch.allclose(forward.logits, expected.logits, atol=1e-5)
