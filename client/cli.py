@@ -1,8 +1,10 @@
 """The `petals` command: the user's tool.
 
   petals demo [--model PATH] [--prompt TEXT]       a local swarm on the shipped model, end to end
-  petals generate --model PATH --initial-peers ADDR... "prompt"
-  petals swarm --model PATH --initial-peers ADDR... [--json]
+  petals generate --model PATH|ORG/NAME --initial-peers ADDR... "prompt"
+  petals swarm --model PATH|ORG/NAME --initial-peers ADDR... [--json]
+  petals chat --model PATH|ORG/NAME --initial-peers ADDR...   interactive, the model's chat template
+  petals manifest FOLDER                            digests of a full copy, for partial copies
   petals ctl [--socket PATH] status|sessions|peers|metrics|drain|reload|stop
 
 Nothing heavy (torch, transformers, libp2p) is imported before the command line is parsed, so
@@ -31,21 +33,13 @@ def _generate(args: argparse.Namespace) -> int:
     from .model import AutoDistributedModelForCausalLM
     from .tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                         swarm_key=args.swarm_key) as lm:
+                                                         swarm_key=args.swarm_key, revision=args.revision) as lm:
         if args.show_route:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
-        options = {"max_new_tokens": args.max_new_tokens}
-        if args.temperature is not None:
-            options.update(do_sample=True, temperature=args.temperature)
-        if args.top_k is not None:
-            options["top_k"] = args.top_k
-        if args.top_p is not None:
-            options["top_p"] = args.top_p
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
+        options = _sampling(args)
         print(args.prompt, end="", flush=True)
         try:
             lm.generate(ids, streamer=_TimedPrinter(tokenizer), **options)
@@ -55,10 +49,49 @@ def _generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    """generate() options from the sampling flags (seeding torch when --seed is given)."""
+    import torch
+
+    options: dict[str, object] = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None:
+        options.update(do_sample=True, temperature=args.temperature)
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    return options
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import chat_loop, require_chat_template
+    from .model import AutoDistributedModelForCausalLM
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, revision=args.revision)
+    require_chat_template(tokenizer)  # before joining the swarm
+    with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
+                                                         swarm_key=args.swarm_key, revision=args.revision) as lm:
+        chat_loop(lm, tokenizer, sys.stdin, sys.stdout, system=args.system, max_length=args.max_length,
+                  **_sampling(args))
+    return EXIT_OK
+
+
 def _swarm(args: argparse.Namespace) -> int:
     from .swarm_table import show_swarm
 
-    return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key)
+    return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key,
+                      revision=args.revision)
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from petals_protocol.models.digests import default_cache_dir
+    from petals_protocol.models.fingerprint import write_manifest
+
+    print(write_manifest(args.folder, cache_dir=default_cache_dir()))
+    return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -91,6 +124,19 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def _add_model(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--model", required=True, help=help)
+    parser.add_argument("--revision", help="Hub models: branch, tag or commit (default: main)")
+
+
+def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N", help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (default: greedy)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
+    parser.add_argument("--top-p", type=float, metavar="P", help="sample within the top-P probability mass")
+    parser.add_argument("--seed", type=int, metavar="N", help="seed torch's generator (reproducible sampling)")
 
 
 def _add_peers(parser: argparse.ArgumentParser) -> None:
@@ -126,24 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     gen = add("generate", "generate text through a swarm")
-    gen.add_argument("--model", required=True, help="local checkpoint folder (the client loads embeddings and head)")
+    _add_model(gen, "local checkpoint folder or Hub id ORG/NAME (the client fetches and loads only embeddings, "
+                    "final norm and head)")
     _add_peers(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens to generate")
-    gen.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (default: greedy)")
-    gen.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
-    gen.add_argument("--top-p", type=float, metavar="P", help="sample within the top-P probability mass")
-    gen.add_argument("--seed", type=int, metavar="N", help="seed torch's generator (reproducible sampling)")
+    _add_sampling(gen, max_new_tokens=64)
     gen.add_argument("--show-route", action="store_true", help="print which daemons serve which blocks")
     gen.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the text to continue (or give it last, "
                      "as a positional argument)")
     gen.add_argument("prompt", nargs="?", help="the text to continue")
     gen.set_defaults(func=_generate, positional="prompt")
 
+    chat = add("chat", "talk with a chat model through a swarm (its tokenizer's chat template)")
+    _add_model(chat, "local checkpoint folder or Hub id ORG/NAME")
+    _add_peers(chat)
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.add_argument("--max-length", type=int, default=2048, metavar="N", help="most tokens of the conversation")
+    _add_sampling(chat, max_new_tokens=512)
+    chat.set_defaults(func=_chat)
+
     swarm = add("swarm", "which blocks are served by whom")
-    swarm.add_argument("--model", required=True, help="local checkpoint folder")
+    _add_model(swarm, "local checkpoint folder or Hub id ORG/NAME")
     _add_peers(swarm)
     swarm.add_argument("--json", action="store_true", help="machine-readable output")
     swarm.set_defaults(func=_swarm)
+
+    manifest = add("manifest", "write petals_manifest.json (every tensor's digest) into a full checkpoint "
+                   "folder, so that copies holding only some shards share its fingerprint")
+    manifest.add_argument("folder")
+    manifest.set_defaults(func=_manifest)
 
     ctl = add("ctl", "control a local daemon over its Unix socket")
     from . import ctl as ctl_mod
@@ -197,7 +253,7 @@ def _hint(exc: BaseException) -> str | None:
     if "NoRoute" in names:
         return "`petals swarm --model M --initial-peers ADDR...` shows which blocks are served and the gaps"
     if "ModelLoadError" in names or isinstance(exc, FileNotFoundError):
-        return "--model takes a local Hugging Face checkpoint folder (config.json, *.safetensors)"
+        return "--model takes a local Hugging Face checkpoint folder (config.json, *.safetensors) or a Hub id ORG/NAME"
     return None
 
 

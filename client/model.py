@@ -9,7 +9,7 @@ reproduces `transformers` exactly (client/generation.py), token for token.
     with model.inference_session(max_length=256) as session:    # several turns, caches kept
         model.generate(turn1, session=session, max_new_tokens=10)
         model.generate(turn2, session=session, max_new_tokens=10)
-    logits = model(input_ids)                                      # full forward, stateless
+    logits = model(input_ids).logits                               # full forward, stateless
     hidden = model.layers[2:5](hidden_states)                      # a slice of remote blocks
 """
 from __future__ import annotations
@@ -23,8 +23,12 @@ from typing import Any
 import torch
 import trio
 from transformers import GenerationConfig
+from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
+from transformers.modeling_outputs import CausalLMOutput
 
+from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.client_part import ClientPart, load_client_part
+from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
@@ -119,8 +123,14 @@ class DistributedModelForCausalLM:
         use_dht: bool = True,
         push: bool = True,
         batching: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ) -> DistributedModelForCausalLM:
-        """Load the client's part of the local checkpoint at `path` and find daemons for the rest.
+        """Load the client's part of the model at `path` and find daemons for the rest.
+
+        `path` is a local checkpoint folder or a Hub model id (`org/name`, at `revision`, with
+        `token` for gated repos) fetched through the Hugging Face cache: only the config, index,
+        generation config and the shards holding the embeddings, final norm and head.
 
         `dtype` must match what the daemons compute in (default: the dtype they announce).
         `push`: daemons forward each step's output to the next daemon themselves (fewer network
@@ -130,10 +140,10 @@ class DistributedModelForCausalLM:
         for many sessions, but within ~1e-6 of local `transformers` rather than bit-identical
         (client/head_batching.py); a lone session is always exact.
         """
-        path = Path(path)
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
-        fingerprint = model_fingerprint(path)
+        checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
+        fingerprint = model_fingerprint(checkpoint)
         psk = load_swarm_key(Path(swarm_key)) if swarm_key else None
         holder: dict[str, Any] = {}
 
@@ -166,14 +176,17 @@ class DistributedModelForCausalLM:
         servers = swarm.servers()
         if dtype is None:  # compute in what the daemons compute in, or the hidden states will be refused
             dtype = getattr(torch, servers[0].dtype) if servers else torch.float32
-        client_part = load_client_part(path, dtype=dtype, device=device)
+        try:
+            client_part = load_client_part(checkpoint, dtype=dtype, device=device)
+        except BaseException:
+            runtime.close()
+            raise
         if not servers:
             runtime.close()
             raise NoRoute([(0, client_part.num_blocks)], " (none of the initial peers answered for this model)")
-        gen_config = None
-        if (path / "generation_config.json").exists():
-            gen_config = GenerationConfig.from_pretrained(path)
-        model = cls(path, client_part, runtime, swarm, gen_config)
+        gen_file = checkpoint.source.fetch_optional("generation_config.json")
+        gen_config = GenerationConfig.from_pretrained(gen_file.parent) if gen_file is not None else None
+        model = cls(checkpoint.path, client_part, runtime, swarm, gen_config)
         model.push = push
         if batching:
             model.head_batcher = HeadBatcher(client_part.logits, batched_head=client_part.packed_logits())
@@ -208,17 +221,24 @@ class DistributedModelForCausalLM:
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  session: RemoteInferenceSession | None = None, streamer: generation.Streamer | None = None,
-                 **options: Any) -> torch.Tensor:
+                 generation_config: GenerationConfig | None = None,
+                 logits_processor: LogitsProcessorList | None = None,
+                 stopping_criteria: StoppingCriteriaList | None = None, tokenizer: Any = None,
+                 **options: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """transformers-compatible generation (greedy or sampling), token for token identical.
 
-        In a `session`, `input_ids` are the new tokens of this turn: they are fed after everything
-        the session has seen, and the result is `input_ids` followed by the generated tokens.
+        As in transformers: `generation_config` replaces the model's, keyword options override it;
+        custom `logits_processor` / `stopping_criteria` join the built ones; `stop_strings` need
+        `tokenizer`; `return_dict_in_generate` (with `output_scores` / `output_logits`) returns a
+        `GenerateDecoderOnlyOutput`. In a `session`, `input_ids` are the new tokens of this turn:
+        they are fed after everything the session has seen, and the result is `input_ids`
+        followed by the generated tokens.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported: give rows of equal length (attention_mask all ones)")
-        config = generation.resolve_config(self.generation_config, options)
+        _refuse_padding(attention_mask)
+        config = generation.resolve_config(generation_config or self.generation_config, options)
+        extras = generation.Extras(logits_processor, stopping_criteria, tokenizer)
         own_session = session is None
         if session is None:
             budget = generation.max_new_tokens(config, input_ids.shape[1])
@@ -227,17 +247,34 @@ class DistributedModelForCausalLM:
             context = input_ids if session.ids is None else torch.cat([session.ids, input_ids], dim=1)
             unseen = context[:, session.fed:]
             out = generation.decode(context, lambda ids: self._next_logits(session, ids), config, streamer,
-                                    unseen=unseen)
-            session.ids = out
-            return out[:, context.shape[1] - input_ids.shape[1]:]
+                                    unseen=unseen, extras=extras)
+            session.ids = out.sequences
+            sequences = out.sequences[:, context.shape[1] - input_ids.shape[1]:]
         finally:
             if own_session:
                 session.close()
+        if config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences, scores=out.scores, logits=out.logits)
+        return sequences
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for every position [B, T, vocab] (stateless forward through the swarm)."""
+    def __call__(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> CausalLMOutput:
+        """A stateless forward through the swarm, as transformers' causal LMs return it: `.logits` for
+        every position [B, T, vocab], and `.loss` (next-token cross-entropy, -100 ignored) with `labels`."""
+        _refuse_padding(attention_mask)
         hidden = self.client_part.embed(input_ids)
-        return self.client_part.logits(self.layers(hidden))
+        logits = self.client_part.logits(self.layers(hidden))
+        loss = None
+        if labels is not None:
+            shifted = labels[:, 1:].to(logits.device)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                     shifted.reshape(-1), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def _refuse_padding(attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("padded batches are not supported: give rows of equal length (attention_mask all ones)")
 
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM

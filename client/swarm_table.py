@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import trio
 
 from petals_protocol.models.checkpoint import Checkpoint
+from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
@@ -102,11 +103,14 @@ def show_swarm(
     as_json: bool = False,
     swarm_key: str | Path | None = None,
     out: TextIO | None = None,
+    revision: str | None = None,
 ) -> int:
-    """Print the swarm's coverage of the model at `model_path`; 1 if some block is unserved."""
+    """Print the swarm's coverage of the model at `model_path` (a folder or a Hub id); 1 if some
+    block is unserved. Reads only the model's config and index (and its manifest, if any)."""
     out = out if out is not None else sys.stdout
-    fingerprint = model_fingerprint(model_path)
-    num_blocks = int(Checkpoint(model_path).config.num_hidden_layers)
+    checkpoint = Checkpoint(model_path, revision=revision, cache_dir=default_cache_dir())
+    fingerprint = model_fingerprint(checkpoint)
+    num_blocks = int(checkpoint.config.num_hidden_layers)
     psk = load_swarm_key(Path(swarm_key)) if swarm_key is not None else None
     servers = trio.run(_find, list(initial_peers), fingerprint, psk)
     if as_json:

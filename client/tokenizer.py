@@ -1,80 +1,72 @@
-"""Text <-> token ids for the `petals` command.
+"""Text <-> token ids for the `petals` command: the checkpoint's own Hugging Face tokenizer.
 
-A checkpoint either ships a Hugging Face tokenizer (loaded with `AutoTokenizer`, offline) or, like
-the demo model, a `petals_tokenizer.json` describing a byte-level scheme: token = byte + offset.
+Loaded with `AutoTokenizer` from the tokenizer files of a local folder or a Hub model (only those
+files are fetched, through the Hugging Face cache). The shipped demo model has a standard
+`tokenizer.json` (byte-level) like any other.
 """
 from __future__ import annotations
 
-import codecs
-import json
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-BYTE_TOKENIZER_FILE = "petals_tokenizer.json"
+from petals_protocol.models.source import open_source
 
-
-class Tokenizer(Protocol):
-    eos_token_id: int | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
+#: the files a Hugging Face tokenizer may consist of; those that exist are fetched before loading it
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-@dataclass
-class ByteTokenizer:
-    offset: int
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
+class Tokenizer:
+    """A Hugging Face tokenizer with the few calls the command needs."""
+
+    def __init__(self, hf: Any) -> None:
+        self.hf = hf
+        self.eos_token_id: int | None = hf.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        ids = [b + self.offset for b in text.encode("utf-8")]
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+        return list(self.hf(text)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256).decode("utf-8", "replace")
+        return str(self.hf.decode(ids, skip_special_tokens=True))
 
-    def incremental(self) -> Any:
-        """A decoder that turns ids into text as they come, never splitting a UTF-8 character."""
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        offset = self.offset
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
 
-        def feed(ids: list[int]) -> str:
-            return decoder.decode(bytes(i - offset for i in ids if offset <= i < offset + 256))
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of a conversation rendered by the tokenizer's chat template, ready for the reply."""
+        rendered = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.hf(rendered, add_special_tokens=False)["input_ids"])
+
+    def incremental(self) -> Callable[[list[int]], str]:
+        """A decoder fed ids as they come that returns the new text, holding back an unfinished
+        character (byte-level vocabularies split UTF-8 characters over several tokens)."""
+        ids: list[int] = []
+        printed = 0
+
+        def feed(new: list[int]) -> str:
+            nonlocal printed
+            ids.extend(new)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):
+                return ""
+            out, printed = text[printed:], len(text)
+            return out
 
         return feed
 
 
-class _HFTokenizer:
-    def __init__(self, tok: Any) -> None:
-        self._tok = tok
-        self.eos_token_id = tok.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok(text)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    spec_file = path / BYTE_TOKENIZER_FILE
-    if spec_file.exists():
-        spec = json.loads(spec_file.read_text())
-        if spec.get("type") != "bytes":
-            raise ValueError(f"{spec_file}: unsupported tokenizer type {spec.get('type')!r}")
-        return ByteTokenizer(offset=int(spec["offset"]), bos_token_id=spec.get("bos_token_id"),
-                             eos_token_id=spec.get("eos_token_id"), pad_token_id=spec.get("pad_token_id"))
+def load_tokenizer(model: str | Path, *, revision: str | None = None, token: str | bool | None = None) -> Tokenizer:
+    """The tokenizer of a local checkpoint folder or Hub model id."""
     from transformers import AutoTokenizer
 
+    source = open_source(model, revision=revision, token=token)
+    for name in TOKENIZER_FILES:
+        source.fetch_optional(name)
+    folder = source.fetch("config.json").parent
     try:
-        return _HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        return Tokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
     except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path} has no tokenizer (neither {BYTE_TOKENIZER_FILE} nor Hugging Face "
-                         f"tokenizer files): {reason}") from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # one line, not HF's essay
+        raise ValueError(f"{model} has no usable tokenizer files: {reason}") from exc

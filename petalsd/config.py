@@ -274,13 +274,20 @@ class DaemonConfig:
 
     model: str = field(metadata={
         "parse": _nonempty_str, "flag_type": str, "reload": False, "choices": None,
-        "help": "Local Hugging Face checkpoint folder. Required."})
+        "help": "Local Hugging Face checkpoint folder, or a Hub model id ORG/NAME (fetched through the "
+                "Hugging Face cache: HF_HOME, HF_TOKEN, HF_HUB_OFFLINE; only the shards of the served blocks). Required."})
     blocks: str | None = _opt(
         None, _blocks, "Serve exactly blocks START:END (end exclusive). Excludes num_blocks; "
         "with neither, the daemon chooses a span that fits its memory.")
     num_blocks: int | None = _opt(
         None, _positive_int, "Serve this many blocks, placed where the swarm needs them most.",
         flag_type=int)
+    revision: str | None = _opt(
+        None, _nonempty_str, "Hub models: the branch, tag or commit to serve (default: main), pinned to "
+        "its commit at start.")
+    max_disk_space: int | None = _opt(
+        None, _positive_size, "Hub models: most bytes of this model's shards to keep in the Hugging Face "
+        "cache; shards of blocks no longer served are deleted to stay under it (default: no limit).")
     initial_peers: list[str] = _opt(
         None, _multiaddr_list(require_peer_id=True), "Multiaddrs (ending in /p2p/PEER_ID) of "
         "peers already in the swarm. Exactly one of initial_peers and new_swarm is required.",
@@ -617,7 +624,7 @@ def reloaded(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
 def _toml_value(value: object, key: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int) and key in ("cache_budget", "max_frame_size"):
+    if isinstance(value, int) and key in ("cache_budget", "max_frame_size", "max_disk_space"):
         return json.dumps(format_size(value))
     if isinstance(value, (int, float)):
         return repr(value)

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,10 @@ from petals_protocol.ids import (
 )
 from petals_protocol.messages import ErrorReply
 from petals_protocol.models.checkpoint import Checkpoint
+from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
-from petals_protocol.models.span import Span, load_span
+from petals_protocol.models.source import HubRepo
+from petals_protocol.models.span import Span, block_bytes, load_span, span_shards
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
 from petals_protocol.localpaths import default_control_socket
 from petals_protocol.p2p.identity import (
@@ -147,6 +149,7 @@ class Daemon:
     host: Any = None
     addrs: list[str] | None = None
     announcer: Announcer | None = None
+    serving_shards: set[str] = field(default_factory=set)  # the shards of the loaded span (disk eviction)
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
 
@@ -315,12 +318,9 @@ class Daemon:
 
     def _blocks_that_fit(self, num_blocks: int) -> int:
         """Default span length: what fits in this machine's memory, leaving headroom."""
-        checkpoint_bytes = sum(f.stat().st_size for f in self.checkpoint.files())
-        element = torch.finfo(self.dtype).bits // 8
-        stored = 4 if "float32" in str(getattr(self.checkpoint.config, "dtype", "float32")) else 2
-        block_bytes = max(1, checkpoint_bytes * element // stored // max(num_blocks, 1))
+        one_block = max(1, block_bytes(self.checkpoint.config, self.dtype))  # from the config: no shard needed
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") - self.config.cache_budget
-        return default_num_blocks(max(memory, block_bytes), block_bytes)
+        return default_num_blocks(max(memory, one_block), one_block)
 
     async def _rebalance(self, dht: Any, announcer: Announcer) -> None:
         """Every rebalance_period: move if the swarm's weakest block would clearly gain (never uncovering one)."""
@@ -352,8 +352,12 @@ class Daemon:
         self.notifier.status(f"loading blocks {start}:{end}")
         log.info("loading peer=%s model=%s blocks=%d:%d dtype=%s device=%s", self.peer_id, self.config.model,
                  start, end, str(self.dtype).removeprefix("torch."), self.device)
-        span = load_span(self.config.model, start, end, dtype=self.dtype, device=self.device,
+        shards = span_shards(self.checkpoint, start, end)
+        self._make_room(shards | self.serving_shards)  # before fetching: the old span serves until replaced
+        span = load_span(self.checkpoint, start, end, dtype=self.dtype, device=self.device,
                          progress=_progress_reporter(f"loading blocks {start}:{end}"))
+        self.serving_shards = shards
+        self._make_room(shards)
         if self.config.batching:
             packed = span.pack_for_batching()
             log.info("batching peer=%s blocks=%d:%d: %s", self.peer_id, start, end,
@@ -363,6 +367,16 @@ class Daemon:
         log.info("loaded peer=%s blocks=%d:%d weights=%.1f MiB throughput=%.1f block-steps/s", self.peer_id,
                  start, end, span.weight_bytes / 2**20, throughput)
         return span, throughput
+
+    def _make_room(self, keep: set[str]) -> None:
+        """max_disk_space: delete cached shards of a Hub model outside ``keep`` until under the limit."""
+        source = self.checkpoint.source
+        if self.config.max_disk_space is None or not isinstance(source, HubRepo):
+            return
+        evicted = source.evict(keep, self.config.max_disk_space)
+        if evicted:
+            log.info("disk peer=%s: deleted cached shards %s (max_disk_space %d bytes)", self.peer_id,
+                     " ".join(evicted), self.config.max_disk_space)
 
     def _context(self, span: Span, throughput: float, worker: ComputeWorker) -> ServingContext:
         c = self.config
@@ -442,12 +456,12 @@ def build_daemon(config: DaemonConfig, argv: list[str], notifier: Notifier) -> D
     """Everything that can fail before joining the swarm; raises with a one-line reason."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    checkpoint = Checkpoint(config.model)
+    checkpoint = Checkpoint(config.model, revision=config.revision, cache_dir=default_cache_dir())
     identity = claim_identity(config.identity) if config.identity else claim_free_identity(default_identity_dir())
     num_blocks = checkpoint.config.num_hidden_layers
     blocks = parse_blocks(config, num_blocks) if config.blocks is not None else None
-    notifier.status("hashing the model's weights (fingerprint)")
-    fingerprint = model_fingerprint(config.model, cache_dir=_cache_dir())
+    notifier.status("fingerprinting the model's weights")
+    fingerprint = model_fingerprint(checkpoint)
     device = config_mod.resolve_device(config.device)
     daemon = Daemon(config=config, argv=argv, identity=identity, notifier=notifier, started_at=time.time(),
                     checkpoint=checkpoint, fingerprint=fingerprint, dtype=choose_dtype(config, checkpoint, device),
@@ -463,8 +477,3 @@ def _private_dir(folder: Path) -> None:
     info = folder.stat()
     if info.st_uid != os.getuid():
         raise OSError(f"{folder} belongs to uid {info.st_uid}, not to this user")
-
-
-def _cache_dir() -> Path | None:
-    cache = os.environ.get("CACHE_DIRECTORY") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache.split(":")[0]) / "petalsd"

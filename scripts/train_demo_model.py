@@ -7,8 +7,13 @@ the stdlib `this` module) is small enough to ship in the wheel (~5 MB of float32
 CPU in a minute or two, and its greedy output is checkable against the stdlib: if a chain of
 daemons corrupts hidden states anywhere, the text stops matching.
 
-Tokenisation is bytes, with no tokenizer class: token id = byte value + OFFSET, below OFFSET sit
-pad/bos/eos. The scheme is written next to the weights as `petals_tokenizer.json`.
+Tokenisation is bytes: token id = byte value + OFFSET, below OFFSET sit pad/bos/eos. The scheme is
+written next to the weights as a standard Hugging Face fast tokenizer (`tokenizer.json`: a
+byte-level BPE with no merges, bos added in front), so plain `AutoTokenizer` loads it.
+
+    python scripts/train_demo_model.py --out client/demo/model --tokenizer-only
+
+rewrites just the tokenizer files.
 
 Each step trains on the whole text (bos + Zen + eos) and on a few suffixes of it that start at
 random word boundaries (half of them with a bos in front), each ended by eos. So the model continues the Zen from any word, for instance from the prompt "Beautiful is
@@ -34,7 +39,7 @@ import io
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +51,6 @@ BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
 OFFSET = 3  # token id of byte b is b + OFFSET
 VOCAB_SIZE = 256 + OFFSET
-TOKENIZER_FILE = "petals_tokenizer.json"
 PROBE_PROMPT = "Beautiful is better"
 
 
@@ -56,7 +60,7 @@ class TrainingFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class ByteTokenizerSpec:
-    """What `petals_tokenizer.json` holds: enough for any client to encode/decode without HF."""
+    """The byte scheme: what `tokenizer.json` encodes, and what training uses directly."""
 
     type: str = "bytes"
     offset: int = OFFSET
@@ -278,7 +282,38 @@ def save(model: LlamaForCausalLM, spec: ByteTokenizerSpec, out: Path) -> None:
         max_length=model.config.max_position_embeddings,
     )
     model.to(torch.float32).save_pretrained(out, safe_serialization=True)
-    (out / TOKENIZER_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    save_tokenizer(spec, out, max_length=model.config.max_position_embeddings)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (what byte-level BPE vocabularies are written in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def save_tokenizer(spec: ByteTokenizerSpec, out: Path, max_length: int) -> None:
+    """`tokenizer.json` + `tokenizer_config.json` encoding exactly `spec` (byte-level BPE, no merges)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<pad>": spec.pad_token_id, "<s>": spec.bos_token_id, "</s>": spec.eos_token_id}
+    symbols = _bytes_to_unicode()
+    vocab = {**specials, **{symbols[b]: b + spec.offset for b in range(256)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if spec.add_bos_token:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", spec.bos_token_id)])
+    tokenizer.add_special_tokens([AddedToken(name, special=True) for name in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=max_length)
+    fast.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name transformers 4 and 5 both know
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-margin", type=float, default=1.0, help="stop once the greedy margin is this")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps it deterministic)")
+    parser.add_argument("--tokenizer-only", action="store_true", help="write only the tokenizer files")
     args = parser.parse_args(argv)
+    if args.tokenizer_only:
+        config = json.loads((args.out / "config.json").read_text())
+        save_tokenizer(ByteTokenizerSpec(), args.out, max_length=config["max_position_embeddings"])
+        return 0
 
     torch.set_num_threads(args.threads)
     options = TrainingOptions(

@@ -15,7 +15,7 @@ import torch
 
 from ..localswarm import LocalSwarm
 from ..model import AutoDistributedModelForCausalLM
-from ..tokenizer import ByteTokenizer, load_tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model"
 DEFAULT_PROMPT = "Beautiful is better"
@@ -31,14 +31,12 @@ def split_blocks(num_blocks: int, parts: int) -> list[str]:
 class _TimedPrinter:
     """A transformers-style streamer: prints text as tokens arrive and times each one."""
 
-    def __init__(self, tokenizer: object, out: object = sys.stdout) -> None:
+    def __init__(self, tokenizer: Tokenizer, out: object = sys.stdout) -> None:
         self.tokenizer = tokenizer
         self.out = out
         self.times: list[float] = []
         self._first = True
-        self._feed = tokenizer.incremental() if isinstance(tokenizer, ByteTokenizer) else None
-        self._ids: list[int] = []
-        self._printed = ""
+        self._feed = tokenizer.incremental()
 
     def put(self, value: torch.Tensor) -> None:
         if self._first:  # the prompt
@@ -49,12 +47,7 @@ class _TimedPrinter:
         self.times.append(now - self._last)
         self._last = now
         ids = [int(i) for i in value.reshape(-1)[:1]]
-        if self._feed is not None:
-            text = self._feed(ids)
-        else:
-            self._ids += ids
-            full = self.tokenizer.decode(self._ids)  # type: ignore[attr-defined]
-            text, self._printed = full[len(self._printed):], full
+        text = self._feed(ids)
         print(text, end="", file=self.out, flush=True)  # type: ignore[arg-type]
 
     def end(self) -> None:

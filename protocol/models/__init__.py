@@ -1,11 +1,12 @@
 """The model-partition contract: which modules are blocks and which are the client's, shared by
 daemon and client. Needs torch, transformers and safetensors (the protocol core does not).
 
-- ``Checkpoint``: a local Hugging Face folder, read one chosen tensor at a time.
+- ``Checkpoint``: a local folder or a Hub model (``source.py``), fetched shard by shard and read
+  one chosen tensor at a time.
 - ``family_for(config)``: per-family adapter (block list, client modules, how to run a block).
 - ``load_span(path, start, end)`` -> ``Span`` with ``new_cache`` / ``forward`` / ``backward``.
 - ``load_client_part(path)`` -> ``ClientPart`` with ``embed`` / ``logits``.
-- ``model_fingerprint(path)``: what DHT records and requests bind to.
+- ``model_fingerprint(path)``: what DHT records and requests bind to, from any subset of the files.
 - ``make_random_checkpoint(...)``: real checkpoints with random weights, for tests and benchmarks.
 """
 

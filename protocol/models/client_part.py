@@ -82,10 +82,10 @@ def _tied(config: transformers.PretrainedConfig) -> bool:
 
 
 def load_client_part(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path | Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> ClientPart:
     """Load the client's modules of the checkpoint at ``path``, reading only their tensors."""
-    checkpoint = Checkpoint(path)
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
     config = checkpoint.config
     family = family_for(config)
     device = torch.device(device)

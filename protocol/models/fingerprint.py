@@ -2,22 +2,30 @@
 
 DHT records and requests carry it, so a daemon serving other weights (a fine-tune, a corrupted
 download, another model with the same name) cannot pose as serving this model, and a client never
-mixes blocks of two models in one chain.
+mixes blocks of two models in one chain. No party holds the whole model, so every party must get
+the same value from whatever subset of the files it holds, paying at most one pass over the
+shards it loads.
 
-What is hashed (SHA-256, domain-separated by ``FINGERPRINT_VERSION``):
-1. ``config.json`` as canonical JSON (sorted keys, no whitespace), minus keys that describe the
-   writer rather than the model (``transformers_version``, ``_name_or_path``): the architecture
-   and hyperparameters (eps, rope theta, ...) decide what the weights compute.
-2. For every tensor, sorted by name: its name, safetensors dtype, shape and the SHA-256 of its raw
-   bytes. Hashing tensors rather than files makes the fingerprint independent of how the checkpoint
-   is sharded; hashing bytes rather than values makes it exact.
+Two schemes, chosen by what the checkpoint carries (ARCHITECTURE.md has the threat model):
+
+* **Content** (a local folder, or any checkpoint with a ``petals_manifest.json``): SHA-256,
+  domain-separated by ``FINGERPRINT_VERSION``, over
+  1. ``config.json`` as canonical JSON (sorted keys, no whitespace), minus keys that describe the
+     writer rather than the model (``transformers_version``, ``_name_or_path``);
+  2. every tensor, sorted by name: its name, safetensors dtype, shape and the SHA-256 of its raw
+     bytes. Hashing tensors rather than files makes it independent of how the checkpoint is
+     sharded; hashing bytes rather than values makes it exact.
+  A full folder hashes its shards (once: the digest cache keys them by file identity). A partial
+  copy takes the digests of the shards it lacks from the manifest (``write_manifest`` makes one
+  from a full copy) and checks the shards it loads against it, so it gets the full copy's value.
+
+* **Hub commit** (a Hub model without a manifest): SHA-256 over ``HUB_FINGERPRINT_VERSION`` and the
+  commit id. A git commit fixes every file of the repository, and for an LFS file (every shard) the
+  SHA-256 of its bytes, which the Hub cache names each blob after; a party checks every shard it
+  loads against that SHA-256. Any change to the repository is a new commit, hence a new value.
 
 The dtype the daemon *serves* in is not part of it (it is announced separately): an fp32
 checkpoint served in bf16 is still the same model.
-
-Hashing reads every byte once (seconds per GB). With ``cache_dir`` the per-tensor digests of each
-safetensors file are kept keyed by (absolute path, size, mtime_ns), so a restart is instant and any
-rewrite of a file is noticed.
 """
 
 from __future__ import annotations
@@ -25,15 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 
-from .checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError
+from .checkpoint import CONFIG_FILE, MANIFEST_FILE, MANIFEST_FORMAT, Checkpoint, ModelLoadError
+from .source import LocalFolder
 
 FINGERPRINT_VERSION = b"petals-model-fingerprint/1\n"
+HUB_FINGERPRINT_VERSION = b"petals-model-fingerprint/hub-commit/1\n"
 _WRITER_KEYS = frozenset({"transformers_version", "_name_or_path"})
-_CHUNK = 1 << 20
-_MAX_HEADER = 100 << 20  # safetensors caps its header at 100 MB
 
 
 def _canonical_config(path: Path) -> bytes:
@@ -42,69 +49,20 @@ def _canonical_config(path: Path) -> bytes:
     return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _file_digests(file: Path) -> dict[str, dict[str, object]]:
-    """{tensor name: {dtype, shape, sha256}} of one safetensors file, read straight from its layout.
-
-    The format is an 8-byte little-endian header length, a JSON header with each tensor's dtype,
-    shape and byte offsets into the data section, then the data; no torch needed.
-    """
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > _MAX_HEADER:
-            raise ModelLoadError(file, f"safetensors header of {header_len} bytes is too large")
-        header = json.loads(f.read(header_len))
-        data_start = 8 + header_len
-        digests: dict[str, dict[str, object]] = {}
-        entries = sorted(
-            ((name, info) for name, info in header.items() if name != "__metadata__"),
-            key=lambda item: item[1]["data_offsets"][0],
-        )
-        for name, info in entries:
-            begin, end = info["data_offsets"]
-            f.seek(data_start + begin)
-            h = hashlib.sha256()
-            remaining = end - begin
-            while remaining:
-                chunk = f.read(min(_CHUNK, remaining))
-                if not chunk:
-                    raise ModelLoadError(file, f"truncated: tensor {name!r} runs past the end of the file")
-                h.update(chunk)
-                remaining -= len(chunk)
-            digests[name] = {"dtype": info["dtype"], "shape": list(info["shape"]), "sha256": h.hexdigest()}
-    return digests
+def _as_checkpoint(model: str | Path | Checkpoint, cache_dir: str | Path | None) -> Checkpoint:
+    if isinstance(model, Checkpoint):
+        return model
+    return Checkpoint(model, cache_dir=Path(cache_dir) if cache_dir is not None else None)
 
 
-def _cached_file_digests(file: Path, cache_dir: Path | None) -> dict[str, dict[str, object]]:
-    if cache_dir is None:
-        return _file_digests(file)
-    file = file.resolve()
-    stat = file.stat()
-    key = {"path": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    entry = cache_dir / (hashlib.sha256(str(file).encode()).hexdigest() + ".json")
-    try:
-        cached = json.loads(entry.read_text())
-        if cached.get("key") == key:
-            return cached["digests"]
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass  # no usable cache entry: recompute below and overwrite it
-    digests = _file_digests(file)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "digests": digests}))
-    os.replace(tmp, entry)  # atomic: a concurrent reader sees the old entry or the new one
-    return digests
-
-
-def model_fingerprint(path: str | Path, cache_dir: str | Path | None = None) -> str:
-    """SHA-256 hex fingerprint of the checkpoint at ``path`` (see the module docstring for what)."""
-    checkpoint = Checkpoint(path)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    tensors: dict[str, dict[str, object]] = {}
-    for file in checkpoint.files():
-        tensors.update(_cached_file_digests(file, cache))
-    expected = set(checkpoint.tensor_names())
-    if set(tensors) != expected:
-        raise ModelLoadError(checkpoint.path, "the index json and the safetensors files name different tensors")
+def model_fingerprint(model: str | Path | Checkpoint, cache_dir: str | Path | None = None) -> str:
+    """SHA-256 hex fingerprint of a checkpoint (a folder, a Hub id or an open ``Checkpoint``, whose
+    ``cache_dir`` then applies); see the module docstring for what goes in."""
+    checkpoint = _as_checkpoint(model, cache_dir)
+    tensors = checkpoint.tensor_digests()
+    if tensors is None:
+        assert checkpoint.source.commit is not None
+        return hashlib.sha256(HUB_FINGERPRINT_VERSION + checkpoint.source.commit.encode()).hexdigest()
     h = hashlib.sha256(FINGERPRINT_VERSION)
     config = _canonical_config(checkpoint.path)
     h.update(len(config).to_bytes(8, "big") + config)
@@ -112,3 +70,23 @@ def model_fingerprint(path: str | Path, cache_dir: str | Path | None = None) -> 
         record = json.dumps([name, tensors[name]["dtype"], tensors[name]["shape"], tensors[name]["sha256"]])
         h.update(record.encode() + b"\n")
     return h.hexdigest()
+
+
+def write_manifest(folder: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Write ``petals_manifest.json`` into a full local checkpoint folder and return its path.
+
+    Copied beside any subset of the shards (or uploaded to the Hub repository), it lets that
+    partial copy compute the full copy's content fingerprint and check the shards it holds.
+    """
+    checkpoint = Checkpoint(LocalFolder(Path(folder)), cache_dir=Path(cache_dir) if cache_dir is not None else None)
+    if checkpoint.manifest is not None:
+        raise ModelLoadError(folder, f"{MANIFEST_FILE} exists already; delete it first to write it again")
+    digests = checkpoint.tensor_digests()
+    assert digests is not None  # a local folder always has them, or raises
+    manifest = {"format": MANIFEST_FORMAT,
+                "tensors": {name: {"file": checkpoint.shard_of(name), **digests[name]} for name in sorted(digests)}}
+    path = checkpoint.path / MANIFEST_FILE
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

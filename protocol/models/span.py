@@ -315,7 +315,7 @@ def _renumber_layer_idx(block: nn.Module, global_index: int, local_index: int) -
 
 
 def load_span(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     start: int,
     end: int,
     *,
@@ -329,7 +329,7 @@ def load_span(
     (``progress(done, total)`` after each). Attention ``layer_idx`` are renumbered to 0.. so the
     per-session cache holds exactly the span's layers (see ``SpanCache``).
     """
-    checkpoint = Checkpoint(path)
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
     config = checkpoint.config
     family = family_for(config)
     num_blocks = config.num_hidden_layers
@@ -360,6 +360,20 @@ def load_span(
         device=device,
         weight_bytes=weight_bytes,
     )
+
+
+def span_shards(checkpoint: Checkpoint, start: int, end: int) -> set[str]:
+    """The safetensors files holding blocks ``[start, end)`` (what a daemon must fetch to serve them)."""
+    family = family_for(checkpoint.config)
+    names = [n for i in range(start, end) for n in checkpoint.names_with_prefix(family.block_tensor_prefix(i))]
+    return checkpoint.shards_of(names)
+
+
+def block_bytes(config: transformers.PretrainedConfig, dtype: torch.dtype) -> int:
+    """Bytes the weights of one block take in ``dtype`` (the largest block), from the config alone."""
+    family = family_for(config)
+    blocks = getattr(getattr(build_skeleton(config), family.base), family.blocks_attr)
+    return max(sum(p.numel() for p in block.parameters()) for block in blocks) * torch.finfo(dtype).bits // 8
 
 
 def build_rotary(

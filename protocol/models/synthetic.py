@@ -7,7 +7,10 @@ it has exactly the layout of a downloaded one: config.json, safetensors, index j
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +121,32 @@ def make_random_checkpoint(
         max_shard_size = "1000GB"
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
+
+
+def write_hub_cache(hf_home: str | Path, repo_id: str, folder: str | Path, files: Iterable[str], *,
+                    commit: str, ref: str | None = "main") -> Path:
+    """Put ``files`` of the checkpoint ``folder`` into a Hugging Face cache as ``huggingface_hub``
+    lays one out, at ``commit`` (``ref`` pointing at it); returns the snapshot folder.
+
+    ``HF_HOME/hub/models--ORG--NAME/`` holds ``refs/<ref>`` (the commit), ``snapshots/<commit>/<file>``
+    (relative symlinks) and ``blobs/<etag>``, where the etag of a safetensors file (an LFS file on
+    the Hub) is the SHA-256 of its bytes and that of any other file its git blob id. With
+    ``HF_HUB_OFFLINE=1`` a party then reads only what its own cache holds: how tests and benchmarks
+    give each party a partial download without a network.
+    """
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        data = (Path(folder) / name).read_bytes()
+        etag = (hashlib.sha256(data).hexdigest() if name.endswith(".safetensors")
+                else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+        (repo / "blobs" / etag).write_bytes(data)
+        link = snapshot / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / etag, snapshot))
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot

@@ -89,7 +89,7 @@ def test_full_forward_logits_and_block_slices(llama_path, llama_model):
     ref = AutoModelForCausalLM.from_pretrained(llama_path)
     with torch.no_grad():
         expected = ref(PROMPT).logits
-        logits = llama_model(PROMPT)
+        logits = llama_model(PROMPT).logits
     assert (logits - expected).abs().max().item() <= 1e-5
     hidden = llama_model.client_part.embed(PROMPT)
     with torch.no_grad():

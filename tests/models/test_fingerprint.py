@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from petals_protocol.models import fingerprint as fingerprint_module
+from petals_protocol.models import digests as digests_module
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.models.synthetic import make_random_checkpoint
 
@@ -51,13 +51,13 @@ def test_cache_makes_restart_instant_and_notices_rewrites(tmp_path: Path, monkey
     path = make_random_checkpoint(tmp_path / "m", "llama", num_layers=2, shards=2)
     cache_dir = tmp_path / "cache"
     hashed: list[Path] = []
-    original = fingerprint_module._file_digests
+    original = digests_module.tensor_digests
 
     def counting(file: Path) -> dict[str, dict[str, object]]:
         hashed.append(file)
         return original(file)
 
-    monkeypatch.setattr(fingerprint_module, "_file_digests", counting)
+    monkeypatch.setattr(digests_module, "tensor_digests", counting)
     shards = sorted(path.glob("model-*.safetensors"))
     assert len(shards) >= 2
     first = model_fingerprint(path, cache_dir=cache_dir)

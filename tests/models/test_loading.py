@@ -125,8 +125,11 @@ def test_checkpoint_errors_name_what_is_missing(tmp_path: Path, checkpoint: Call
     index = json.loads((broken / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[0]
     (broken / shard).unlink()
+    partial = Checkpoint(broken)  # a partial copy opens; what it lacks fails when asked for, by name
     with pytest.raises(ModelLoadError, match=shard):
-        Checkpoint(broken)
+        partial.load(partial.tensor_names(), torch.float32, "cpu")
+    with pytest.raises(ModelLoadError, match=f"shards are missing \\({shard}\\)"):
+        partial.tensor_digests()
     (broken / "model.safetensors.index.json").unlink()
     with pytest.raises(ModelLoadError, match="neither model.safetensors nor"):
         Checkpoint(broken)
