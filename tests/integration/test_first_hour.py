@@ -173,7 +173,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
     (["generate", "--model", str(DEMO_MODEL), "--initial-peers", UNREACHABLE, "--prompt", "a", "b"], 2,
      ["give the prompt once"]),
     (["generate", "--model", "/nonexistent/model", "--initial-peers", UNREACHABLE, "Hello"], 1,
-     ["no such checkpoint folder"]),
+     ["not a directory"]),
     (["generate", "--bogus"], 2, ["required: --model"]),
     (["nonsense"], 2, ["invalid choice"]),
 ])
