@@ -2,7 +2,8 @@
 
   petals demo [--model PATH] [--prompt TEXT]       a local swarm on the shipped model, end to end
   petals generate --model PATH --initial-peers ADDR... "prompt"
-  petals swarm --model PATH --initial-peers ADDR... [--json]
+  petals swarm --model PATH --initial-peers ADDR... [--json | --html FILE]
+  petals serve --model PATH --initial-peers ADDR... [--host H --port P --api-key KEY]
   petals ctl [--socket PATH] status|sessions|peers|metrics|drain|reload|stop
 """
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _swarm(args: argparse.Namespace) -> int:
     from .swarm_table import show_swarm
 
+    if args.html:
+        from .health import write_health_page
+
+        return write_health_page(args.model, args.initial_peers, args.html, swarm_key=args.swarm_key)
+
     return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key)
 
 
@@ -85,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
     swarm.add_argument("--swarm-key")
     swarm.add_argument("--json", action="store_true", help="machine-readable output")
+    swarm.add_argument("--html", metavar="FILE", help="write the health page (as `petals serve` shows it) to FILE")
     swarm.set_defaults(func=_swarm)
+
+    from .serve_cli import configure_parser as configure_serve
+
+    configure_serve(sub.add_parser("serve", help="an OpenAI-compatible API and the swarm health page over HTTP"))
 
     ctl = sub.add_parser("ctl", help="control the local daemon over its Unix socket")
     from . import ctl as ctl_mod

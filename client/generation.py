@@ -85,13 +85,15 @@ def decode(
     config: GenerationConfig,
     streamer: Streamer | None = None,
     unseen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Extend `input_ids` [B, T] token by token; returns prompt + generated ids.
 
     `next_logits(new_ids)` feeds the ids not yet seen by the model (`unseen`, default the whole
     prompt, first; then one token per step) and returns the logits of the last position,
     [B, vocab]. `input_ids` is the whole context the logits processors see (e.g. the repetition
-    penalty), which in a multi-turn session is longer than what this call feeds. Finished rows are
+    penalty), which in a multi-turn session is longer than what this call feeds. `generator`: the
+    random source for sampling (default torch's global one, as transformers uses). Finished rows are
     padded with pad_token_id (defaulting to the first EOS id) while others continue, and the loop
     stops when every row is finished or the length budget is spent.
     """
@@ -112,7 +114,7 @@ def decode(
         scores = processors(input_ids, logits)
         if config.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
         if eos_tensor is not None and pad is not None:

@@ -208,11 +208,13 @@ class DistributedModelForCausalLM:
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  session: RemoteInferenceSession | None = None, streamer: generation.Streamer | None = None,
-                 **options: Any) -> torch.Tensor:
+                 generator: torch.Generator | None = None, **options: Any) -> torch.Tensor:
         """transformers-compatible generation (greedy or sampling), token for token identical.
 
         In a `session`, `input_ids` are the new tokens of this turn: they are fed after everything
         the session has seen, and the result is `input_ids` followed by the generated tokens.
+        `generator`: a private random source for sampling, so that concurrent seeded requests do
+        not draw from each other's stream (default: torch's global one, as in transformers).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
@@ -227,7 +229,7 @@ class DistributedModelForCausalLM:
             context = input_ids if session.ids is None else torch.cat([session.ids, input_ids], dim=1)
             unseen = context[:, session.fed:]
             out = generation.decode(context, lambda ids: self._next_logits(session, ids), config, streamer,
-                                    unseen=unseen)
+                                    unseen=unseen, generator=generator)
             session.ids = out
             return out[:, context.shape[1] - input_ids.shape[1]:]
         finally:

@@ -21,6 +21,12 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+
+class NoChatTemplate(ValueError):
+    """The checkpoint's tokenizer has no chat template, so chat messages cannot become a prompt."""
+
 
 @dataclass
 class ByteTokenizer:
@@ -46,6 +52,9 @@ class ByteTokenizer:
 
         return feed
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        raise NoChatTemplate("this model's byte-level tokenizer has no chat template: use completions")
+
 
 class _HFTokenizer:
     def __init__(self, tok: Any) -> None:
@@ -57,6 +66,14 @@ class _HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt for `messages` as transformers builds it: the template already holds the
+        special tokens, so the rendered text is encoded without adding them again."""
+        if not getattr(self._tok, "chat_template", None):
+            raise NoChatTemplate("this model's tokenizer has no chat template: use completions")
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
