@@ -33,10 +33,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from petals_protocol.errors import ErrorCode, PetalsError, RemoteError
+from petals_protocol.errors import ErrorCode, RemoteError
 
 from .completion import CompletionJob, Delta, Finished
 from .routing import NoRoute
+from .swarm import NETWORK_ERRORS
 from .tokenizer import NoChatTemplate, Tokenizer
 
 __all__ = ["ApiError", "ServedModel", "Generations", "build_app", "parse_completion", "parse_chat"]
@@ -90,7 +91,7 @@ def error_for(exc: BaseException) -> ApiError:
                         code="daemons_busy")
     if code in (ErrorCode.TOO_LONG, ErrorCode.BAD_REQUEST):
         return ApiError(400, f"a daemon refused the request: {exc}", code=code.value)
-    if isinstance(exc, PetalsError):
+    if isinstance(exc, NETWORK_ERRORS):
         return ApiError(503, f"the swarm could not serve the request: {exc}", type="service_unavailable",
                         code="swarm_failed")
     if isinstance(exc, RuntimeError) and "runtime is closed" in str(exc):
@@ -284,6 +285,15 @@ async def _next_event(events: trio.MemoryReceiveChannel[object]) -> object:
     return event
 
 
+async def _stop_on_disconnect(request: Request, cancelled: threading.Event, scope: trio.CancelScope) -> None:
+    """End a non-streamed completion whose client went away (its body is read: what comes next
+    from the server is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancelled.set()
+    scope.cancel()
+
+
 def _usage(f: Finished) -> dict[str, int]:
     return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
             "total_tokens": f.prompt_tokens + f.completion_tokens}
@@ -394,11 +404,16 @@ def build_app(served: ServedModel, generations: Callable[[], Generations], *, ap
         if not stream:
             with events:
                 try:
-                    event = first
-                    while not isinstance(event, Finished):
-                        event = await _next_event(events)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_stop_on_disconnect, request, cancelled, nursery.cancel_scope)
+                        event = first
+                        while not isinstance(event, Finished):
+                            event = await _next_event(events)
+                        nursery.cancel_scope.cancel()
                 finally:
                     cancelled.set()
+            if not isinstance(event, Finished):  # the client left; nobody reads this
+                return Response(status_code=499)
             return JSONResponse({**head, "choices": [shape.choice(event.text, event.finish_reason)],
                                  "usage": _usage(event)})
         chunk_head = {**head, "object": shape.chunk_object}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -236,6 +237,14 @@ def test_disconnect_mid_stream_closes_sessions(client, chat_model, swarm):
     assert [len(s) for s in held] == [1, 1, 1]
     stream.close()  # the HTTP connection goes away mid-stream
     assert wait_no_sessions(swarm) == [[], [], []]
+
+    # a client that gives up waiting for a whole (non-streamed) completion frees its session too
+    import httpx
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{client.base_url}completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=3,
+                   json={"model": chat_model.name, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
+    assert wait_no_sessions(swarm) == [[], [], []]
     # and the server goes on serving
     reply = client.completions.create(model=chat_model.name, prompt=PROMPT, max_tokens=2, temperature=0)
     assert reply.usage.completion_tokens == 2
@@ -282,6 +291,16 @@ def test_busy_daemons_and_no_route(chat_model, tmp_path):
                 assert info.value.status_code == 503 and "4:6" in info.value.message
         finally:
             proc.stop()
+        # the health page names the gap and asks for exactly those blocks
+        page = tmp_path / "gap.html"
+        result = subprocess.run([sys.executable, "-m", "petals_client.cli", "swarm", "--model", str(chat_model),
+                                 "--initial-peers", *local.addrs, "--html", str(page)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr  # as `petals swarm`: 1 when a block is unserved
+        embedded = re.search(r'<script id="swarm-data" type="application/json">(.*?)</script>', page.read_text(), re.S)
+        data = json.loads(embedded.group(1))
+        assert data["gaps"] == [[4, 6]] and data["most_needed"] == [4, 6]
+        assert f"--blocks 4:6 --initial-peers {local.addrs[0]}" in data["join"]["daemon"]
 
 
 def test_refuses_public_address_without_key(chat_model):
