@@ -28,6 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .completion import CompletionJob, run_completion
 from .health import render_page, swarm_snapshot
 from .openai_api import Generations, ServedModel, build_app
+from .tokenizer import Tokenizer
 
 __all__ = ["ServeOptions", "run_server", "is_loopback"]
 
@@ -77,6 +78,28 @@ def _context_limit(model: Any) -> Callable[[], int]:
     return limit
 
 
+class _SerialTokenizer:
+    """The tokenizer used by one thread at a time: requests are parsed on the server's loop while
+    worker threads decode, and a Hugging Face fast tokenizer may re-configure itself per call."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return self._tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        with self._lock:
+            return self._tokenizer.decode(ids)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        with self._lock:
+            return self._tokenizer.chat_ids(messages)
+
+
 class _HealthCache:
     """The latest snapshot, refreshed on demand at most every HEALTH_CACHE_SECONDS."""
 
@@ -102,7 +125,8 @@ class _HealthCache:
         return render_page(await self.data())
 
 
-async def _serve(model: Any, tokenizer: Any, options: ServeOptions, out: TextIO) -> None:
+async def _serve(model: Any, tokenizer: Tokenizer, options: ServeOptions, out: TextIO) -> None:
+    tokenizer = _SerialTokenizer(tokenizer)
     model_id = options.model_id or Path(options.model).resolve().name
     served = ServedModel(model_id=model_id, tokenizer=tokenizer, context_limit=_context_limit(model),
                          max_tokens=options.max_tokens)

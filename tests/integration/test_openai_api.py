@@ -17,6 +17,7 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -180,8 +181,6 @@ def test_errors(server, client, chat_model):
         openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
     assert info.value.status_code == 401
 
-    import httpx
-
     headers = {"Authorization": f"Bearer {API_KEY}"}
     raw = httpx.post(f"{server.base_url}/completions", content=b"{not json", headers=headers)
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
@@ -239,8 +238,6 @@ def test_disconnect_mid_stream_closes_sessions(client, chat_model, swarm):
     assert wait_no_sessions(swarm) == [[], [], []]
 
     # a client that gives up waiting for a whole (non-streamed) completion frees its session too
-    import httpx
-
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{client.base_url}completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=3,
                    json={"model": chat_model.name, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
@@ -394,6 +391,9 @@ def test_health_page_in_chromium(server, swarm, chat_model, tmp_path):
     latencies = [row[8] for row in tables["servers"]]
     assert all(cell.endswith(" ms") for cell in latencies), latencies
     assert "every block is served" in dom and "petalsd --model" in dom and swarm.addrs[0] in dom
+    live = httpx.get(server.url + "/health.json", timeout=60).json()  # what the page re-fetches
+    assert live["live"] and live["complete"] and len(live["servers"]) == 3
+    assert all(s["latency_ms"] > 0 and s["version"] for s in live["servers"])
     shot = tmp_path / "health.png"
     headless(chromium, server.url + "/", f"--screenshot={shot}", "--window-size=1400,1000")
     assert shot.stat().st_size > 10_000
