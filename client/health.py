@@ -94,6 +94,7 @@ async def swarm_snapshot(swarm: SwarmClient, *, model: str, num_blocks: int, api
             "addrs": list(known.addrs),
             "answered": info is not None,
         })
+    servers.sort(key=lambda s: (s["start"], s["end"], s["peer_id"]))
     listed = [probed.get(s["peer_id"]) or records[s["peer_id"]] for s in servers]
     runs = block_runs(listed, num_blocks)
     throughput = {s["peer_id"]: s["throughput"] for s in servers}
