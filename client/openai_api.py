@@ -257,8 +257,7 @@ class Generations:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the request went away first
                 except Exception as exc:  # noqa: BLE001 - reported to the request as an API error
-                    with trio.move_on_after(0):
-                        send.send_nowait(Failed(exc))
+                    send.send_nowait(Failed(exc))
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -335,10 +334,10 @@ CHAT = _Shape("chat.completion", "chat.completion.chunk", "chatcmpl", chat=True)
 # --------------------------------------------------------------------------- the app
 
 
-def build_app(served: ServedModel, generations: Callable[[], Generations], *, api_key: str | None = None,
+def build_app(served: ServedModel, generations: Generations, *, api_key: str | None = None,
               health_page: Callable[[], Awaitable[str]] | None = None,
               health_data: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> Starlette:
-    """The ASGI app. `generations()` gives the running job pool (made once the server's nursery exists)."""
+    """The ASGI app; completions run in `generations` (whose nursery outlives the HTTP server)."""
 
     def authorized(request: Request) -> None:
         if api_key is None:
@@ -392,7 +391,7 @@ def build_app(served: ServedModel, generations: Callable[[], Generations], *, ap
         stream = _field(body, "stream", (bool,), False)
         options = _field(body, "stream_options", (dict,), {})
         include_usage = bool(options.get("include_usage")) if stream else False
-        events, cancelled = generations().start(job)
+        events, cancelled = generations.start(job)
         rid, created = f"{shape.prefix}-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": shape.object, "created": created, "model": served.model_id}
         try:

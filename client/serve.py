@@ -103,8 +103,8 @@ class _SerialTokenizer:
 class _HealthCache:
     """The latest snapshot, refreshed on demand at most every HEALTH_CACHE_SECONDS."""
 
-    def __init__(self, model: Any, options: ServeOptions, model_id: str, api_url: str) -> None:
-        self.model, self.options, self.model_id, self.api_url = model, options, model_id, api_url
+    def __init__(self, model: Any, options: ServeOptions, api_url: str) -> None:
+        self.model, self.options, self.api_url = model, options, api_url
         self._data: dict[str, Any] | None = None
         self._taken = 0.0
         self._lock = trio.Lock()
@@ -134,12 +134,9 @@ async def _serve(model: Any, tokenizer: Tokenizer, options: ServeOptions, out: T
     def run(job: CompletionJob, emit: Callable[[object], None], cancelled: threading.Event) -> None:
         run_completion(model, tokenizer.decode, job, emit, cancelled)
 
-    holder: dict[str, Any] = {}
     host = f"[{options.host}]" if ":" in options.host else options.host
     api_url = f"http://{host}:{options.port}"
-    health = _HealthCache(model, options, model_id, api_url)
-    app = build_app(served, lambda: holder["generations"], api_key=options.api_key,
-                    health_page=health.page, health_data=health.data)
+    health = _HealthCache(model, options, api_url)
     config = HypercornConfig()
     config.bind = [f"{host}:{options.port}"]
     config.graceful_timeout = GRACEFUL_SECONDS
@@ -152,7 +149,8 @@ async def _serve(model: Any, tokenizer: Tokenizer, options: ServeOptions, out: T
                 return
 
     async with trio.open_nursery() as jobs:
-        holder["generations"] = Generations(jobs, run, options.max_concurrent)
+        app = build_app(served, Generations(jobs, run, options.max_concurrent), api_key=options.api_key,
+                        health_page=health.page, health_data=health.data)
         async with trio.open_nursery() as server:
             binds = await server.start(lambda task_status: hypercorn_serve(
                 app, config, shutdown_trigger=shutdown_trigger, task_status=task_status))
