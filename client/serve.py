@@ -170,5 +170,22 @@ def run_server(options: ServeOptions, out: TextIO | None = None) -> int:
     tokenizer = load_tokenizer(options.model)
     with AutoDistributedModelForCausalLM.from_pretrained(options.model, initial_peers=list(options.initial_peers),
                                                          swarm_key=options.swarm_key) as model:
-        trio.run(_serve, model, tokenizer, options, out or sys.stdout)
+        try:
+            trio.run(_serve, model, tokenizer, options, out or sys.stdout)
+        except BaseExceptionGroup as group:  # nurseries wrap a failed bind (port in use, bad address)
+            bind_error = _only(group, OSError)
+            if bind_error is None:
+                raise
+            raise OSError(f"cannot listen on {options.host}:{options.port}: {bind_error.strerror or bind_error}") from None
     return 0
+
+
+def _only(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    """The first `kind` error in `group` when nothing else is in it, else None."""
+    matched, rest = group.split(kind)
+    if matched is None or rest is not None:
+        return None
+    error: BaseException = matched
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

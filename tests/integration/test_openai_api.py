@@ -199,6 +199,7 @@ def wait_no_sessions(swarm, timeout: float = 20.0) -> list[list[dict]]:
 
 
 def test_concurrent_streams_are_exact(client, chat_model, reference, swarm):
+    assert wait_no_sessions(swarm) == [[], [], []]
     prompts = [PROMPT, "The quick brown fox"]
     tokens = 48
     wants = [expected(reference, reference[1](p).input_ids, tokens)[0] for p in prompts]
@@ -239,7 +240,7 @@ def test_disconnect_mid_stream_closes_sessions(client, chat_model, swarm):
 
     # a client that gives up waiting for a whole (non-streamed) completion frees its session too
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{client.base_url}completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=3,
+        httpx.post(f"{client.base_url}completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=1.5,
                    json={"model": chat_model.name, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
     assert wait_no_sessions(swarm) == [[], [], []]
     # and the server goes on serving
@@ -305,6 +306,21 @@ def test_refuses_public_address_without_key(chat_model):
                              "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq",
                              "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "without --api-key" in result.stderr
+
+
+
+def test_port_in_use_is_a_one_line_error(chat_model, swarm):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "petals_client.cli", "serve", "--model", str(chat_model),
+                                 "--initial-peers", swarm.addrs[0], "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"petals: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 # --------------------------------------------------------------------------- the health page
