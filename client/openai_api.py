@@ -401,16 +401,21 @@ def build_app(served: ServedModel, generations: Generations, *, api_key: str | N
             events.close()
             raise
         if not stream:
+            event, failure = first, None
             with events:
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_stop_on_disconnect, request, cancelled, nursery.cancel_scope)
-                        event = first
-                        while not isinstance(event, Finished):
-                            event = await _next_event(events)
+                        try:
+                            while not isinstance(event, Finished):
+                                event = await _next_event(events)
+                        except ApiError as exc:  # raised outside the nursery, which would wrap it in a group
+                            failure = exc
                         nursery.cancel_scope.cancel()
                 finally:
                     cancelled.set()
+            if failure is not None:
+                raise failure
             if not isinstance(event, Finished):  # the client left; nobody reads this
                 return Response(status_code=499)
             return JSONResponse({**head, "choices": [shape.choice(event.text, event.finish_reason)],

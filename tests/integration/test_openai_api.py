@@ -262,20 +262,56 @@ def test_server_concurrency_limit(server, client, chat_model):
             s.close()
 
 
-def test_busy_daemons_and_no_route(chat_model, tmp_path):
-    """429 when the daemons refuse for lack of room; 503 when no chain covers the model."""
+def count_log(daemon, text: str) -> int:
+    return sum(text in line for line in list(daemon.log))
+
+
+def wait_log(daemon, text: str, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while count_log(daemon, text) < count:
+        assert time.monotonic() < deadline, f"no {count} x {text!r} in the daemon's log"
+        time.sleep(0.05)
+
+
+def test_busy_daemons_dead_daemon_and_no_route(chat_model, tmp_path):
+    """429 when the daemons refuse for lack of room; 503 (or, mid-stream, an error event) when the
+    only daemon dies during a completion; 503 when no chain covers the model."""
     with LocalSwarm(chat_model, extra_args=DAEMON_ARGS) as local:
-        local.start("0:6", args=["--max-sessions", "1"])
+        d = local.start("0:6", args=["--max-sessions", "2"])
         proc = ServeProcess(chat_model, local.addrs)
         try:
             c = openai.OpenAI(base_url=proc.base_url, api_key="none", max_retries=0, timeout=120)
-            stream = c.completions.create(model=chat_model.name, prompt=PROMPT, max_tokens=1000, temperature=0,
-                                          stream=True)
-            next(iter(stream))
+            streams = [c.completions.create(model=chat_model.name, prompt=PROMPT, max_tokens=1000, temperature=0,
+                                            stream=True) for _ in range(2)]
+            chunks = [iter(s) for s in streams]
+            for it in chunks:
+                next(it)
             with pytest.raises(openai.RateLimitError) as info:
                 c.completions.create(model=chat_model.name, prompt=PROMPT, max_tokens=2)
             assert info.value.code == "daemons_busy" and "busy" in info.value.message
-            stream.close()
+            streams[0].close()
+            wait_log(d, "session closed", 1)
+
+            # the daemon dies while one completion streams and another is being generated whole
+            outcome: dict[str, openai.APIStatusError] = {}
+
+            def whole() -> None:
+                try:
+                    c.completions.create(model=chat_model.name, prompt=PROMPT, max_tokens=1000, temperature=0)
+                except openai.APIStatusError as exc:
+                    outcome["error"] = exc
+
+            worker = threading.Thread(target=whole)
+            worker.start()
+            wait_log(d, "session open", 3)  # the two streams, then this one (a refused open is logged otherwise)
+            d.process.kill()
+            worker.join(120)
+            assert outcome["error"].status_code == 503, outcome
+            assert "Traceback" not in outcome["error"].message
+            with pytest.raises(openai.APIError) as mid_stream:
+                for _ in chunks[1]:
+                    pass
+            assert "swarm" in mid_stream.value.message and "Traceback" not in mid_stream.value.message
         finally:
             proc.stop()
     with LocalSwarm(chat_model, extra_args=DAEMON_ARGS) as local:
