@@ -146,6 +146,9 @@ def _job(body: dict[str, Any], served: ServedModel, prompt_ids: list[int], defau
     best_of = _field(body, "best_of", (int,), 1)
     if best_of != 1:
         raise ApiError(400, "only `best_of`=1 is supported", param="best_of")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if _field(body, penalty, (int, float), 0) != 0:
+            raise ApiError(400, f"`{penalty}` is not supported by this server (only 0)", param=penalty)
     temperature = float(_field(body, "temperature", (int, float), 1.0))
     if not 0.0 <= temperature <= 2.0 or math.isnan(temperature):
         raise ApiError(400, "`temperature` must be between 0 and 2", param="temperature")
@@ -293,6 +296,11 @@ async def _stop_on_disconnect(request: Request, cancelled: threading.Event, scop
     scope.cancel()
 
 
+def _log_finished(rid: str, f: Finished) -> None:
+    log.info("completion done id=%s prompt_tokens=%d completion_tokens=%d finish=%s", rid, f.prompt_tokens,
+             f.completion_tokens, f.finish_reason)
+
+
 def _usage(f: Finished) -> dict[str, int]:
     return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
             "total_tokens": f.prompt_tokens + f.completion_tokens}
@@ -354,10 +362,10 @@ def build_app(served: ServedModel, generations: Generations, *, api_key: str | N
                 if auth:
                     authorized(request)
                 return await fn(request)
-            except ApiError as exc:
-                return exc.response()
             except Exception as exc:  # noqa: BLE001 - never a traceback to the client
-                return error_for(exc).response()
+                error = error_for(exc)
+                log.info("%s %s -> %d %s", request.method, request.url.path, error.status, error.message)
+                return error.response()
 
         return wrapped
 
@@ -418,6 +426,7 @@ def build_app(served: ServedModel, generations: Generations, *, api_key: str | N
                 raise failure
             if not isinstance(event, Finished):  # the client left; nobody reads this
                 return Response(status_code=499)
+            _log_finished(rid, event)
             return JSONResponse({**head, "choices": [shape.choice(event.text, event.finish_reason)],
                                  "usage": _usage(event)})
         chunk_head = {**head, "object": shape.chunk_object}
@@ -436,6 +445,7 @@ def build_app(served: ServedModel, generations: Generations, *, api_key: str | N
                         if isinstance(event, Delta):
                             yield _sse({**chunk_head, "choices": [shape.chunk_choice(event.text, None)]})
                         elif isinstance(event, Finished):
+                            _log_finished(rid, event)
                             yield _sse({**chunk_head, "choices": [shape.chunk_choice(None, event.finish_reason)]})
                             if include_usage:
                                 yield _sse({**chunk_head, "choices": [], "usage": _usage(event)})

@@ -53,7 +53,8 @@ def test_stop_scanner_waits_for_whole_utf8_characters():
 def test_parse_completion_defaults_and_limits():
     job = parse_completion({"model": "m", "prompt": "hi"}, SERVED)
     assert job.prompt_ids == TOKENIZER.encode("hi") and job.max_tokens == 16 and job.temperature == 1.0
-    job = parse_completion({"model": "m", "prompt": ["hi"], "temperature": 0, "stop": "x", "seed": 3}, SERVED)
+    job = parse_completion({"model": "m", "prompt": ["hi"], "temperature": 0, "stop": "x", "seed": 3,
+                            "presence_penalty": 0, "user": "someone"}, SERVED)
     assert job.temperature == 0.0 and job.stop == ("x",) and job.seed == 3
     assert parse_completion({"model": "m", "prompt": [5, 6, 7]}, SERVED).prompt_ids == [5, 6, 7]
 
@@ -71,6 +72,7 @@ def test_parse_completion_defaults_and_limits():
     ({"model": "m", "prompt": "x" * 80}, 400, "prompt"),
     ({"model": "m", "prompt": "hi", "stop": [""]}, 400, "stop"),
     ({"model": "m", "prompt": "hi", "echo": True}, 400, "echo"),
+    ({"model": "m", "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
 ])
 def test_parse_completion_refuses(body, status, param):
     with pytest.raises(ApiError) as info:
