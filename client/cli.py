@@ -94,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--html", metavar="FILE", help="write the health page (as `petals serve` shows it) to FILE")
     swarm.set_defaults(func=_swarm)
 
-    from .serve_cli import configure_parser as configure_serve
-
-    configure_serve(sub.add_parser("serve", help="an OpenAI-compatible API and the swarm health page over HTTP"))
-
     ctl = sub.add_parser("ctl", help="control the local daemon over its Unix socket")
     from . import ctl as ctl_mod
 
     ctl_mod.configure_parser(ctl)
     ctl.set_defaults(func=ctl_mod.run)
+
+    from .serve_cli import configure_parser as configure_serve
+
+    configure_serve(sub.add_parser("serve", help="an OpenAI-compatible API and the swarm health page over HTTP"))
     return parser
 
 
