@@ -111,6 +111,19 @@ class ServedModel:
     tokenizer: Tokenizer
     context_limit: Callable[[], int]  # most tokens a session may hold now (prompt + completion)
     max_tokens: int  # the most tokens one request may generate (and the chat default)
+    # What a request that leaves them out gets: the checkpoint's generation_config (as vLLM does),
+    # so that a model meant to be decoded greedily is, else OpenAI's defaults (see `sampling_defaults`).
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def sampling_defaults(config: Any) -> tuple[float, float]:
+    """(temperature, top_p) for requests that give none, from a transformers GenerationConfig."""
+    if config is None:
+        return 1.0, 1.0
+    if not config.do_sample:
+        return 0.0, 1.0
+    return float(config.temperature or 1.0), float(config.top_p or 1.0)
 
 
 def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:
@@ -149,10 +162,10 @@ def _job(body: dict[str, Any], served: ServedModel, prompt_ids: list[int], defau
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _field(body, penalty, (int, float), 0) != 0:
             raise ApiError(400, f"`{penalty}` is not supported by this server (only 0)", param=penalty)
-    temperature = float(_field(body, "temperature", (int, float), 1.0))
+    temperature = float(_field(body, "temperature", (int, float), served.temperature))
     if not 0.0 <= temperature <= 2.0 or math.isnan(temperature):
         raise ApiError(400, "`temperature` must be between 0 and 2", param="temperature")
-    top_p = float(_field(body, "top_p", (int, float), 1.0))
+    top_p = float(_field(body, "top_p", (int, float), served.top_p))
     if not 0.0 < top_p <= 1.0:
         raise ApiError(400, "`top_p` must be in (0, 1]", param="top_p")
     seed = _field(body, "seed", (int,), None)

@@ -12,6 +12,7 @@ what would be handed out), unless the operator says otherwise with `--allow-no-a
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .completion import CompletionJob, run_completion
 from .health import render_page, swarm_snapshot
-from .openai_api import Generations, ServedModel, build_app
+from .openai_api import Generations, ServedModel, build_app, sampling_defaults
 from .tokenizer import Tokenizer
 
 __all__ = ["ServeOptions", "run_server", "is_loopback"]
@@ -127,9 +128,10 @@ class _HealthCache:
 
 async def _serve(model: Any, tokenizer: Tokenizer, options: ServeOptions, out: TextIO) -> None:
     tokenizer = _SerialTokenizer(tokenizer)
-    model_id = options.model_id or Path(options.model).resolve().name
+    model_id = options.model_id or Path(os.path.abspath(options.model)).name  # a symlink's own name
+    temperature, top_p = sampling_defaults(model.generation_config)
     served = ServedModel(model_id=model_id, tokenizer=tokenizer, context_limit=_context_limit(model),
-                         max_tokens=options.max_tokens)
+                         max_tokens=options.max_tokens, temperature=temperature, top_p=top_p)
 
     def run(job: CompletionJob, emit: Callable[[object], None], cancelled: threading.Event) -> None:
         run_completion(model, tokenizer.decode, job, emit, cancelled)

@@ -23,7 +23,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="completions generated at once, each its own session (more get 429; default 8)")
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="most tokens one request may generate, also chat's default (default 1024)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)  # `parser`: for errors found after parsing
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ class ByteTokenizer:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+    chat_template: str | None = None  # Jinja, rendered as transformers renders chat templates
 
     def encode(self, text: str) -> list[int]:
         ids = [b + self.offset for b in text.encode("utf-8")]
@@ -53,7 +54,12 @@ class ByteTokenizer:
         return feed
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        raise NoChatTemplate("this model's byte-level tokenizer has no chat template: use completions")
+        if not self.chat_template:
+            raise NoChatTemplate(f"this model's {BYTE_TOKENIZER_FILE} has no chat_template: use completions")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return self.encode(env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True))
 
 
 class _HFTokenizer:
@@ -84,7 +90,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if spec.get("type") != "bytes":
             raise ValueError(f"{spec_file}: unsupported tokenizer type {spec.get('type')!r}")
         return ByteTokenizer(offset=int(spec["offset"]), bos_token_id=spec.get("bos_token_id"),
-                             eos_token_id=spec.get("eos_token_id"), pad_token_id=spec.get("pad_token_id"))
+                             eos_token_id=spec.get("eos_token_id"), pad_token_id=spec.get("pad_token_id"),
+                             chat_template=spec.get("chat_template"))
     from transformers import AutoTokenizer
 
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from petals_client.completion import StopScanner
-from petals_client.openai_api import ApiError, ServedModel, error_for, parse_chat, parse_completion
+from transformers import GenerationConfig
+
+from petals_client.openai_api import ApiError, ServedModel, error_for, parse_chat, parse_completion, sampling_defaults
 from petals_client.routing import NoRoute
 from petals_client.session import SessionFailed
 from petals_client.tokenizer import ByteTokenizer, NoChatTemplate
@@ -101,3 +103,25 @@ def test_error_statuses():
     assert error_for(ConnectionRefusedError("refused")).status == 503
     internal = error_for(KeyError("boom"))
     assert internal.status == 500 and internal.type == "server_error"
+
+
+def test_sampling_defaults_follow_the_checkpoint():
+    assert sampling_defaults(None) == (1.0, 1.0)  # OpenAI's
+    assert sampling_defaults(GenerationConfig()) == (0.0, 1.0)  # greedy checkpoint: greedy unless asked
+    assert sampling_defaults(GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9)) == (0.6, 0.9)
+    greedy = ServedModel(model_id="m", tokenizer=TOKENIZER, context_limit=lambda: 64, max_tokens=32, temperature=0.0)
+    assert parse_completion({"model": "m", "prompt": "hi"}, greedy).temperature == 0.0
+    assert parse_completion({"model": "m", "prompt": "hi", "temperature": 0.7}, greedy).temperature == 0.7
+
+
+def test_byte_tokenizer_chat_template():
+    from petals_client.demo.run import DEFAULT_MODEL
+    from petals_client.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    ids = tokenizer.chat_ids([{"role": "system", "content": "Zen"}, {"role": "user", "content": "Beautiful is"}])
+    assert ids == tokenizer.encode("Zen\nBeautiful is")
+    served = ServedModel(model_id="m", tokenizer=tokenizer, context_limit=lambda: 64, max_tokens=32)
+    job = parse_chat({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "ab"}]}]},
+                     served)
+    assert job.prompt_ids == tokenizer.encode("ab") and job.max_tokens == 32
