@@ -5,8 +5,8 @@
     POST /v1/chat/completions       messages -> the tokenizer's chat template -> text
     GET  /                          the swarm health page (client/health.py); /health.json its data
 
-Requests are validated here (`parse_completion`, `parse_chat`) into a `CompletionJob`; each job
-runs in a worker thread with its own inference session (client/completion.py), at most
+Requests are checked into a `CompletionJob` (client/openai_requests.py); each job runs in a worker
+thread with its own inference session (client/completion.py), at most
 `max_concurrent` at once (more get 429, which OpenAI clients retry). With `stream` the text goes
 out as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; the response
 starts only once the first token is chosen, so that a swarm without a route still gets a proper
@@ -33,200 +33,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from petals_protocol.errors import ErrorCode, RemoteError
-
 from .completion import CompletionJob, Delta, Finished
-from .routing import NoRoute
-from .swarm import NETWORK_ERRORS
-from .tokenizer import NoChatTemplate, Tokenizer
+from .openai_requests import ApiError, ServedModel, error_for, field, parse_chat, parse_completion
 
-__all__ = ["ApiError", "ServedModel", "Generations", "build_app", "parse_completion", "parse_chat"]
+__all__ = ["Generations", "build_app"]
 
 log = logging.getLogger("petals_client.openai_api")
 
-#: OpenAI's default for /v1/completions when `max_tokens` is not given.
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-MAX_STOP_SEQUENCES = 4
 MAX_BODY_BYTES = 4 << 20
-
-
-class ApiError(Exception):
-    """An error answered to the HTTP client in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _remote_code(exc: BaseException) -> ErrorCode | None:
-    """The daemon's error code somewhere in `exc`'s chain of causes, if any."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, RemoteError):
-            return current.code
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def error_for(exc: BaseException) -> ApiError:
-    """What the HTTP client is told when generation fails with `exc`."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, NoChatTemplate):
-        return ApiError(400, str(exc), param="messages", code="no_chat_template")
-    if isinstance(exc, NoRoute):
-        return ApiError(503, f"no route through the swarm: {exc}", type="service_unavailable", code="no_route")
-    code = _remote_code(exc)
-    if code == ErrorCode.BUSY:
-        return ApiError(429, f"the swarm's daemons are busy, retry later: {exc}", type="rate_limit_error",
-                        code="daemons_busy")
-    if code in (ErrorCode.TOO_LONG, ErrorCode.BAD_REQUEST):
-        return ApiError(400, f"a daemon refused the request: {exc}", code=code.value)
-    if isinstance(exc, NETWORK_ERRORS):
-        return ApiError(503, f"the swarm could not serve the request: {exc}", type="service_unavailable",
-                        code="swarm_failed")
-    if isinstance(exc, RuntimeError) and "runtime is closed" in str(exc):
-        return ApiError(503, "the server is shutting down", type="service_unavailable", code="shutting_down")
-    log.error("completion failed", exc_info=exc)
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal")
-
-
-# --------------------------------------------------------------------------- request parsing
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the API needs to know of the model it serves."""
-
-    model_id: str
-    tokenizer: Tokenizer
-    context_limit: Callable[[], int]  # most tokens a session may hold now (prompt + completion)
-    max_tokens: int  # the most tokens one request may generate (and the chat default)
-    # What a request that leaves them out gets: the checkpoint's generation_config (as vLLM does),
-    # so that a model meant to be decoded greedily is, else OpenAI's defaults (see `sampling_defaults`).
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-
-def sampling_defaults(config: Any) -> tuple[float, float]:
-    """(temperature, top_p) for requests that give none, from a transformers GenerationConfig."""
-    if config is None:
-        return 1.0, 1.0
-    if not config.do_sample:
-        return 0.0, 1.0
-    return float(config.temperature or 1.0), float(config.top_p or 1.0)
-
-
-def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds:
-        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got a boolean", param=name)
-    if not isinstance(value, kinds):
-        raise ApiError(400, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}",
-                       param=name)
-    return value
-
-
-def _check_model(body: dict[str, Any], served: ServedModel) -> None:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "`model` is required (GET /v1/models lists it)", param="model")
-    if model != served.model_id:
-        raise ApiError(404, f"The model `{model}` does not exist; this server serves `{served.model_id}`",
-                       param="model", code="model_not_found")
-
-
-def _job(body: dict[str, Any], served: ServedModel, prompt_ids: list[int], default_max: int) -> CompletionJob:
-    for unsupported in ("logprobs", "top_logprobs", "tools", "functions", "suffix", "logit_bias"):
-        if body.get(unsupported) not in (None, False, [], {}):
-            raise ApiError(400, f"`{unsupported}` is not supported by this server", param=unsupported)
-    if body.get("echo"):
-        raise ApiError(400, "`echo` is not supported by this server", param="echo")
-    n = _field(body, "n", (int,), 1)
-    if n != 1:
-        raise ApiError(400, "only `n`=1 is supported", param="n")
-    best_of = _field(body, "best_of", (int,), 1)
-    if best_of != 1:
-        raise ApiError(400, "only `best_of`=1 is supported", param="best_of")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        if _field(body, penalty, (int, float), 0) != 0:
-            raise ApiError(400, f"`{penalty}` is not supported by this server (only 0)", param=penalty)
-    temperature = float(_field(body, "temperature", (int, float), served.temperature))
-    if not 0.0 <= temperature <= 2.0 or math.isnan(temperature):
-        raise ApiError(400, "`temperature` must be between 0 and 2", param="temperature")
-    top_p = float(_field(body, "top_p", (int, float), served.top_p))
-    if not 0.0 < top_p <= 1.0:
-        raise ApiError(400, "`top_p` must be in (0, 1]", param="top_p")
-    seed = _field(body, "seed", (int,), None)
-    stop = _field(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, f"`stop` must be a non-empty string or a list of up to {MAX_STOP_SEQUENCES} of them",
-                       param="stop")
-    limit = served.context_limit()
-    room = limit - len(prompt_ids)
-    if room < 1:
-        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this swarm's sessions hold at most {limit}",
-                       param="messages" if "messages" in body else "prompt", code="context_length_exceeded")
-    max_tokens = _field(body, "max_completion_tokens", (int,), None)
-    max_tokens = _field(body, "max_tokens", (int,), max_tokens)
-    if max_tokens is None:
-        max_tokens = min(default_max, served.max_tokens, room)
-    if max_tokens < 1:
-        raise ApiError(400, "`max_tokens` must be at least 1", param="max_tokens")
-    if max_tokens > served.max_tokens or len(prompt_ids) + max_tokens > limit:
-        raise ApiError(400, f"`max_tokens`={max_tokens} is too many: this server generates at most "
-                       f"{min(served.max_tokens, room)} tokens after this {len(prompt_ids)}-token prompt "
-                       f"(sessions hold at most {limit})", param="max_tokens", code="context_length_exceeded")
-    return CompletionJob(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed, stop=tuple(stop))
-
-
-def parse_completion(body: dict[str, Any], served: ServedModel) -> CompletionJob:
-    _check_model(body, served)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
-    elif isinstance(prompt, str) and prompt:
-        ids = served.tokenizer.encode(prompt)
-    else:
-        raise ApiError(400, "`prompt` must be a non-empty string (or one list of token ids)", param="prompt")
-    return _job(body, served, ids, COMPLETIONS_DEFAULT_MAX_TOKENS)
-
-
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, "a message's `content` must be a string or a list of text parts", param="messages")
-
-
-def parse_chat(body: dict[str, Any], served: ServedModel) -> CompletionJob:
-    _check_model(body, served)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "`messages` must be a non-empty list", param="messages")
-    chat: list[dict[str, str]] = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, "each message needs a `role` and a `content`", param="messages")
-        chat.append({"role": m["role"], "content": _message_text(m.get("content"))})
-    return _job(body, served, served.tokenizer.chat_ids(chat), served.max_tokens)
 
 
 # --------------------------------------------------------------------------- generation
@@ -309,6 +123,10 @@ async def _stop_on_disconnect(request: Request, cancelled: threading.Event, scop
     scope.cancel()
 
 
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
 def _log_finished(rid: str, f: Finished) -> None:
     log.info("completion done id=%s prompt_tokens=%d completion_tokens=%d finish=%s", rid, f.prompt_tokens,
              f.completion_tokens, f.finish_reason)
@@ -378,7 +196,7 @@ def build_app(served: ServedModel, generations: Generations, *, api_key: str | N
             except Exception as exc:  # noqa: BLE001 - never a traceback to the client
                 error = error_for(exc)
                 log.info("%s %s -> %d %s", request.method, request.url.path, error.status, error.message)
-                return error.response()
+                return _error_response(error)
 
         return wrapped
 
@@ -409,8 +227,8 @@ def build_app(served: ServedModel, generations: Generations, *, api_key: str | N
     async def complete(request: Request, shape: _Shape, parse: Callable[[dict[str, Any], ServedModel], CompletionJob]) -> Response:
         body = await read_json(request)
         job = parse(body, served)
-        stream = _field(body, "stream", (bool,), False)
-        options = _field(body, "stream_options", (dict,), {})
+        stream = field(body, "stream", (bool,), False)
+        options = field(body, "stream_options", (dict,), {})
         include_usage = bool(options.get("include_usage")) if stream else False
         events, cancelled = generations.start(job)
         rid, created = f"{shape.prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -489,7 +307,7 @@ def build_app(served: ServedModel, generations: Generations, *, api_key: str | N
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         message = exc.detail if isinstance(exc, HTTPException) else "internal error"
-        return ApiError(status, f"{message}: {request.method} {request.url.path}").response()
+        return _error_response(ApiError(status, f"{message}: {request.method} {request.url.path}"))
 
     routes = [
         Route("/v1/models", endpoint(models), methods=["GET"]),

@@ -28,7 +28,8 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .completion import CompletionJob, run_completion
 from .health import render_page, swarm_snapshot
-from .openai_api import Generations, ServedModel, build_app, sampling_defaults
+from .openai_api import Generations, build_app
+from .openai_requests import ServedModel, sampling_defaults
 from .tokenizer import Tokenizer
 
 __all__ = ["ServeOptions", "run_server", "is_loopback"]

@@ -6,7 +6,7 @@ import pytest
 from petals_client.completion import StopScanner
 from transformers import GenerationConfig
 
-from petals_client.openai_api import ApiError, ServedModel, error_for, parse_chat, parse_completion, sampling_defaults
+from petals_client.openai_requests import ApiError, ServedModel, error_for, parse_chat, parse_completion, sampling_defaults
 from petals_client.routing import NoRoute
 from petals_client.session import SessionFailed
 from petals_client.tokenizer import ByteTokenizer, NoChatTemplate
