@@ -440,6 +440,11 @@ def test_health_page_in_chromium(server, swarm, chat_model, tmp_path):
     dom = headless(chromium, server.url + "/", "--dump-dom")
     tables = rendered_tables(dom)
     check_tables(tables, swarm)
+    # live: after a refresh period (virtual time) the page has re-fetched health.json and redrawn
+    refreshed = headless(chromium, server.url + "/", "--virtual-time-budget=12000", "--dump-dom")
+    match = re.search(r'<body[^>]*data-refreshes="(\d+)"', refreshed)
+    assert match and int(match.group(1)) >= 1, refreshed[:300]
+    check_tables(rendered_tables(refreshed), swarm)
     latencies = [row[8] for row in tables["servers"]]
     assert all(cell.endswith(" ms") for cell in latencies), latencies
     assert "every block is served" in dom and "petalsd --model" in dom and swarm.addrs[0] in dom
