@@ -44,12 +44,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _swarm(args: argparse.Namespace) -> int:
-    from .swarm_table import show_swarm
-
     if args.html:
         from .health import write_health_page
 
         return write_health_page(args.model, args.initial_peers, args.html, swarm_key=args.swarm_key)
+    from .swarm_table import show_swarm
 
     return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key)
 

@@ -20,7 +20,7 @@ from petals_protocol.errors import ErrorCode, RemoteError
 from .completion import CompletionJob
 from .routing import NoRoute
 from .swarm import NETWORK_ERRORS
-from .tokenizer import NoChatTemplate, Tokenizer
+from .tokenizer import Tokenizer
 
 __all__ = ["ApiError", "ServedModel", "error_for", "field", "parse_chat", "parse_completion", "sampling_defaults"]
 
@@ -59,8 +59,6 @@ def error_for(exc: BaseException) -> ApiError:
     """What the HTTP client is told when generation fails with `exc`."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, NoChatTemplate):
-        return ApiError(400, str(exc), param="messages", code="no_chat_template")
     if isinstance(exc, NoRoute):
         return ApiError(503, f"no route through the swarm: {exc}", type="service_unavailable", code="no_route")
     code = _remote_code(exc)
@@ -201,4 +199,7 @@ def parse_chat(body: dict[str, Any], served: ServedModel) -> CompletionJob:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, "each message needs a `role` and a `content`", param="messages")
         chat.append({"role": m["role"], "content": _message_text(m.get("content"))})
-    return _job(body, served, served.tokenizer.chat_ids(chat), served.max_tokens)
+    if not served.tokenizer.has_chat_template:
+        raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages",
+                       code="no_chat_template")
+    return _job(body, served, served.tokenizer.chat(chat), served.max_tokens)

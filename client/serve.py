@@ -88,6 +88,7 @@ class _SerialTokenizer:
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
         self.eos_token_id = tokenizer.eos_token_id
+        self.has_chat_template = tokenizer.has_chat_template
 
     def encode(self, text: str) -> list[int]:
         with self._lock:
@@ -97,9 +98,9 @@ class _SerialTokenizer:
         with self._lock:
             return self._tokenizer.decode(ids)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
         with self._lock:
-            return self._tokenizer.chat_ids(messages)
+            return self._tokenizer.chat(messages)
 
 
 class _HealthCache:

@@ -21,11 +21,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
+    @property
+    def has_chat_template(self) -> bool: ...
 
-
-class NoChatTemplate(ValueError):
-    """The checkpoint's tokenizer has no chat template, so chat messages cannot become a prompt."""
+    def chat(self, messages: list[dict[str, str]]) -> list[int]: ...
 
 
 @dataclass
@@ -34,7 +33,7 @@ class ByteTokenizer:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
-    chat_template: str | None = None  # Jinja, rendered as transformers renders chat templates
+    has_chat_template = False
 
     def encode(self, text: str) -> list[int]:
         ids = [b + self.offset for b in text.encode("utf-8")]
@@ -53,13 +52,8 @@ class ByteTokenizer:
 
         return feed
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        if not self.chat_template:
-            raise NoChatTemplate(f"this model's {BYTE_TOKENIZER_FILE} has no chat_template: use completions")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return self.encode(env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True))
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        raise ValueError(f"this model's {BYTE_TOKENIZER_FILE} has no chat template")
 
 
 class _HFTokenizer:
@@ -73,11 +67,13 @@ class _HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt for `messages` as transformers builds it: the template already holds the
         special tokens, so the rendered text is encoded without adding them again."""
-        if not getattr(self._tok, "chat_template", None):
-            raise NoChatTemplate("this model's tokenizer has no chat template: use completions")
         text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
@@ -90,8 +86,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if spec.get("type") != "bytes":
             raise ValueError(f"{spec_file}: unsupported tokenizer type {spec.get('type')!r}")
         return ByteTokenizer(offset=int(spec["offset"]), bos_token_id=spec.get("bos_token_id"),
-                             eos_token_id=spec.get("eos_token_id"), pad_token_id=spec.get("pad_token_id"),
-                             chat_template=spec.get("chat_template"))
+                             eos_token_id=spec.get("eos_token_id"), pad_token_id=spec.get("pad_token_id"))
     from transformers import AutoTokenizer
 
     try:
