@@ -9,10 +9,25 @@ from transformers import GenerationConfig
 from petals_client.openai_requests import ApiError, ServedModel, error_for, parse_chat, parse_completion, sampling_defaults
 from petals_client.routing import NoRoute
 from petals_client.session import SessionFailed
-from petals_client.tokenizer import ByteTokenizer
 from petals_protocol.errors import ErrorCode, RemoteError
 
-TOKENIZER = ByteTokenizer(offset=3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+class ByteLevel:
+    """A byte-level tokenizer (id = byte + 3; bos 1, eos 2), as a byte-level BPE without merges."""
+
+    eos_token_id = 2
+    has_chat_template = False
+
+    def encode(self, text: str) -> list[int]:
+        return [1] + [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", "replace")
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        raise AssertionError("a tokenizer without a chat template must not be asked to render one")
+
+
+TOKENIZER = ByteLevel()
 SERVED = ServedModel(model_id="m", tokenizer=TOKENIZER, context_limit=lambda: 64, max_tokens=32)
 
 
