@@ -2,7 +2,8 @@
 
   petals demo [--model PATH] [--prompt TEXT]       a local swarm on the shipped model, end to end
   petals generate --model PATH|ORG/NAME --initial-peers ADDR... "prompt"
-  petals swarm --model PATH|ORG/NAME --initial-peers ADDR... [--json]
+  petals swarm --model PATH|ORG/NAME --initial-peers ADDR... [--json | --html FILE]
+  petals serve --model PATH --initial-peers ADDR... [--host H --port P --api-key KEY]
   petals chat --model PATH|ORG/NAME --initial-peers ADDR...   interactive, the model's chat template
   petals manifest FOLDER                            digests of a full copy, for partial copies
   petals ctl [--socket PATH] status|sessions|peers|metrics|drain|reload|stop
@@ -80,6 +81,10 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _swarm(args: argparse.Namespace) -> int:
+    if args.html:
+        from .health import write_health_page
+
+        return write_health_page(args.model, args.initial_peers, args.html, swarm_key=args.swarm_key)
     from .swarm_table import show_swarm
 
     return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key,
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(swarm, "local checkpoint folder or Hub id ORG/NAME")
     _add_peers(swarm)
     swarm.add_argument("--json", action="store_true", help="machine-readable output")
+    swarm.add_argument("--html", metavar="FILE", help="write the health page (as `petals serve` shows it) to FILE")
     swarm.set_defaults(func=_swarm)
 
     manifest = add("manifest", "write petals_manifest.json (every tensor's digest) into a full checkpoint "
@@ -206,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl_mod.configure_parser(ctl)
     ctl.set_defaults(func=ctl_mod.run)
+
+    from .serve_cli import configure_parser as configure_serve
+
+    configure_serve(add("serve", "an OpenAI-compatible API and the swarm health page over HTTP"))
     return parser
 
 

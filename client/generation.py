@@ -127,6 +127,7 @@ def decode(
     streamer: Streamer | None = None,
     unseen: torch.Tensor | None = None,
     extras: Extras | None = None,
+    generator: torch.Generator | None = None,
 ) -> Decoded:
     """Extend `input_ids` [B, T] token by token; returns prompt + generated ids (and scores).
 
@@ -136,7 +137,8 @@ def decode(
     penalty), which in a multi-turn session is longer than what this call feeds. A row is finished
     by an EOS token or a stopping criterion; with EOS ids, finished rows are padded with
     pad_token_id (defaulting to the first EOS id) while others continue, and the loop stops when
-    every row is finished or the length budget is spent.
+    every row is finished or the length budget is spent. `generator`: the random source for
+    sampling (default torch's global one, as transformers uses).
     """
     extras = extras or Extras()
     eos = eos_ids(config)
@@ -164,7 +166,7 @@ def decode(
             scores += (step_scores,)
         if config.do_sample:
             probs = torch.nn.functional.softmax(step_scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
         else:
             next_tokens = torch.argmax(step_scores, dim=-1)
         if eos_tensor is not None and pad is not None:

@@ -224,6 +224,7 @@ class DistributedModelForCausalLM:
                  generation_config: GenerationConfig | None = None,
                  logits_processor: LogitsProcessorList | None = None,
                  stopping_criteria: StoppingCriteriaList | None = None, tokenizer: Any = None,
+                 generator: torch.Generator | None = None,
                  **options: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """transformers-compatible generation (greedy or sampling), token for token identical.
 
@@ -232,7 +233,9 @@ class DistributedModelForCausalLM:
         `tokenizer`; `return_dict_in_generate` (with `output_scores` / `output_logits`) returns a
         `GenerateDecoderOnlyOutput`. In a `session`, `input_ids` are the new tokens of this turn:
         they are fed after everything the session has seen, and the result is `input_ids`
-        followed by the generated tokens.
+        followed by the generated tokens. `generator`: a private random source for sampling, so
+        that concurrent seeded requests do not draw from each other's stream (default: torch's
+        global one, as in transformers).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
@@ -247,7 +250,7 @@ class DistributedModelForCausalLM:
             context = input_ids if session.ids is None else torch.cat([session.ids, input_ids], dim=1)
             unseen = context[:, session.fed:]
             out = generation.decode(context, lambda ids: self._next_logits(session, ids), config, streamer,
-                                    unseen=unseen, extras=extras)
+                                    unseen=unseen, extras=extras, generator=generator)
             session.ids = out.sequences
             sequences = out.sequences[:, context.shape[1] - input_ids.shape[1]:]
         finally:

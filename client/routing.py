@@ -37,6 +37,8 @@ class ServerInfo:
     using_relay: bool = False
     dtype: str = "float32"
     rtt: float | None = None
+    version: str = ""
+    max_length: int = 0  # most tokens one session may hold on this daemon (0: not known)
 
     @property
     def name(self) -> str:

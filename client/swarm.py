@@ -53,6 +53,8 @@ class SwarmClient:
     _servers: dict[str, ServerInfo] = field(default_factory=dict)
     _bans: dict[str, _Ban] = field(default_factory=dict)
     _addrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The DHT records seen by the last refresh (reachability, expiry: what info replies lack)
+    records: list[Any] = field(default_factory=list)
 
     # ---------------------------------------------------------------- bans
     def ban(self, peer_id: str) -> None:
@@ -96,13 +98,15 @@ class SwarmClient:
             return None
         return ServerInfo(peer_id=peer_id_to_text(reply.peer_id), addrs=addrs, start=reply.start_block, end=reply.end_block,
                           throughput=reply.throughput, cache_tokens_free=reply.cache_tokens_free,
-                          state=reply.state, public_name=reply.public_name, dtype=reply.dtype, rtt=rtt)
+                          state=reply.state, public_name=reply.public_name, dtype=reply.dtype, rtt=rtt,
+                          version=reply.version, max_length=reply.max_length)
 
     async def refresh(self) -> None:
         """Re-learn who serves the model (DHT records if joined, then a direct info probe of each)."""
         targets: dict[str, tuple[str, ...]] = {}
         if self.discovery is not None:
-            for record in await self.discovery.find_servers(self.model_fingerprint):
+            self.records = await self.discovery.find_servers(self.model_fingerprint)
+            for record in self.records:
                 targets[record.peer_id] = record.addrs
         for addr in self.initial_peers:
             targets.setdefault(addr, ())
