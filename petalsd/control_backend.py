@@ -43,6 +43,8 @@ class DaemonControl:
             "throughput": ctx.throughput,
             "load": {"compute_utilisation": round(ctx.worker.stats.utilisation(), 4),
                      "queued_jobs": ctx.worker.queued},
+            "limits": ctx.gate.limits.describe(),
+            "peer_use": ctx.gate.describe(),
         }
 
     async def sessions(self) -> list[dict[str, Any]]:

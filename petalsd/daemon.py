@@ -49,6 +49,7 @@ from .batching import Batcher, BatchingConfig
 from .compute import ComputeWorker
 from .config import DaemonConfig
 from .idle import IdleConnections
+from .limits import LimitExceeded, PeerGate, ResourceLimits
 from .forwarding import Forwarder
 from .handlers import Limits, ServingContext, serve_inference, serve_info, serve_stateless
 from .notify import Notifier
@@ -157,7 +158,13 @@ class Daemon:
                 # Requests and replies alternate on our protocols, so a peer never needs more than a
                 # couple of frames queued: this bounds what one stream can make us hold to 3 frames.
                 async with open_framed(stream, max_frame_size=max_frame, max_buffered_frames=2) as channel:
-                    await self._serve_channel(serve, channel)
+                    try:
+                        with self.ctx.gate.stream(channel.peer_id or "?"):
+                            await self._serve_channel(serve, channel)
+                    except LimitExceeded as exc:  # a per-peer limit: say so (busy), then hang up
+                        log.info("refused stream peer=%s: %s", channel.peer_id, exc)
+                        await self._try_send(channel, ErrorReply(code=exc.code, message=str(exc)[:1000],
+                                                                 session_id=None, request_id=None))
             except Exception as exc:  # noqa: BLE001 - closing a dead stream; groups from the pump
                 log.debug("stream ended with %r", exc)
 
@@ -253,7 +260,9 @@ class Daemon:
         self.ctx.limits.session_idle_timeout = c.session_idle_timeout
         self.ctx.limits.step_timeout = c.step_timeout
         self.ctx.sessions.max_sessions = c.max_sessions
-        self.ctx.sessions.budget.total = c.cache_budget
+        self.ctx.sessions.max_per_peer = c.max_sessions_per_peer
+        self.ctx.sessions.budget.total = c.cache_budget  # may go below what is held: budget.free says 0
+        self.ctx.gate.limits = ResourceLimits.from_config(c)
         self.ctx.public_name = c.public_name
         logging.getLogger().setLevel(c.log_level.upper())
 
@@ -358,8 +367,9 @@ class Daemon:
         c = self.config
         return ServingContext(
             span=span, fingerprint=self.fingerprint, model_name=Path(c.model).name, peer_id=self.peer_id,
-            signer=self.signer, sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget)),
-            worker=worker,
+            signer=self.signer,
+            sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget), c.max_sessions_per_peer),
+            worker=worker, gate=PeerGate(ResourceLimits.from_config(c)),
             limits=Limits(max_length=c.max_length, max_batch_size=c.max_batch_size,
                           session_idle_timeout=c.session_idle_timeout, step_timeout=c.step_timeout),
             public_name=c.public_name, version=__version__, state="joining", throughput=throughput,

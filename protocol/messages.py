@@ -330,6 +330,8 @@ class InfoResponse(_Message):
     cache_tokens_free: int = _f(_UInt())
     throughput: float = _f(_Float())
     public_name: str = _f(_NAME)
+    # Resource limits a client plans with (elided when unset, e.g. by older daemons).
+    max_sessions_per_peer: int | None = _opt(_UInt(), elidable=True)
 
     def _check(self) -> None:
         # An empty span is allowed while joining (blocks not chosen yet).
