@@ -44,7 +44,8 @@ class DaemonControl:
             "load": {"compute_utilisation": round(ctx.worker.stats.utilisation(), 4),
                      "queued_jobs": ctx.worker.queued},
             "limits": ctx.gate.limits.describe(),
-            "peer_use": ctx.gate.describe(),
+            "peer_use": {**ctx.gate.describe(), "buffered_bytes": ctx.buffers.used,
+                         "buffer_refusals": ctx.buffers.refused},
         }
 
     async def sessions(self) -> list[dict[str, Any]]:

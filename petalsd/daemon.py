@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import trio
 
-from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
+from petals_protocol.errors import ErrorCode, FrameTooLarge, PetalsError, ProtocolError
 from petals_protocol.ids import (
     BACKWARD_PROTOCOL,
     FORWARD_PROTOCOL,
@@ -36,6 +36,7 @@ from petals_protocol.messages import ErrorReply
 from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.models.span import Span, load_span
+from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ed25519_private_key, load_or_create_identity, peer_id as peer_id_of
 from petals_protocol.p2p.dht import find_model_records, start_dht
@@ -59,6 +60,8 @@ from .sessions import CacheBudget, SessionTable
 log = logging.getLogger("petalsd")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Room in a frame for everything but its tensors (ids, fields, a push list, hypo_ids).
+MESSAGE_OVERHEAD = 64 * 1024
 
 
 class StartupError(PetalsError):
@@ -148,16 +151,31 @@ class Daemon:
         self.peer_id_bytes = peer_id_from_text(self.peer_id)
 
     # ------------------------------------------------------------------ stream handlers
-    def _handler(self, serve: Callable[[ServingContext, Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-        max_frame = self.config.max_frame_size
+    def _handler(self, serve: Callable[[ServingContext, Any], Awaitable[None]],
+                 large: frozenset[str] = frozenset(), tensors: int = 1) -> Callable[[Any], Awaitable[None]]:
+        """A stream handler for `serve`. Frames are checked before their bodies are buffered: none
+        may exceed what the largest valid message of this protocol needs (`tensors` hidden-state
+        tensors of the largest batch and length allowed, or none), and a frame over 64 KiB must
+        be one of the `large` message tags. Every byte buffered is charged to the peer's share."""
+
+        def admit(length: int, tag: str | None) -> None:
+            if tag not in large:
+                raise FrameTooLarge(f"a {length}-byte frame of {'type ' + repr(tag) if tag else 'no known type'}: "
+                                    f"only {', '.join(sorted(large)) or 'no message'} may be that large here")
 
         async def handle(stream: Any) -> None:
             # libp2p runs handlers inside its connection's service: an exception escaping here would
             # take down the whole daemon. So nothing escapes but cancellation; every outcome is logged.
+            ctx = self.ctx
+            assert ctx is not None
+            limits = ctx.limits
+            tensor_bytes = limits.max_batch_size * limits.max_length * ctx.span.hidden_size * ctx.span.dtype.itemsize
+            max_frame = min(self.config.max_frame_size, tensors * tensor_bytes + MESSAGE_OVERHEAD)
             try:
                 # Requests and replies alternate on our protocols, so a peer never needs more than a
                 # couple of frames queued: this bounds what one stream can make us hold to 3 frames.
-                async with open_framed(stream, max_frame_size=max_frame, max_buffered_frames=2) as channel:
+                async with open_framed(stream, max_frame_size=max_frame, max_buffered_frames=2,
+                                       budget=ctx.buffers, admit=admit) as channel:
                     try:
                         with self.ctx.gate.stream(channel.peer_id or "?"):
                             await self._serve_channel(serve, channel)
@@ -263,6 +281,7 @@ class Daemon:
         self.ctx.sessions.max_per_peer = c.max_sessions_per_peer
         self.ctx.sessions.budget.total = c.cache_budget  # may go below what is held: budget.free says 0
         self.ctx.gate.limits = ResourceLimits.from_config(c)
+        self.ctx.buffers.per_peer, self.ctx.buffers.total = c.max_buffered_per_peer, c.max_buffered_total
         self.ctx.public_name = c.public_name
         logging.getLogger().setLevel(c.log_level.upper())
 
@@ -370,6 +389,7 @@ class Daemon:
             signer=self.signer,
             sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget), c.max_sessions_per_peer),
             worker=worker, gate=PeerGate(ResourceLimits.from_config(c)),
+            buffers=ByteBudget(per_peer=c.max_buffered_per_peer, total=c.max_buffered_total),
             limits=Limits(max_length=c.max_length, max_batch_size=c.max_batch_size,
                           session_idle_timeout=c.session_idle_timeout, step_timeout=c.step_timeout),
             public_name=c.public_name, version=__version__, state="joining", throughput=throughput,
@@ -391,10 +411,10 @@ class Daemon:
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
             self.ctx = self._context(span, throughput, worker)
             self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size)
-            host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info))
-            host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference))
-            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless))
-            host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless))
+            host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info, tensors=0))
+            host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference, frozenset({"step"})))
+            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd"})))
+            host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"bwd"}), tensors=2))
             # Push links carry steps without new streams: they count as activity like sessions do.
             await nursery.start(IdleConnections(host,
                                                 sessions=lambda: [*self.ctx.sessions, *self.ctx.link_activity()],

@@ -61,6 +61,7 @@ from petals_protocol.signing import (
 )
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
+from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
 from petals_protocol.p2p.streams import StreamClosed
 
@@ -104,6 +105,7 @@ class ServingContext:
     worker: ComputeWorker
     limits: Limits
     gate: PeerGate  # per-peer streams, compute jobs and request rate (petalsd/limits.py)
+    buffers: ByteBudget  # bytes of unread frames, per peer and in all (charged by every stream's pump)
     public_name: str = ""
     version: str = ""
     state: str = "online"

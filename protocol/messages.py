@@ -515,6 +515,25 @@ def encode_message(msg: Message) -> bytes:
     return msgpack.packb({_TAG_KEY: msg.TAG, **_fields_to_wire(msg)}, use_bin_type=True)
 
 
+#: Bytes of a payload's start that always hold its tag (map header, "t", a tag of <= 31 chars).
+TAG_PREFIX_SIZE = 40
+
+
+def peek_tag(prefix: bytes) -> str | None:
+    """The message tag a payload starts with, from its first bytes alone (`encode_message` writes
+    the tag first): lets a receiver refuse a large frame of the wrong type before buffering its
+    body. None if the prefix does not start like a message."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(prefix) + 1)
+    unpacker.feed(prefix)
+    try:
+        unpacker.read_map_header()
+        key = unpacker.unpack()
+        tag = unpacker.unpack()
+    except Exception:  # noqa: BLE001 - msgpack raises many types on garbage (or OutOfData when cut)
+        return None
+    return tag if key == _TAG_KEY and isinstance(tag, str) else None
+
+
 def _reject_ext(code: int, data: bytes) -> Any:
     raise MalformedMessage(f"msgpack extension type {code} is not allowed")
 

@@ -15,6 +15,7 @@ from petals_protocol.errors import ErrorCode
 from petals_protocol.messages import ErrorReply, InferenceStep, StepResult
 from petals_protocol.models.span import load_span
 from petals_protocol.models.synthetic import make_random_checkpoint
+from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.identity import ephemeral_identity, ed25519_private_key, peer_id
 from petals_protocol.tensors import from_torch
 from petalsd import config as config_mod
@@ -198,7 +199,7 @@ def test_a_failing_pushed_step_does_not_cancel_other_sessions_steps() -> None:
                 span=_FakeSpan(), fingerprint="f" * 64, model_name="m", peer_id=peer_id(key).to_base58(),
                 signer=ed25519_private_key(key), sessions=SessionTable(4, CacheBudget(1 << 20)), worker=worker,
                 limits=Limits(max_length=16, max_batch_size=1, session_idle_timeout=5, step_timeout=5),
-                gate=PeerGate(_limits()))
+                gate=PeerGate(_limits()), buffers=ByteBudget(per_peer=1 << 30, total=1 << 30))
             owners = []
             for sid in (b"g" * 16, b"b" * 16):
                 session = Session(session_id=sid, peer="client", start=0, end=2, max_length=16, batch_size=1,
