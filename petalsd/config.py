@@ -361,6 +361,12 @@ class DaemonConfig:
     max_buffered_total: int = _opt(
         2**30, _positive_size, "Bytes of unread frames all peers together may make this daemon "
         "hold; a stream that would go past it is reset.", reload=True)
+    peer_strikes: int = _opt(
+        20, _positive_int, "Streams a peer may have end in a protocol error or a limit refusal per "
+        "minute; past it the peer is cut off for peer_ban_seconds.", flag_type=int, reload=True)
+    peer_ban_seconds: float = _opt(
+        60.0, _positive_seconds, "Seconds a peer that used up its strikes is cut off (its connections "
+        "closed on arrival).", flag_type=float, reload=True)
     max_push_targets_per_session: int = _opt(
         4, _positive_int, "Most distinct next daemons one session may have its steps pushed to "
         "(a client replacing a failed hop needs a few).", flag_type=int, reload=True)

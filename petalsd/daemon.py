@@ -46,6 +46,7 @@ from petals_protocol.signing import peer_id_from_text
 
 from . import config as config_mod
 from .announce import Announcer
+from .banning import Banning
 from .batching import Batcher, BatchingConfig
 from .compute import ComputeWorker
 from .config import DaemonConfig
@@ -142,6 +143,7 @@ class Daemon:
     host: Any = None
     addrs: list[str] | None = None
     announcer: Announcer | None = None
+    banning: Banning | None = None
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
 
@@ -176,11 +178,17 @@ class Daemon:
                 # couple of frames queued: this bounds what one stream can make us hold to 3 frames.
                 async with open_framed(stream, max_frame_size=max_frame, max_buffered_frames=2,
                                        budget=ctx.buffers, admit=admit) as channel:
+                    peer = channel.peer_id or "?"
+                    if ctx.gate.banned(peer):  # cut off: not a word, and its connection goes too
+                        self._cut(peer)
+                        await channel.reset()
+                        return
                     try:
-                        with self.ctx.gate.stream(channel.peer_id or "?"):
+                        with ctx.gate.stream(peer):
                             await self._serve_channel(serve, channel)
                     except LimitExceeded as exc:  # a per-peer limit: say so (busy), then hang up
                         log.info("refused stream peer=%s: %s", channel.peer_id, exc)
+                        self._strike(peer)
                         await self._try_send(channel, ErrorReply(code=exc.code, message=str(exc)[:1000],
                                                                  session_id=None, request_id=None))
             except Exception as exc:  # noqa: BLE001 - closing a dead stream; groups from the pump
@@ -195,12 +203,25 @@ class Daemon:
             return  # the peer went away; its session (if any) was released by the handler
         except ProtocolError as exc:  # the peer sent bytes we cannot parse: say so, then hang up
             log.info("bad input peer=%s: %s", channel.peer_id, exc)
+            self._strike(channel.peer_id or "?")
             await self._try_send(channel, ErrorReply(code=exc.code, message=str(exc)[:1000],
                                                      session_id=None, request_id=None))
         except Exception:  # a bug of ours: the client gets "internal", everyone else keeps being served
             log.exception("internal error serving peer=%s", channel.peer_id)
             await self._try_send(channel, ErrorReply(code=ErrorCode.INTERNAL, message="internal error in the daemon",
                                                      session_id=None, request_id=None))
+
+    def _strike(self, peer: str) -> None:
+        """One more protocol error or refusal of `peer`; past its strikes it is cut off."""
+        assert self.ctx is not None
+        if self.ctx.gate.strike(peer):
+            log.warning("peer=%s cut off for %.0f s: more than %d protocol errors or refusals a minute", peer,
+                        self.ctx.gate.limits.peer_ban_seconds, self.ctx.gate.limits.peer_strikes)
+            self._cut(peer)
+
+    def _cut(self, peer: str) -> None:
+        if self.banning is not None:
+            self.banning.cut(peer)
 
     @staticmethod
     async def _try_send(channel: Any, msg: ErrorReply) -> None:
@@ -411,6 +432,8 @@ class Daemon:
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
             self.ctx = self._context(span, throughput, worker)
             self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size)
+            self.banning = Banning(host, self.ctx.gate)
+            await nursery.start(self.banning.run)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info, tensors=0))
             host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference, frozenset({"step"})))
             host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd"})))

@@ -8,7 +8,12 @@ elsewhere:
 - sessions per peer: `SessionTable` (sessions.py), next to max_sessions and the KV budget;
 - bytes of unread frames per peer and in total: `ByteBudget` (petals_protocol.p2p.budget),
   charged by every stream's pump;
-- streams per peer, compute jobs per peer and the request rate per peer: here.
+- streams per peer, compute jobs per peer and the request rate per peer: here;
+- strikes: a peer whose streams keep ending in protocol errors or limit refusals (more than
+  `peer_strikes` a minute) is cut off: its connections are closed and new ones from it are
+  closed on arrival for `peer_ban_seconds` (petalsd/banning.py). Refusing a flood stream by
+  stream still costs a stream negotiation each (milliseconds of the event loop); cutting the
+  peer off is what keeps a flood from slowing everyone else's tokens.
 
 Exceeding any of them is answered with a typed `busy` error (the client bans the daemon for a
 while, with exponential backoff, and routes around it). Every check is O(1) per request; decode
@@ -47,6 +52,8 @@ class ResourceLimits:
     max_buffered_total: int
     max_frame_size: int
     max_push_targets_per_session: int
+    peer_strikes: int
+    peer_ban_seconds: float
     step_timeout: float
 
     @classmethod
@@ -70,6 +77,9 @@ class _PeerUse:
     jobs: int = 0
     tokens: float = 0.0  # request bucket
     refilled_at: float = 0.0
+    strikes: float = 0.0  # leaks at peer_strikes a minute
+    struck_at: float = 0.0
+    banned_until: float = 0.0
 
 
 class PeerGate:
@@ -79,6 +89,7 @@ class PeerGate:
         self.limits = limits
         self._peers: dict[str, _PeerUse] = {}
         self.refused = 0  # requests refused by a limit here, for /v1/status
+        self.bans = 0  # peers cut off for too many strikes
 
     def _use(self, peer: str) -> _PeerUse:
         use = self._peers.get(peer)
@@ -90,7 +101,8 @@ class PeerGate:
         return use
 
     def _forget_idle(self) -> None:
-        for peer in [p for p, u in self._peers.items() if not u.streams and not u.jobs]:
+        now = time.monotonic()
+        for peer in [p for p, u in self._peers.items() if not u.streams and not u.jobs and u.banned_until < now]:
             del self._peers[peer]
 
     def _refuse(self, message: str) -> LimitExceeded:
@@ -134,10 +146,29 @@ class PeerGate:
         finally:
             use.jobs -= 1
 
+    def strike(self, peer: str) -> bool:
+        """Count one protocol error or refusal against the peer; True when this one bans it."""
+        use = self._use(peer)
+        now = time.monotonic()
+        per_second = self.limits.peer_strikes / 60.0
+        use.strikes = max(0.0, use.strikes - (now - use.struck_at) * per_second) + 1.0
+        use.struck_at = now
+        if use.strikes > self.limits.peer_strikes and use.banned_until < now:
+            use.banned_until = now + self.limits.peer_ban_seconds
+            self.bans += 1
+            return True
+        return False
+
+    def banned(self, peer: str) -> bool:
+        use = self._peers.get(peer)
+        return use is not None and use.banned_until > time.monotonic()
+
     def describe(self) -> dict[str, Any]:
         busiest = sorted(self._peers.items(), key=lambda kv: -(kv[1].streams + kv[1].jobs))[:8]
         return {
             "peers_tracked": len(self._peers),
             "refused": self.refused,
+            "bans": self.bans,
+            "banned": sorted(p for p, u in self._peers.items() if u.banned_until > time.monotonic())[:16],
             "busiest": [{"peer": p, "streams": u.streams, "jobs": u.jobs} for p, u in busiest if u.streams or u.jobs],
         }

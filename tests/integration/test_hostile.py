@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,3 +265,66 @@ def test_reload_with_a_smaller_budget_keeps_info_and_records_valid(target, finge
     target.wait_status(lambda s: _idle(s) and s["cache_bytes_total"] == 2**30, "the budget restored")
     log = list(target.swarm.daemons[0].log)
     assert not [line for line in log if "Traceback" in line or "internal error" in line], log[-20:]
+
+
+# --------------------------------------------------------------------------- 3. floods
+
+STEPS = 40
+
+
+async def _timed_steps(client: RawClient, addr: str, fingerprint: str) -> tuple[list[float], list[bytes]]:
+    """One session, STEPS one-token steps (after a short prompt): each step's round trip and output."""
+    opened = _open(fingerprint, max_length=STEPS + 8)
+    stream = await client.open_session(addr, opened)
+    await step_ok(stream, opened.session_id, 0, 0, hidden_payload(1, 4, HIDDEN, seed=1))
+    times, outputs = [], []
+    for i in range(STEPS):
+        began = time.perf_counter()
+        result = await step_ok(stream, opened.session_id, i + 1, 4 + i, hidden_payload(1, 1, HIDDEN, seed=10 + i))
+        times.append(time.perf_counter() - began)
+        outputs.append(result.hidden.data)
+    await stream.close()
+    return times, outputs
+
+
+@contextmanager
+def _flooding(addr: str, mode: str, streams: int = 4) -> Iterator[subprocess.Popen]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(HERE / "flood.py"), addr, mode, str(streams)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "flooding", f"the flooder did not start: {line!r}"
+        time.sleep(1.0)  # let it reach full speed
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        print(f"flood {mode}: {out.strip()}")
+
+
+@pytest.mark.parametrize("mode", ["big", "random"])
+def test_a_flood_on_four_streams_does_not_slow_an_honest_session(target, fingerprint, mode):
+    """Four streams flooding the daemon (16 MiB frames, or random bytes) while an honest client
+    steps a session: its median per-token time stays within 2x of the same run without the
+    flood, its outputs are bit-identical, and the daemon's RSS stays bounded."""
+    quiet_times, quiet_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
+    before = target.rss()
+    with _flooding(target.addr, mode):
+        flood_times, flood_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
+        grown = target.rss() - before
+    ratio = statistics.median(flood_times) / statistics.median(quiet_times)
+    log = list(target.swarm.daemons[0].log)
+    assert any("cut off for" in line for line in log), "the flooding peer was never cut off"
+    print(f"flood {mode}: median per-token {statistics.median(quiet_times) * 1e3:.2f} ms quiet, "
+          f"{statistics.median(flood_times) * 1e3:.2f} ms flooded, ratio {ratio:.2f}x; RSS +{grown / 2**20:.0f} MiB")
+    assert flood_out == quiet_out, "outputs changed under the flood"
+    assert ratio <= 2.0, f"per-token median {ratio:.2f}x slower under the flood"
+    assert grown < 256 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB under the flood"
+    assert run_raw(lambda client: client.info(target.addr)).state == "online"
+    target.wait_status(_idle, "the honest session closed")
