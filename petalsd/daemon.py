@@ -39,7 +39,7 @@ from petals_protocol.models.span import Span, load_span
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ed25519_private_key, load_or_create_identity, peer_id as peer_id_of
-from petals_protocol.p2p.dht import find_model_records, start_dht
+from petals_protocol.p2p.dht import find_model_records, find_server_record, start_dht
 from petals_protocol.p2p.streams import StreamClosed, open_framed
 from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_from_text
@@ -431,7 +431,8 @@ class Daemon:
             blocks = self.blocks or await self._place(dht)
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
             self.ctx = self._context(span, throughput, worker)
-            self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size)
+            self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size,
+                                           members=functools.partial(find_server_record, dht, self.fingerprint))
             self.banning = Banning(host, self.ctx.gate)
             await nursery.start(self.banning.run)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info, tensors=0))

@@ -156,6 +156,7 @@ class _Owned:
     session: Session
     channel: Channel
     lock: trio.Lock = field(default_factory=trio.Lock)
+    push_targets: set[bytes] = field(default_factory=set)  # next daemons its steps were pushed to
 
 
 def _refuse(code: ErrorCode, message: str) -> SessionRefused:
@@ -284,13 +285,20 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     return payload
 
 
-async def _forward_output(ctx: ServingContext, msg: InferenceStep, output: TensorPayload) -> None:
+async def _forward_output(ctx: ServingContext, owned: _Owned, msg: InferenceStep, output: TensorPayload) -> None:
     """Send the step on to the next daemon named in `msg.push` (best effort, bounded in time)."""
     assert msg.push is not None
     if ctx.forwarder is None:
         log.warning("step of session %s asks to push, but forwarding is off here", msg.session_id.hex()[:12])
         return
     target, rest = msg.push[0], msg.push[1:]
+    if target.peer_id not in owned.push_targets:
+        cap = ctx.gate.limits.max_push_targets_per_session
+        if len(owned.push_targets) >= cap:
+            log.info("push of session %s not forwarded: it already pushed to %d daemons, the most allowed",
+                     msg.session_id.hex()[:12], cap)
+            return
+        owned.push_targets.add(target.peer_id)
     onward = InferenceStep(session_id=target.session_id, step=target.step, position=msg.position,
                            hidden=output, hypo_ids=msg.hypo_ids, push=rest or None)
     try:  # returns once the push is written: the client is answered after (the critical path first)
@@ -324,7 +332,7 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
                                                 session_id=msg.session_id, request_id=None))
             return
         if msg.push is not None:
-            await _forward_output(ctx, msg, output)
+            await _forward_output(ctx, owned, msg, output)
         await owned.channel.send(_signed_result(ctx, owned.session, msg, output))
 
 

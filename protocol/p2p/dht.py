@@ -80,6 +80,7 @@ __all__ = [
     "start_dht",
     "put_record",
     "get_fresh",
+    "find_server_record",
     "provide",
     "find_providers_fresh",
     "index_keys",
@@ -494,23 +495,27 @@ async def find_model_records(dht: PetalsDHT, fingerprint: str, *, extra_peers: I
     records: dict[bytes, ServerRecord] = {}
 
     async def fetch(peer_text: str) -> None:
-        try:
-            key = record_key(fingerprint, peer_text)
-        except (ValueError, PetalsError) as exc:
-            log.debug("skipping provider %s: %s", peer_text, exc)
-            return
-        for blob in await get_fresh(dht, key):  # valid ones, best first
-            try:
-                records[peer_id_from_text(peer_text)] = decode_record(
-                    blob, now=dht.clock(), expected_peer_id=peer_id_from_text(peer_text),
-                    expected_fingerprint=fingerprint,
-                )
-            except BadRecord as exc:  # expired between the lookup and now
-                log.debug("record of %s: %s", peer_text, exc)
-                continue
-            return
+        record = await find_server_record(dht, fingerprint, peer_text)
+        if record is not None:
+            records[record.peer_id] = record
 
     async with trio.open_nursery() as nursery:
         for peer_text in sorted(providers):
             nursery.start_soon(fetch, peer_text)
     return sorted(records.values(), key=lambda r: (r.start_block, r.end_block, peer_id_to_text(r.peer_id)))
+
+
+async def find_server_record(dht: PetalsDHT, fingerprint: str, peer_text: str) -> ServerRecord | None:
+    """The newest valid record of one daemon for `fingerprint` (a network lookup), or None."""
+    try:
+        key = record_key(fingerprint, peer_text)
+    except (ValueError, PetalsError) as exc:
+        log.debug("skipping provider %s: %s", peer_text, exc)
+        return None
+    for blob in await get_fresh(dht, key):  # valid ones, best first
+        try:
+            return decode_record(blob, now=dht.clock(), expected_peer_id=peer_id_from_text(peer_text),
+                                 expected_fingerprint=fingerprint)
+        except BadRecord as exc:  # expired between the lookup and now
+            log.debug("record of %s: %s", peer_text, exc)
+    return None

@@ -31,7 +31,7 @@ from petals_protocol.ids import INFERENCE_PROTOCOL
 from petals_protocol.messages import ErrorReply, OpenSession, SessionOpened
 from petals_protocol.p2p.streams import StreamClosed
 
-from rawclient import RawClient, expect_error, hidden_payload, new_id, raw_client, request, run_raw, step_ok
+from rawclient import RawClient, expect_error, hidden_payload, new_id, raw_client, receive, request, run_raw, step_ok
 
 pytestmark = pytest.mark.integration
 
@@ -328,3 +328,60 @@ def test_a_flood_on_four_streams_does_not_slow_an_honest_session(target, fingerp
     assert grown < 256 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB under the flood"
     assert run_raw(lambda client: client.info(target.addr)).state == "online"
     target.wait_status(_idle, "the honest session closed")
+
+
+# ---------------------------------------------------------------------- 8. push targets
+
+def test_pushes_dial_only_swarm_members_at_their_own_addresses(target, fingerprint, llama_path):
+    """A step may ask its daemon to push to the next hop; the daemon dials only a daemon the DHT
+    says serves the next block, at that daemon's own announced addresses: a made-up peer at a
+    client-chosen port is never dialled, nor is a real member's peer id paired with that port."""
+    import socket
+
+    second = LocalSwarm(llama_path, extra_args=["--num-threads", "1"])
+    member = second.start("3:6", initial_peers=[target.addr])
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(8)
+    trap.setblocking(False)
+    port = trap.getsockname()[1]
+
+    async def push_to(client: RawClient) -> None:
+        from petals_protocol.messages import InferenceStep, PushTarget, StepResult
+        from petals_protocol.p2p.identity import ephemeral_identity, peer_id
+        from petals_protocol.signing import peer_id_from_text
+
+        first = OpenSession(session_id=new_id(), model_fingerprint=fingerprint, start_block=0, end_block=3,
+                            max_length=16, batch_size=1)
+        head = await client.open_session(target.addr, first)
+        second_open = OpenSession(session_id=new_id(), model_fingerprint=fingerprint, start_block=3, end_block=6,
+                                  max_length=16, batch_size=1)
+        tail = await client.open_session(member.addrs[0], second_open)
+        stranger = peer_id(ephemeral_identity()).to_base58()
+        targets = [
+            (stranger, f"/ip4/127.0.0.1/tcp/{port}/p2p/{stranger}"),  # not in the swarm at all
+            (member.peer_id, f"/ip4/127.0.0.1/tcp/{port}/p2p/{member.peer_id}"),  # a member, a trap address
+        ]
+        for step_no, (peer, addr) in enumerate(targets):
+            push = PushTarget(peer_id=peer_id_from_text(peer), addr=addr, session_id=second_open.session_id,
+                              start_block=3, end_block=6, step=step_no)
+            msg = InferenceStep(session_id=first.session_id, step=step_no, position=0,  # (the tail has no tokens)
+                                hidden=hidden_payload(1, 1, HIDDEN, seed=step_no), hypo_ids=None, push=(push,))
+            reply = await request(head, msg)
+            assert isinstance(reply, StepResult), reply
+            if peer == member.peer_id:  # pushed to the member at its real address: its result comes
+                pushed = await receive(tail, timeout=20)
+                assert isinstance(pushed, StepResult) and pushed.step == step_no, pushed
+        await trio.sleep(1.0)
+        await head.close()
+        await tail.close()
+
+    try:
+        run_raw(push_to, timeout=60)
+        with pytest.raises(BlockingIOError):
+            trap.accept()  # nobody ever connected to the client-chosen port
+    finally:
+        trap.close()
+        second.stop()
+    log = list(target.swarm.daemons[0].log)
+    assert any("is not a swarm member serving block 3" in line for line in log), log[-20:]
