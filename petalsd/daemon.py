@@ -232,9 +232,16 @@ class Daemon:
                 pass  # the stream is already gone
 
     # ------------------------------------------------------------------ lifecycle
+    def _compute_healthy(self) -> bool:
+        """False while a compute job runs past step_timeout (the watchdog then stops pinging)."""
+        return self.ctx is None or self.ctx.worker.hung_seconds() is None
+
     def status_line(self) -> str:
         if self.ctx is None:
             return "starting"
+        hung = self.ctx.worker.hung_seconds()
+        if hung is not None:
+            return f"compute job running for {hung:.0f} s, past step_timeout: hung"
         return (f"serving blocks {self.ctx.span.start}:{self.ctx.span.end}, "
                 f"{len(self.ctx.sessions)} sessions, state {self.ctx.state}")
 
@@ -421,7 +428,8 @@ class Daemon:
         self._stop = trio.Event()
         psk = load_swarm_key(self.config.swarm_key) if self.config.swarm_key else None
         self.host = make_host(self.key_pair, psk=psk)
-        async with running_host(self.host, self.config.listen) as host, ComputeWorker() as worker, \
+        async with running_host(self.host, self.config.listen) as host, \
+                ComputeWorker(step_timeout=self.config.step_timeout) as worker, \
                 trio.open_nursery() as nursery:
             self._nursery = nursery
             self.addrs = listen_multiaddrs(host)
@@ -458,7 +466,7 @@ class Daemon:
                 nursery.start_soon(self._rebalance, dht, self.announcer)
             log.info("ready peer=%s blocks=%d:%d addrs=%s", self.peer_id, span.start, span.end, " ".join(self.addrs))
             self.notifier.ready()
-            nursery.start_soon(self.notifier.run_watchdog)
+            nursery.start_soon(functools.partial(self.notifier.run_watchdog, healthy=self._compute_healthy))
             nursery.start_soon(self._status_updates)
             await self._stop.wait()
             self.notifier.stopping()

@@ -66,7 +66,7 @@ from petals_protocol.p2p.locking import held
 from petals_protocol.p2p.streams import StreamClosed
 
 from .batching import Batcher, run_single_step
-from .compute import ComputeWorker
+from .compute import BULK, ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
 from .limits import PeerGate
 from .sessions import Session, SessionRefused, SessionTable
@@ -276,7 +276,7 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
             payload = from_torch(out)
         else:
             payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
-                                           tokens=hidden.shape[0] * hidden.shape[1])
+                                           tokens=hidden.shape[0] * hidden.shape[1], peer=session.peer)
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
@@ -490,7 +490,7 @@ async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> Forwa
     hidden = _hidden(ctx, msg.hidden, None, "hidden states")
     with ctx.gate.job(peer):
         out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block,
-                                   tokens=hidden.shape[0] * hidden.shape[1])
+                                   tokens=hidden.shape[0] * hidden.shape[1], priority=BULK, peer=peer)
     payload = from_torch(out)
     binding = forward_binding(msg, payload)
     ctx.stats["forward"] += 1
@@ -504,7 +504,8 @@ async def _backward(ctx: ServingContext, msg: BackwardRequest, peer: str) -> Bac
     if grad_output.shape != hidden.shape:
         raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
     with ctx.gate.job(peer):
-        grad = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block, msg.end_block)
+        grad = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block, msg.end_block,
+                                              peer=peer)
     payload = from_torch(grad)
     binding = backward_binding(msg, payload)
     ctx.stats["backward"] += 1

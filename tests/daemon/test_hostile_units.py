@@ -219,3 +219,58 @@ def test_a_failing_pushed_step_does_not_cancel_other_sessions_steps() -> None:
     good_sent, bad_sent = trio.run(main)
     assert len(good_sent) == 1 and isinstance(good_sent[0], StepResult), good_sent
     assert len(bad_sent) == 1 and isinstance(bad_sent[0], ErrorReply) and bad_sent[0].code == ErrorCode.INTERNAL
+
+
+# --------------------------------------------------------- compute turns and step_timeout (4)
+
+def test_inference_jobs_go_before_a_forward_burst_and_peers_take_turns() -> None:
+    from petalsd.compute import BULK, INFERENCE
+
+    order: list[str] = []
+
+    def job(name: str) -> None:
+        import time
+
+        time.sleep(0.03)
+        order.append(name)
+
+    async def main() -> None:
+        async with ComputeWorker() as worker:
+            async with trio.open_nursery() as nursery:
+                for i in range(6):  # a burst of forward requests from one peer
+                    nursery.start_soon(lambda i=i: worker.run(job, f"fwd{i}", priority=BULK, peer="trainer"))
+                    await trio.sleep(0.001)
+                for i in range(2):  # then two peers' decode steps, three each
+                    for peer in ("a", "b"):
+                        nursery.start_soon(lambda p=peer, i=i: worker.run(job, f"{p}{i}", priority=INFERENCE, peer=p))
+                        await trio.sleep(0.001)
+                nursery.start_soon(lambda: worker.run(job, "a2", priority=INFERENCE, peer="a"))
+                await trio.sleep(0.001)
+
+    trio.run(main)
+    # The forward already running finishes; then every inference job, peers alternating; then the rest.
+    assert order[0] == "fwd0"
+    assert order[1:6] == ["a0", "b0", "a1", "b1", "a2"], order
+    assert order[6:] == [f"fwd{i}" for i in range(1, 6)]
+
+
+def test_a_job_that_waits_past_step_timeout_fails_typed_and_a_hung_job_is_reported() -> None:
+    from petalsd.compute import ComputeTimeout
+
+    release = __import__("threading").Event()
+
+    async def main() -> tuple[float | None, str]:
+        async with ComputeWorker(step_timeout=0.3) as worker:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker.run, release.wait)  # a job that hangs
+                await trio.sleep(0.05)
+                with pytest.raises(ComputeTimeout) as waited:
+                    await worker.run(lambda: None)
+                hung = worker.hung_seconds()
+                release.set()
+            assert worker.hung_seconds() is None and worker.queued == 0
+            return hung, waited.value.code.value
+
+    hung, code = trio.run(main)
+    assert hung is not None and hung > 0.3
+    assert code == "timeout"
