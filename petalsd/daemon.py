@@ -36,6 +36,7 @@ from petals_protocol.messages import ErrorReply
 from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.models.span import Span, load_span
+from petals_protocol.p2p import compat
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ed25519_private_key, load_or_create_identity, peer_id as peer_id_of
@@ -61,6 +62,9 @@ from .sessions import CacheBudget, SessionTable
 log = logging.getLogger("petalsd")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Seconds between lookups of the swarm's records for the forwarder (a daemon not yet seen is
+#: looked up on its first push anyway).
+MEMBERS_PERIOD = 15.0
 #: Room in a frame for everything but its tensors (ids, fields, a push list, hypo_ids).
 MESSAGE_OVERHEAD = 64 * 1024
 
@@ -392,6 +396,14 @@ class Daemon:
             ctx.batcher = Batcher(ctx.worker, span, BatchingConfig(enabled=self.config.batching))
             announcer.request_announce()
 
+    async def _learn_members(self, dht: Any) -> None:
+        """Keep the forwarder's view of the swarm fresh (who may be pushed to, at which addresses)."""
+        while True:
+            assert self.ctx is not None and self.ctx.forwarder is not None
+            with trio.move_on_after(MEMBERS_PERIOD):
+                self.ctx.forwarder.learn(await find_model_records(dht, self.fingerprint))
+            await trio.sleep(MEMBERS_PERIOD)
+
     # ------------------------------------------------------------------ serving
     def load(self, start: int, end: int) -> tuple[Span, float]:
         """Load blocks [start, end) and measure their throughput (blocking: run in a thread)."""
@@ -434,6 +446,7 @@ class Daemon:
             self._nursery = nursery
             self.addrs = listen_multiaddrs(host)
             nursery.start_soon(self._signals)
+            log.info("transport peer=%s %s", self.peer_id, compat.describe())
             dht = await start_dht(host, nursery, server=True,
                                   bootstrap=[] if self.config.new_swarm else self.config.initial_peers)
             blocks = self.blocks or await self._place(dht)
@@ -464,6 +477,7 @@ class Daemon:
             nursery.start_soon(self.announcer.run)
             if self.blocks is None:
                 nursery.start_soon(self._rebalance, dht, self.announcer)
+            nursery.start_soon(self._learn_members, dht)
             log.info("ready peer=%s blocks=%d:%d addrs=%s", self.peer_id, span.start, span.end, " ".join(self.addrs))
             self.notifier.ready()
             nursery.start_soon(functools.partial(self.notifier.run_watchdog, healthy=self._compute_healthy))

@@ -129,6 +129,7 @@ class Forwarder:
     _links: dict[str, _Link] = field(default_factory=dict)
     _addr_peers: dict[str, str] = field(default_factory=dict)  # push address -> the peer it names
     _non_members: dict[str, float] = field(default_factory=dict)  # refused peer -> until when
+    _known: dict[str, ServerRecord] = field(default_factory=dict)  # swarm records learnt in the background
     pushes_sent: int = 0  # steps written to next daemons
     push_writes: int = 0  # stream writes that carried them (fewer when a batch's pushes coalesce)
 
@@ -203,8 +204,16 @@ class Forwarder:
         self.nursery.start_soon(self._run_link, link, block, receive)
         return link
 
+    def learn(self, records: list[ServerRecord]) -> None:
+        """The swarm's records, from a periodic lookup: a first push to a daemon among them needs
+        no lookup of its own (a replacement hop's first pushed step is on a client's clock)."""
+        self._known = {peer_id_to_text(r.peer_id): r for r in records[:ADDR_CACHE_SIZE]}
+
     async def _member_record(self, peer: str, block: int) -> ServerRecord:
         """The peer's swarm record if it serves `block`; else PushRefused (remembered a while)."""
+        known = self._known.get(peer)
+        if known is not None and serves(known, block):
+            return known
         try:
             record = await self.members(peer)
         except PetalsError as exc:

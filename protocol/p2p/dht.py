@@ -66,6 +66,7 @@ from ..records import (
     select_record,
 )
 from ..signing import peer_id_from_text, peer_id_to_text
+from . import compat
 from .host import DialError, connect
 
 __all__ = [
@@ -277,6 +278,7 @@ async def start_dht(
     _quiet_dht_logs()
     dht = PetalsDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, clock=clock)
     dht.server_table.attach(nursery)
+    compat.bound_value_store(dht)
     await nursery.start(_run_service, dht)
 
     addrs = list(bootstrap)
@@ -330,6 +332,9 @@ async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
     except Exception as exc:  # libp2p's InvalidRecordType for a key without a validator
         raise BadRecord(f"no validator accepts key {key[:200]!r}: {exc}") from exc
     key_bytes = key.encode("utf-8")
+    if not compat.INTERNALS:  # libp2p's own store: no per-peer acknowledgements to count
+        await compat.store_everywhere(dht, key_bytes, blob)
+        return len(await _closest_peers(dht, key_bytes))
     if dht.mode == DHTMode.SERVER:
         dht.value_store.put(key_bytes, blob)
     stored = 0
@@ -338,7 +343,7 @@ async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
         nonlocal stored
         with trio.move_on_after(RPC_TIMEOUT):
             # Unlike put_value's path, `record` pins the value we store (not a stale local one).
-            if await dht.value_store._store_at_peer(peer, key_bytes, blob, record=_signed(dht, key_bytes, blob)):
+            if await compat.store_at_peer(dht, peer, key_bytes, blob, _signed(dht, key_bytes, blob)):
                 stored += 1
 
     # Store at the closest peers we already know at once, in parallel with the network walk: the
@@ -370,11 +375,16 @@ async def get_fresh(dht: KadDHT, key: str) -> list[bytes]:
     local = dht.value_store.get(key_bytes)
     if local is not None:
         values.append(local.value)
+    if not compat.INTERNALS:
+        with trio.move_on_after(6 * RPC_TIMEOUT):
+            if (value := await compat.get_stock(dht, key_bytes)) is not None:
+                values.append(value)
+        return _valid_best_first(dht, key, values)
 
     async def fetch(peer: ID) -> None:
         with trio.move_on_after(RPC_TIMEOUT):
-            value = await dht.value_store._get_from_peer(peer, key_bytes)
-            if isinstance(value, bytes) and value:
+            value = await compat.get_from_peer(dht, peer, key_bytes)
+            if value is not None:
                 values.append(value)
 
     async with trio.open_nursery() as nursery:
@@ -410,12 +420,16 @@ async def provide(dht: KadDHT, key: bytes) -> int:
     of messages delivered to a stream, the best evidence available.
     """
     dht.provider_store.add_provider(key, PeerInfo(dht.local_peer_id, dht.host.get_addrs()))
+    if not compat.INTERNALS:
+        with trio.move_on_after(6 * RPC_TIMEOUT):
+            await compat.provide_stock(dht, key)
+        return len(await _closest_peers(dht, key))
     sent = 0
 
     async def send(peer: ID) -> None:
         nonlocal sent
         with trio.move_on_after(RPC_TIMEOUT):
-            if await dht.provider_store._send_add_provider(peer, key):
+            if await compat.send_add_provider(dht, peer, key):
                 sent += 1
 
     async with trio.open_nursery() as nursery:
@@ -427,11 +441,15 @@ async def provide(dht: KadDHT, key: bytes) -> int:
 async def find_providers_fresh(dht: KadDHT, key: bytes) -> list[PeerInfo]:
     """Providers of `key` according to the k closest peers (and the local store), one per peer."""
     found: dict[ID, PeerInfo] = {info.peer_id: info for info in dht.provider_store.get_providers(key)}
+    if not compat.INTERNALS:
+        with trio.move_on_after(6 * RPC_TIMEOUT):
+            for info in await compat.find_providers_stock(dht, key):
+                found.setdefault(info.peer_id, info)
+        return list(found.values())
 
     async def ask(peer: ID) -> None:
         with trio.move_on_after(RPC_TIMEOUT):
-            providers, _closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
-            for info in providers:
+            for info in await compat.get_providers_from_peer(dht, peer, key):
                 known = found.get(info.peer_id)
                 if known is None or (not known.addrs and info.addrs):
                     found[info.peer_id] = info

@@ -41,7 +41,7 @@ from ..errors import ErrorCode, PetalsError, ProtocolError
 from ..framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, encode_frame
 from .budget import ByteBudget
 from .locking import held
-from .muxer import make_lean
+from .compat import make_lean
 from ..messages import TAG_PREFIX_SIZE, Message, decode_message, encode_message, peek_tag
 
 #: `admit(length, tag)`: judges a large frame from its header and tag (None: not a message's
@@ -132,7 +132,7 @@ class FramedStream:
         budget: ByteBudget | None = None,
         admit: Admit | None = None,
     ) -> None:
-        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see muxer.py)
+        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see muxer.py, compat.py)
         self.stream = stream
         self.max_frame_size = max_frame_size
         self.peer_id: str | None = _peer_of(stream)
