@@ -30,7 +30,7 @@ def test_core_integration_tests_pass_on_the_stock_libp2p_paths(tmp_path):
     if os.environ.get(compat.STOCK_ENV):
         pytest.skip("already running on the stock paths (this test is what runs them)")
     env = dict(os.environ, **{compat.STOCK_ENV: "1"}, PETALS_TEST_ECHO="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",
                              *[str(HERE / test) for test in CORE]],
                             cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=1500)
     tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
