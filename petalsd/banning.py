@@ -83,6 +83,9 @@ class Banning:
         for peer_id, conns in list(network.get_connections_map().items()):
             if str(peer_id) != peer:
                 continue
+            # Forget where it listens: libp2p re-dials peers it knows addresses of when their
+            # connection drops, which would bring the banned peer straight back.
+            self.host.get_peerstore().clear_addrs(peer_id)
             for conn in list(conns):
                 log.info("closing connection of banned peer=%s", peer)
                 with trio.move_on_after(2.0):

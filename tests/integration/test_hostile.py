@@ -270,6 +270,7 @@ def test_reload_with_a_smaller_budget_keeps_info_and_records_valid(target, finge
 # --------------------------------------------------------------------------- 3. floods
 
 STEPS = 40
+ROUNDS = 3
 
 
 async def _timed_steps(client: RawClient, addr: str, fingerprint: str) -> tuple[list[float], list[bytes]]:
@@ -312,18 +313,26 @@ def _flooding(addr: str, mode: str, streams: int = 4) -> Iterator[subprocess.Pop
 def test_a_flood_on_four_streams_does_not_slow_an_honest_session(target, fingerprint, mode):
     """Four streams flooding the daemon (16 MiB frames, or random bytes) while an honest client
     steps a session: its median per-token time stays within 2x of the same run without the
-    flood, its outputs are bit-identical, and the daemon's RSS stays bounded."""
-    quiet_times, quiet_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
-    before = target.rss()
-    with _flooding(target.addr, mode):
-        flood_times, flood_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
-        grown = target.rss() - before
+    flood, its outputs are bit-identical, and the daemon's RSS stays bounded. Quiet and flooded
+    runs alternate (ROUNDS each, a fresh flooding peer every time), so that load from other users
+    of the machine hits both alike."""
+    quiet_times: list[float] = []
+    flood_times: list[float] = []
+    grown = 0
+    for _ in range(ROUNDS):
+        times, quiet_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
+        quiet_times += times
+        before = target.rss()
+        with _flooding(target.addr, mode):
+            times, flood_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
+            flood_times += times
+            grown = max(grown, target.rss() - before)
+        assert flood_out == quiet_out, "outputs changed under the flood"
     ratio = statistics.median(flood_times) / statistics.median(quiet_times)
     print(f"flood {mode}: median per-token {statistics.median(quiet_times) * 1e3:.2f} ms quiet, "
           f"{statistics.median(flood_times) * 1e3:.2f} ms flooded, ratio {ratio:.2f}x; RSS +{grown / 2**20:.0f} MiB")
     log = list(target.swarm.daemons[0].log)
-    assert any("cut off for" in line for line in log), "the flooding peer was never cut off"
-    assert flood_out == quiet_out, "outputs changed under the flood"
+    assert sum("cut off for" in line for line in log) >= ROUNDS, "a flooding peer was never cut off"
     assert ratio <= 2.0, f"per-token median {ratio:.2f}x slower under the flood"
     assert grown < 256 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB under the flood"
     assert run_raw(lambda client: client.info(target.addr)).state == "online"
