@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -121,30 +121,29 @@ class PeerGate:
                                f"(burst {self.limits.peer_request_burst}); slow down")
         use.tokens -= 1.0
 
-    @contextmanager
-    def stream(self, peer: str) -> Iterator[None]:
+    def stream(self, peer: str) -> AbstractContextManager[None]:
         """Hold one of the peer's stream slots for the life of the block (a new stream is a request too)."""
-        use = self._use(peer)
-        if use.streams >= self.limits.max_streams_per_peer:
-            raise self._refuse(f"this peer already has {self.limits.max_streams_per_peer} streams open here")
+        self._take_slot(peer, "streams", self.limits.max_streams_per_peer, "streams open")
         self.request(peer)
-        use.streams += 1
-        try:
-            yield
-        finally:
-            use.streams -= 1
+        return self._slot_held(peer, "streams")
+
+    def job(self, peer: str) -> AbstractContextManager[None]:
+        """Hold one of the peer's compute-job slots while its job waits and runs."""
+        self._take_slot(peer, "jobs", self.limits.max_jobs_per_peer, "compute jobs queued")
+        return self._slot_held(peer, "jobs")
+
+    def _take_slot(self, peer: str, kind: str, cap: int, what: str) -> None:
+        if getattr(self._use(peer), kind) >= cap:
+            raise self._refuse(f"this peer already has {cap} {what} here")
 
     @contextmanager
-    def job(self, peer: str) -> Iterator[None]:
-        """Hold one of the peer's compute-job slots while its job waits and runs."""
+    def _slot_held(self, peer: str, kind: str) -> Iterator[None]:
         use = self._use(peer)
-        if use.jobs >= self.limits.max_jobs_per_peer:
-            raise self._refuse(f"this peer already has {self.limits.max_jobs_per_peer} compute jobs queued here")
-        use.jobs += 1
+        setattr(use, kind, getattr(use, kind) + 1)
         try:
             yield
         finally:
-            use.jobs -= 1
+            setattr(use, kind, getattr(use, kind) - 1)
 
     def strike(self, peer: str) -> bool:
         """Count one protocol error or refusal against the peer; True when this one bans it."""
