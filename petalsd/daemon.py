@@ -453,7 +453,8 @@ class Daemon:
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
             self.ctx = self._context(span, throughput, worker)
             self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size,
-                                           members=functools.partial(find_server_record, dht, self.fingerprint))
+                                           members=functools.partial(find_server_record, dht, self.fingerprint,
+                                                             local_first=True))
             self.banning = Banning(host, self.ctx.gate)
             await nursery.start(self.banning.run)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info, tensors=0))

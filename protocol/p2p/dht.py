@@ -523,17 +523,28 @@ async def find_model_records(dht: PetalsDHT, fingerprint: str, *, extra_peers: I
     return sorted(records.values(), key=lambda r: (r.start_block, r.end_block, peer_id_to_text(r.peer_id)))
 
 
-async def find_server_record(dht: PetalsDHT, fingerprint: str, peer_text: str) -> ServerRecord | None:
-    """The newest valid record of one daemon for `fingerprint` (a network lookup), or None."""
+async def find_server_record(dht: PetalsDHT, fingerprint: str, peer_text: str, *,
+                             local_first: bool = False) -> ServerRecord | None:
+    """The newest valid record of one daemon for `fingerprint` (a network lookup), or None.
+    `local_first`: a valid copy this node stores is enough (no network round trip; in a swarm of
+    fewer than k daemons every server stores every record)."""
     try:
         key = record_key(fingerprint, peer_text)
     except (ValueError, PetalsError) as exc:
         log.debug("skipping provider %s: %s", peer_text, exc)
         return None
-    for blob in await get_fresh(dht, key):  # valid ones, best first
+    def decoded(blob: bytes) -> ServerRecord | None:
         try:
             return decode_record(blob, now=dht.clock(), expected_peer_id=peer_id_from_text(peer_text),
                                  expected_fingerprint=fingerprint)
-        except BadRecord as exc:  # expired between the lookup and now
+        except BadRecord as exc:  # expired meanwhile
             log.debug("record of %s: %s", peer_text, exc)
+            return None
+
+    local = dht.value_store.get(key.encode("utf-8")) if local_first else None
+    if local is not None and (record := decoded(local.value)) is not None:
+        return record
+    for blob in await get_fresh(dht, key):  # valid ones, best first
+        if (record := decoded(blob)) is not None:
+            return record
     return None

@@ -386,7 +386,11 @@ def test_pushes_dial_only_swarm_members_at_their_own_addresses(target, fingerpri
         await tail.close()
 
     try:
-        run_raw(push_to, timeout=60)
+        try:
+            run_raw(push_to, timeout=60)
+        except BaseException as exc:
+            tail = "\n".join(list(target.swarm.daemons[0].log)[-15:] + list(member.log)[-10:])
+            raise AssertionError(f"{exc!r}; the daemons' last log lines:\n{tail}") from exc
         with pytest.raises(BlockingIOError):
             trap.accept()  # nobody ever connected to the client-chosen port
     finally:
