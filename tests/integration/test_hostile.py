@@ -355,7 +355,7 @@ def test_pushes_dial_only_swarm_members_at_their_own_addresses(target, fingerpri
     trap.setblocking(False)
     port = trap.getsockname()[1]
 
-    async def push_to(client: RawClient) -> None:
+    async def push_to(client: RawClient) -> str:
         from petals_protocol.messages import InferenceStep, PushTarget, StepResult
         from petals_protocol.p2p.identity import ephemeral_identity, peer_id
         from petals_protocol.signing import peer_id_from_text
@@ -384,10 +384,11 @@ def test_pushes_dial_only_swarm_members_at_their_own_addresses(target, fingerpri
         await trio.sleep(1.0)
         await head.close()
         await tail.close()
+        return stranger
 
     try:
         try:
-            run_raw(push_to, timeout=60)
+            stranger = run_raw(push_to, timeout=60)
         except BaseException as exc:
             tail = "\n".join(list(target.swarm.daemons[0].log)[-15:] + list(member.log)[-10:])
             raise AssertionError(f"{exc!r}; the daemons' last log lines:\n{tail}") from exc
@@ -396,5 +397,8 @@ def test_pushes_dial_only_swarm_members_at_their_own_addresses(target, fingerpri
     finally:
         trap.close()
         second.stop()
-    log = list(target.swarm.daemons[0].log)
-    assert any("is not a swarm member serving block 3" in line for line in log), log[-20:]
+    # The stranger's push was dropped: refused once its record lookup found none (or gave up).
+    deadline = time.monotonic() + 15  # the lookup may take up to the link's open timeout
+    while not any(f"push link to peer={stranger} failed" in line for line in target.swarm.daemons[0].log):
+        assert time.monotonic() < deadline, list(target.swarm.daemons[0].log)[-20:]
+        time.sleep(0.1)
