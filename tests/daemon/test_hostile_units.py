@@ -274,3 +274,27 @@ def test_a_job_that_waits_past_step_timeout_fails_typed_and_a_hung_job_is_report
     hung, code = trio.run(main)
     assert hung is not None and hung > 0.3
     assert code == "timeout"
+
+
+# ------------------------------------------------------------------ DHT value store bound (9)
+
+def test_the_dht_value_store_is_capped_with_constant_time_eviction() -> None:
+    """Sybil peers each storing a valid record of their own: the store keeps at most the cap,
+    dropping the longest-held, without scanning every value on each store."""
+    from types import SimpleNamespace
+
+    from libp2p.kad_dht.pb.kademlia_pb2 import Record
+    from libp2p.kad_dht.value_store import ValueStore
+
+    from petals_protocol.p2p import compat
+
+    if not compat.INTERNALS:
+        pytest.skip("the stock libp2p value store is left as it is")
+    store = ValueStore(host=None, local_peer_id=None)  # type: ignore[arg-type]
+    compat.bound_value_store(SimpleNamespace(value_store=store), max_values=100)
+    for i in range(1000):
+        record = Record()
+        record.key, record.value, record.timeReceived = b"k%d" % i, b"v", "not a time"
+        store.put_record(b"k%d" % i, record)
+        assert len(store.store) <= 100
+    assert b"k999" in store.store and b"k0" not in store.store
