@@ -69,7 +69,18 @@ def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor, start: in
                     position: int | None, hypo_ids: torch.Tensor | None) -> torch.Tensor:
     """The per-session path (worker thread): one session's step through ``Span.forward``."""
     prepare_cache(cache, position, hypo_ids)
-    return span.forward(hidden, cache, start, end)
+    try:
+        return span.forward(hidden, cache, start, end)
+    except Exception:
+        restore_cache(cache)
+        raise
+
+
+def restore_cache(cache: SpanCache) -> None:
+    """After a step failed midway (a torch error in block k): the blocks before k have appended the
+    step's tokens, the rest have not, and ``cache.length`` still counts only whole steps. Cut every
+    layer back to that length, so the session goes on (or is replayed) from a consistent cache."""
+    cache.crop(cache.length)
 
 
 @dataclass(eq=False)
@@ -248,6 +259,7 @@ class Batcher:
                         step.result = out
             except Exception as exc:  # routed to every caller of the group, raised there
                 for step in group:
+                    restore_cache(step.cache)
                     step.error = exc
 
     @staticmethod

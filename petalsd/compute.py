@@ -3,8 +3,17 @@
 A decode step can take tens of milliseconds of CPU; on the trio loop it would stall every stream
 (and yamux resets a stream whose reader stalls for 5 s). So every torch call goes through
 `ComputeWorker.run`, which hands it to the worker's thread. One job at a time keeps jobs from
-fighting over the cores torch already parallelises across; jobs run in the order they arrive
-(`trio.Lock` is fair), so sessions are served in the order their steps arrive.
+fighting over the cores torch already parallelises across.
+
+Who runs next (`_Turns`): inference jobs (steps, session opens) before bulk ones (forward and
+backward requests), so a burst of large forward requests delays a decode step by at most the one
+bulk job already running; within each class, peers take turns (round robin), and one peer's jobs
+run in the order they arrive. A free worker takes a job at once (no scheduler pass).
+
+`step_timeout`: a job that waits longer than this for its turn is withdrawn and its caller gets
+`ComputeTimeout` (a typed `timeout`). A job that *runs* longer cannot be stopped (torch has no
+safe cancellation); `hung_seconds()` reports it, the daemon's status says so, and the systemd
+watchdog stops being pinged, so that a stuck daemon is restarted instead of queueing forever.
 
 Why not `trio.to_thread.run_sync`: every decode step crosses into the thread and back, on the
 critical path of every token. Measured on the 2-vCPU VM the benchmarks run on (3 ms job, median
@@ -23,6 +32,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -32,9 +42,66 @@ import outcome
 import torch
 import trio
 
-from petals_protocol.p2p.locking import held
+from petals_protocol.errors import ErrorCode, PetalsError
 
 T = TypeVar("T")
+
+#: Job classes, in the order they get the worker.
+INFERENCE, BULK = 0, 1
+
+
+class ComputeTimeout(PetalsError):
+    """A job waited past `step_timeout` for its turn (the worker is overloaded or stuck)."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class _Turns:
+    """The worker's turn: inference before bulk, peers in turn within a class (see the module
+    docstring). `busy` is True while a job holds the turn; a released turn passes straight to the
+    next waiter, so nobody waits while the turn is free."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.queued = 0
+        self._waiting: tuple[OrderedDict[str, deque[trio.Event]], ...] = (OrderedDict(), OrderedDict())
+
+    def take_if_free(self) -> bool:
+        if self.busy:
+            return False
+        self.busy = True
+        return True
+
+    async def wait(self, priority: int, peer: str) -> None:
+        """Wait for the turn (call only when `take_if_free` said no)."""
+        event = trio.Event()
+        self._waiting[priority].setdefault(peer, deque()).append(event)
+        self.queued += 1
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # granted just as we were cancelled: pass the turn on
+            else:
+                waiters = self._waiting[priority][peer]
+                waiters.remove(event)
+                self.queued -= 1
+                if not waiters:
+                    del self._waiting[priority][peer]
+            raise
+
+    def release(self) -> None:
+        for queues in self._waiting:
+            if queues:
+                peer, waiters = next(iter(queues.items()))
+                event = waiters.popleft()
+                del queues[peer]
+                if waiters:
+                    queues[peer] = waiters  # to the back of the line: the next peer goes first
+                self.queued -= 1
+                event.set()  # `busy` stays True: the turn goes to that job
+                return
+        self.busy = False
 
 
 @dataclass
@@ -70,8 +137,10 @@ class ComputeWorker:
     is finished first); `run` outside the block raises RuntimeError.
     """
 
-    def __init__(self) -> None:
-        self._turn = trio.Lock()  # fair: jobs run in arrival order
+    def __init__(self, step_timeout: float = float("inf")) -> None:
+        self._turns = _Turns()
+        self.step_timeout = step_timeout  # longest wait for a turn; a longer run counts as hung
+        self._running_since: float | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._done_r = self._done_w = -1  # the thread writes one byte per finished job
@@ -79,12 +148,20 @@ class ComputeWorker:
 
     @property
     def queued(self) -> int:
-        return self._turn.statistics().tasks_waiting
+        return self._turns.queued
 
     @property
     def busy(self) -> bool:
         """A job is running (or handing over to the next one)."""
-        return self._turn.locked()
+        return self._turns.busy
+
+    def hung_seconds(self) -> float | None:
+        """How long the running job has run, if that is past `step_timeout`; else None."""
+        since = self._running_since
+        if since is None:
+            return None
+        running = time.monotonic() - since
+        return running if running > self.step_timeout else None
 
     async def __aenter__(self) -> ComputeWorker:
         if self._thread is not None:
@@ -110,35 +187,47 @@ class ComputeWorker:
             job()
             os.write(self._done_w, b"\0")
 
-    async def run(self, fn: Callable[..., T], *args: object, tokens: int = 0) -> T:
-        """Run `fn(*args)` under `torch.inference_mode` on the compute thread and return its result."""
+    async def run(self, fn: Callable[..., T], *args: object, tokens: int = 0, priority: int = INFERENCE,
+                  peer: str = "") -> T:
+        """Run `fn(*args)` under `torch.inference_mode` on the compute thread and return its result.
+        `priority` and `peer` decide its turn (module docstring)."""
 
         def job() -> T:
             with torch.inference_mode():
                 return fn(*args)
 
-        result = await self._submit(job)
+        result = await self._submit(job, priority, peer)
         self.stats.tokens += tokens
         return result
 
-    async def run_with_grad(self, fn: Callable[..., T], *args: object) -> T:
+    async def run_with_grad(self, fn: Callable[..., T], *args: object, priority: int = BULK, peer: str = "") -> T:
         """Like `run` but with autograd enabled (backward through the span for fine-tuning)."""
 
         def job() -> T:
             with torch.enable_grad():
                 return fn(*args)
 
-        return await self._submit(job)
+        return await self._submit(job, priority, peer)
 
-    async def _submit(self, fn: Callable[[], T]) -> T:
+    async def _submit(self, fn: Callable[[], T], priority: int = INFERENCE, peer: str = "") -> T:
         if self._thread is None:
             raise RuntimeError("ComputeWorker is not running: use `async with ComputeWorker() as worker:`")
         job = _Job(fn)
-        async with held(self._turn):
+        if not self._turns.take_if_free():
+            with trio.move_on_after(self.step_timeout) as waited:
+                await self._turns.wait(priority, peer)
+            if waited.cancelled_caught:
+                raise ComputeTimeout(f"no compute turn within step_timeout ({self.step_timeout:g} s): "
+                                     f"{self._turns.queued} jobs queued here; try another daemon")
+        try:
+            self._running_since = time.monotonic()
             self._jobs.put(job)
             with trio.CancelScope(shield=True):  # the job has started: wait for it, whatever happens
                 await trio.lowlevel.wait_readable(self._done_r)
                 os.read(self._done_r, 1)
+        finally:
+            self._running_since = None
+            self._turns.release()
         self.stats.jobs += 1
         self.stats.busy_seconds += job.seconds
         assert job.result is not None

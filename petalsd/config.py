@@ -380,6 +380,38 @@ class DaemonConfig:
     rebalance_period: float = _opt(
         120.0, _positive_seconds, "Seconds between checks whether to move to other blocks.",
         flag_type=float)
+    # -- resource limits against hostile peers (petalsd/limits.py gathers them; /v1/status shows them)
+    max_sessions_per_peer: int = _opt(
+        16, _positive_int, "Most inference sessions one peer may hold at once (the rest of "
+        "max_sessions stays open to others); more are refused with busy.", flag_type=int, reload=True)
+    max_streams_per_peer: int = _opt(
+        64, _positive_int, "Most protocol streams one peer may have open here at once; more are "
+        "refused with busy.", flag_type=int, reload=True)
+    max_jobs_per_peer: int = _opt(
+        16, _positive_int, "Most compute jobs (steps, forward, backward) of one peer queued or "
+        "running at once; more are refused with busy.", flag_type=int, reload=True)
+    peer_request_rate: float = _opt(
+        100.0, _positive_seconds, "Requests per second one peer may make on average (new streams, "
+        "session opens, forward and backward requests; decode steps are bounded by sessions "
+        "instead); more are refused with busy.", flag_type=float, reload=True)
+    peer_request_burst: int = _opt(
+        200, _positive_int, "Requests one peer may make at once above peer_request_rate.",
+        flag_type=int, reload=True)
+    max_buffered_per_peer: int = _opt(
+        256 * 2**20, _positive_size, "Bytes of unread frames one peer may make this daemon hold "
+        "across its streams; a stream that would go past it is reset.", reload=True)
+    max_buffered_total: int = _opt(
+        2**30, _positive_size, "Bytes of unread frames all peers together may make this daemon "
+        "hold; a stream that would go past it is reset.", reload=True)
+    peer_strikes: int = _opt(
+        20, _positive_int, "Streams a peer may have end in a protocol error or a limit refusal per "
+        "minute; past it the peer is cut off for peer_ban_seconds.", flag_type=int, reload=True)
+    peer_ban_seconds: float = _opt(
+        60.0, _positive_seconds, "Seconds a peer that used up its strikes is cut off (its connections "
+        "closed on arrival).", flag_type=float, reload=True)
+    max_push_targets_per_session: int = _opt(
+        4, _positive_int, "Most distinct next daemons one session may have its steps pushed to "
+        "(a client replacing a failed hop needs a few).", flag_type=int, reload=True)
 
     def span(self) -> tuple[int, int] | None:
         """`blocks` as (start, end), or None when the daemon chooses its span."""
@@ -624,7 +656,8 @@ def reloaded(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
 def _toml_value(value: object, key: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int) and key in ("cache_budget", "max_frame_size", "max_disk_space"):
+    if isinstance(value, int) and key in ("cache_budget", "max_frame_size", "max_disk_space", "max_buffered_per_peer",
+                                          "max_buffered_total"):
         return json.dumps(format_size(value))
     if isinstance(value, (int, float)):
         return repr(value)

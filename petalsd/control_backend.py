@@ -42,7 +42,11 @@ class DaemonControl:
             "cache_tokens_free": ctx.cache_tokens_free(),
             "throughput": ctx.throughput,
             "load": {"compute_utilisation": round(ctx.worker.stats.utilisation(), 4),
-                     "queued_jobs": ctx.worker.queued},
+                     "queued_jobs": ctx.worker.queued,
+                     "hung_seconds": ctx.worker.hung_seconds()},
+            "limits": ctx.gate.limits.describe(),
+            "peer_use": {**ctx.gate.describe(), "buffered_bytes": ctx.buffers.used,
+                         "buffer_refusals": ctx.buffers.refused},
         }
 
     async def sessions(self) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import trio
 
-from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
+from petals_protocol.errors import ErrorCode, FrameTooLarge, PetalsError, ProtocolError
 from petals_protocol.ids import (
     BACKWARD_PROTOCOL,
     FORWARD_PROTOCOL,
@@ -47,17 +47,21 @@ from petals_protocol.p2p.identity import (
     ed25519_private_key,
     peer_id as peer_id_of,
 )
-from petals_protocol.p2p.dht import find_model_records, start_dht
+from petals_protocol.p2p import compat
+from petals_protocol.p2p.budget import ByteBudget
+from petals_protocol.p2p.dht import find_model_records, find_server_record, start_dht
 from petals_protocol.p2p.streams import StreamClosed, open_framed
 from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_from_text
 
 from . import config as config_mod
 from .announce import Announcer
+from .banning import Banning
 from .batching import Batcher, BatchingConfig
 from .compute import ComputeWorker
 from .config import DaemonConfig
 from .idle import IdleConnections
+from .limits import LimitExceeded, PeerGate, ResourceLimits
 from .forwarding import Forwarder
 from .handlers import Limits, ServingContext, serve_inference, serve_info, serve_stateless
 from .notify import Notifier
@@ -67,6 +71,11 @@ from .sessions import CacheBudget, SessionTable
 log = logging.getLogger("petalsd")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Seconds between lookups of the swarm's records for the forwarder (a daemon not yet seen is
+#: looked up on its first push anyway).
+MEMBERS_PERIOD = 15.0
+#: Room in a frame for everything but its tensors (ids, fields, a push list, hypo_ids).
+MESSAGE_OVERHEAD = 64 * 1024
 
 
 class StartupError(PetalsError):
@@ -150,6 +159,7 @@ class Daemon:
     addrs: list[str] | None = None
     announcer: Announcer | None = None
     serving_shards: set[str] = field(default_factory=set)  # the shards of the loaded span (disk eviction)
+    banning: Banning | None = None
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
 
@@ -160,17 +170,44 @@ class Daemon:
         self.peer_id_bytes = peer_id_from_text(self.peer_id)
 
     # ------------------------------------------------------------------ stream handlers
-    def _handler(self, serve: Callable[[ServingContext, Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-        max_frame = self.config.max_frame_size
+    def _handler(self, serve: Callable[[ServingContext, Any], Awaitable[None]],
+                 large: frozenset[str] = frozenset(), tensors: int = 1) -> Callable[[Any], Awaitable[None]]:
+        """A stream handler for `serve`. Frames are checked before their bodies are buffered: none
+        may exceed what the largest valid message of this protocol needs (`tensors` hidden-state
+        tensors of the largest batch and length allowed, or none), and a frame over 64 KiB must
+        be one of the `large` message tags. Every byte buffered is charged to the peer's share."""
+
+        def admit(length: int, tag: str | None) -> None:
+            if tag not in large:
+                raise FrameTooLarge(f"a {length}-byte frame of {'type ' + repr(tag) if tag else 'no known type'}: "
+                                    f"only {', '.join(sorted(large)) or 'no message'} may be that large here")
 
         async def handle(stream: Any) -> None:
             # libp2p runs handlers inside its connection's service: an exception escaping here would
             # take down the whole daemon. So nothing escapes but cancellation; every outcome is logged.
+            ctx = self.ctx
+            assert ctx is not None
+            limits = ctx.limits
+            tensor_bytes = limits.max_batch_size * limits.max_length * ctx.span.hidden_size * ctx.span.dtype.itemsize
+            max_frame = min(self.config.max_frame_size, tensors * tensor_bytes + MESSAGE_OVERHEAD)
             try:
                 # Requests and replies alternate on our protocols, so a peer never needs more than a
                 # couple of frames queued: this bounds what one stream can make us hold to 3 frames.
-                async with open_framed(stream, max_frame_size=max_frame, max_buffered_frames=2) as channel:
-                    await self._serve_channel(serve, channel)
+                async with open_framed(stream, max_frame_size=max_frame, max_buffered_frames=2,
+                                       budget=ctx.buffers, admit=admit) as channel:
+                    peer = channel.peer_id or "?"
+                    if ctx.gate.banned(peer):  # cut off: not a word, and its connection goes too
+                        self._cut(peer)
+                        await channel.reset()
+                        return
+                    try:
+                        with ctx.gate.stream(peer):
+                            await self._serve_channel(serve, channel)
+                    except LimitExceeded as exc:  # a per-peer limit: say so (busy), then hang up
+                        log.info("refused stream peer=%s: %s", channel.peer_id, exc)
+                        self._strike(peer)
+                        await self._try_send(channel, ErrorReply(code=exc.code, message=str(exc)[:1000],
+                                                                 session_id=None, request_id=None))
             except Exception as exc:  # noqa: BLE001 - closing a dead stream; groups from the pump
                 log.debug("stream ended with %r", exc)
 
@@ -183,12 +220,25 @@ class Daemon:
             return  # the peer went away; its session (if any) was released by the handler
         except ProtocolError as exc:  # the peer sent bytes we cannot parse: say so, then hang up
             log.info("bad input peer=%s: %s", channel.peer_id, exc)
+            self._strike(channel.peer_id or "?")
             await self._try_send(channel, ErrorReply(code=exc.code, message=str(exc)[:1000],
                                                      session_id=None, request_id=None))
         except Exception:  # a bug of ours: the client gets "internal", everyone else keeps being served
             log.exception("internal error serving peer=%s", channel.peer_id)
             await self._try_send(channel, ErrorReply(code=ErrorCode.INTERNAL, message="internal error in the daemon",
                                                      session_id=None, request_id=None))
+
+    def _strike(self, peer: str) -> None:
+        """One more protocol error or refusal of `peer`; past its strikes it is cut off."""
+        assert self.ctx is not None
+        if self.ctx.gate.strike(peer):
+            log.warning("peer=%s cut off for %.0f s: more than %d protocol errors or refusals a minute", peer,
+                        self.ctx.gate.limits.peer_ban_seconds, self.ctx.gate.limits.peer_strikes)
+            self._cut(peer)
+
+    def _cut(self, peer: str) -> None:
+        if self.banning is not None:
+            self.banning.cut(peer)
 
     @staticmethod
     async def _try_send(channel: Any, msg: ErrorReply) -> None:
@@ -199,9 +249,16 @@ class Daemon:
                 pass  # the stream is already gone
 
     # ------------------------------------------------------------------ lifecycle
+    def _compute_healthy(self) -> bool:
+        """False while a compute job runs past step_timeout (the watchdog then stops pinging)."""
+        return self.ctx is None or self.ctx.worker.hung_seconds() is None
+
     def status_line(self) -> str:
         if self.ctx is None:
             return "starting"
+        hung = self.ctx.worker.hung_seconds()
+        if hung is not None:
+            return f"compute job running for {hung:.0f} s, past step_timeout: hung"
         return (f"serving blocks {self.ctx.span.start}:{self.ctx.span.end}, "
                 f"{len(self.ctx.sessions)} sessions, state {self.ctx.state}")
 
@@ -266,7 +323,10 @@ class Daemon:
         self.ctx.limits.session_idle_timeout = c.session_idle_timeout
         self.ctx.limits.step_timeout = c.step_timeout
         self.ctx.sessions.max_sessions = c.max_sessions
-        self.ctx.sessions.budget.total = c.cache_budget
+        self.ctx.sessions.max_per_peer = c.max_sessions_per_peer
+        self.ctx.sessions.budget.total = c.cache_budget  # may go below what is held: budget.free says 0
+        self.ctx.gate.limits = ResourceLimits.from_config(c)
+        self.ctx.buffers.per_peer, self.ctx.buffers.total = c.max_buffered_per_peer, c.max_buffered_total
         self.ctx.public_name = c.public_name
         logging.getLogger().setLevel(c.log_level.upper())
 
@@ -346,6 +406,14 @@ class Daemon:
             ctx.batcher = Batcher(ctx.worker, span, BatchingConfig(enabled=self.config.batching))
             announcer.request_announce()
 
+    async def _learn_members(self, dht: Any) -> None:
+        """Keep the forwarder's view of the swarm fresh (who may be pushed to, at which addresses)."""
+        while True:
+            assert self.ctx is not None and self.ctx.forwarder is not None
+            with trio.move_on_after(MEMBERS_PERIOD):
+                self.ctx.forwarder.learn(await find_model_records(dht, self.fingerprint))
+            await trio.sleep(MEMBERS_PERIOD)
+
     # ------------------------------------------------------------------ serving
     def load(self, start: int, end: int) -> tuple[Span, float]:
         """Load blocks [start, end) and measure their throughput (blocking: run in a thread)."""
@@ -382,8 +450,10 @@ class Daemon:
         c = self.config
         return ServingContext(
             span=span, fingerprint=self.fingerprint, model_name=Path(c.model).name, peer_id=self.peer_id,
-            signer=self.signer, sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget)),
-            worker=worker,
+            signer=self.signer,
+            sessions=SessionTable(c.max_sessions, CacheBudget(c.cache_budget), c.max_sessions_per_peer),
+            worker=worker, gate=PeerGate(ResourceLimits.from_config(c)),
+            buffers=ByteBudget(per_peer=c.max_buffered_per_peer, total=c.max_buffered_total),
             limits=Limits(max_length=c.max_length, max_batch_size=c.max_batch_size,
                           session_idle_timeout=c.session_idle_timeout, step_timeout=c.step_timeout),
             public_name=c.public_name, version=__version__, state="joining", throughput=throughput,
@@ -414,21 +484,27 @@ class Daemon:
         self._stop = trio.Event()
         psk = load_swarm_key(self.config.swarm_key) if self.config.swarm_key else None
         self.host = make_host(self.key_pair, psk=psk)
-        async with running_host(self.host, self.config.listen) as host, ComputeWorker() as worker, \
+        async with running_host(self.host, self.config.listen) as host, \
+                ComputeWorker(step_timeout=self.config.step_timeout) as worker, \
                 trio.open_nursery() as nursery:
             self._nursery = nursery
             self.addrs = listen_multiaddrs(host)
             nursery.start_soon(self._signals)
+            log.info("transport peer=%s %s", self.peer_id, compat.describe())
             dht = await start_dht(host, nursery, server=True,
                                   bootstrap=[] if self.config.new_swarm else self.config.initial_peers)
             blocks = self.blocks or await self._place(dht)
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
             self.ctx = self._context(span, throughput, worker)
-            self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size)
-            host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info))
-            host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference))
-            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless))
-            host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless))
+            self.ctx.forwarder = Forwarder(host, nursery, max_frame_size=self.config.max_frame_size,
+                                           members=functools.partial(find_server_record, dht, self.fingerprint,
+                                                             local_first=True))
+            self.banning = Banning(host, self.ctx.gate)
+            await nursery.start(self.banning.run)
+            host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info, tensors=0))
+            host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference, frozenset({"step"})))
+            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd"})))
+            host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"bwd"}), tensors=2))
             # Push links carry steps without new streams: they count as activity like sessions do.
             await nursery.start(IdleConnections(host,
                                                 sessions=lambda: [*self.ctx.sessions, *self.ctx.link_activity()],
@@ -441,10 +517,11 @@ class Daemon:
             nursery.start_soon(self.announcer.run)
             if self.blocks is None:
                 nursery.start_soon(self._rebalance, dht, self.announcer)
+            nursery.start_soon(self._learn_members, dht)
             log.info("ready peer=%s blocks=%d:%d addrs=%s control=%s", self.peer_id, span.start, span.end,
                      " ".join(self.addrs), control or "off")
             self.notifier.ready()
-            nursery.start_soon(self.notifier.run_watchdog)
+            nursery.start_soon(functools.partial(self.notifier.run_watchdog, healthy=self._compute_healthy))
             nursery.start_soon(self._status_updates)
             await self._stop.wait()
             self.notifier.stopping()

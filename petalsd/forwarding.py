@@ -24,12 +24,22 @@ own stream with that hop, notices the missing result and falls back to driving t
 (client/session.py). Nothing here retries: retrying would only duplicate what the client does
 with better knowledge (it also chooses replacements).
 
+Who is dialled: only a daemon that the DHT says is a member of this model's swarm, online and
+serving the block the push starts at, at the addresses of its own signed record. A client names
+the next hop (peer id and address) in every step; dialling what it names would let anyone make
+a daemon connect anywhere (private ranges, arbitrary ports). So the address a client gives is
+never dialled: the first push to a peer looks its record up (one DHT get, while the push waits in
+the link's queue as during a dial), a peer without a fitting record is refused (and not looked up
+again for `NON_MEMBER_TTL` seconds), and each later push checks the link's record in O(1).
+
 Bounds: at most `queue_size` messages wait per peer (a session has at most one step in flight,
 so this is about concurrent sessions); each is at most one frame of `max_frame_size`.
 """
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +52,7 @@ from petals_protocol.ids import INFERENCE_PROTOCOL
 from petals_protocol.messages import ErrorReply, InferenceStep, PushTarget
 from petals_protocol.p2p.host import connect, parse_peer_multiaddr
 from petals_protocol.p2p.streams import FramedStream, open_stream
+from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_to_text
 
 log = logging.getLogger("petalsd.forwarding")
@@ -60,10 +71,22 @@ ADDR_CACHE_SIZE = 1024
 PUSH_COALESCE_MAX = 64
 #: One push write (a decode step's frame takes microseconds; a 2 MB prefill frame a few ms).
 PUSH_WRITE_TIMEOUT = 1.0
+#: A push target without a fitting swarm record is refused for this long without a new lookup.
+NON_MEMBER_TTL = 30.0
+
+#: `members(peer)`: that daemon's current record in this model's swarm (a DHT lookup), or None.
+Membership = Callable[[str], Awaitable[ServerRecord | None]]
+
+
+def serves(record: ServerRecord, block: int) -> bool:
+    """Whether a record says its daemon is up and serves `block` now."""
+    return record.state == "online" and record.start_block <= block < record.end_block \
+        and record.expires_at > time.time()
 
 
 class PushRefused(PetalsError):
-    """A push target this daemon will not forward to (address and peer id disagree)."""
+    """A push target this daemon will not forward to (not a swarm member serving the next block,
+    or its address and peer id disagree)."""
 
 
 @dataclass
@@ -90,6 +113,7 @@ class _Link:
     writes: int = 0  # writes under way on the stream (pushes arriving meanwhile queue up)
     last_push: float = field(default_factory=trio.current_time)
     broken: bool = False  # a write failed or was cut: reset the stream instead of closing it
+    record: ServerRecord | None = None  # the peer's swarm record, once looked up (before dialling)
 
 
 @dataclass
@@ -99,10 +123,13 @@ class Forwarder:
     host: Any  # libp2p IHost
     nursery: trio.Nursery
     max_frame_size: int
+    members: Membership  # who may be dialled (see the module docstring)
     idle_timeout: float = LINK_IDLE_TIMEOUT
     queue_size: int = LINK_QUEUE_SIZE
     _links: dict[str, _Link] = field(default_factory=dict)
-    _addr_peers: dict[str, str] = field(default_factory=dict)  # push address -> the peer it dials
+    _addr_peers: dict[str, str] = field(default_factory=dict)  # push address -> the peer it names
+    _non_members: dict[str, float] = field(default_factory=dict)  # refused peer -> until when
+    _known: dict[str, ServerRecord] = field(default_factory=dict)  # swarm records learnt in the background
     pushes_sent: int = 0  # steps written to next daemons
     push_writes: int = 0  # stream writes that carried them (fewer when a batch's pushes coalesce)
 
@@ -118,7 +145,12 @@ class Forwarder:
         dialled = self._peer_of_addr(target.addr)
         if dialled != peer:
             raise PushRefused(f"push address {target.addr[:80]!r} names peer {dialled}, not {peer}")
-        link = self._links.get(peer) or self._open_link(peer, target.addr)
+        if self._non_members.get(peer, 0.0) > trio.current_time():
+            raise PushRefused(f"push target {peer} is not a swarm member serving block {target.start_block}")
+        link = self._links.get(peer) or self._open_link(peer, target.start_block)
+        if link.record is not None and not serves(link.record, target.start_block):
+            raise PushRefused(f"push target {peer} does not serve block {target.start_block} (its record: "
+                              f"blocks {link.record.start_block}:{link.record.end_block}, {link.record.state})")
         link.last_push = trio.current_time()
         if link.stream is None or link.writes or link.queue.statistics().current_buffer_used:
             # A write is under way (the steps of a batch finish together): queue behind it, and
@@ -165,12 +197,47 @@ class Forwarder:
             push.written.set()
         return push.written
 
-    def _open_link(self, peer: str, addr: str) -> _Link:
+    def _open_link(self, peer: str, block: int) -> _Link:
         send, receive = trio.open_memory_channel[_Push](self.queue_size)
         link = _Link(peer=peer, queue=send, activity=LinkActivity(peer))
         self._links[peer] = link
-        self.nursery.start_soon(self._run_link, link, addr, receive)
+        self.nursery.start_soon(self._run_link, link, block, receive)
         return link
+
+    def learn(self, records: list[ServerRecord]) -> None:
+        """The swarm's records, from a periodic lookup: a first push to a daemon among them needs
+        no lookup of its own (a replacement hop's first pushed step is on a client's clock)."""
+        self._known = {peer_id_to_text(r.peer_id): r for r in records[:ADDR_CACHE_SIZE]}
+
+    async def _member_record(self, peer: str, block: int) -> ServerRecord:
+        """The peer's swarm record if it serves `block`; else PushRefused (remembered a while)."""
+        known = self._known.get(peer)
+        if known is not None and serves(known, block):
+            return known
+        try:
+            record = await self.members(peer)
+        except PetalsError as exc:
+            log.info("push target peer=%s: record lookup failed: %s", peer, exc)
+            record = None
+        if record is None or not serves(record, block):
+            if len(self._non_members) >= ADDR_CACHE_SIZE:
+                self._non_members.clear()
+            self._non_members[peer] = trio.current_time() + NON_MEMBER_TTL
+            what = "no swarm record" if record is None else \
+                f"blocks {record.start_block}:{record.end_block}, {record.state}"
+            raise PushRefused(f"push target {peer} is not a swarm member serving block {block} ({what})")
+        return record
+
+    async def _dial(self, record: ServerRecord, peer: str) -> Any:
+        """Connect to the peer at the addresses of its own record (never at a client's)."""
+        failure: BaseException | None = None
+        for addr in record.addrs:
+            try:
+                return await connect(self.host, addr if "/p2p/" in addr else f"{addr}/p2p/{peer}")
+            except (PetalsError, OSError) as exc:
+                failure = exc
+        raise PushRefused(f"push target {peer}: none of its {len(record.addrs)} announced addresses answered "
+                          f"({failure})")
 
     def _forget(self, link: _Link) -> None:
         """Take the link out of the pool and end its task (idempotent)."""
@@ -179,14 +246,15 @@ class Forwarder:
         link.queue.close()
         link.scope.cancel()
 
-    async def _run_link(self, link: _Link, addr: str, queue: trio.MemoryReceiveChannel[_Push]) -> None:
+    async def _run_link(self, link: _Link, block: int, queue: trio.MemoryReceiveChannel[_Push]) -> None:
         """The link's task: open the stream, then write what is queued until the link is idle or
         broken, and close it. Never raises (it runs in the daemon's nursery): every ending is logged."""
         stream: FramedStream | None = None
         try:
             with link.scope:
                 with trio.fail_after(LINK_OPEN_TIMEOUT):
-                    peer_id = await connect(self.host, addr)
+                    link.record = await self._member_record(link.peer, block)
+                    peer_id = await self._dial(link.record, link.peer)
                     stream = await open_stream(self.host, ID.from_base58(str(peer_id)), INFERENCE_PROTOCOL,
                                                nursery=self.nursery, max_frame_size=self.max_frame_size)
                 log.info("push link open peer=%s", link.peer)

@@ -61,12 +61,14 @@ from petals_protocol.signing import (
 )
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
+from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
 from petals_protocol.p2p.streams import StreamClosed
 
 from .batching import Batcher, run_single_step
-from .compute import ComputeWorker
+from .compute import BULK, ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
+from .limits import PeerGate
 from .sessions import Session, SessionRefused, SessionTable
 
 log = logging.getLogger("petalsd.handlers")
@@ -102,6 +104,8 @@ class ServingContext:
     sessions: SessionTable
     worker: ComputeWorker
     limits: Limits
+    gate: PeerGate  # per-peer streams, compute jobs and request rate (petalsd/limits.py)
+    buffers: ByteBudget  # bytes of unread frames, per peer and in all (charged by every stream's pump)
     public_name: str = ""
     version: str = ""
     state: str = "online"
@@ -140,6 +144,7 @@ class ServingContext:
             max_batch_size=self.limits.max_batch_size, max_sessions=self.sessions.max_sessions,
             active_sessions=len(self.sessions), cache_tokens_free=self.cache_tokens_free(),
             throughput=self.throughput, public_name=self.public_name,
+            max_sessions_per_peer=self.sessions.max_per_peer or None,
         )
 
 
@@ -151,6 +156,7 @@ class _Owned:
     session: Session
     channel: Channel
     lock: trio.Lock = field(default_factory=trio.Lock)
+    push_targets: set[bytes] = field(default_factory=set)  # next daemons its steps were pushed to
 
 
 def _refuse(code: ErrorCode, message: str) -> SessionRefused:
@@ -207,17 +213,18 @@ async def serve_info(ctx: ServingContext, channel: Channel) -> None:
 # ------------------------------------------------------------------------------------- inference
 
 async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
+    ctx.gate.request(peer)
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
     if msg.max_length < 1 or msg.max_length > ctx.limits.max_length:
         raise _refuse(ErrorCode.TOO_LONG, f"max_length {msg.max_length} is outside 1..{ctx.limits.max_length}")
     if msg.batch_size < 1 or msg.batch_size > ctx.limits.max_batch_size:
         raise _refuse(ErrorCode.BAD_REQUEST, f"batch_size {msg.batch_size} is outside 1..{ctx.limits.max_batch_size}")
     nbytes = ctx.span.cache_bytes_per_token(msg.batch_size, msg.start_block, msg.end_block) * msg.max_length
-    ctx.sessions.reserve(msg.session_id, nbytes)
+    ctx.sessions.reserve(msg.session_id, nbytes, peer)  # claims the id too, before the await below
     try:
         cache = await ctx.worker.run(ctx.span.new_cache, msg.batch_size, msg.max_length, msg.start_block, msg.end_block)
     except BaseException:
-        ctx.sessions.budget.release(nbytes)
+        ctx.sessions.abandon(msg.session_id)
         raise
     session = Session(session_id=msg.session_id, peer=peer, start=msg.start_block, end=msg.end_block,
                       max_length=msg.max_length, batch_size=msg.batch_size, cache=cache, reserved_bytes=nbytes)
@@ -261,14 +268,15 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
         if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,) or \
                 bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
-    if ctx.batcher is not None and ctx.batcher.config.enabled:
-        # Concurrent sessions' decode steps may share one batched forward (petalsd/batching.py).
-        out = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
-                                     position=msg.position, hypo_ids=hypo_ids)
-        payload = from_torch(out)
-    else:
-        payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
-                                       tokens=hidden.shape[0] * hidden.shape[1])
+    with ctx.gate.job(session.peer):
+        if ctx.batcher is not None and ctx.batcher.config.enabled:
+            # Concurrent sessions' decode steps may share one batched forward (petalsd/batching.py).
+            out = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
+                                         position=msg.position, hypo_ids=hypo_ids)
+            payload = from_torch(out)
+        else:
+            payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
+                                           tokens=hidden.shape[0] * hidden.shape[1], peer=session.peer)
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
@@ -277,13 +285,20 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     return payload
 
 
-async def _forward_output(ctx: ServingContext, msg: InferenceStep, output: TensorPayload) -> None:
+async def _forward_output(ctx: ServingContext, owned: _Owned, msg: InferenceStep, output: TensorPayload) -> None:
     """Send the step on to the next daemon named in `msg.push` (best effort, bounded in time)."""
     assert msg.push is not None
     if ctx.forwarder is None:
         log.warning("step of session %s asks to push, but forwarding is off here", msg.session_id.hex()[:12])
         return
     target, rest = msg.push[0], msg.push[1:]
+    if target.peer_id not in owned.push_targets:
+        cap = ctx.gate.limits.max_push_targets_per_session
+        if len(owned.push_targets) >= cap:
+            log.info("push of session %s not forwarded: it already pushed to %d daemons, the most allowed",
+                     msg.session_id.hex()[:12], cap)
+            return
+        owned.push_targets.add(target.peer_id)
     onward = InferenceStep(session_id=target.session_id, step=target.step, position=msg.position,
                            hidden=output, hypo_ids=msg.hypo_ids, push=rest or None)
     try:  # returns once the push is written: the client is answered after (the critical path first)
@@ -307,8 +322,17 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
             log.info("step refused peer=%s session=%s: %s", via or owned.channel.peer_id, sid, exc)
             await owned.channel.send(_error_reply(exc, session_id=msg.session_id))
             return
+        except Exception as exc:  # torch failed (out of memory, a kernel error): this step alone fails,
+            # its cache cut back to the last whole step (batching.restore_cache); the session goes on
+            ctx.stats["errors"] += 1
+            log.warning("step failed peer=%s session=%s: %s: %s", via or owned.channel.peer_id, sid,
+                        type(exc).__name__, exc)
+            await owned.channel.send(ErrorReply(code=ErrorCode.INTERNAL, message=f"the step failed in the daemon "
+                                                f"({type(exc).__name__}: {exc})"[:1000],
+                                                session_id=msg.session_id, request_id=None))
+            return
         if msg.push is not None:
-            await _forward_output(ctx, msg, output)
+            await _forward_output(ctx, owned, msg, output)
         await owned.channel.send(_signed_result(ctx, owned.session, msg, output))
 
 
@@ -357,7 +381,7 @@ async def _receive_step(channel: Channel, session: Session, idle_timeout: float)
 
 async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSession) -> None:
     try:
-        session = await _open(ctx, first, channel.peer_id)
+        session = await _open(ctx, first, channel.peer_id or "?")
     except PetalsError as exc:
         log.info("refused session peer=%s session=%s: %s", channel.peer_id, first.session_id.hex()[:12], exc)
         await channel.send(_error_reply(exc, session_id=first.session_id))
@@ -421,8 +445,9 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
     async def run(owned: _Owned, msg: InferenceStep) -> None:
         try:
             await _run_owned_step(ctx, owned, msg, peer)
-        except StreamClosed as exc:  # the client's stream is gone; its handler closes the session
-            log.info("push result for session %s undeliverable: %s", msg.session_id.hex()[:12], exc)
+        except PetalsError as exc:  # e.g. the client's stream is gone (its handler closes the session), or
+            # a per-peer limit of the client: this step fails alone, never the other sessions' steps
+            log.info("pushed step of session %s failed: %s", msg.session_id.hex()[:12], exc)
         finally:
             in_flight.release_on_behalf_of(msg)
 
@@ -460,24 +485,27 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
 
 # --------------------------------------------------------------------------- forward / backward
 
-async def _forward(ctx: ServingContext, msg: ForwardRequest) -> ForwardResponse:
+async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> ForwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
     hidden = _hidden(ctx, msg.hidden, None, "hidden states")
-    out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block,
-                               tokens=hidden.shape[0] * hidden.shape[1])
+    with ctx.gate.job(peer):
+        out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block,
+                                   tokens=hidden.shape[0] * hidden.shape[1], priority=BULK, peer=peer)
     payload = from_torch(out)
     binding = forward_binding(msg, payload)
     ctx.stats["forward"] += 1
     return ForwardResponse(request_id=msg.request_id, hidden=payload, signature=sign_response(ctx.signer, binding))
 
 
-async def _backward(ctx: ServingContext, msg: BackwardRequest) -> BackwardResponse:
+async def _backward(ctx: ServingContext, msg: BackwardRequest, peer: str) -> BackwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
     hidden = _hidden(ctx, msg.hidden, None, "hidden states")
     grad_output = _hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output")
     if grad_output.shape != hidden.shape:
         raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
-    grad = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block, msg.end_block)
+    with ctx.gate.job(peer):
+        grad = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block, msg.end_block,
+                                              peer=peer)
     payload = from_torch(grad)
     binding = backward_binding(msg, payload)
     ctx.stats["backward"] += 1
@@ -492,11 +520,14 @@ async def serve_stateless(ctx: ServingContext, channel: Channel) -> None:
         if msg is None:
             return
         request_id = getattr(msg, "request_id", None)
+        peer = channel.peer_id or "?"
         try:
             if isinstance(msg, ForwardRequest):
-                reply: object = await _forward(ctx, msg)
+                ctx.gate.request(peer)
+                reply: object = await _forward(ctx, msg, peer)
             elif isinstance(msg, BackwardRequest):
-                reply = await _backward(ctx, msg)
+                ctx.gate.request(peer)
+                reply = await _backward(ctx, msg, peer)
             else:
                 raise _refuse(ErrorCode.BAD_REQUEST, f"{type(msg).__name__} is not valid on this protocol")
         except PetalsError as exc:

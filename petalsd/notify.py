@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -101,15 +101,20 @@ class Notifier:
             return None
         return self.watchdog_usec / 2 / 1e6
 
-    async def run_watchdog(self) -> None:
+    async def run_watchdog(self, healthy: Callable[[], bool] = lambda: True) -> None:
         """Ping at `watchdog_interval()` until cancelled; return at once when there is no
         watchdog. Pinging from the event loop is the point: if the loop hangs (a blocking call
-        on the trio thread), pings stop and systemd restarts the daemon."""
+        on the trio thread), pings stop and systemd restarts the daemon. A healthy loop is not
+        enough: while `healthy()` is False (a compute job hung past step_timeout) no ping is sent
+        either."""
         interval = self.watchdog_interval()
         if interval is None:
             return
         while True:
-            self.watchdog()
+            if healthy():
+                self.watchdog()
+            else:
+                log.warning("not pinging the watchdog: a compute job runs past step_timeout")
             await trio.sleep(interval)
 
     def close(self) -> None:

@@ -33,7 +33,9 @@ class CacheBudget:
 
     @property
     def free(self) -> int:
-        return self.total - self.used
+        """Never negative: a reload may shrink `total` below what open sessions already hold
+        (they keep their reservations; new sessions wait until enough is released)."""
+        return max(0, self.total - self.used)
 
     def try_reserve(self, nbytes: int) -> bool:
         if nbytes > self.free:
@@ -78,12 +80,22 @@ class Session:
 
 
 class SessionTable:
-    """Every open session of this daemon; enforces max_sessions and the cache budget."""
+    """Every open session of this daemon; enforces max_sessions, the per-peer share of them and
+    the cache budget.
 
-    def __init__(self, max_sessions: int, budget: CacheBudget) -> None:
+    A session id is claimed by `reserve` itself, before the caller awaits anything (the cache is
+    allocated in the compute thread): two streams opening the same id at once cannot both pass,
+    and concurrent opens cannot exceed `max_sessions`. `add` turns the claim into a session;
+    `abandon` gives up a claim that never became one (its bytes return to the budget).
+    """
+
+    def __init__(self, max_sessions: int, budget: CacheBudget, max_per_peer: int = 0) -> None:
         self.max_sessions = max_sessions
+        self.max_per_peer = max_per_peer  # 0: no per-peer cap
         self.budget = budget
         self._sessions: dict[bytes, Session] = {}
+        self._pending: dict[bytes, tuple[str, int]] = {}  # claimed ids: (peer, reserved bytes)
+        self._per_peer: dict[str, int] = {}  # sessions and claims by peer
         self.accepting = True
 
     def __len__(self) -> int:
@@ -92,22 +104,45 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def reserve(self, session_id: bytes, nbytes: int) -> None:
-        """Claim a slot and `nbytes` of cache for `session_id`, or raise SessionRefused."""
+    @property
+    def claimed(self) -> int:
+        """Open sessions plus ids reserved whose caches are still being allocated."""
+        return len(self._sessions) + len(self._pending)
+
+    def of_peer(self, peer: str) -> int:
+        return self._per_peer.get(peer, 0)
+
+    def reserve(self, session_id: bytes, nbytes: int, peer: str = "") -> None:
+        """Claim `session_id`, a slot and `nbytes` of cache for `peer`, or raise SessionRefused."""
         if not self.accepting:
             raise SessionRefused(ErrorCode.DRAINING, "daemon is draining and accepts no new sessions")
-        if session_id in self._sessions:
+        if session_id in self._sessions or session_id in self._pending:
             raise SessionRefused(ErrorCode.SESSION_EXISTS, f"session {session_id.hex()} is already open")
-        if len(self._sessions) >= self.max_sessions:
+        if self.claimed >= self.max_sessions:
             raise SessionRefused(ErrorCode.BUSY, f"all {self.max_sessions} session slots are in use")
+        if self.max_per_peer and self.of_peer(peer) >= self.max_per_peer:
+            raise SessionRefused(ErrorCode.BUSY, f"this peer already holds {self.max_per_peer} sessions, "
+                                                 "the most one peer may hold here")
         if not self.budget.try_reserve(nbytes):
             raise SessionRefused(
                 ErrorCode.BUSY,
                 f"KV cache needs {nbytes} bytes but only {self.budget.free} of {self.budget.total} are free",
             )
+        self._pending[session_id] = (peer, nbytes)
+        self._per_peer[peer] = self.of_peer(peer) + 1
 
     def add(self, session: Session) -> None:
+        """Open a session whose id `reserve` claimed."""
+        claim = self._pending.pop(session.session_id)
+        assert claim == (session.peer, session.reserved_bytes), "add() must follow reserve() for the same session"
         self._sessions[session.session_id] = session
+
+    def abandon(self, session_id: bytes) -> None:
+        """Give up a claim whose session never opened (allocation failed or was cancelled)."""
+        claim = self._pending.pop(session_id, None)
+        if claim is not None:
+            self.budget.release(claim[1])
+            self._uncount(claim[0])
 
     def get(self, session_id: bytes) -> Session:
         try:
@@ -119,4 +154,12 @@ class SessionTable:
         session = self._sessions.pop(session_id, None)
         if session is not None:
             self.budget.release(session.reserved_bytes)
+            self._uncount(session.peer)
             session.cache = None  # drop the tensors now, not when the handler's frame goes away
+
+    def _uncount(self, peer: str) -> None:
+        left = self.of_peer(peer) - 1
+        if left > 0:
+            self._per_peer[peer] = left
+        else:
+            self._per_peer.pop(peer, None)

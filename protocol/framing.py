@@ -96,6 +96,16 @@ class FrameDecoder:
         self._maybe_compact()
         return payload
 
+    def pending(self, prefix: int) -> tuple[int, bytes] | None:
+        """(length, first bytes) of the next frame once its header has arrived but not all of it:
+        lets a receiver judge a large frame by its start before buffering the rest. None when no
+        header is pending."""
+        if self.buffered < FRAME_HEADER_SIZE:
+            return None
+        length = self._frame_length(self._start)
+        body = self._start + FRAME_HEADER_SIZE
+        return length, bytes(self._buf[body : body + min(prefix, length)])
+
     def _at_end(self) -> None:
         if self._eof and self.buffered:
             raise MalformedMessage(f"truncated frame: stream ended with {self.buffered} bytes of a partial frame")

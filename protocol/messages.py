@@ -330,6 +330,8 @@ class InfoResponse(_Message):
     cache_tokens_free: int = _f(_UInt())
     throughput: float = _f(_Float())
     public_name: str = _f(_NAME)
+    # Resource limits a client plans with (elided when unset, e.g. by older daemons).
+    max_sessions_per_peer: int | None = _opt(_UInt(), elidable=True)
 
     def _check(self) -> None:
         # An empty span is allowed while joining (blocks not chosen yet).
@@ -511,6 +513,25 @@ def encode_message(msg: Message) -> bytes:
     if type(msg) not in MESSAGE_TYPES:
         raise TypeError(f"not a message: {_type_name(msg)}")
     return msgpack.packb({_TAG_KEY: msg.TAG, **_fields_to_wire(msg)}, use_bin_type=True)
+
+
+#: Bytes of a payload's start that always hold its tag (map header, "t", a tag of <= 31 chars).
+TAG_PREFIX_SIZE = 40
+
+
+def peek_tag(prefix: bytes) -> str | None:
+    """The message tag a payload starts with, from its first bytes alone (`encode_message` writes
+    the tag first): lets a receiver refuse a large frame of the wrong type before buffering its
+    body. None if the prefix does not start like a message."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(prefix) + 1)
+    unpacker.feed(prefix)
+    try:
+        unpacker.read_map_header()
+        key = unpacker.unpack()
+        tag = unpacker.unpack()
+    except Exception:  # noqa: BLE001 - msgpack raises many types on garbage (or OutOfData when cut)
+        return None
+    return tag if key == _TAG_KEY and isinstance(tag, str) else None
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

@@ -66,6 +66,7 @@ from ..records import (
     select_record,
 )
 from ..signing import peer_id_from_text, peer_id_to_text
+from . import compat
 from .host import DialError, connect
 
 __all__ = [
@@ -80,6 +81,7 @@ __all__ = [
     "start_dht",
     "put_record",
     "get_fresh",
+    "find_server_record",
     "provide",
     "find_providers_fresh",
     "index_keys",
@@ -276,6 +278,7 @@ async def start_dht(
     _quiet_dht_logs()
     dht = PetalsDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, clock=clock)
     dht.server_table.attach(nursery)
+    compat.bound_value_store(dht)
     await nursery.start(_run_service, dht)
 
     addrs = list(bootstrap)
@@ -331,6 +334,9 @@ async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
     except Exception as exc:  # libp2p's InvalidRecordType for a key without a validator
         raise BadRecord(f"no validator accepts key {key[:200]!r}: {exc}") from exc
     key_bytes = key.encode("utf-8")
+    if not compat.INTERNALS:  # libp2p's own store: no per-peer acknowledgements to count
+        await compat.store_everywhere(dht, key_bytes, blob)
+        return len(await _closest_peers(dht, key_bytes))
     if dht.mode == DHTMode.SERVER:
         dht.value_store.put(key_bytes, blob)
     stored = 0
@@ -339,7 +345,7 @@ async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
         nonlocal stored
         with trio.move_on_after(RPC_TIMEOUT):
             # Unlike put_value's path, `record` pins the value we store (not a stale local one).
-            if await dht.value_store._store_at_peer(peer, key_bytes, blob, record=_signed(dht, key_bytes, blob)):
+            if await compat.store_at_peer(dht, peer, key_bytes, blob, _signed(dht, key_bytes, blob)):
                 stored += 1
 
     # Store at the closest peers we already know at once, in parallel with the network walk: the
@@ -371,11 +377,16 @@ async def get_fresh(dht: KadDHT, key: str) -> list[bytes]:
     local = dht.value_store.get(key_bytes)
     if local is not None:
         values.append(local.value)
+    if not compat.INTERNALS:
+        with trio.move_on_after(6 * RPC_TIMEOUT):
+            if (value := await compat.get_stock(dht, key_bytes)) is not None:
+                values.append(value)
+        return _valid_best_first(dht, key, values)
 
     async def fetch(peer: ID) -> None:
         with trio.move_on_after(RPC_TIMEOUT):
-            value = await dht.value_store._get_from_peer(peer, key_bytes)
-            if isinstance(value, bytes) and value:
+            value = await compat.get_from_peer(dht, peer, key_bytes)
+            if value is not None:
                 values.append(value)
 
     async with trio.open_nursery() as nursery:
@@ -411,12 +422,16 @@ async def provide(dht: KadDHT, key: bytes) -> int:
     of messages delivered to a stream, the best evidence available.
     """
     dht.provider_store.add_provider(key, PeerInfo(dht.local_peer_id, dht.host.get_addrs()))
+    if not compat.INTERNALS:
+        with trio.move_on_after(6 * RPC_TIMEOUT):
+            await compat.provide_stock(dht, key)
+        return len(await _closest_peers(dht, key))
     sent = 0
 
     async def send(peer: ID) -> None:
         nonlocal sent
         with trio.move_on_after(RPC_TIMEOUT):
-            if await dht.provider_store._send_add_provider(peer, key):
+            if await compat.send_add_provider(dht, peer, key):
                 sent += 1
 
     async with trio.open_nursery() as nursery:
@@ -428,11 +443,15 @@ async def provide(dht: KadDHT, key: bytes) -> int:
 async def find_providers_fresh(dht: KadDHT, key: bytes) -> list[PeerInfo]:
     """Providers of `key` according to the k closest peers (and the local store), one per peer."""
     found: dict[ID, PeerInfo] = {info.peer_id: info for info in dht.provider_store.get_providers(key)}
+    if not compat.INTERNALS:
+        with trio.move_on_after(6 * RPC_TIMEOUT):
+            for info in await compat.find_providers_stock(dht, key):
+                found.setdefault(info.peer_id, info)
+        return list(found.values())
 
     async def ask(peer: ID) -> None:
         with trio.move_on_after(RPC_TIMEOUT):
-            providers, _closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
-            for info in providers:
+            for info in await compat.get_providers_from_peer(dht, peer, key):
                 known = found.get(info.peer_id)
                 if known is None or (not known.addrs and info.addrs):
                     found[info.peer_id] = info
@@ -496,23 +515,38 @@ async def find_model_records(dht: PetalsDHT, fingerprint: str, *, extra_peers: I
     records: dict[bytes, ServerRecord] = {}
 
     async def fetch(peer_text: str) -> None:
-        try:
-            key = record_key(fingerprint, peer_text)
-        except (ValueError, PetalsError) as exc:
-            log.debug("skipping provider %s: %s", peer_text, exc)
-            return
-        for blob in await get_fresh(dht, key):  # valid ones, best first
-            try:
-                records[peer_id_from_text(peer_text)] = decode_record(
-                    blob, now=dht.clock(), expected_peer_id=peer_id_from_text(peer_text),
-                    expected_fingerprint=fingerprint,
-                )
-            except BadRecord as exc:  # expired between the lookup and now
-                log.debug("record of %s: %s", peer_text, exc)
-                continue
-            return
+        record = await find_server_record(dht, fingerprint, peer_text)
+        if record is not None:
+            records[record.peer_id] = record
 
     async with trio.open_nursery() as nursery:
         for peer_text in sorted(providers):
             nursery.start_soon(fetch, peer_text)
     return sorted(records.values(), key=lambda r: (r.start_block, r.end_block, peer_id_to_text(r.peer_id)))
+
+
+async def find_server_record(dht: PetalsDHT, fingerprint: str, peer_text: str, *,
+                             local_first: bool = False) -> ServerRecord | None:
+    """The newest valid record of one daemon for `fingerprint` (a network lookup), or None.
+    `local_first`: a valid copy this node stores is enough (no network round trip; in a swarm of
+    fewer than k daemons every server stores every record)."""
+    try:
+        key = record_key(fingerprint, peer_text)
+    except (ValueError, PetalsError) as exc:
+        log.debug("skipping provider %s: %s", peer_text, exc)
+        return None
+    def decoded(blob: bytes) -> ServerRecord | None:
+        try:
+            return decode_record(blob, now=dht.clock(), expected_peer_id=peer_id_from_text(peer_text),
+                                 expected_fingerprint=fingerprint)
+        except BadRecord as exc:  # expired meanwhile
+            log.debug("record of %s: %s", peer_text, exc)
+            return None
+
+    local = dht.value_store.get(key.encode("utf-8")) if local_first else None
+    if local is not None and (record := decoded(local.value)) is not None:
+        return record
+    for blob in await get_fresh(dht, key):  # valid ones, best first
+        if (record := decoded(blob)) is not None:
+            return record
+    return None

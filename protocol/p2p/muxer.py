@@ -81,6 +81,15 @@ logger = logging.getLogger(__name__)
 
 # DATA frames handled back to back (data already in the socket) before the reader yields anyway.
 _FRAMES_PER_YIELD = 8
+# Bytes read from a socket that keeps having data before the reader yields anyway (a peer
+# streaming a large frame must not hold the loop while it arrives).
+_BYTES_PER_YIELD = 256 * 1024
+
+
+class ReceiveWindowExceeded(RawConnError):
+    """The peer sent a DATA frame larger than the receive window we granted it: go-yamux closes
+    the session (ErrRecvWindowExceeded), and so do we (raised from a header read, yamux tears the
+    connection down); stock py-libp2p only logs it and keeps the bytes, without bound."""
 
 # How a connection's secured session reaches its TCP stream: SecureSession.conn ->
 # NoiseTransportReadWriter.read_writer -> NoisePacketReadWriter.read_write_closer -> RawConnection
@@ -173,6 +182,7 @@ class _LeanNoise:
         sock = getattr(getattr(tcp.stream, "socket", None), "_sock", None)
         self._sock: socket.socket | None = sock if isinstance(sock, socket.socket) else None
         self._frames_unyielded = 0  # frames handled since this task last yielded (fairness)
+        self._bytes_unyielded = 0  # bytes read since this task last yielded (fairness)
         # Data handed to a stream (by us or by yamux) whose reader may not have run yet, and the
         # yields since: a RST processed before the reader runs would drop that data.
         self._delivered = False
@@ -201,14 +211,22 @@ class _LeanNoise:
             return await self.tcp.read(n)
         while True:
             try:
-                return sock.recv(n)
+                data = sock.recv(n)
             except BlockingIOError:
                 pass
             except OSError as exc:
                 if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                     return b""  # closed here (trio: ClosedResourceError, which TrioTCPStream reads as EOF)
                 raise ConnectionClosedError(f"TCP connection reset by remote peer: {exc}", transport="tcp") from exc
+            else:
+                self._bytes_unyielded += len(data)
+                if self._bytes_unyielded > _BYTES_PER_YIELD:
+                    await trio.lowlevel.checkpoint()
+                    self._bytes_unyielded = 0
+                    self._yields_since_delivery += 1
+                return data
             self._frames_unyielded = 0
+            self._bytes_unyielded = 0
             self._yields_since_delivery += 1
             try:
                 await trio.lowlevel.wait_readable(sock)
@@ -216,19 +234,21 @@ class _LeanNoise:
                 return b""
 
     async def _receive_exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
+        parts: list[bytes] = []  # pieces joined once at the end, not copied per piece
+        got = 0
+        while got < n:
             try:
-                chunk = await self._recv(n - len(data))
+                chunk = await self._recv(n - got)
             except ConnectionClosedError:
                 raise
             except (IOException, ConnectionResetError) as error:  # as RawConnection.read
                 raise RawConnError from error
             if not chunk:
                 raise IncompleteReadError(f"Connection closed during read operation: expected {n} bytes but "
-                                          f"received {len(data)} bytes", expected_bytes=n, received_bytes=len(data))
-            data = chunk if not data else data + chunk
-        return data
+                                          f"received {got} bytes", expected_bytes=n, received_bytes=got)
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _take(self, n: int) -> bytes:
         """Up to `n` bytes already decrypted: the stock buffer's first (a stock read in flight when
@@ -253,9 +273,14 @@ class _LeanNoise:
 
     async def _plain_exactly(self, n: int) -> bytes:
         data = await self._plain(n)
-        while len(data) < n:
-            data += await self._plain(n - len(data))
-        return data
+        if len(data) == n:
+            return data
+        parts, got = [data], len(data)  # a frame body over many Noise messages: joined once
+        while got < n:
+            part = await self._plain(n - got)
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
 
     async def read(self, n: int | None = None) -> bytes:
         """Up to `n` bytes of plaintext (callers loop with `read_exactly`, as yamux does)."""
@@ -272,6 +297,8 @@ class _LeanNoise:
         while True:
             header = await self._plain_exactly(HEADER_SIZE)
             version, typ, flags, stream_id, length = struct.unpack(YAMUX_HEADER_FORMAT, header)
+            if typ == TYPE_DATA:
+                _check_window(conn, stream_id, length)
             if version or typ != TYPE_DATA or flags or not 0 < length <= MAX_WINDOW_SIZE \
                     or stream_id not in conn.streams or conn.event_shutting_down.is_set():
                 # This one may be a RST, which makes yamux drop the stream's unread data: a reader
@@ -296,10 +323,7 @@ class _LeanNoise:
                 if stream is None:
                     continue  # the stream went away meanwhile: yamux drops such data too
                 conn.stream_buffers[stream_id].extend(body)
-                stream.recv_window -= len(body)
-                if stream.recv_window < 0:
-                    logger.warning("Stream %d: peer exceeded receive window by %d bytes", stream_id, -stream.recv_window)
-                    stream.recv_window = 0
+                stream.recv_window -= len(body)  # never below 0: _check_window refused the header
                 conn.stream_events[stream_id].set()
                 if stream.closed:
                     conn._finalize_stream_locked(stream, fully_closed=True)
@@ -318,6 +342,21 @@ class _LeanNoise:
             raise
         except (IOException, ConnectionResetError) as error:  # as RawConnection.write
             raise RawConnError from error
+
+
+def _check_window(conn: Yamux, stream_id: int, length: int) -> None:
+    """A DATA frame must fit the receive window granted for its stream. A peer that ignores it is
+    cut off, as go-yamux does; stock py-libp2p only logs it and buffers the bytes anyway, so one
+    peer could make us hold any amount. A stream not (or no longer) in the table may have had its
+    window grown before it ended (data sent before our reset reached the peer): the largest
+    window any stream gets bounds it."""
+    stream = conn.streams.get(stream_id)
+    window = stream.recv_window if stream is not None else MAX_WINDOW_SIZE
+    if length > window:
+        logger.warning("peer=%s stream %d: a %d-byte DATA frame exceeds the %d-byte receive window; "
+                       "closing the connection", conn.peer_id, stream_id, length, window)
+        raise ReceiveWindowExceeded(f"peer exceeded the receive window of stream {stream_id} "
+                                    f"({length} > {window} bytes)")
 
 
 def _lean_noise(conn: Yamux) -> None:

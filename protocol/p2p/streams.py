@@ -26,7 +26,7 @@ yamux frame per 64 KiB, each Noise-encrypted); on receive one copy out of the de
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -37,11 +37,16 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
-from ..errors import PetalsError, ProtocolError
-from ..framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from ..errors import ErrorCode, PetalsError, ProtocolError
+from ..framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, encode_frame
+from .budget import ByteBudget
 from .locking import held
-from .muxer import make_lean
-from ..messages import Message, decode_message, encode_message
+from .compat import make_lean
+from ..messages import TAG_PREFIX_SIZE, Message, decode_message, encode_message, peek_tag
+
+#: `admit(length, tag)`: judges a large frame from its header and tag (None: not a message's
+#: start) before its body is buffered; raises ProtocolError to refuse it (the stream then ends).
+Admit = Callable[[int, str | None], None]
 
 __all__ = [
     "DEFAULT_MAX_BUFFERED_FRAMES",
@@ -62,6 +67,11 @@ DEFAULT_OPEN_TIMEOUT = 10.0
 # Ask yamux for up to this much per read. It returns whatever is buffered (never waits to fill
 # it), so a large value only means fewer calls when a big frame is streaming in.
 _READ_CHUNK = 1 << 20
+# Frames up to this size are buffered without asking `admit` (cheap to hold, and most are this small).
+_ADMIT_FROM = 64 * 1024
+# Payloads from this size up are decoded in a worker thread: msgpack-decoding tens of MiB on the
+# loop would hold up every other peer's messages meanwhile.
+_DECODE_IN_THREAD_FROM = 1 << 20
 # Closing politely (sending our FIN) must not hang a cancelled caller; after this we give up.
 _CLOSE_TIMEOUT = 1.0
 # Errors the libp2p stream stack raises when the stream or its connection is gone. Raw transport
@@ -119,8 +129,10 @@ class FramedStream:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_buffered_frames: int = DEFAULT_MAX_BUFFERED_FRAMES,
+        budget: ByteBudget | None = None,
+        admit: Admit | None = None,
     ) -> None:
-        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see muxer.py)
+        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see muxer.py, compat.py)
         self.stream = stream
         self.max_frame_size = max_frame_size
         self.peer_id: str | None = _peer_of(stream)
@@ -136,6 +148,14 @@ class FramedStream:
         self._end_reported = False
         self._closed = False
         self._poisoned = False  # a bad frame was read: the stream ends with a reset, never a FIN
+        # Bytes read but not yet taken by the consumer are charged to the peer in `budget`.
+        self._budget = budget
+        self._budget_peer = self.peer_id or "?"
+        self._charged = 0
+        self._pump_done = False
+        self._admit = admit
+        self._frames_read = 0
+        self._admitted = -1  # index of the last frame `admit` passed
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -148,11 +168,15 @@ class FramedStream:
         if self._pump_started:
             raise RuntimeError("FramedStream.pump() is already running or has run")
         self._pump_started = True
-        with trio.CancelScope() as scope:
-            self._pump_scope = scope
-            task_status.started()
-            async with self._frames_in:
-                self._end = await self._read_frames()
+        try:
+            with trio.CancelScope() as scope:
+                self._pump_scope = scope
+                task_status.started()
+                async with self._frames_in:
+                    self._end = await self._read_frames()
+        finally:
+            self._pump_done = True
+            self._settle()
         if self._end is None:
             self._end = self._closed_error("closed locally" if self._closed else "reader stopped (cancelled)")
 
@@ -170,9 +194,13 @@ class FramedStream:
                 if not data:
                     decoder.eof()  # raises MalformedMessage if the peer stopped mid-frame
                 else:
+                    self._charge(len(data))
                     decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
+                    self._frames_read += 1
                     await self._frames_in.send(frame)
+                if self._admit is not None and self._admitted != self._frames_read:
+                    self._judge(decoder)
             except ProtocolError as exc:
                 # The byte stream cannot be resynchronised after a bad frame: stop reading and mark
                 # the stream poisoned. The consumer hears of it next and may still *send* (e.g. an
@@ -182,6 +210,38 @@ class FramedStream:
                 return exc
             if not data:
                 return self._ending()
+
+    def _charge(self, nbytes: int) -> None:
+        if self._budget is None:
+            return
+        if not self._budget.charge(self._budget_peer, nbytes):
+            raise ProtocolError(ErrorCode.BUSY, f"this peer's unread frames would pass this daemon's buffer "
+                                                f"limits ({self._budget.per_peer} bytes per peer, "
+                                                f"{self._budget.total} in all); send less at once")
+        self._charged += nbytes
+
+    def _refund(self, nbytes: int) -> None:
+        if self._budget is not None and nbytes:
+            self._budget.refund(self._budget_peer, nbytes)
+            self._charged -= nbytes
+
+    def _settle(self) -> None:
+        """Once the pump has stopped and the consumer is done, nothing of this stream is held."""
+        if self._pump_done and self._closed:
+            self._refund(self._charged)
+
+    def _judge(self, decoder: FrameDecoder) -> None:
+        """Ask `admit` about the pending frame once its header and tag have arrived (large ones only)."""
+        pending = decoder.pending(TAG_PREFIX_SIZE)
+        if pending is None:
+            return
+        length, prefix = pending
+        if length <= _ADMIT_FROM:
+            self._admitted = self._frames_read
+        elif len(prefix) >= TAG_PREFIX_SIZE:
+            assert self._admit is not None
+            self._admit(length, peek_tag(prefix))
+            self._admitted = self._frames_read
 
     def _ending(self) -> StreamClosed:
         """Why the stream hit EOF. py-libp2p reports a peer's reset and a dead connection as EOF
@@ -200,14 +260,19 @@ class FramedStream:
         ProtocolError subclasses for a bad frame (FrameTooLarge: the stream is then dead) or a
         frame that is not a valid message (MalformedMessage/BadTensor: the stream stays usable).
         """
-        return decode_message(await self.receive_frame())
+        payload = await self.receive_frame()
+        if len(payload) >= _DECODE_IN_THREAD_FROM:
+            return await trio.to_thread.run_sync(decode_message, payload)
+        return decode_message(payload)
 
     async def receive_frame(self) -> bytes:
         """The next frame's payload, undecoded (for relaying or benchmarks)."""
         if not self._pump_started:
             raise RuntimeError("FramedStream.receive() needs the pump running: nursery.start(framed.pump)")
         try:
-            return await self._frames_out.receive()
+            payload = await self._frames_out.receive()
+            self._refund(len(payload) + FRAME_HEADER_SIZE)
+            return payload
         except trio.EndOfChannel:
             raise self._take_end() from None
         except trio.ClosedResourceError:
@@ -307,6 +372,7 @@ class FramedStream:
         if self._pump_scope is not None:
             self._pump_scope.cancel()
         self._frames_out.close()
+        self._settle()
 
     async def _abort(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
@@ -332,6 +398,8 @@ async def open_framed(
     *,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_buffered_frames: int = DEFAULT_MAX_BUFFERED_FRAMES,
+    budget: ByteBudget | None = None,
+    admit: Admit | None = None,
 ) -> AsyncIterator[FramedStream]:
     """Wrap `stream`, run its pump for the life of the block, close the stream on exit.
 
@@ -339,7 +407,8 @@ async def open_framed(
     is reset if the block raised), so nothing outlives the block. An exception from the block
     propagates as itself, not wrapped in an ExceptionGroup.
     """
-    framed = FramedStream(stream, max_frame_size=max_frame_size, max_buffered_frames=max_buffered_frames)
+    framed = FramedStream(stream, max_frame_size=max_frame_size, max_buffered_frames=max_buffered_frames,
+                          budget=budget, admit=admit)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(framed.pump)

@@ -11,7 +11,10 @@ PEER = "12D3KooWQ6ceRcaTZxjtD3uxKNgPSscKMg1WoDGfWuXGV6Z8yoHV"
 
 
 def _forwarder() -> Forwarder:
-    return Forwarder(host=None, nursery=None, max_frame_size=1 << 20)  # type: ignore[arg-type]
+    async def no_members(peer: str) -> None:
+        return None
+
+    return Forwarder(host=None, nursery=None, max_frame_size=1 << 20, members=no_members)  # type: ignore[arg-type]
 
 
 def test_address_peer_is_parsed_once_and_remembered() -> None:

@@ -45,6 +45,7 @@ from petals_protocol.messages import (
 from petals_protocol.models.span import load_span
 from petals_protocol.p2p.streams import StreamClosed
 from petals_protocol.tensors import TensorPayload, to_torch
+from petalsd.daemon import MESSAGE_OVERHEAD
 
 from rawclient import (
     REPLY_TIMEOUT,
@@ -328,8 +329,9 @@ def test_frame_over_the_limit_is_refused_from_its_header(limited, limited_model,
                 assert_readable(reply.message)
             await stream.reset()
         # A frame of exactly the limit is read whole (and refused as a message, not as a frame).
+        # The info protocol's limit is the daemon's room for a message without tensors.
         stream = await client.open(limited.addr, INFO_PROTOCOL, max_frame_size=2 * LIMITED_FRAME)
-        await stream.send_frame(b"\xc4" + b"x" * (LIMITED_FRAME - 1))
+        await stream.send_frame(b"\xc4" + b"x" * (MESSAGE_OVERHEAD - 1))
         await expect_error(stream, ErrorCode.MALFORMED)
         await stream.reset()
 

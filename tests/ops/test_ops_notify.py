@@ -100,6 +100,27 @@ def test_watchdog_pings_at_half_the_period(receiver: tuple[str, socket.socket]) 
     assert 5 <= len(pings) <= 7
 
 
+def test_watchdog_stops_pinging_while_unhealthy(receiver: tuple[str, socket.socket]) -> None:
+    """A hung compute job (the daemon reports itself unhealthy) stops the pings, so systemd
+    restarts a daemon whose event loop still runs; pings resume once it is healthy again."""
+    path, sock = receiver
+    n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    healthy = [False]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: n.run_watchdog(healthy=lambda: healthy[0]))
+            await trio.sleep(0.35)
+            assert messages(sock) == []
+            healthy[0] = True
+            await trio.sleep(0.15)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    pings = messages(sock)
+    assert pings and all(p == {"WATCHDOG": "1"} for p in pings)
+
+
 def test_send_failure_logged_once_and_not_fatal(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     n = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})

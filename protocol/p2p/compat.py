@@ -1,0 +1,104 @@
+"""Every use of py-libp2p's private names goes through here, behind one version check.
+
+Two things need libp2p internals: the lean yamux/Noise path (`muxer.py`: ~19 fewer scheduler
+passes per message, the receive-window enforcement, bounded frame assembly) and the DHT's
+per-peer RPCs (`dht.py`: a network walk that never answers from a stale local copy, and a store
+that pins the exact record). Both were written against one libp2p release, `WRITTEN_FOR`. On any
+other release, or with `PETALS_LIBP2P_STOCK=1` in the environment (the tests force it to keep the
+stock path correct), `INTERNALS` is False and every function here takes libp2p's public API
+instead: plain yamux streams (stock speed; stock py-libp2p's own window handling), and the
+DHT's `put_value` / `get_value` / `provide` / `find_providers` (with the staleness caveats of
+the stock calls). Nothing outside this module and `muxer.py` (which only this module imports)
+names a private libp2p attribute.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import libp2p
+
+log = logging.getLogger(__name__)
+
+#: The libp2p release the internals below were written against (pinned in pyproject.toml).
+WRITTEN_FOR = "0.8.1"
+#: Environment variable that forces the stock paths (any non-empty value).
+STOCK_ENV = "PETALS_LIBP2P_STOCK"
+
+INTERNALS: bool = getattr(libp2p, "__version__", "") == WRITTEN_FOR and not os.environ.get(STOCK_ENV)
+
+#: Values a DHT node keeps (ours are small signed records; libp2p's own cap is far larger and
+#: evicts by scanning every value on each store).
+MAX_DHT_VALUES = 4096
+
+
+def describe() -> str:
+    """One line for the startup log."""
+    version = getattr(libp2p, "__version__", "?")
+    if INTERNALS:
+        return f"libp2p {version}: lean yamux and per-peer DHT RPCs"
+    why = f"{STOCK_ENV} is set" if os.environ.get(STOCK_ENV) else f"written for {WRITTEN_FOR}"
+    return f"libp2p {version}: stock yamux and DHT paths ({why})"
+
+
+def make_lean(stream: object) -> None:
+    """The lean yamux/Noise path for this stream's connection (muxer.py), or nothing."""
+    if INTERNALS:
+        from .muxer import make_lean as lean
+
+        lean(stream)
+
+
+# ------------------------------------------------------------------------------------ the DHT
+
+async def store_at_peer(dht: Any, peer: Any, key: bytes, blob: bytes, record: Any) -> bool:
+    """PUT_VALUE of exactly `record` to one peer (internals only: see `store_everywhere`)."""
+    return bool(await dht.value_store._store_at_peer(peer, key, blob, record=record))
+
+
+async def store_everywhere(dht: Any, key: bytes, blob: bytes) -> None:
+    """The stock store: libp2p's own put_value (local copy and the closest peers)."""
+    await dht.put_value(key.decode("utf-8"), blob)
+
+
+async def get_from_peer(dht: Any, peer: Any, key: bytes) -> bytes | None:
+    value = await dht.value_store._get_from_peer(peer, key)
+    return value if isinstance(value, bytes) and value else None
+
+
+async def get_stock(dht: Any, key: bytes) -> bytes | None:
+    value = await dht.get_value(key.decode("utf-8"))
+    return value if isinstance(value, bytes) and value else None
+
+
+async def send_add_provider(dht: Any, peer: Any, key: bytes) -> bool:
+    return bool(await dht.provider_store._send_add_provider(peer, key))
+
+
+async def provide_stock(dht: Any, key: bytes) -> bool:
+    return bool(await dht.provider_store.provide(key))
+
+
+async def get_providers_from_peer(dht: Any, peer: Any, key: bytes) -> list[Any]:
+    providers, _closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+    return list(providers)
+
+
+async def find_providers_stock(dht: Any, key: bytes) -> list[Any]:
+    return list(await dht.provider_store.find_providers(key))
+
+
+def bound_value_store(dht: Any, max_values: int = MAX_DHT_VALUES) -> None:
+    """Cap the node's value store at `max_values` with O(1) eviction of the longest-held value
+    (libp2p 0.8.1 keeps 50,000 and scans them all on every store once full: Sybil peers each
+    storing a valid record of their own would make every store O(n)). Stock: left as it is."""
+    if not INTERNALS:
+        return
+    store = dht.value_store
+
+    def evict_if_full() -> None:
+        while len(store.store) >= max_values:
+            del store.store[next(iter(store.store))]  # insertion order: the longest-held first
+
+    store._evict_if_full = evict_if_full
