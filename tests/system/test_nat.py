@@ -1,0 +1,129 @@
+"""A daemon behind a masquerading NAT serves the swarm through Circuit Relay v2 (network namespaces).
+
+Lab (tests/system/natlab.py): on the public network, daemon A (first of the swarm) and daemon C,
+both `--reachability public` (TEST-NET addresses are not globally routable, so the dial-back
+probe alone would call them "unknown") and so relays; behind the NAT, daemon B with the default
+`--reachability auto`, which must find out by itself that nobody can dial it, reserve on both
+relays and announce `/p2p-circuit` addresses. A client on the public side generates through
+A or C (blocks 0:3) and B (3:6), token for token what local transformers gives, and a direct
+dial to B fails. Then the relay the client reaches B through is killed mid-generation: the
+client re-opens B through the other relay and the output is still exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from petals_client.localswarm import DaemonProcess, LocalSwarm
+from petals_protocol.p2p.relay import is_circuit, relay_peer_of
+from petals_protocol.models.synthetic import make_random_checkpoint
+
+from natlab import HOME_IPS, PUBLIC_IP, ROUTER_IPS, NatLab, ensure_tools, leftover_namespaces, nat_lab
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+CLIENT = Path(__file__).with_name("nat_client.py")
+DAEMON_ARGS = ["--num-threads", "1", "--log-level", "info", "--throughput", "100"]
+PROMPT = [1, 17, 42, 99, 5, 64, 3]
+
+
+def _python_in(lab: NatLab, host: str, folder: Path) -> str:
+    """A `python` that runs inside `host`'s namespace (LocalSwarm takes an interpreter path)."""
+    wrapper = folder / f"python-{host}"
+    wrapper.write_text(f'#!/bin/sh\nexec {" ".join(lab.prefix(host))} {sys.executable} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return str(wrapper)
+
+
+class Lab:
+    def __init__(self, lab: NatLab, model: Path, pub: LocalSwarm, home: LocalSwarm,
+                 a: DaemonProcess, c: DaemonProcess, b: DaemonProcess) -> None:
+        self.lab, self.model, self.pub, self.home = lab, model, pub, home
+        self.a, self.c, self.b = a, c, b
+
+    def client(self, tokens: int, *extra: str, timeout: float = 300) -> dict:
+        cmd = [*self.lab.prefix("pub"), sys.executable, str(CLIENT), "--model", str(self.model),
+               "--peer", self.a.addrs[0], "--prompt", json.dumps(PROMPT), "--tokens", str(tokens),
+               "--direct", *self.b.addrs, f"/ip4/{ROUTER_IPS['home']}/tcp/{self.b.addrs[0].split('/tcp/')[1].split('/')[0]}/p2p/{self.b.peer_id}",
+               *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert done.returncode == 0 and lines, f"client failed ({done.returncode}):\n{done.stderr[-4000:]}"
+        return json.loads(lines[-1].removeprefix("RESULT "))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d.name}\n" + "\n".join(list(d.log)[-40:]) for d in (*self.pub.daemons, *self.home.daemons))
+
+
+@pytest.fixture(scope="module")
+def nat_swarm(tmp_path_factory) -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    problem = ensure_tools()
+    assert problem is None, problem
+    folder = tmp_path_factory.mktemp("nat")
+    model = make_random_checkpoint(folder / "llama", "llama", num_layers=6, hidden_size=64, num_heads=4,
+                                   vocab_size=128, seed=11)
+    lab_name = f"pn{os.getpid() % 100000}"
+    with nat_lab(lab_name) as lab:
+        pub = LocalSwarm(model, workdir=folder, python=_python_in(lab, "pub", folder), extra_args=DAEMON_ARGS,
+                         echo=bool(os.environ.get("PETALS_TEST_ECHO")))
+        home = LocalSwarm(model, workdir=folder, python=_python_in(lab, "home", folder), extra_args=DAEMON_ARGS,
+                          echo=bool(os.environ.get("PETALS_TEST_ECHO")))
+        public = ["--listen", f"/ip4/{PUBLIC_IP}/tcp/0", "--reachability", "public"]
+        try:
+            a = pub.start("0:3", name="a", args=public)
+            c = pub.start("0:3", name="c", initial_peers=a.addrs, args=public)
+            b = home.start("3:6", name="b", initial_peers=a.addrs,
+                           args=["--listen", f"/ip4/{HOME_IPS['home']}/tcp/0", "--announce-period", "2"])
+            yield Lab(lab, model, pub, home, a, c, b)
+        finally:
+            for swarm in (home, pub):
+                for d in swarm.daemons:
+                    d.signal(9)
+                swarm.stop()
+    assert not leftover_namespaces(lab)
+
+
+@pytest.fixture(scope="module")
+def local_tokens(nat_swarm: Lab):
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(nat_swarm.model)
+
+    def generate(tokens: int) -> list[int]:
+        return local.generate(torch.tensor([PROMPT]), max_new_tokens=tokens, do_sample=False)[0].tolist()
+
+    return generate
+
+
+def test_natted_daemon_serves_through_relays_token_exact(nat_swarm: Lab, local_tokens) -> None:
+    result = nat_swarm.client(30)
+    b = nat_swarm.b.peer_id
+    # Nobody on the public side can dial B: neither its own address nor its router's.
+    assert result["direct_dial"] and all(v.startswith("failed") for v in result["direct_dial"].values()), \
+        result["direct_dial"]
+    # B learnt it is private and announces only relayed addresses, through both public daemons.
+    record = next(s for s in result["servers"] if s["peer_id"] == b)
+    assert record["addrs"] and all(is_circuit(a) for a in record["addrs"]), record
+    assert {relay_peer_of(a) for a in record["addrs"]} == {nat_swarm.a.peer_id, nat_swarm.c.peer_id}
+    assert [h["peer_id"] for h in result["route_before"]][-1] == b
+    assert result["tokens"] == local_tokens(30), nat_swarm.logs()
+    assert result["recoveries"] == 0
+
+
+def test_relay_lost_mid_generation_is_recovered(nat_swarm: Lab, local_tokens) -> None:
+    pids = {d.peer_id: d.pid for d in nat_swarm.pub.daemons}
+    result = nat_swarm.client(40, "--kill-after", "15", "--pids", json.dumps(pids))
+    assert result["killed_relay"], result
+    assert result["tokens"] == local_tokens(40), nat_swarm.logs()
+    assert result["route_after"][-1]["peer_id"] == nat_swarm.b.peer_id  # same daemon, through the other relay
+    assert result["resumes"] + result["recoveries"] >= 1
