@@ -273,7 +273,7 @@ async def connect(host: IHost, addr: str, *, timeout: float = DEFAULT_DIAL_TIMEO
     info = parse_peer_multiaddr(addr)
     peer = str(info.peer_id)
     relayed = is_circuit(addr)
-    if relayed and host.get_network().get_connections(info.peer_id):
+    if relayed and await _reuse_connection(host, info.peer_id):
         return info.peer_id  # host.connect's shortcut, which a relayed dial does not take
     with trio.move_on_after(timeout) as scope:
         try:
@@ -286,6 +286,19 @@ async def connect(host: IHost, addr: str, *, timeout: float = DEFAULT_DIAL_TIMEO
     if scope.cancelled_caught:
         raise DialError(peer, addr, f"timed out after {timeout:g} s")
     return info.peer_id
+
+
+async def _reuse_connection(host: IHost, peer: ID) -> bool:
+    """Whether a live connection to `peer` is open. Dead ones are closed first: a relayed
+    connection outlives its relay for a while, and new streams would be refused on it."""
+    live = False
+    for conn in list(host.get_network().get_connections(peer)):
+        if conn.is_closed or getattr(conn.muxed_conn, "is_closed", False):
+            with trio.move_on_after(1.0):
+                await conn.close()
+        else:
+            live = True
+    return live
 
 
 async def connect_any(host: IHost, addrs: Sequence[str], *, timeout: float = DEFAULT_DIAL_TIMEOUT) -> ID:

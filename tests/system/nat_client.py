@@ -8,6 +8,7 @@ goes through (a process in the same PID namespace: --pids maps peer id to pid).
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import signal
@@ -60,6 +61,8 @@ def main() -> None:
     p.add_argument("--kill-after", type=int)
     p.add_argument("--pids", default="{}", help="peer id -> pid, JSON")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[client] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("libp2p").setLevel(logging.WARNING)
     result: dict = {"direct_dial": trio.run(try_direct, args.direct, args.listen)}
     prompt = torch.tensor([json.loads(args.prompt)])
     pids = json.loads(args.pids)

@@ -56,7 +56,7 @@ class Lab:
                *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        assert done.returncode == 0 and lines, f"client failed ({done.returncode}):\n{done.stderr[-4000:]}"
+        assert done.returncode == 0 and lines, f"client failed ({done.returncode}):\n{done.stderr[-12000:]}"
         return json.loads(lines[-1].removeprefix("RESULT "))
 
     def logs(self) -> str:
