@@ -43,6 +43,9 @@ class DaemonControl:
             "throughput": ctx.throughput,
             "load": {"compute_utilisation": round(ctx.worker.stats.utilisation(), 4),
                      "queued_jobs": ctx.worker.queued},
+            # reachability (public/private/unknown), hop service, relays held (petalsd/reachability.py)
+            "nat": d.nat.describe() if d.nat is not None else None,
+            "announced_addresses": d.announce_addrs(),
         }
 
     async def sessions(self) -> list[dict[str, Any]]:

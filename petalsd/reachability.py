@@ -11,8 +11,8 @@ The asker's verdict (`judge`): *public* when a helper reached it on a globally r
 (two helpers when two answered); *private* when helpers answered and none reached any address
 (behind NAT the helper sees the router's IP, refuses the private addresses, and the router drops
 the dial to a forwarded-nowhere port); *unknown* otherwise. Loopback and private addresses are
-never proof of public reachability: a swarm on 127.0.0.1 or a LAN stays *unknown* and keeps
-announcing its direct addresses, no relays involved. `--reachability public|private` skips the
+never proof of public reachability: a swarm on 127.0.0.1 (not even probed) or a LAN stays
+*unknown* and keeps announcing its direct addresses, no relays involved. `--reachability public|private` skips the
 probe.
 
 `NatTraversal` applies the verdict: public daemons serve Circuit Relay v2 hop (if
@@ -77,6 +77,11 @@ def is_public_addr(addr: str) -> bool:
         return ipaddress.ip_address(ip).is_global
     except Exception:  # noqa: BLE001 - dns names, garbage: not proof of anything
         return False
+
+
+def _is_loopback(addr: str) -> bool:
+    ip = _ip_of(addr)
+    return ip is not None and ipaddress.ip_address(ip).is_loopback
 
 
 def _ip_of(addr: str) -> str | None:
@@ -277,6 +282,8 @@ class NatTraversal:
 
     async def probe(self) -> str:
         addrs = [a for a in self.direct_addrs() if not is_circuit(a)]
+        if all(_is_loopback(a) for a in addrs):
+            return "unknown"  # a swarm on one machine: nothing to learn, nobody to bother
         helpers = [h for h in await self.helpers() if not is_circuit(h)][:HELPERS]
         replies: list[dict[str, Any]] = []
 
