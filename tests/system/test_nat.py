@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,9 +53,13 @@ class Lab:
         self.lab, self.model, self.pub, self.home = lab, model, pub, home
         self.a, self.c, self.b = a, c, b
 
+    def live_peer(self) -> list[str]:
+        """A public daemon still running (a test kills one of the relays)."""
+        return next(d.addrs for d in (self.a, self.c) if d.process.poll() is None)
+
     def client(self, tokens: int, *extra: str, timeout: float = 300) -> dict:
         cmd = [*self.lab.prefix("pub"), sys.executable, str(CLIENT), "--model", str(self.model),
-               "--peer", self.a.addrs[0], "--prompt", json.dumps(PROMPT), "--tokens", str(tokens),
+               "--peer", self.live_peer()[0], "--prompt", json.dumps(PROMPT), "--tokens", str(tokens),
                "--direct", *self.b.addrs, f"/ip4/{ROUTER_IPS['home']}/tcp/{self.b.addrs[0].split('/tcp/')[1].split('/')[0]}/p2p/{self.b.peer_id}",
                *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -127,3 +135,66 @@ def test_relay_lost_mid_generation_is_recovered(nat_swarm: Lab, local_tokens) ->
     assert result["tokens"] == local_tokens(40), nat_swarm.logs()
     assert result["route_after"][-1]["peer_id"] == nat_swarm.b.peer_id  # same daemon, through the other relay
     assert result["resumes"] + result["recoveries"] >= 1
+
+
+GO_RELAY_WHEEL = "hivemind==1.1.12"  # ships go-libp2p's daemon, p2pd, with Circuit Relay v2 hop
+
+
+def _p2pd(folder: Path) -> Path | None:
+    """go-libp2p's daemon from hivemind's wheel on the package index (None if it cannot be had)."""
+    binary = folder / "p2pd"
+    if binary.exists():
+        return binary
+    wheels = folder / "wheels"
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", GO_RELAY_WHEEL, "-d",
+                           str(wheels)], capture_output=True, text=True, timeout=600)
+    found = list(wheels.glob("hivemind-*.whl")) if done.returncode == 0 else []
+    if not found:
+        return None
+    with zipfile.ZipFile(found[0]) as wheel:
+        binary.write_bytes(wheel.read("hivemind/hivemind_cli/p2pd"))
+    binary.chmod(0o755)
+    return binary
+
+
+def test_go_libp2p_relay_serves_a_natted_daemon(nat_swarm: Lab, local_tokens, tmp_path_factory) -> None:
+    """Any Circuit Relay v2 implementation works: a daemon behind the second NAT reserves on
+    go-libp2p's p2pd (given with --relay) and the client reaches it through that relay first."""
+    folder = tmp_path_factory.mktemp("go")
+    binary = _p2pd(folder)
+    if binary is None:
+        pytest.skip(f"go-libp2p's p2pd is not available (pip download {GO_RELAY_WHEEL} failed)")
+    lab = nat_swarm.lab
+    port = 40000 + os.getpid() % 20000
+    go = subprocess.Popen([*lab.prefix("pub"), str(binary), "-hostAddrs", f"/ip4/{PUBLIC_IP}/tcp/{port}",
+                           "-relayService", "-noise", "-muxer", "yamux", "-listen", f"/unix{folder}/p2pd.sock"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert go.stdout is not None
+        go_id = ""
+        deadline = time.monotonic() + 30
+        while not go_id and time.monotonic() < deadline:
+            line = go.stdout.readline()
+            match = re.search(r"Peer ID: (\S+)", line)
+            go_id = match.group(1) if match else ""
+        assert go_id, "p2pd printed no peer id"
+        relay = f"/ip4/{PUBLIC_IP}/tcp/{port}/p2p/{go_id}"
+        home2 = LocalSwarm(nat_swarm.model, workdir=folder, python=_python_in(lab, "home2", folder),
+                           extra_args=DAEMON_ARGS, echo=bool(os.environ.get("PETALS_TEST_ECHO")))
+        try:
+            b2 = home2.start("3:6", name="b2", initial_peers=nat_swarm.live_peer(),
+                             args=["--listen", f"/ip4/{HOME_IPS['home2']}/tcp/0", "--relay", relay])
+            nat_swarm.b.signal(signal.SIGKILL)  # the only other daemon of 3:6: the client must use b2
+            nat_swarm.b.process.wait()
+            result = nat_swarm.client(20)
+            record = next(s for s in result["servers"] if s["peer_id"] == b2.peer_id)
+            assert relay_peer_of(record["addrs"][0]) == go_id, record  # --relay first: reached through p2pd
+            assert result["route_before"][-1]["peer_id"] == b2.peer_id
+            assert result["tokens"] == local_tokens(20), "\n".join(b2.log)
+        finally:
+            for d in home2.daemons:
+                d.signal(signal.SIGKILL)
+            home2.stop()
+    finally:
+        go.kill()
+        go.wait()
