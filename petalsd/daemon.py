@@ -459,6 +459,7 @@ class Daemon:
             host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer().handle)
             self.nat = self._nat_traversal(dht)
             await nursery.start(self.nat.run)  # before the first record: it may carry relayed addresses
+            self.ctx.forwarder.direct_path = self.nat.direct_path
             await nursery.start(IdleConnections(host,
                                                 sessions=lambda: [*self.ctx.sessions, *self.ctx.link_activity(),
                                                                   *self.nat.keepalive()],

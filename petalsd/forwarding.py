@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import suppress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from petals_protocol.errors import PetalsError
 from petals_protocol.ids import INFERENCE_PROTOCOL
 from petals_protocol.messages import ErrorReply, InferenceStep, PushTarget
 from petals_protocol.p2p.host import connect, parse_peer_multiaddr
+from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import FramedStream, open_stream
 from petals_protocol.signing import peer_id_to_text
 
@@ -103,6 +105,9 @@ class Forwarder:
     queue_size: int = LINK_QUEUE_SIZE
     _links: dict[str, _Link] = field(default_factory=dict)
     _addr_peers: dict[str, str] = field(default_factory=dict)  # push address -> the peer it dials
+    #: Called after dialling a next daemon through a relay, before its stream opens: may replace
+    #: the relayed connection with a punched one (petalsd/reachability.py). Bounded, never raises.
+    direct_path: Callable[[ID], Awaitable[None]] | None = None
     pushes_sent: int = 0  # steps written to next daemons
     push_writes: int = 0  # stream writes that carried them (fewer when a batch's pushes coalesce)
 
@@ -187,6 +192,8 @@ class Forwarder:
             with link.scope:
                 with trio.fail_after(LINK_OPEN_TIMEOUT):
                     peer_id = await connect(self.host, addr)
+                    if self.direct_path is not None and is_circuit(addr):
+                        await self.direct_path(peer_id)
                     stream = await open_stream(self.host, ID.from_base58(str(peer_id)), INFERENCE_PROTOCOL,
                                                nursery=self.nursery, max_frame_size=self.max_frame_size)
                 log.info("push link open peer=%s", link.peer)

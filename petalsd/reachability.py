@@ -36,6 +36,7 @@ from multiaddr import Multiaddr
 from petals_protocol.errors import PetalsError
 from petals_protocol.framing import FrameDecoder, encode_frame
 from petals_protocol.p2p.host import DialError, connect, make_host, running_host
+from petals_protocol.p2p.punch import PUNCH_PROTOCOL, PunchError, PunchService
 from petals_protocol.p2p.relay import (
     RelayLimitsConfig,
     Reservations,
@@ -254,6 +255,30 @@ class NatTraversal:
     reservations: Reservations | None = None
     _nursery: trio.Nursery | None = None
     _ticks: int = 0
+    observed_ip: str | None = None  # our IP as helpers saw it (behind NAT: the router's)
+    punch_budget: float = 5.0
+    punch: PunchService | None = None
+
+    def _punch_ip(self) -> str | None:
+        """Take part in hole punching only behind NAT, with the IP helpers saw us at."""
+        return self.observed_ip if self.reachability == "private" else None
+
+    async def direct_path(self, peer: Any) -> None:
+        """After a relayed dial to `peer`: punch a direct connection if we are behind NAT too, and
+        drop the relayed one. Bounded by `punch_budget`; on failure the relay stays in use."""
+        if self.punch is None or self._punch_ip() is None:
+            return
+        with trio.move_on_after(self.punch_budget) as scope:
+            try:
+                direct = await self.punch.punch(peer)
+            except PunchError as exc:
+                log.info("no direct path to peer=%s, staying relayed: %s", peer, exc)
+                return
+            for conn in list(self.host.get_network().get_connections(peer)):
+                if conn is not direct:
+                    await conn.close()
+        if scope.cancelled_caught:
+            log.info("no direct path to peer=%s within %.0f s, staying relayed", peer, self.punch_budget)
 
     def keepalive(self) -> list[LinkActivity]:
         """Connections the idle sweeper must leave open: those to our relays and those carrying
@@ -278,6 +303,7 @@ class NatTraversal:
 
     def describe(self) -> dict[str, Any]:
         return {"reachability": self.reachability, "mode": self.mode, "relay_service": self.hop,
+                "observed_ip": self.observed_ip, "punched": self.punch.punched if self.punch else 0,
                 "relays": self.reservations.describe() if self.reservations else []}
 
     async def probe(self) -> str:
@@ -297,6 +323,9 @@ class NatTraversal:
             async with trio.open_nursery() as nursery:
                 for helper in helpers:
                     nursery.start_soon(ask, helper)
+        seen = [r.get("observed_ip") for r in replies if r.get("observed_ip")]
+        if seen:
+            self.observed_ip = max(set(seen), key=seen.count)
         verdict = judge(replies)
         log.info("reachability peer=%s: %s (%d of %d helpers answered)", self.host.get_id(), verdict,
                  len(replies), len(helpers))
@@ -325,6 +354,8 @@ class NatTraversal:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Decide (probe unless overridden), start hop or reservations, then re-probe every
         `probe_period` in auto mode. Reports started once the first decision is applied."""
+        self.punch = PunchService(self.host, self._punch_ip)
+        self.host.set_stream_handler(PUNCH_PROTOCOL, self.punch.handle)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if not self.hop:  # every daemon accepts relayed connections (the STOP role)

@@ -9,7 +9,10 @@ equivalent with what TCP punching needs (docs/py-libp2p.md):
 - both bind that port with SO_REUSEADDR/SO_REUSEPORT and dial each other's public address at
   once, again and again for `PUNCH_TIMEOUT` seconds: each outgoing SYN opens the sender's NAT
   for the other's SYN (TCP simultaneous open), which works through NATs that keep the source
-  port (Linux masquerading does when the port is free) and filter by established state;
+  port (Linux masquerading does when the port is free) and filter by established state. A NAT
+  that answers the first, unsolicited SYN with a reset instead of dropping it makes this a race
+  (each retry must cross the other side's SYN in flight); one that drops it, as home routers'
+  firewalls do, lets the kernel's own SYN retransmission complete the simultaneous open;
 - the socket is upgraded to a libp2p connection with fixed roles (the asker is the Noise
   initiator), so no simultaneous-open negotiation is needed; the peer id is checked by Noise.
 Where the NAT rewrites ports (symmetric NAT) the punch times out and the relay stays in use.
@@ -38,8 +41,11 @@ log = logging.getLogger("petals_protocol.p2p.punch")
 
 PUNCH_PROTOCOL = "/petals/punch/1"
 PUNCH_TIMEOUT = 10.0
-_ATTEMPT = 0.5  # one connect attempt; a refused or dropped SYN is retried at once
+_ATTEMPT = 3.0  # one connect attempt: the kernel resends a dropped SYN within it; a refused one is retried
 _MAX_MESSAGE = 1024
+#: A peer may ask us to punch at most once per this many seconds (each punch dials an address
+#: the peer names for PUNCH_TIMEOUT seconds).
+MIN_INTERVAL_PER_PEER = 30.0
 
 
 class PunchError(PetalsError):
@@ -98,6 +104,7 @@ class PunchService:
         self.host = host
         self.public_ip = public_ip
         self.punched = 0  # direct connections made by punching (either side)
+        self._last: dict[str, float] = {}
 
     async def handle(self, stream: Any) -> None:
         """The answering side: reply with our address, punch, upgrade as the Noise responder."""
@@ -105,11 +112,16 @@ class PunchService:
         try:
             with trio.fail_after(PUNCH_TIMEOUT + 5):
                 theirs = await _read(stream)
+                now = trio.current_time()
+                if now - self._last.get(str(peer), -MIN_INTERVAL_PER_PEER) < MIN_INTERVAL_PER_PEER:
+                    raise PunchError("rate limited")
+                self._last[str(peer)] = now
                 ip = self.public_ip()
                 if ip is None:
                     raise PunchError("our public IP is unknown")
                 port = _free_port()
                 await _write(stream, ip, port)
+                log.info("hole punch asked by peer=%s: %s:%d <-> %s:%d", peer, ip, port, theirs["ip"], theirs["port"])
                 tcp = await punch_tcp(port, theirs["ip"], theirs["port"])
                 raw = RawConnection(TrioTCPStream(tcp), initiator=False)
                 muxed = await self.host.upgrade_inbound_connection(
@@ -141,6 +153,7 @@ class PunchService:
                 finally:
                     with trio.move_on_after(1):
                         await stream.close()
+                log.info("hole punching peer=%s: %s:%d <-> %s:%d", peer, ip, port, theirs["ip"], theirs["port"])
                 tcp = await punch_tcp(port, theirs["ip"], theirs["port"])
                 raw = RawConnection(TrioTCPStream(tcp), initiator=True)
                 conn = await self.host.upgrade_outbound_connection(raw, peer)

@@ -6,7 +6,8 @@
 Hosts (namespace names are "<name>-<host>"):
   pub    198.51.100.1  the public network (a bridge): bootstrap daemons, relays, clients
   home   203.0.113.2   behind router rtr (198.51.100.2 outside): masquerading NAT, it can dial
-                       out to 198.51.100.0/24 and nobody can dial in
+                       out to 198.51.100.0/24 and nobody can dial in (unsolicited connections
+                       to the router are dropped, as a home router's firewall does)
   home2  192.0.2.2     behind its own router rtr2 (198.51.100.3 outside), for hole punching
 
 Only documentation (TEST-NET) addresses are used, inside namespaces the lab made; nothing is
@@ -18,9 +19,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 PUBLIC_IP = "198.51.100.1"
 ROUTER_IPS = {"home": "198.51.100.2", "home2": "198.51.100.3"}
@@ -71,6 +74,13 @@ class NatLab:
     def run(self, host: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.prefix(host), *cmd], capture_output=True, text=True, timeout=timeout)
 
+    def python(self, host: str, folder: Path) -> str:
+        """A `python` that runs inside `host`'s namespace (for tools that take an interpreter path)."""
+        wrapper = folder / f"python-{self.name}-{host}"
+        wrapper.write_text(f'#!/bin/sh\nexec {" ".join(self.prefix(host))} {sys.executable} "$@"\n')
+        wrapper.chmod(0o755)
+        return str(wrapper)
+
     def namespaces(self) -> list[str]:
         return [self.ns(h) for h in ("pub", "rtr", "home", "rtr2", "home2")]
 
@@ -119,6 +129,10 @@ class NatLab:
         _sh(*ex, "iptables", "-A", "FORWARD", "-i", up_rtr, "-m", "state", "--state", "ESTABLISHED,RELATED",
             "-j", "ACCEPT")
         _sh(*ex, "iptables", "-A", "FORWARD", "-i", up_rtr, "-j", "DROP")
+        # Like a home router's firewall: unsolicited connections to the router itself are dropped,
+        # not answered with a reset (which would also make a hole punch a race against the RST).
+        _sh(*ex, "iptables", "-A", "INPUT", "-i", up_rtr, "-p", "tcp", "-m", "state", "--state", "NEW",
+            "-j", "DROP")
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import stat
 import statistics
 import subprocess
 import sys
@@ -38,14 +37,6 @@ pytestmark = [pytest.mark.system, pytest.mark.slow]
 CLIENT = Path(__file__).with_name("nat_client.py")
 DAEMON_ARGS = ["--num-threads", "1", "--log-level", "info", "--throughput", "100"]
 PROMPT = [1, 17, 42, 99, 5, 64, 3]
-
-
-def _python_in(lab: NatLab, host: str, folder: Path) -> str:
-    """A `python` that runs inside `host`'s namespace (LocalSwarm takes an interpreter path)."""
-    wrapper = folder / f"python-{host}"
-    wrapper.write_text(f'#!/bin/sh\nexec {" ".join(lab.prefix(host))} {sys.executable} "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return str(wrapper)
 
 
 class Lab:
@@ -83,9 +74,9 @@ def nat_swarm(tmp_path_factory) -> Iterator[Lab]:
                                    vocab_size=128, seed=11)
     lab_name = f"pn{os.getpid() % 100000}"
     with nat_lab(lab_name) as lab:
-        pub = LocalSwarm(model, workdir=folder, python=_python_in(lab, "pub", folder), extra_args=DAEMON_ARGS,
+        pub = LocalSwarm(model, workdir=folder, python=lab.python("pub", folder), extra_args=DAEMON_ARGS,
                          echo=bool(os.environ.get("PETALS_TEST_ECHO")))
-        home = LocalSwarm(model, workdir=folder, python=_python_in(lab, "home", folder), extra_args=DAEMON_ARGS,
+        home = LocalSwarm(model, workdir=folder, python=lab.python("home", folder), extra_args=DAEMON_ARGS,
                           echo=bool(os.environ.get("PETALS_TEST_ECHO")))
         public = ["--listen", f"/ip4/{PUBLIC_IP}/tcp/0", "--reachability", "public"]
         try:
@@ -222,7 +213,7 @@ def test_go_libp2p_relay_serves_a_natted_daemon(nat_swarm: Lab, local_tokens, tm
             go_id = match.group(1) if match else ""
         assert go_id, "p2pd printed no peer id"
         relay = f"/ip4/{PUBLIC_IP}/tcp/{port}/p2p/{go_id}"
-        home2 = LocalSwarm(nat_swarm.model, workdir=folder, python=_python_in(lab, "home2", folder),
+        home2 = LocalSwarm(nat_swarm.model, workdir=folder, python=lab.python("home2", folder),
                            extra_args=DAEMON_ARGS, echo=bool(os.environ.get("PETALS_TEST_ECHO")))
         try:
             b2 = home2.start("3:6", name="b2", initial_peers=nat_swarm.live_peer(),

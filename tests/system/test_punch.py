@@ -67,3 +67,54 @@ def test_two_natted_peers_punch_a_direct_connection() -> None:
                     proc.kill()
                 proc.wait()
     assert not leftover_namespaces(lab)
+
+
+def test_daemons_behind_two_nats_push_over_a_punched_connection(tmp_path) -> None:
+    """A chain A (public, relay) -> B (behind one NAT) -> B2 (behind the other): B's push to B2
+    first goes through the relay, then B punches a direct connection and the push link uses it.
+    The generated tokens stay exactly local transformers'."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    problem = ensure_tools()
+    assert problem is None, problem
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from petals_client.localswarm import LocalSwarm
+    from petals_protocol.models.synthetic import make_random_checkpoint
+
+    model = make_random_checkpoint(tmp_path / "llama", "llama", num_layers=6, hidden_size=64, num_heads=4,
+                                   vocab_size=128, seed=11)
+    args = ["--num-threads", "1", "--log-level", "info", "--throughput", "100"]
+    prompt = [1, 17, 42, 99, 5, 64, 3]
+    swarms: list[LocalSwarm] = []
+    with nat_lab(f"pd{os.getpid() % 100000}") as lab:
+        try:
+            pub, home, home2 = (LocalSwarm(model, workdir=tmp_path, python=lab.python(h, tmp_path), extra_args=args,
+                                           echo=bool(os.environ.get("PETALS_TEST_ECHO")))
+                                for h in ("pub", "home", "home2"))
+            swarms += [home2, home, pub]
+            a = pub.start("0:2", name="a", args=["--listen", f"/ip4/{PUBLIC_IP}/tcp/0", "--reachability", "public"])
+            b = home.start("2:4", name="b", initial_peers=a.addrs, args=["--listen", f"/ip4/{HOME_IPS['home']}/tcp/0"])
+            b2 = home2.start("4:6", name="b2", initial_peers=a.addrs,
+                             args=["--listen", f"/ip4/{HOME_IPS['home2']}/tcp/0"])
+            client = Path(__file__).with_name("nat_client.py")
+            done = subprocess.run([*lab.prefix("pub"), sys.executable, str(client), "--model", str(model),
+                                   "--peer", a.addrs[0], "--prompt", json.dumps(prompt), "--tokens", "20"],
+                                  capture_output=True, text=True, timeout=300)
+            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            assert lines, done.stderr[-6000:]
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            assert [h["peer_id"] for h in result["route_before"]] == [a.peer_id, b.peer_id, b2.peer_id]
+            local = AutoModelForCausalLM.from_pretrained(model)
+            expected = local.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0].tolist()
+            assert result["tokens"] == expected
+            punched = [line for line in b.log if "hole punched" in line]
+            assert punched and ROUTER_IPS["home2"] in punched[0], "\n".join(list(b.log)[-30:])
+            assert any("hole punched" in line for line in b2.log)
+        finally:
+            for swarm in swarms:
+                for d in swarm.daemons:
+                    d.signal(9)
+                swarm.stop()
+    assert not leftover_namespaces(lab)
