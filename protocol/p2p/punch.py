@@ -104,6 +104,7 @@ class PunchService:
         self.host = host
         self.public_ip = public_ip
         self.punched = 0  # direct connections made by punching (either side)
+        self.peers: set[str] = set()  # peers we hold a punched connection with (or did)
         self._last: dict[str, float] = {}
 
     async def handle(self, stream: Any) -> None:
@@ -130,6 +131,7 @@ class PunchService:
                     await muxed.close()
                     raise PunchError(f"punched connection authenticated {muxed.peer_id}, expected {peer}")
             self.punched += 1
+            self.peers.add(str(peer))
             log.info("hole punched peer=%s at %s:%d (answering)", peer, theirs["ip"], theirs["port"])
         except Exception as exc:  # noqa: BLE001 - a handler must not take the host down
             log.info("hole punch with peer=%s failed: %s", peer, exc)
@@ -162,5 +164,6 @@ class PunchService:
         except Exception as exc:  # noqa: BLE001 - libp2p's zoo: resets, handshake failures, timeouts
             raise PunchError(f"hole punch with {peer}: {exc}") from exc
         self.punched += 1
+        self.peers.add(str(peer))
         log.info("hole punched peer=%s at %s:%d", peer, theirs["ip"], theirs["port"])
         return conn

@@ -112,6 +112,12 @@ def test_daemons_behind_two_nats_push_over_a_punched_connection(tmp_path) -> Non
             punched = [line for line in b.log if "hole punched" in line]
             assert punched and ROUTER_IPS["home2"] in punched[0], "\n".join(list(b.log)[-30:])
             assert any("hole punched" in line for line in b2.log)
+            # The control API tells the punched connection from the relayed and direct ones.
+            ctl = subprocess.run([sys.executable, "-m", "petals_client.cli", "ctl", "--socket", str(tmp_path / "b.sock"),
+                                  "--json", "peers"], capture_output=True, text=True, timeout=60)
+            paths = {p["peer_id"]: p["path"] for p in json.loads(ctl.stdout)}
+            assert paths.get(b2.peer_id) == "punched", (paths, ctl.stderr)
+            assert paths.get(a.peer_id) == "direct", paths
         finally:
             for swarm in swarms:
                 for d in swarm.daemons:
