@@ -255,6 +255,7 @@ class NatTraversal:
     reservations: Reservations | None = None
     _nursery: trio.Nursery | None = None
     _ticks: int = 0
+    _hop_protocol: Any = None  # the hop service once started (its reservations keep connections open)
     observed_ip: str | None = None  # our IP as helpers saw it (behind NAT: the router's)
     punch_budget: float = 5.0
     punch: PunchService | None = None
@@ -285,7 +286,7 @@ class NatTraversal:
         circuits or reservations (a relayed stream shows no stream opens while it carries steps).
         Fresh step counts on every call read as activity."""
         self._ticks += 1
-        peers = relay_connections(self.host)
+        peers = relay_connections(self.host, self._hop_protocol)
         if self.reservations is not None:
             peers.update(self.reservations.relays())
         return [LinkActivity(peer=p, steps=self._ticks) for p in peers]
@@ -336,7 +337,7 @@ class NatTraversal:
         changed = verdict != self.reachability
         self.reachability = verdict
         if verdict == "public" and self.relay_service and not self.hop:
-            await self._nursery.start(lambda task_status: run_relay_protocol(
+            self._hop_protocol = await self._nursery.start(lambda task_status: run_relay_protocol(
                 self.host, hop=True, limits=self.limits, task_status=task_status))
             self.hop = True
             log.info("relay service on peer=%s (max %d reservations, %d circuits each)", self.host.get_id(),

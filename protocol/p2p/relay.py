@@ -115,11 +115,15 @@ async def dial_circuit(host: IHost, addr: str) -> ID:
     return conn.muxed_conn.peer_id
 
 
-def relay_connections(host: IHost) -> set[str]:
-    """Peers we are connected with that carry a relay stream (a circuit or a reservation):
-    idle-connection sweeping must leave those connections alone."""
+def relay_connections(host: IHost, hop: CircuitV2Protocol | None = None) -> set[str]:
+    """Peers whose connection carries a circuit (a relay stream) or, on a relay (`hop`), a
+    reservation: idle-connection sweeping must leave those connections alone, or the relay could
+    no longer reach the reserved peer."""
     peers = set()
     for peer_id, conns in host.get_network().get_connections_map().items():
+        if hop is not None and hop.resource_manager.has_reservation(peer_id):
+            peers.add(str(peer_id))
+            continue
         for conn in conns:
             if any(str(s.get_protocol()) in (HOP_PROTOCOL, STOP_PROTOCOL) for s in conn.get_streams()):
                 peers.add(str(peer_id))
@@ -195,7 +199,7 @@ class Reservations:
             self.on_change()
 
     async def _reserve(self, transport: CircuitV2Transport, nursery: trio.Nursery, addr: str) -> bool:
-        from .host import DialError, connect  # host imports this module for relayed dials
+        from .host import connect  # host imports this module for relayed dials
 
         relay = addr.rpartition("/p2p/")[2]
         try:
@@ -206,7 +210,7 @@ class Reservations:
                     ok = await transport.reserve(stream, relay_id, nursery)
                 finally:
                     await stream.close()
-        except (DialError, trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - libp2p's zoo of errors
+        except Exception as exc:  # noqa: BLE001 - DialError, timeouts, and libp2p's zoo of stream errors
             log.info("no reservation on relay %s: %s", addr, exc)
             return False
         if not ok:
