@@ -118,6 +118,11 @@ def test_daemons_behind_two_nats_push_over_a_punched_connection(tmp_path) -> Non
             paths = {p["peer_id"]: p["path"] for p in json.loads(ctl.stdout)}
             assert paths.get(b2.peer_id) == "punched", (paths, ctl.stderr)
             assert paths.get(a.peer_id) == "direct", paths
+            ctl = subprocess.run([sys.executable, "-m", "petals_client.cli", "ctl", "--socket", str(tmp_path / "b.sock"),
+                                  "--json", "status"], capture_output=True, text=True, timeout=60)
+            nat = json.loads(ctl.stdout)["nat"]
+            assert nat["reachability"] == "private" and nat["observed_ip"] == ROUTER_IPS["home"], nat
+            assert [r["relay"] for r in nat["relays"]] == [a.peer_id] and nat["punched"] >= 1, nat
         finally:
             for swarm in swarms:
                 for d in swarm.daemons:
