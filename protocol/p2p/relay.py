@@ -7,7 +7,7 @@ py-libp2p ships the protocol (`libp2p.relay.circuit_v2`) but leaves three things
   `host.new_stream(peer)` works on it like on a direct one.
 - A host only accepts relayed connections while a `CircuitV2Protocol` service runs on it (the
   STOP handler); a relay runs the same service with the HOP role. `run_relay_protocol` runs one.
-  Its default limits (about 1 GiB and 1 h per circuit) would end a long session's activations
+  Its default per-circuit limits (docs/py-libp2p.md) would end a long session's activations
   mid-generation, so relays we run take `RelayLimitsConfig`.
 - A reservation is not announced anywhere and not renewed when the relay goes away:
   `Reservations` holds slots on several relays, notices a lost one within `check_period`,
@@ -74,10 +74,10 @@ def relay_peer_of(addr: str) -> str | None:
 
 @dataclass(frozen=True)
 class RelayLimitsConfig:
-    """What a relay we run grants. A decode step moves a few KiB per hop and a long session a
-    few hundred MiB, so circuits get a day and tens of GiB; `max_reservations` (peers behind NAT
-    one relay serves) and `max_circuits` (relayed connections per reserved peer at once) are
-    the caps on how much of the relay's bandwidth others can take."""
+    """What a relay we run grants. A circuit carries every activation of the sessions between two
+    peers, so its duration and byte limits must outlast long sessions; `max_reservations` (peers
+    behind NAT one relay serves) and `max_circuits` (relayed connections per reserved peer at
+    once) cap how much of the relay's bandwidth others can take."""
 
     max_reservations: int = 32
     max_circuits: int = 16
