@@ -62,6 +62,10 @@ class SwarmClient:
         self._bans[peer_id] = _Ban(until=time.monotonic() + seconds, strikes=strikes)
         log.info("banned peer=%s for %.0f s (strike %d)", peer_id, seconds, strikes)
 
+    def unban(self, peer_id: str) -> None:
+        """Forget `peer_id`'s failures (an operator or a benchmark knows it is back)."""
+        self._bans.pop(peer_id, None)
+
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
         return frozenset(p for p, b in self._bans.items() if b.until > now)

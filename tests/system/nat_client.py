@@ -50,6 +50,25 @@ class Streamer:
         pass
 
 
+def compare(model, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Per-token gaps of generations through RELAYED (DIRECT avoided) and DIRECT (RELAYED
+    avoided), interleaved so that a change in the machine's load hits both alike."""
+    relayed, direct = args.compare
+    out: dict = {"relayed": [], "direct": [], "routes": [], "outputs": []}
+    for _ in range(args.rounds):
+        for label, avoid, use in (("relayed", direct, relayed), ("direct", relayed, direct)):
+            model.swarm.unban(use)
+            model.swarm.ban(avoid)
+            with model.inference_session(max_length=prompt.shape[1] + args.tokens) as session:
+                streamer = Streamer(None, None)
+                tokens = model.generate(prompt, session=session, max_new_tokens=args.tokens, do_sample=False,
+                                        streamer=streamer)
+                out["routes"].append([label, [h.server.peer_id for h in session.route]])
+            out[label] += [b - a for a, b in zip(streamer.stamps[1:], streamer.stamps[2:])]
+            out["outputs"].append(tokens[0].tolist())
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -60,6 +79,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=30)
     p.add_argument("--kill-after", type=int)
     p.add_argument("--pids", default="{}", help="peer id -> pid, JSON")
+    p.add_argument("--compare", nargs=2, metavar=("RELAYED", "DIRECT"),
+                   help="instead: alternate generations avoiding one peer then the other, --rounds times")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="[client] %(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("libp2p").setLevel(logging.WARNING)
@@ -70,6 +92,9 @@ def main() -> None:
                                                          step_timeout=10.0, max_retries=4) as model:
         result["servers"] = [{"peer_id": s.peer_id, "addrs": list(s.addrs), "blocks": [s.start, s.end], "rtt": s.rtt}
                              for s in model.swarm.servers()]
+        if args.compare:
+            print("RESULT " + json.dumps({**result, **compare(model, prompt, args)}), flush=True)
+            return
         with model.inference_session(max_length=prompt.shape[1] + args.tokens) as session:
             killed: list[str] = []
 

@@ -121,21 +121,23 @@ def test_natted_daemon_serves_through_relays_token_exact(nat_swarm: Lab, local_t
 
 
 def test_routing_prefers_direct_and_relay_latency(nat_swarm: Lab, local_tokens) -> None:
-    """With a public daemon for the same blocks the client routes around the relay; prints the
-    per-token time of both chains against local generation (BENCHMARKS.md)."""
-    tokens = 40
-    relayed = nat_swarm.client(tokens)
-    assert relayed["route_before"][-1]["peer_id"] == nat_swarm.b.peer_id
+    """With a public daemon D for B's blocks the client routes around the relay. Then, in one
+    client, generations alternate between the relayed chain (D avoided) and the direct one (B
+    avoided); prints both per-token medians against local generation (BENCHMARKS.md)."""
+    tokens, rounds = 40, 3
     d = nat_swarm.pub.start("3:6", name="d", initial_peers=nat_swarm.live_peer(),
                             args=["--listen", f"/ip4/{PUBLIC_IP}/tcp/0", "--reachability", "public"])
     try:
-        direct = nat_swarm.client(tokens)
+        preferred = nat_swarm.client(tokens)
+        compared = nat_swarm.client(tokens, "--compare", nat_swarm.b.peer_id, d.peer_id, "--rounds", str(rounds))
     finally:
         d.signal(signal.SIGKILL)
         d.process.wait()
         nat_swarm.pub.daemons.remove(d)
-    assert direct["route_before"][-1]["peer_id"] == d.peer_id, direct["route_before"]
-    assert direct["tokens"] == relayed["tokens"] == local_tokens(tokens)
+    assert preferred["route_before"][-1]["peer_id"] == d.peer_id, preferred["route_before"]
+    expected = local_tokens(tokens)
+    assert preferred["tokens"] == expected and all(out == expected for out in compared["outputs"])
+    assert [r[1][-1] for r in compared["routes"]] == [nat_swarm.b.peer_id, d.peer_id] * rounds
     from transformers import AutoModelForCausalLM
 
     local = AutoModelForCausalLM.from_pretrained(nat_swarm.model)
@@ -151,15 +153,17 @@ def test_routing_prefers_direct_and_relay_latency(nat_swarm: Lab, local_tokens) 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each daemon runs
     try:
-        local.generate(torch.tensor([PROMPT]), max_new_tokens=tokens, do_sample=False, streamer=Clock())
+        for _ in range(rounds):
+            stamps.clear()
+            local.generate(torch.tensor([PROMPT]), max_new_tokens=tokens, do_sample=False, streamer=Clock())
     finally:
         torch.set_num_threads(threads)
     local_ms = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])) * 1000
-    direct_ms = statistics.median(direct["token_seconds"]) * 1000
-    relayed_ms = statistics.median(relayed["token_seconds"]) * 1000
-    print(f"\nper-token median, {tokens} tokens: local {local_ms:.2f} ms; direct chain {direct_ms:.2f} ms "
-          f"({direct_ms / local_ms:.1f}x local); relayed chain {relayed_ms:.2f} ms ({relayed_ms / local_ms:.1f}x "
-          f"local, {relayed_ms / direct_ms:.2f}x direct)")
+    direct_ms = statistics.median(compared["direct"]) * 1000
+    relayed_ms = statistics.median(compared["relayed"]) * 1000
+    print(f"\nper-token median, {rounds} x {tokens} tokens each: local {local_ms:.2f} ms; direct chain "
+          f"{direct_ms:.2f} ms ({direct_ms / local_ms:.1f}x local); relayed chain {relayed_ms:.2f} ms "
+          f"({relayed_ms / local_ms:.1f}x local, {relayed_ms / direct_ms:.2f}x direct)")
 
 
 def test_relay_lost_mid_generation_is_recovered(nat_swarm: Lab, local_tokens) -> None:
