@@ -17,6 +17,7 @@ from libp2p.abc import IHost
 
 from petals_protocol.p2p.dht import PetalsDHT, find_model_records, start_dht
 from petals_protocol.p2p.host import parse_peer_multiaddr
+from petals_protocol.p2p.relay import relay_peer_of
 from petals_protocol.records import ServerRecord
 
 __all__ = ["FoundServer", "Discovery", "join_swarm"]
@@ -40,6 +41,8 @@ class FoundServer:
     expires_at: float
     num_blocks: int = 0
     seq: int = 0
+    reachability: str | None = None  # what the daemon learnt (petalsd/reachability.py); None: not said
+    relays: tuple[str, ...] = ()  # peer ids of the relays its relayed addresses go through
 
     @classmethod
     def from_record(cls, record: ServerRecord) -> FoundServer:
@@ -57,7 +60,14 @@ class FoundServer:
             expires_at=record.expires_at,
             num_blocks=record.num_blocks,
             seq=record.seq,
+            reachability=record.reachability,
+            relays=tuple(dict.fromkeys(r for a in record.addrs if (r := relay_peer_of(a)))),
         )
+
+    @property
+    def via(self) -> str:
+        """How a client reaches it: "direct" or "relay" and the relays' peer ids."""
+        return f"relay {','.join(self.relays)}" if self.relays else "direct"
 
 
 def _with_peer_id(addr: str, peer: str) -> str:

@@ -64,6 +64,7 @@ from petals_protocol.messages import (
     SessionOpened,
     StepResult,
 )
+from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import StreamClosed
 from petals_protocol.signing import inference_binding, peer_id_from_text, verify_response
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
@@ -360,9 +361,13 @@ class InferenceSession:
             raise exc
         idle_for = failed.last_sent - failed.last_active
         await self._close_hop(failed)
-        if _looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER:
-            log.info("daemon %s closed blocks %d:%d after %.1f s idle (%s); re-opening and replaying %d tokens",
-                     failed.hop.server.name, failed.hop.start, failed.hop.end, idle_for, exc, failed.position)
+        # A daemon reached through a relay may be fine while its relay is gone: try it through its
+        # other addresses (relays) before giving up on it, as after an idle close.
+        relayed = bool(failed.hop.server.addrs) and all(is_circuit(a) for a in failed.hop.server.addrs)
+        if (_looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER) or relayed:
+            log.info("daemon %s closed blocks %d:%d (%s, %.1f s idle%s); re-opening and replaying %d tokens",
+                     failed.hop.server.name, failed.hop.start, failed.hop.end, exc, idle_for,
+                     ", relayed" if relayed else "", failed.position)
             try:
                 resumed = [await self._open_hop(failed.hop)]
                 await self._replay(resumed, failed.chunks)

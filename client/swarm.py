@@ -20,7 +20,7 @@ from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
 from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
 from petals_protocol.signing import peer_id_to_text
-from petals_protocol.p2p.host import connect
+from petals_protocol.p2p.host import connect_any
 from petals_protocol.p2p.streams import FramedStream, StreamClosed, open_stream
 
 from .routing import Hop, ServerInfo
@@ -64,6 +64,10 @@ class SwarmClient:
         self._bans[peer_id] = _Ban(until=time.monotonic() + seconds, strikes=strikes)
         log.info("banned peer=%s for %.0f s (strike %d)", peer_id, seconds, strikes)
 
+    def unban(self, peer_id: str) -> None:
+        """Forget `peer_id`'s failures (an operator or a benchmark knows it is back)."""
+        self._bans.pop(peer_id, None)
+
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
         return frozenset(p for p, b in self._bans.items() if b.until > now)
@@ -76,9 +80,9 @@ class SwarmClient:
         """Ask one daemon what it serves; None (logged) when it is unreachable or serves another model."""
         try:
             with trio.fail_after(self.connect_timeout):
-                peer_id = await connect(self.host, addr_or_peer)
                 if not addrs:
                     addrs = (addr_or_peer,)
+                peer_id = await connect_any(self.host, addrs)  # direct first, then through relays
                 begin = time.perf_counter()
                 stream = await open_stream(self.host, peer_id, INFO_PROTOCOL, nursery=self.nursery)
                 try:
@@ -135,7 +139,7 @@ class SwarmClient:
 
     async def _open(self, server: ServerInfo, protocol: str) -> FramedStream:
         if server.addrs:
-            await connect(self.host, server.addrs[0])
+            await connect_any(self.host, server.addrs)
         return await open_stream(self.host, ID.from_base58(server.peer_id), protocol, nursery=self.nursery)
 
 

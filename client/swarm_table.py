@@ -36,6 +36,13 @@ def short_id(peer_id: str) -> str:
     return f"…{peer_id[-8:]}"
 
 
+def _via(server: FoundServer) -> str:
+    """"direct", or "relay" and the relays' short ids (the record's /p2p-circuit addresses)."""
+    if not server.relays:
+        return "relay" if server.using_relay else "direct"
+    return "relay " + ",".join(short_id(r) for r in server.relays)
+
+
 def block_runs(servers: Sequence[FoundServer], num_blocks: int) -> list[tuple[int, int, tuple[str, ...]]]:
     """Maximal runs [start, end) of blocks served by the same set of online peers (empty = gap)."""
     holders: list[tuple[str, ...]] = [
@@ -69,11 +76,11 @@ def swarm_document(fingerprint: str, num_blocks: int, servers: Sequence[FoundSer
 
 def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer], *, now: float) -> str:
     lines = [f"model {fingerprint[:16]}…  {num_blocks} blocks  {len(servers)} servers", ""]
-    lines.append(f"{'peer':<10} {'name':<16} {'state':<8} {'blocks':>7} {'steps/s':>8} {'cache':>8}  {'via':<6} {'expires':>7}")
+    lines.append(f"{'peer':<10} {'name':<16} {'state':<8} {'blocks':>7} {'steps/s':>8} {'cache':>8}  {'via':<24} {'expires':>7}")
     for s in sorted(servers, key=lambda s: (s.start, s.end, s.peer_id)):
         lines.append(
             f"{short_id(s.peer_id):<10} {s.public_name[:16]:<16} {s.state:<8} {f'{s.start}:{s.end}':>7} "
-            f"{s.throughput:>8.1f} {s.cache_tokens_free:>8}  {'relay' if s.using_relay else 'direct':<6} "
+            f"{s.throughput:>8.1f} {s.cache_tokens_free:>8}  {_via(s):<24} "
             f"{max(0.0, s.expires_at - now):>6.0f}s"
         )
     lines.append("")

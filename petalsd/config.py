@@ -412,6 +412,29 @@ class DaemonConfig:
     max_push_targets_per_session: int = _opt(
         4, _positive_int, "Most distinct next daemons one session may have its steps pushed to "
         "(a client replacing a failed hop needs a few).", flag_type=int, reload=True)
+    reachability: str = _opt(
+        "auto", _choice(("auto", "public", "private")), "Whether other peers can dial this daemon: "
+        "auto asks other daemons to dial it back (loopback and private addresses never count as "
+        "public); public serves as a relay for others; private reserves slots on relays and "
+        "announces relayed addresses.", choices=("auto", "public", "private"))
+    relay: list[str] = _opt(
+        None, _multiaddr_list(require_peer_id=True), "Circuit Relay v2 relays (any implementation) "
+        "to reserve on when not publicly reachable, tried before relays found in the swarm.",
+        factory=list)
+    relay_service: bool = _opt(
+        True, _bool, "Offer Circuit Relay v2 hop service when publicly reachable.", flag_type=None)
+    relay_max_reservations: int = _opt(
+        32, _positive_int, "Relay service: peers behind NAT that may hold a slot here at once.",
+        flag_type=int)
+    relay_max_circuits: int = _opt(
+        16, _positive_int, "Relay service: relayed connections per reserved peer at once.",
+        flag_type=int)
+    relay_circuit_duration: float = _opt(
+        86400.0, _positive_seconds, "Relay service: seconds one relayed connection may last (a long "
+        "session's activations must not be cut).", flag_type=float)
+    relay_circuit_data: int = _opt(
+        64 * 2**30, _positive_size, "Relay service: bytes one relayed connection may carry "
+        "(e.g. 64GiB).")
 
     def span(self) -> tuple[int, int] | None:
         """`blocks` as (start, end), or None when the daemon chooses its span."""

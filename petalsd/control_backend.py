@@ -11,6 +11,15 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 
+def _path(daemon: Daemon, peer: str, conns: Any) -> str:
+    """How we are connected to `peer`: "relayed", "punched" (a hole-punched direct connection) or "direct"."""
+    circuit = any("/p2p-circuit" in str(a) for c in conns for a in c.get_transport_addresses())
+    if circuit:
+        return "relayed"
+    punch = daemon.nat.punch if daemon.nat is not None else None
+    return "punched" if punch is not None and peer in punch.peers else "direct"
+
+
 class DaemonControl:
     """Implements control.ControlBackend by reading (and poking) the running Daemon."""
 
@@ -47,6 +56,9 @@ class DaemonControl:
             "limits": ctx.gate.limits.describe(),
             "peer_use": {**ctx.gate.describe(), "buffered_bytes": ctx.buffers.used,
                          "buffer_refusals": ctx.buffers.refused},
+            # reachability (public/private/unknown), hop service, relays held (petalsd/reachability.py)
+            "nat": d.nat.describe() if d.nat is not None else None,
+            "announced_addresses": d.announce_addrs(),
         }
 
     async def sessions(self) -> list[dict[str, Any]]:
@@ -59,7 +71,8 @@ class DaemonControl:
         out = []
         for peer_id, conns in host.get_network().get_connections_map().items():
             addrs = [str(a) for a in host.get_peerstore().addrs(peer_id)] if conns else []
-            out.append({"peer_id": str(peer_id), "connections": len(conns), "addresses": addrs})
+            out.append({"peer_id": str(peer_id), "connections": len(conns), "addresses": addrs,
+                        "path": _path(self.daemon, str(peer_id), conns)})
         return out
 
     async def metrics(self) -> list[Metric]:

@@ -66,6 +66,7 @@ from .forwarding import Forwarder
 from .handlers import Limits, ServingContext, serve_inference, serve_info, serve_stateless
 from .notify import Notifier
 from .placement import choose_span, default_num_blocks, should_move
+from .reachability import DIALBACK_PROTOCOL, DialbackServer, NatTraversal
 from .sessions import CacheBudget, SessionTable
 
 log = logging.getLogger("petalsd")
@@ -160,6 +161,7 @@ class Daemon:
     announcer: Announcer | None = None
     serving_shards: set[str] = field(default_factory=set)  # the shards of the loaded span (disk eviction)
     banning: Banning | None = None
+    nat: NatTraversal | None = None
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
 
@@ -356,15 +358,53 @@ class Daemon:
             state="online" if ctx.state == "online" else ("joining" if ctx.state == "joining" else "offline"),
             throughput=ctx.throughput, cache_tokens_free=ctx.cache_tokens_free(),
             addrs=tuple(self.announce_addrs()[:16]), public_name=ctx.public_name, version=ctx.version,
-            expires_at=time.time() + self.config.record_ttl, seq=0, using_relay=False,
+            expires_at=time.time() + self.config.record_ttl, seq=0,
+            using_relay=self.nat is not None and self.nat.using_relay,
+            reachability=self.nat.reachability if self.nat is not None else None,
         )
 
     def announce_addrs(self) -> list[str]:
+        """What the record lists: the direct addresses, or relayed ones when we are not reachable."""
+        direct = self.direct_addrs()
+        return self.nat.announce_addrs(direct) if self.nat is not None else direct
+
+    def direct_addrs(self) -> list[str]:
         """Operator-given announce addresses first, then what we listen on (minus the unspecified)."""
         suffix = f"/p2p/{self.peer_id}"
         given = [a if "/p2p/" in a else a + suffix for a in self.config.announce_addrs]
         listening = [a for a in (self.addrs or []) if "/ip4/0.0.0.0/" not in a and "/ip6/::/" not in a]
         return given + [a for a in listening if a not in given]
+
+    def _nat_traversal(self, dht: Any) -> NatTraversal:
+        """Reachability and relays (petalsd/reachability.py), fed from the swarm's records."""
+        from petals_protocol.p2p.relay import RelayLimitsConfig, is_circuit
+
+        c = self.config
+
+        async def others() -> list[ServerRecord]:
+            return [r for r in await find_model_records(dht, self.fingerprint)
+                    if r.peer_id != self.peer_id_bytes and r.state != "offline"]
+
+        def direct(record: ServerRecord) -> list[str]:
+            suffix = f"/p2p/{record.peer_id_text}"
+            return [a if a.endswith(suffix) else a + suffix for a in record.addrs if not is_circuit(a)]
+
+        async def helpers() -> list[str]:
+            found = [a for r in await others() for a in direct(r)[:1]]
+            return list(dict.fromkeys([*c.initial_peers, *found]))
+
+        async def relay_candidates() -> list[str]:
+            return [a for r in await others() if r.reachability == "public" for a in direct(r)[:1]]
+
+        def on_change() -> None:
+            if self.announcer is not None:
+                self.announcer.request_announce()
+
+        limits = RelayLimitsConfig(max_reservations=c.relay_max_reservations, max_circuits=c.relay_max_circuits,
+                                   circuit_duration=c.relay_circuit_duration, circuit_data=c.relay_circuit_data)
+        return NatTraversal(self.host, c.reachability, self.direct_addrs,
+                            helpers, relay_candidates, on_change, relays=tuple(c.relay),
+                            relay_service=c.relay_service, limits=limits)
 
     async def _place(self, dht: Any) -> tuple[int, int]:
         """--num-blocks: the span whose blocks the swarm serves least (by announced throughput)."""
@@ -506,8 +546,13 @@ class Daemon:
             host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd"})))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"bwd"}), tensors=2))
             # Push links carry steps without new streams: they count as activity like sessions do.
+            host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer().handle)
+            self.nat = self._nat_traversal(dht)
+            await nursery.start(self.nat.run)  # before the first record: it may carry relayed addresses
+            self.ctx.forwarder.direct_path = self.nat.direct_path
             await nursery.start(IdleConnections(host,
-                                                sessions=lambda: [*self.ctx.sessions, *self.ctx.link_activity()],
+                                                sessions=lambda: [*self.ctx.sessions, *self.ctx.link_activity(),
+                                                                  *self.nat.keepalive()],
                                                 timeout=lambda: self.config.idle_connection_timeout).run)
             control = await self._start_control_api(nursery)
             self.ctx.state = "online"

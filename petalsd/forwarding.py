@@ -51,6 +51,7 @@ from petals_protocol.errors import PetalsError
 from petals_protocol.ids import INFERENCE_PROTOCOL
 from petals_protocol.messages import ErrorReply, InferenceStep, PushTarget
 from petals_protocol.p2p.host import connect, parse_peer_multiaddr
+from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import FramedStream, open_stream
 from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_to_text
@@ -130,6 +131,9 @@ class Forwarder:
     _addr_peers: dict[str, str] = field(default_factory=dict)  # push address -> the peer it names
     _non_members: dict[str, float] = field(default_factory=dict)  # refused peer -> until when
     _known: dict[str, ServerRecord] = field(default_factory=dict)  # swarm records learnt in the background
+    #: Called after dialling a next daemon through a relay, before its stream opens: may replace
+    #: the relayed connection with a punched one (petalsd/reachability.py). Bounded, never raises.
+    direct_path: Callable[[ID], Awaitable[None]] | None = None
     pushes_sent: int = 0  # steps written to next daemons
     push_writes: int = 0  # stream writes that carried them (fewer when a batch's pushes coalesce)
 
@@ -229,13 +233,19 @@ class Forwarder:
         return record
 
     async def _dial(self, record: ServerRecord, peer: str) -> Any:
-        """Connect to the peer at the addresses of its own record (never at a client's)."""
+        """Connect to the peer at the addresses of its own record (never at a client's): direct
+        addresses first; through a relay, the hole-punch hook may then replace that connection."""
         failure: BaseException | None = None
-        for addr in record.addrs:
+        for addr in sorted(record.addrs, key=is_circuit):  # direct first, relays after
+            full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer}"
             try:
-                return await connect(self.host, addr if "/p2p/" in addr else f"{addr}/p2p/{peer}")
+                peer_id = await connect(self.host, full)
             except (PetalsError, OSError) as exc:
                 failure = exc
+                continue
+            if self.direct_path is not None and is_circuit(full):
+                await self.direct_path(peer_id)  # may swap the relayed connection for a punched one
+            return peer_id
         raise PushRefused(f"push target {peer}: none of its {len(record.addrs)} announced addresses answered "
                           f"({failure})")
 

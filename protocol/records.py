@@ -36,6 +36,7 @@ from .messages import (
     _fields_to_wire,
     _Fingerprint,
     _Float,
+    _opt,
     _Spec,
     _Text,
     _UInt,
@@ -50,6 +51,7 @@ __all__ = [
     "MAX_ADDR_LENGTH",
     "RECORD_NAMESPACE",
     "MODEL_INDEX_NAMESPACE",
+    "REACHABILITY",
     "ServerRecord",
     "encode_record",
     "decode_record",
@@ -67,6 +69,8 @@ MAX_ADDR_LENGTH = 256  # "/ip4/.../tcp/N/p2p/<relay>/p2p-circuit/p2p/<peer>" is 
 RECORD_NAMESPACE = "petals"
 MODEL_INDEX_NAMESPACE = "petals-model"
 _RECORD_DOMAIN = b"petals/record/1\n"
+#: What a daemon learnt about dialing it (petalsd/reachability.py); "public" ones serve as relays.
+REACHABILITY = ("public", "private", "unknown")
 _BLOB_KEYS = frozenset({"record", "sig"})
 
 
@@ -103,7 +107,8 @@ class ServerRecord:
     divided by the time of one decode step through it (what routing divides a hop's length by). `cache_tokens_free`: KV-cache room, in tokens, for
     new sessions. `expires_at`: unix time after which nobody should believe the record.
     `seq`: increases with every record the daemon signs (a restart must not reuse lower values:
-    use e.g. the unix time in milliseconds).
+    use e.g. the unix time in milliseconds). `using_relay`: `addrs` are `/p2p-circuit` addresses
+    through relays; `reachability`: whether others can dial it directly ("public" ones also relay).
     """
 
     peer_id: bytes = _f(_Bytes(1, MAX_PEER_ID_SIZE))
@@ -121,6 +126,8 @@ class ServerRecord:
     expires_at: float = _f(_Float())
     seq: int = _f(_UInt())
     using_relay: bool = _f(_Bool())
+    # Added after records shipped: elided when None, so older peers still decode our records.
+    reachability: str | None = _opt(_Text(16, REACHABILITY), elidable=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, BadRecord)

@@ -40,6 +40,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from ..errors import PetalsError
+from .relay import dial_circuit, is_circuit
 
 __all__ = [
     "DEFAULT_DIAL_TIMEOUT",
@@ -54,6 +55,7 @@ __all__ = [
     "listen_multiaddrs",
     "parse_peer_multiaddr",
     "connect",
+    "connect_any",
 ]
 
 # A loopback connect takes ~15 ms and a WAN one a few RTTs; 10 s leaves room for a slow
@@ -270,18 +272,49 @@ async def connect(host: IHost, addr: str, *, timeout: float = DEFAULT_DIAL_TIMEO
     """
     info = parse_peer_multiaddr(addr)
     peer = str(info.peer_id)
-    if "/p2p-circuit" in addr:
-        # py-libp2p refuses relay-only addresses in host.connect (py-libp2p bug 8); a relayed dial
-        # goes through CircuitV2Transport.dial(), which this helper does not do yet.
-        raise DialError(peer, addr, "relayed (/p2p-circuit) addresses need a Circuit Relay v2 dial")
+    relayed = is_circuit(addr)
+    if relayed and await _reuse_connection(host, info.peer_id):
+        return info.peer_id  # host.connect's shortcut, which a relayed dial does not take
     with trio.move_on_after(timeout) as scope:
         try:
-            await host.connect(info)
+            if relayed:  # host.connect refuses relay-only addresses (py-libp2p bug 8)
+                await dial_circuit(host, addr)
+            else:
+                await host.connect(info)
         except Exception as exc:  # libp2p's dial raises a zoo of types (SwarmException, OSError...)
             raise DialError(peer, addr, _describe(exc)) from exc
     if scope.cancelled_caught:
         raise DialError(peer, addr, f"timed out after {timeout:g} s")
     return info.peer_id
+
+
+async def _reuse_connection(host: IHost, peer: ID) -> bool:
+    """Whether a live connection to `peer` is open. Dead ones are closed first: a relayed
+    connection outlives its relay for a while, and new streams would be refused on it."""
+    live = False
+    for conn in list(host.get_network().get_connections(peer)):
+        if conn.is_closed or getattr(conn.muxed_conn, "is_closed", False):
+            with trio.move_on_after(1.0):
+                await conn.close()
+        else:
+            live = True
+    return live
+
+
+async def connect_any(host: IHost, addrs: Sequence[str], *, timeout: float = DEFAULT_DIAL_TIMEOUT) -> ID:
+    """Connect to one peer known by several addresses: direct ones first (routing prefers direct
+    paths), then relayed ones in the given order. Raises the last DialError if none works."""
+    if not addrs:
+        raise DialError(None, "", "no address to dial")
+    ordered = sorted(addrs, key=is_circuit)  # stable: keeps the announced order within each kind
+    last: DialError | None = None
+    for addr in ordered:
+        try:
+            return await connect(host, addr, timeout=timeout)
+        except DialError as exc:
+            last = exc
+    assert last is not None
+    raise last
 
 
 def _describe(exc: BaseException) -> str:

@@ -108,3 +108,23 @@ def test_show_swarm_complete_swarm_exits_0(model: Path, running_swarm) -> None:
     out = io.StringIO()
     assert show_swarm(model, [addr], out=out) == 0
     assert "GAP" not in out.getvalue()
+
+
+def test_relayed_daemons_show_their_relays() -> None:
+    """A record with /p2p-circuit addresses: `petals swarm` says relayed and through whom."""
+    import dataclasses
+
+    from petals_protocol.p2p.identity import ephemeral_identity, peer_id
+
+    relays = [str(peer_id(ephemeral_identity())) for _ in range(2)]
+    keys = ephemeral_identity()
+    me = str(peer_id(keys))
+    addrs = tuple(f"/ip4/198.51.100.1/tcp/{4000 + i}/p2p/{r}/p2p-circuit/p2p/{me}" for i, r in enumerate(relays))
+    record = dataclasses.replace(make_record(keys, addrs=addrs), using_relay=True, reachability="private")
+    server = FoundServer.from_record(record)
+    assert server.relays == tuple(relays) and server.reachability == "private"
+    assert server.via == f"relay {relays[0]},{relays[1]}"
+    direct = FoundServer.from_record(make_record(ephemeral_identity()))
+    assert direct.relays == () and direct.via == "direct"
+    text = render_table("ab" * 32, LAYERS, [server, direct], now=time.time())
+    assert f"relay …{relays[0][-8:]},…{relays[1][-8:]}" in text and "direct" in text

@@ -231,3 +231,18 @@ def test_keys() -> None:
         record_key("a/b", text)
     with pytest.raises(ValueError):
         model_index_key("")
+
+
+def test_reachability_is_optional_on_the_wire() -> None:
+    """Records without `reachability` (older daemons) still decode, and a record without it
+    encodes without the key, so older peers decode ours; a bad value is refused."""
+    assert RECORD.reachability is None
+    assert "reachability" not in body_of(encode_record(KEY, RECORD))
+    assert decode_record(encode_record(KEY, RECORD), now=NOW).reachability is None
+    private = dataclasses.replace(RECORD, reachability="private", using_relay=True)
+    blob = encode_record(KEY, private)
+    assert body_of(blob)["reachability"] == "private"
+    assert decode_record(blob, now=NOW) == private
+    bad = body_of(blob) | {"reachability": "sideways"}
+    with pytest.raises(BadRecord):
+        decode_record(resign(bad), now=NOW)
