@@ -395,6 +395,32 @@ async def get_fresh(dht: KadDHT, key: str) -> list[bytes]:
     return _valid_best_first(dht, key, values)
 
 
+async def _from_connected(dht: KadDHT, key: str) -> list[bytes]:
+    """Valid values for `key` held by the peers we already have connections to: one RPC each, in
+    parallel, no dial. A daemon behind NAT cannot dial most of the swarm, so a network walk stalls on
+    peers only reachable through relays, while its relays (DHT servers it is connected to) store
+    every record of a small swarm."""
+    if not compat.INTERNALS:
+        return []
+    key_bytes = key.encode("utf-8")
+    values: list[bytes] = []
+
+    async def fetch(peer: ID) -> None:
+        with trio.move_on_after(RPC_TIMEOUT):
+            try:
+                value = await compat.get_from_peer(dht, peer, key_bytes)
+            except Exception as exc:  # noqa: BLE001 - a client or a peer without KAD: skip it
+                log.debug("connected peer %s gave no value for %s: %s", peer, key[:80], exc)
+                return
+            if value is not None:
+                values.append(value)
+
+    async with trio.open_nursery() as nursery:
+        for peer in dht.host.get_connected_peers():
+            nursery.start_soon(fetch, peer)
+    return _valid_best_first(dht, key, values)
+
+
 def _valid_best_first(dht: KadDHT, key: str, values: list[bytes]) -> list[bytes]:
     validator = dht.validator
     assert validator is not None
@@ -546,6 +572,10 @@ async def find_server_record(dht: PetalsDHT, fingerprint: str, peer_text: str, *
     local = dht.value_store.get(key.encode("utf-8")) if local_first else None
     if local is not None and (record := decoded(local.value)) is not None:
         return record
+    if local_first:
+        for blob in await _from_connected(dht, key):
+            if (record := decoded(blob)) is not None:
+                return record
     for blob in await get_fresh(dht, key):  # valid ones, best first
         if (record := decoded(blob)) is not None:
             return record
