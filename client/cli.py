@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from petals_protocol.ids import __version__  # no heavy imports: it reads package metadata
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXIT_STATUS_HELP = ("Exit status: 0 success; 1 failure at run time (unreachable peers, no route, "
                     "bad model folder); 2 bad command line. Errors are one line on stderr; -v adds "
@@ -106,15 +108,6 @@ def _demo(args: argparse.Namespace) -> int:
                     daemons=args.daemons, max_new_tokens=args.max_new_tokens, echo_logs=args.verbose)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("petalsd")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and a pointer to --help, not the whole usage."""
 
@@ -155,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = _Help
     parser = _Parser(prog="petals", description="Run language models over a swarm of petalsd daemons.",
                                      epilog=EXIT_STATUS_HELP, formatter_class=formatter)
-    parser.add_argument("--version", action="version", version=f"petals {_version()}")
+    parser.add_argument("--version", action="version", version=f"petals {__version__}")
     verbose_help = "show logs (the demo's daemons' too) and tracebacks"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     # -v after the subcommand too (`petals generate -v ...`); SUPPRESS keeps the top-level value.

@@ -30,6 +30,8 @@ from typing import Any
 import multiaddr
 import multiaddr.exceptions
 
+from petals_protocol.ids import __version__
+
 #: Where a unit started by systemd looks for its file when no --config is given.
 SYSTEM_CONFIG_PATH = Path("/etc/petalsd/petalsd.toml")
 
@@ -485,7 +487,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 after a clean stop (SIGTERM, SIGINT, `petals ctl stop`); 1 for a "
                "fatal error at run time (model, identity, port, peers); 2 for a bad command line "
                "or configuration. Errors are one line on stderr; --log-level debug adds tracebacks.")
-    p.add_argument("--version", action="version", version=f"petalsd {_version()}")
+    p.add_argument("--version", action="version", version=f"petalsd {__version__}")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help=f"TOML file; under systemd defaults to {SYSTEM_CONFIG_PATH} if it exists")
     p.add_argument("--print-config", action="store_true",
@@ -526,15 +528,6 @@ def _shown_default(f: dataclasses.Field) -> str:
     if isinstance(value, list):
         return f" (default: {' '.join(value)})"
     return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("petalsd")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _metavar(f: dataclasses.Field) -> str:
