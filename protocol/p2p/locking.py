@@ -5,7 +5,7 @@ acquire a checkpoint); so does `trio.Semaphore.acquire`. That costs a whole pass
 (an epoll call, the run queue), and on a token's critical path the loop's code and data are cold
 (warm: 7.2 us per acquire/release against 1.9 us here; in a traced daemon the worker's lock plus
 the job's set-up took ~40 us). py-libp2p's yamux takes such locks ~17 times per message echoed
-(see `protocol.p2p.muxer`). The blocks they guard yield right away anyway (a job hand-off, a
+(see `protocol.p2p.compat.yamux`). The blocks they guard yield right away anyway (a job hand-off, a
 socket write), so the extra pass buys nothing. A busy lock is waited for exactly as
 `Lock.acquire` does (fairly, cancellably); a free one is taken at once (`acquire_nowait` refuses
 while others wait, so fairness is kept).

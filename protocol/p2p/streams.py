@@ -132,7 +132,7 @@ class FramedStream:
         budget: ByteBudget | None = None,
         admit: Admit | None = None,
     ) -> None:
-        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see muxer.py, compat.py)
+        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see compat/yamux.py)
         self.stream = stream
         self.max_frame_size = max_frame_size
         self.peer_id: str | None = _peer_of(stream)

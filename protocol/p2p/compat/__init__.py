@@ -1,6 +1,6 @@
 """Every use of py-libp2p's private names goes through here, behind one version check.
 
-Two things need libp2p internals: the lean yamux/Noise path (`muxer.py`: ~19 fewer scheduler
+Two things need libp2p internals: the lean yamux/Noise path (`yamux.py` in this package: ~19 fewer scheduler
 passes per message, the receive-window enforcement, bounded frame assembly) and the DHT's
 per-peer RPCs (`dht.py`: a network walk that never answers from a stale local copy, and a store
 that pins the exact record). Both were written against one libp2p release, `WRITTEN_FOR`. On any
@@ -8,8 +8,8 @@ other release, or with `PETALS_LIBP2P_STOCK=1` in the environment (the tests for
 stock path correct), `INTERNALS` is False and every function here takes libp2p's public API
 instead: plain yamux streams (stock speed; stock py-libp2p's own window handling), and the
 DHT's `put_value` / `get_value` / `provide` / `find_providers` (with the staleness caveats of
-the stock calls). Nothing outside this module and `muxer.py` (which only this module imports)
-names a private libp2p attribute.
+the stock calls). Nothing outside this package names a private libp2p attribute; `yamux.py` is imported only
+from here, and only when the version check passes.
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def describe() -> str:
 
 
 def make_lean(stream: object) -> None:
-    """The lean yamux/Noise path for this stream's connection (muxer.py), or nothing."""
+    """The lean yamux/Noise path for this stream's connection (compat/yamux.py), or nothing."""
     if INTERNALS:
-        from .muxer import make_lean as lean
+        from .yamux import make_lean as lean
 
         lean(stream)
 

@@ -16,7 +16,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from petals_protocol.p2p.host import connect, listen_multiaddrs, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
 from petals_protocol.p2p.locking import Eager
-from petals_protocol.p2p.muxer import _tcp_stream, make_lean
+from petals_protocol.p2p.compat.yamux import _tcp_stream, make_lean
 from petals_protocol.p2p.streams import open_framed, open_stream
 
 ECHO = TProtocol("/test/echo/1")

@@ -44,7 +44,7 @@ stream's own locks, its connection's (shared by all its streams) and the TCP str
 gives the connection object a `_write_frame` of its own. Wire-compatible with any yamux peer.
 Written against libp2p 0.8.1 (pinned in pyproject.toml); the locks it wraps are found by name,
 and a lock that is missing or of another type is left as it is, so a future release degrades to
-stock speed, not to wrong behaviour (tests/p2p/test_muxer.py checks that the
+stock speed, not to wrong behaviour (tests/p2p/test_lean_yamux.py checks that the
 wrapping happened).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ from libp2p.stream_muxer.yamux.yamux import (
 )
 from libp2p.stream_muxer.yamux.yamux import _yamux_data_read_timeout as yamux_data_read_timeout
 
-from .locking import Eager
+from ..locking import Eager
 
 __all__ = ["make_lean"]
 
