@@ -37,6 +37,7 @@ bytes, and the textual "/petals-model/<fingerprint>" alone is 78).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import time
@@ -279,6 +280,7 @@ async def start_dht(
     dht = PetalsDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, clock=clock)
     dht.server_table.attach(nursery)
     compat.bound_value_store(dht)
+    compat.diversify_providers(dht, lambda peer_id: connection_group(host, peer_id), admit_provider)
     await nursery.start(_run_service, dht)
 
     addrs = list(bootstrap)
@@ -439,6 +441,58 @@ def _valid_best_first(dht: KadDHT, key: str, values: list[bytes]) -> list[bytes]
 
 
 # ------------------------------------------------------------------------------- providers
+
+#: Providers a node keeps per key (libp2p's own cap, k).
+MAX_PROVIDERS_PER_KEY = 20
+
+
+def network_group(addr: str) -> str:
+    """The network a connection comes from, as Sybil resistance counts it: an IPv4 /24 or an IPv6
+    /48 (an attacker gets many peer ids for free, but few networks), or for a relayed connection
+    the relay it comes through."""
+    parts = addr.split("/")
+    if "p2p-circuit" in parts:
+        return "relay:" + (parts[parts.index("p2p-circuit") - 1] if "p2p" in parts else addr)
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        try:
+            net = ipaddress.ip_network(f"{parts[2]}/{24 if parts[1] == 'ip4' else 48}", strict=False)
+        except ValueError:
+            return addr
+        return str(net)
+    return addr
+
+
+def admit_provider(entries: dict[str, tuple[str, float]], peer: str, group: str,
+                   cap: int = MAX_PROVIDERS_PER_KEY) -> tuple[bool, str | None]:
+    """Whether a node stores `peer` (from network `group`) as a provider of a key that already has
+    `entries` (peer -> (group, time added)), and which entry it evicts for it.
+
+    libp2p keeps the first `cap` providers of a key and ignores every later one. Index keys are
+    predictable, so Sybil peers providing them early would hide every honest daemon. Here a full
+    key still takes a newcomer whose network holds fewer entries than the most represented one: it
+    replaces that network's oldest entry. Peers from one network can then hold a key only until
+    peers from other networks come; honest daemons spread over networks always get in.
+    """
+    if peer in entries or len(entries) < cap:
+        return True, None
+    counts: dict[str, int] = {}
+    for entry_group, _added in entries.values():
+        counts[entry_group] = counts.get(entry_group, 0) + 1
+    crowded = max(counts, key=lambda g: counts[g])
+    if counts.get(group, 0) + 1 >= counts[crowded]:
+        return False, None
+    oldest = min((p for p, (g, _t) in entries.items() if g == crowded), key=lambda p: entries[p][1])
+    return True, oldest
+
+
+def connection_group(host: IHost, peer_id: ID) -> str:
+    """`network_group` of the address our connection to `peer_id` really uses (never the addresses
+    it claims), or "unknown" (one group for all such peers)."""
+    for conn in host.get_network().get_connections(peer_id):
+        for addr in conn.get_transport_addresses():
+            return network_group(str(addr))
+    return "unknown"
+
 
 
 async def provide(dht: KadDHT, key: bytes) -> int:

@@ -68,10 +68,10 @@ class Swarm:
         return host
 
     async def add(self, *, server: bool = True, bootstrap: list[str] | None = None,
-                  clock: Callable[[], float] = time.time) -> Node:
+                  clock: Callable[[], float] = time.time, listen: list[str] = LOOPBACK) -> Node:
         key_pair = ephemeral_identity()
         host = make_host(key_pair)
-        await self._stack.enter_async_context(running_host(host, LOOPBACK))
+        await self._stack.enter_async_context(running_host(host, listen))
         if bootstrap is None:
             bootstrap = [self.servers[0].addr] if self.servers else []
         dht = await start_dht(host, self.nursery, server=server, bootstrap=bootstrap, clock=clock)
@@ -84,6 +84,7 @@ class Swarm:
 @asynccontextmanager
 async def swarm(num_servers: int) -> AsyncIterator[Swarm]:
     """`num_servers` DHT servers joined through the first; hosts close after the DHTs stop."""
+    failure: BaseException | None = None
     async with AsyncExitStack() as stack:
         # The nursery must close before the hosts: the exit stack owns both, nursery last in.
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -92,5 +93,13 @@ async def swarm(num_servers: int) -> AsyncIterator[Swarm]:
             for _ in range(num_servers):
                 await result.add()
             yield result
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
+            # Cancelling the nursery also cancels the hosts' exits that the failure unwinds through:
+            # their Cancelled would replace the failure and the nursery would absorb it (a test
+            # whose assertion failed would pass). Hence the failure is kept and raised again.
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

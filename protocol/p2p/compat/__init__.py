@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import libp2p
@@ -102,3 +103,41 @@ def bound_value_store(dht: Any, max_values: int = MAX_DHT_VALUES) -> None:
             del store.store[next(iter(store.store))]  # insertion order: the longest-held first
 
     store._evict_if_full = evict_if_full
+
+
+def diversify_providers(dht: Any, group_of: Callable[[Any], str],
+                        admit: Callable[[dict[str, tuple[str, float]], str, str], tuple[bool, str | None]]) -> None:
+    """Store providers by `admit` (dht.admit_provider: a full key still takes peers from networks
+    it under-represents) instead of libp2p's "first 20 ever". `group_of(peer_id)`: the network the
+    provider's connection comes from. Stock: left as it is (first come, first kept)."""
+    if not INTERNALS:
+        return
+    store = dht.provider_store
+    local = dht.local_peer_id
+    stock_add = store.add_provider
+    groups: dict[bytes, dict[str, str]] = {}  # key -> provider -> its network when it was added
+
+    def add_provider(key: bytes, provider: Any) -> None:
+        if len(groups) > 2 * len(store.providers) + 64:  # keys libp2p expired meanwhile
+            for stale in [k for k in groups if k not in store.providers]:
+                del groups[stale]
+        held = store.providers.get(key, {})
+        known = groups.setdefault(key, {})
+        for gone in [peer for peer in known if peer not in held]:
+            del known[gone]
+        peer = str(provider.peer_id)
+        group = "self" if provider.peer_id == local else known.get(peer) or group_of(provider.peer_id)
+        entries = {p: (known.get(p, "unknown"), record.timestamp) for p, record in held.items()}
+        ok, evict = admit(entries, peer, group)
+        if not ok:
+            log.debug("provider %s (%s) not stored for a full key: its network already holds as many", peer, group)
+            return
+        if evict is not None:
+            del held[evict]
+            known.pop(evict, None)
+        known[peer] = group
+        stock_add(key, provider)
+        if not store.providers.get(key):
+            groups.pop(key, None)
+
+    store.add_provider = add_provider
