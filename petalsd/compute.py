@@ -6,9 +6,11 @@ A decode step can take tens of milliseconds of CPU; on the trio loop it would st
 fighting over the cores torch already parallelises across.
 
 Who runs next (`_Turns`): inference jobs (steps, session opens) before bulk ones (forward and
-backward requests), so a burst of large forward requests delays a decode step by at most the one
-bulk job already running; within each class, peers take turns (round robin), and one peer's jobs
-run in the order they arrive. A free worker takes a job at once (no scheduler pass).
+backward requests); within each class, peers take turns (round robin), and one peer's jobs run in
+the order they arrive. A forward or backward request is not one job but one per block
+(`run_steps` drives the span's `forward_blocks` / `backward_blocks`), so a burst of large requests
+delays a decode step by at most one block of one request. A free worker takes a job at once (no
+scheduler pass).
 
 `step_timeout`: a job that waits longer than this for its turn is withdrawn and its caller gets
 `ComputeTimeout` (a typed `timeout`). A job that *runs* longer cannot be stopped (torch has no
@@ -33,7 +35,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -109,6 +111,10 @@ class ComputeStats:
     """Counters the control API and the announcer read (cheap, updated after each job)."""
 
     jobs: int = 0
+    bulk_jobs: int = 0  # pieces (blocks) of forward/backward requests finished
+    # The most bulk jobs that finished while one inference job waited for its turn: the scheduler
+    # promises at most the one already running (shown in status, checked by tests on a real daemon).
+    max_bulk_ahead_of_inference: int = 0
     busy_seconds: float = 0.0
     tokens: int = 0
     started_at: float = field(default_factory=time.monotonic)
@@ -200,25 +206,44 @@ class ComputeWorker:
         self.stats.tokens += tokens
         return result
 
-    async def run_with_grad(self, fn: Callable[..., T], *args: object, priority: int = BULK, peer: str = "") -> T:
-        """Like `run` but with autograd enabled (backward through the span for fine-tuning)."""
+    async def run_steps(self, steps: Generator[None, None, T], *, grad: bool = False, tokens: int = 0,
+                        priority: int = BULK, peer: str = "") -> T:
+        """Drive a generator that stops between pieces of one long computation (a span's
+        `forward_blocks` / `backward_blocks`), one piece per job: each piece takes its turn like
+        any job, so inference steps run between the pieces instead of after the whole request.
+        `grad`: autograd on (backward), else inference mode. Returns the generator's value."""
+        more = object()
 
-        def job() -> T:
-            with torch.enable_grad():
-                return fn(*args)
+        def piece() -> Any:
+            with torch.enable_grad() if grad else torch.inference_mode():
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value
+                return more
 
-        return await self._submit(job, priority, peer)
+        try:
+            while (result := await self._submit(piece, priority, peer)) is more:
+                pass
+        finally:
+            steps.close()  # cancelled or failed between pieces: free what it holds now
+        self.stats.tokens += tokens
+        return result
 
     async def _submit(self, fn: Callable[[], T], priority: int = INFERENCE, peer: str = "") -> T:
         if self._thread is None:
             raise RuntimeError("ComputeWorker is not running: use `async with ComputeWorker() as worker:`")
         job = _Job(fn)
+        bulk_before = self.stats.bulk_jobs
         if not self._turns.take_if_free():
             with trio.move_on_after(self.step_timeout) as waited:
                 await self._turns.wait(priority, peer)
             if waited.cancelled_caught:
                 raise ComputeTimeout(f"no compute turn within step_timeout ({self.step_timeout:g} s): "
                                      f"{self._turns.queued} jobs queued here; try another daemon")
+        if priority == INFERENCE:
+            ahead = self.stats.bulk_jobs - bulk_before
+            self.stats.max_bulk_ahead_of_inference = max(self.stats.max_bulk_ahead_of_inference, ahead)
         try:
             self._running_since = time.monotonic()
             self._jobs.put(job)
@@ -227,6 +252,8 @@ class ComputeWorker:
                 os.read(self._done_r, 1)
         finally:
             self._running_since = None
+            if priority == BULK:
+                self.stats.bulk_jobs += 1  # before the release: the next job sees it finished
             self._turns.release()
         self.stats.jobs += 1
         self.stats.busy_seconds += job.seconds

@@ -338,8 +338,9 @@ class DaemonConfig:
     max_sessions: int = _opt(
         32, _positive_int, "Most concurrent inference sessions.", flag_type=int, reload=True)
     cache_budget: int = _opt(
-        2**30, _positive_size, "Memory for KV caches of all sessions, in bytes or with a unit "
-        "(2GiB, 512MiB). New sessions that would exceed it are refused.", reload=True)
+        2**30, _positive_size, "Memory for KV caches of all sessions and for the activations of "
+        "forward/backward requests while they run, in bytes or with a unit (2GiB, 512MiB). Sessions "
+        "and requests that would exceed it are refused (busy).", reload=True)
     session_idle_timeout: float = _opt(
         300.0, _positive_seconds, "Seconds without a step before a session is closed and its "
         "cache freed.", flag_type=float, reload=True)

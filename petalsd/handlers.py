@@ -66,7 +66,7 @@ from petals_protocol.p2p.locking import held
 from petals_protocol.p2p.streams import StreamClosed
 
 from .batching import Batcher, run_single_step
-from .compute import BULK, ComputeWorker
+from .compute import ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
 from .limits import PeerGate
 from .sessions import Session, SessionRefused, SessionTable
@@ -488,9 +488,10 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
 async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> ForwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
     hidden = _hidden(ctx, msg.hidden, None, "hidden states")
-    with ctx.gate.job(peer):
-        out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block,
-                                   tokens=hidden.shape[0] * hidden.shape[1], priority=BULK, peer=peer)
+    activations = ctx.span.activation_bytes(hidden.shape[0], hidden.shape[1], msg.start_block, msg.end_block)
+    with ctx.gate.job(peer), ctx.sessions.budget.lend(activations, "this forward"):
+        out = await ctx.worker.run_steps(ctx.span.forward_blocks(hidden, msg.start_block, msg.end_block),
+                                         tokens=hidden.shape[0] * hidden.shape[1], peer=peer)
     payload = from_torch(out)
     binding = forward_binding(msg, payload)
     ctx.stats["forward"] += 1
@@ -503,9 +504,10 @@ async def _backward(ctx: ServingContext, msg: BackwardRequest, peer: str) -> Bac
     grad_output = _hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output")
     if grad_output.shape != hidden.shape:
         raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
-    with ctx.gate.job(peer):
-        grad = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block, msg.end_block,
-                                              peer=peer)
+    activations = ctx.span.activation_bytes(hidden.shape[0], hidden.shape[1], msg.start_block, msg.end_block, grad=True)
+    with ctx.gate.job(peer), ctx.sessions.budget.lend(activations, "this backward"):
+        grad = await ctx.worker.run_steps(ctx.span.backward_blocks(hidden, grad_output, msg.start_block, msg.end_block),
+                                          grad=True, peer=peer)
     payload = from_torch(grad)
     binding = backward_binding(msg, payload)
     ctx.stats["backward"] += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,23 @@ class CacheBudget:
 
     def release(self, nbytes: int) -> None:
         self.used = max(0, self.used - nbytes)
+
+    @contextmanager
+    def lend(self, nbytes: int, what: str) -> Iterator[None]:
+        """Hold `nbytes` while one stateless job (a forward or backward request) waits and runs:
+        its activations come out of the same memory as the KV caches, so a burst of them cannot
+        push the daemon out of memory. Too big to ever fit: bad_request; no room now: busy."""
+        if nbytes > self.total:
+            raise SessionRefused(ErrorCode.BAD_REQUEST,
+                                 f"{what} needs about {nbytes} bytes of activations, more than this daemon's "
+                                 f"whole memory budget ({self.total}); send smaller batches or shorter sequences")
+        if not self.try_reserve(nbytes):
+            raise SessionRefused(ErrorCode.BUSY, f"{what} needs about {nbytes} bytes of activations but only "
+                                                 f"{self.free} of {self.total} are free; retry or use another daemon")
+        try:
+            yield
+        finally:
+            self.release(nbytes)
 
 
 @dataclass

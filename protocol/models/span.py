@@ -9,7 +9,7 @@ bit-identical to the full transformers model run on the same inputs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import torch
@@ -197,6 +197,31 @@ class Span:
         per_block = self._cache_bytes_per_token_per_block[start - self.start : end - self.start]
         return batch_size * sum(per_block)
 
+    def activation_bytes(self, batch_size: int, tokens: int, start: int | None = None, end: int | None = None,
+                         *, grad: bool = False) -> int:
+        """An upper estimate of the activation memory a stateless forward (or, with `grad`, a
+        backward) of [batch_size, tokens] over ``[start, end)`` takes, for the daemon's memory
+        budget: a KV cache is reserved before it exists, and so is this.
+
+        Per block: the hidden states and their residual copies, q/k/v and the attention output
+        (~6 x hidden per token), the MLP's intermediate activations (~3 x intermediate), and the
+        attention scores of eager attention (heads x tokens per token). A forward holds one
+        block's worth at a time; a backward (``backward_blocks``) keeps every block's input and
+        one block's autograd graph (about twice a forward's: inputs and outputs of each op).
+        """
+        start, end = self._range(start, end)
+        config = self.config
+        hidden = self.hidden_size
+        inner = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None)
+                 or 4 * hidden)
+        heads = getattr(config, "num_attention_heads", None) or 1
+        per_token = 6 * hidden + 3 * inner + heads * tokens
+        one_block = batch_size * tokens * per_token * self.dtype.itemsize
+        io = 2 * batch_size * tokens * hidden * self.dtype.itemsize
+        if not grad:
+            return one_block + io
+        return 2 * one_block + io * (end - start + 2)  # one block's graph, every block's input
+
     def new_cache(self, batch_size: int, max_length: int, start: int | None = None, end: int | None = None) -> SpanCache:
         """An empty cache for a session over blocks ``[start, end)`` (absolute ids, default: all)."""
         start, end = self._range(start, end)
@@ -270,6 +295,50 @@ class Span:
             if grad_output.shape != out.shape:
                 raise SpanUsageError(f"grad_output must have shape {tuple(out.shape)}, got {tuple(grad_output.shape)}")
             (grad,) = torch.autograd.grad(out, inputs, grad_output.to(device=self.device, dtype=self.dtype))
+        return grad
+
+
+    # ------------------------------------------------- the same, one block per step (for daemons)
+
+    def forward_blocks(self, hidden: torch.Tensor, start: int | None = None,
+                       end: int | None = None) -> Generator[None, None, torch.Tensor]:
+        """``forward(hidden, None, start, end)`` as a generator that stops after every block.
+
+        A daemon's compute worker runs each step as a job of its own, so another session's decode
+        step waits behind at most one block of a long forward request, never all of it. Each block
+        runs exactly as in ``forward`` (same inputs, same kernels): the result is bit-identical.
+        """
+        start, end = self._range(start, end)
+        for block in range(start, end):
+            hidden = self.forward(hidden, None, block, block + 1)
+            if block + 1 < end:
+                yield
+        return hidden
+
+    def backward_blocks(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int | None = None,
+                        end: int | None = None) -> Generator[None, None, torch.Tensor]:
+        """``backward(hidden, grad_output, start, end)`` as a generator that stops after every
+        block: a forward pass keeping each block's input, then the chain rule block by block in
+        reverse (each block's forward recomputed with autograd, its vector-Jacobian product taken).
+        Bit-identical to ``backward``: every op runs on the same values in the same order, with
+        inputs that require grad as there (kernel choice may depend on it). Memory: one block's
+        autograd graph at a time plus each block's input, instead of every block's graph."""
+        start, end = self._range(start, end)
+        inputs: list[torch.Tensor] = []
+        current = hidden
+        with torch.enable_grad():
+            for block in range(start, end):
+                current = current.detach().to(device=self.device, dtype=self.dtype)
+                inputs.append(current)
+                current = self.forward(current.requires_grad_(True), None, block, block + 1)
+                yield
+        if grad_output.shape != current.shape:
+            raise SpanUsageError(f"grad_output must have shape {tuple(current.shape)}, got {tuple(grad_output.shape)}")
+        grad = grad_output
+        for block in reversed(range(start, end)):
+            grad = self.backward(inputs[block - start], grad, block, block + 1)
+            if block > start:
+                yield
         return grad
 
 

@@ -47,15 +47,47 @@ def test_jobs_run_on_the_worker_thread_one_at_a_time_in_arrival_order() -> None:
     assert threads == {"petalsd-compute"}
 
 
-def test_inference_mode_for_run_and_autograd_for_run_with_grad() -> None:
+def test_inference_mode_for_run_and_autograd_for_grad_steps() -> None:
+    def steps(x: torch.Tensor):
+        yield
+        return torch.autograd.grad((x * 3).sum(), x)[0]
+
     async def main() -> tuple[bool, bool]:
         async with ComputeWorker() as worker:
             in_run = await worker.run(torch.is_inference_mode_enabled)
             x = torch.ones(2, requires_grad=True)
-            grad = await worker.run_with_grad(lambda: torch.autograd.grad((x * 3).sum(), x)[0])
+            grad = await worker.run_steps(steps(x), grad=True)
         return in_run, bool(torch.equal(grad, torch.full((2,), 3.0)))
 
     assert trio.run(main) == (True, True)
+
+
+def test_inference_jobs_run_between_the_pieces_of_a_bulk_request() -> None:
+    """A long forward request is driven one block per job: decode steps that arrive while it
+    runs wait for one piece, not for the whole request (and the worker counts it)."""
+    order: list[str] = []
+
+    def bulk():
+        for i in range(5):
+            time.sleep(0.03)
+            order.append(f"bulk{i}")
+            yield
+        return "done"
+
+    async def main() -> int:
+        async with ComputeWorker() as worker, trio.open_nursery() as nursery:
+            async def step(i: int) -> None:
+                await worker.run(lambda: order.append(f"step{i}"))
+
+            nursery.start_soon(lambda: worker.run_steps(bulk(), peer="trainer"))
+            await trio.sleep(0.01)  # the first piece is running
+            for i in range(2):
+                nursery.start_soon(step, i)
+        return worker.stats.max_bulk_ahead_of_inference
+
+    assert trio.run(main) == 1  # each step waited for the piece that was running, no more
+    assert order.index("step0") < order.index("bulk1") and order.index("step1") < order.index("bulk2"), order
+    assert order[-1] == "bulk4"
 
 
 def test_an_error_reaches_its_caller_and_the_worker_goes_on() -> None:

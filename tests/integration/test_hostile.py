@@ -27,8 +27,8 @@ from libp2p.exceptions import BaseLibp2pError
 from petals_client import ctl
 from petals_client.localswarm import LocalSwarm
 from petals_protocol.errors import ErrorCode
-from petals_protocol.ids import INFERENCE_PROTOCOL
-from petals_protocol.messages import ErrorReply, OpenSession, SessionOpened
+from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL
+from petals_protocol.messages import ErrorReply, ForwardRequest, ForwardResponse, OpenSession, SessionOpened
 from petals_protocol.p2p.streams import StreamClosed
 
 from rawclient import RawClient, expect_error, hidden_payload, new_id, raw_client, receive, request, run_raw, step_ok
@@ -99,6 +99,10 @@ def fingerprint(target) -> str:
 def _open(fingerprint: str, session_id: bytes | None = None, max_length: int = 32) -> OpenSession:
     return OpenSession(session_id=session_id or new_id(), model_fingerprint=fingerprint, start_block=0, end_block=6,
                        max_length=max_length, batch_size=1)
+
+
+def _forward(fingerprint: str, hidden) -> ForwardRequest:
+    return ForwardRequest(request_id=new_id(), model_fingerprint=fingerprint, start_block=0, end_block=6, hidden=hidden)
 
 
 def _idle(status: dict) -> bool:
@@ -256,6 +260,14 @@ def test_reload_with_a_smaller_budget_keeps_info_and_records_valid(target, finge
             await refused.send(_open(fingerprint, max_length=4))
             await expect_error(refused, ErrorCode.BUSY)
             await refused.close()
+            # Forward activations come out of the same budget (item 4): none is free now, and a
+            # request larger than the whole budget could never run.
+            stateless = await client.open(target.addr, FORWARD_PROTOCOL)
+            await stateless.send(_forward(fingerprint, hidden_payload(1, 4, HIDDEN)))
+            await expect_error(stateless, ErrorCode.BUSY)
+            await stateless.send(_forward(fingerprint, hidden_payload(8, 64, HIDDEN)))
+            assert "whole memory budget" in (await expect_error(stateless, ErrorCode.BAD_REQUEST)).message
+            await stateless.close()
         finally:
             target.config_file.write_text(original)
             target.swarm.daemons[0].signal(signal.SIGHUP)
@@ -340,6 +352,62 @@ def test_a_flood_on_four_streams_does_not_slow_an_honest_session(target, fingerp
     assert grown < 256 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB under the flood"
     assert run_raw(lambda client: client.info(target.addr)).state == "online"
     target.wait_status(_idle, "the honest session closed")
+
+
+# ------------------------------------------------------------------ 4. a forward burst
+
+BURST_STREAMS = 4
+
+
+async def _forward_burst(client: RawClient, addr: str, fingerprint: str, sent: list[int]) -> None:
+    """Large forward requests on BURST_STREAMS streams, back to back, until cancelled."""
+    async def loop(seed: int) -> None:
+        stream = await client.open(addr, FORWARD_PROTOCOL)
+        payload = hidden_payload(8, 512, HIDDEN, seed=seed)
+        while True:
+            reply = await request(stream, _forward(fingerprint, payload))
+            assert isinstance(reply, ForwardResponse), reply
+            sent[0] += 1
+
+    async with trio.open_nursery() as nursery:
+        for seed in range(BURST_STREAMS):
+            nursery.start_soon(loop, seed)
+
+
+def test_a_forward_burst_does_not_delay_inference_beyond_one_job(target, fingerprint):
+    """Another peer keeps four large forward requests in flight while an honest client steps a
+    session: every inference step waits behind at most the one forward job already running (the
+    daemon counts forward jobs finished while a step waited), outputs stay bit-identical. The
+    per-token ratio is printed for BENCHMARKS.md (timing stays out of the assertions)."""
+    quiet_times: list[float] = []
+    burst_times: list[float] = []
+    forwards = [0]
+    before = target.status()["load"]["bulk_jobs"]
+    for _ in range(ROUNDS):
+        times, quiet_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
+        quiet_times += times
+
+        async def under_burst(client: RawClient) -> tuple[list[float], list[bytes]]:
+            async with raw_client() as flooder, trio.open_nursery() as nursery:
+                nursery.start_soon(_forward_burst, flooder, target.addr, fingerprint, forwards)
+                while forwards[0] < 2 * BURST_STREAMS:  # the burst is under way
+                    await trio.sleep(0.01)
+                result = await _timed_steps(client, target.addr, fingerprint)
+                nursery.cancel_scope.cancel()
+            return result
+
+        times, burst_out = run_raw(under_burst, timeout=120)
+        burst_times += times
+        assert burst_out == quiet_out, "outputs changed under the forward burst"
+    status = target.status()["load"]
+    ran = status["bulk_jobs"] - before
+    ratio = statistics.median(burst_times) / statistics.median(quiet_times)
+    print(f"forward burst: {ran} forward block-jobs of [8, 512, {HIDDEN}] during {ROUNDS * STEPS} steps; median per-token "
+          f"{statistics.median(quiet_times) * 1e3:.2f} ms quiet, {statistics.median(burst_times) * 1e3:.2f} ms "
+          f"under the burst, ratio {ratio:.2f}x; max forward jobs ahead of a step: {status['max_bulk_ahead_of_inference']}")
+    assert ran >= ROUNDS * BURST_STREAMS, f"only {ran} forward block-jobs ran: the burst never overlapped the steps"
+    assert status["max_bulk_ahead_of_inference"] <= 1, status
+    target.wait_status(_idle, "the honest session closed and the burst's memory returned")
 
 
 # ---------------------------------------------------------------------- 8. push targets

@@ -175,3 +175,29 @@ def test_forward_without_cache_is_differentiable(checkpoint: Callable[[str], Pat
     hidden = client.embed(torch.tensor([[1, 2, 3]])).requires_grad_(True)
     client.logits(span.forward(hidden)).sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def _drive(steps):
+    """Run a span's blockwise generator to the end; return (value, pieces)."""
+    pieces = 0
+    while True:
+        try:
+            next(steps)
+            pieces += 1
+        except StopIteration as done:
+            return done.value, pieces + 1
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_blockwise_forward_and_backward_equal_the_whole_span(checkpoint: Callable[[str], Path], name: str) -> None:
+    """What daemons run for forward/backward requests (one block per compute job, so decode steps
+    of other sessions interleave) is bit-identical to the span's one-piece forward and backward."""
+    span = load_span(checkpoint(name), 1, 6)
+    hidden = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(3))
+    grad_output = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        out, pieces = _drive(span.forward_blocks(hidden, 2, 6))
+        assert torch.equal(out, span.forward(hidden, None, 2, 6)) and pieces == 4
+    grad, pieces = _drive(span.backward_blocks(hidden, grad_output, 2, 6))
+    assert torch.equal(grad, span.backward(hidden, grad_output, 2, 6)) and pieces == 8
+    assert span.activation_bytes(2, 7, 2, 6, grad=True) > span.activation_bytes(2, 7, 2, 6) > 2 * 7 * 64 * 4
