@@ -1,4 +1,5 @@
-"""petals_protocol: what every peer agrees on, as sans-IO code (no sockets, no trio, no torch).
+"""petals_protocol: what every peer agrees on. This package (the wire core) is sans-IO: no
+sockets, trio, torch or libp2p at import.
 
 Feed bytes, get typed messages; give messages, get bytes::
 
@@ -8,8 +9,10 @@ Feed bytes, get typed messages; give messages, get bytes::
         msg = decode_message(payload)
     stream_write(encode_frame(encode_message(reply)))
 
-Subpackages `petals_protocol.models` (torch/transformers) and `petals_protocol.p2p` (libp2p/trio)
-hold the heavier shared code and are not imported from here.
+Two subpackages sit on top of it and are not imported from here: `petals_protocol.models`
+(torch, transformers: spans, checkpoints, fingerprints) and `petals_protocol.p2p` (trio, libp2p:
+hosts, streams, DHT, relays); neither imports the other. ARCHITECTURE.md draws the layers and
+tests/protocol/test_layering.py enforces them.
 """
 
 from .errors import (
