@@ -32,7 +32,7 @@ from petals_protocol.ids import (
     INFO_PROTOCOL,
     __version__,
 )
-from petals_protocol.messages import ErrorReply
+from petals_protocol.messages import ErrorReply, error_reply
 from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
@@ -208,8 +208,7 @@ class Daemon:
                     except LimitExceeded as exc:  # a per-peer limit: say so (busy), then hang up
                         log.info("refused stream peer=%s: %s", channel.peer_id, exc)
                         self._strike(peer)
-                        await self._try_send(channel, ErrorReply(code=exc.code, message=str(exc)[:1000],
-                                                                 session_id=None, request_id=None))
+                        await self._try_send(channel, error_reply(exc))
             except Exception as exc:  # noqa: BLE001 - closing a dead stream; groups from the pump
                 log.debug("stream ended with %r", exc)
 
@@ -223,12 +222,10 @@ class Daemon:
         except ProtocolError as exc:  # the peer sent bytes we cannot parse: say so, then hang up
             log.info("bad input peer=%s: %s", channel.peer_id, exc)
             self._strike(channel.peer_id or "?")
-            await self._try_send(channel, ErrorReply(code=exc.code, message=str(exc)[:1000],
-                                                     session_id=None, request_id=None))
+            await self._try_send(channel, error_reply(exc))
         except Exception:  # a bug of ours: the client gets "internal", everyone else keeps being served
             log.exception("internal error serving peer=%s", channel.peer_id)
-            await self._try_send(channel, ErrorReply(code=ErrorCode.INTERNAL, message="internal error in the daemon",
-                                                     session_id=None, request_id=None))
+            await self._try_send(channel, error_reply(ErrorCode.INTERNAL, "internal error in the daemon"))
 
     def _strike(self, peer: str) -> None:
         """One more protocol error or refusal of `peer`; past its strikes it is cut off."""

@@ -42,7 +42,6 @@ from petals_protocol.messages import (
     BackwardRequest,
     BackwardResponse,
     CloseSession,
-    ErrorReply,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -51,6 +50,7 @@ from petals_protocol.messages import (
     OpenSession,
     SessionOpened,
     StepResult,
+    error_reply,
 )
 from petals_protocol.signing import (
     backward_binding,
@@ -187,12 +187,6 @@ def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None,
     return to_torch(payload, device=ctx.span.device)
 
 
-def _error_reply(exc: PetalsError, session_id: bytes | None = None, request_id: bytes | None = None) -> ErrorReply:
-    code = getattr(exc, "code", ErrorCode.INTERNAL)
-    return ErrorReply(code=code if isinstance(code, ErrorCode) else ErrorCode.INTERNAL, message=str(exc)[:1000],
-                      session_id=session_id, request_id=request_id)
-
-
 # ------------------------------------------------------------------------------------------ info
 
 async def serve_info(ctx: ServingContext, channel: Channel) -> None:
@@ -205,9 +199,7 @@ async def serve_info(ctx: ServingContext, channel: Channel) -> None:
         if isinstance(msg, InfoRequest):
             await channel.send(ctx.info())
         else:
-            await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST,
-                                          message=f"{type(msg).__name__} is not valid on the info protocol",
-                                          session_id=None, request_id=None))
+            await channel.send(error_reply(ErrorCode.BAD_REQUEST, f"{type(msg).__name__} is not valid on the info protocol"))
 
 
 # ------------------------------------------------------------------------------------- inference
@@ -320,16 +312,15 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
         except PetalsError as exc:
             ctx.stats["errors"] += 1
             log.info("step refused peer=%s session=%s: %s", via or owned.channel.peer_id, sid, exc)
-            await owned.channel.send(_error_reply(exc, session_id=msg.session_id))
+            await owned.channel.send(error_reply(exc, session_id=msg.session_id))
             return
         except Exception as exc:  # torch failed (out of memory, a kernel error): this step alone fails,
             # its cache cut back to the last whole step (batching.restore_cache); the session goes on
             ctx.stats["errors"] += 1
             log.warning("step failed peer=%s session=%s: %s: %s", via or owned.channel.peer_id, sid,
                         type(exc).__name__, exc)
-            await owned.channel.send(ErrorReply(code=ErrorCode.INTERNAL, message=f"the step failed in the daemon "
-                                                f"({type(exc).__name__}: {exc})"[:1000],
-                                                session_id=msg.session_id, request_id=None))
+            await owned.channel.send(error_reply(exc, f"the step failed in the daemon ({type(exc).__name__}: {exc})",
+                                                 session_id=msg.session_id))
             return
         if msg.push is not None:
             await _forward_output(ctx, owned, msg, output)
@@ -361,10 +352,9 @@ async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
     elif isinstance(first, OpenSession):
         await _serve_session(ctx, channel, first)
     else:
-        await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message="an inference stream must start "
-                                      f"with OpenSession (a push stream: with a step of a session open here), "
-                                      f"not {type(first).__name__}",
-                                      session_id=None, request_id=None))
+        await channel.send(error_reply(ErrorCode.BAD_REQUEST, "an inference stream must start with OpenSession "
+                                       "(a push stream: with a step of a session open here), "
+                                       f"not {type(first).__name__}"))
 
 
 async def _receive_step(channel: Channel, session: Session, idle_timeout: float) -> object | None:
@@ -384,7 +374,7 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
         session = await _open(ctx, first, channel.peer_id or "?")
     except PetalsError as exc:
         log.info("refused session peer=%s session=%s: %s", channel.peer_id, first.session_id.hex()[:12], exc)
-        await channel.send(_error_reply(exc, session_id=first.session_id))
+        await channel.send(error_reply(exc, session_id=first.session_id))
         return
     owned = _Owned(session, channel)
     ctx.owners[session.session_id] = owned
@@ -399,21 +389,20 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
             except _UNDECODABLE as exc:
                 ctx.stats["errors"] += 1
                 log.info("bad message peer=%s session=%s: %s", channel.peer_id, sid, exc)
-                await channel.send(_error_reply(exc, session_id=session.session_id))
+                await channel.send(error_reply(exc, session_id=session.session_id))
                 continue
             if msg is None:
                 log.info("session idle peer=%s session=%s: closing after %.0f s", channel.peer_id, sid,
                          ctx.limits.session_idle_timeout)
-                await channel.send(ErrorReply(code=ErrorCode.TIMEOUT, message="session idle for "
-                                              f"{ctx.limits.session_idle_timeout:.0f} s; closed",
-                                              session_id=session.session_id, request_id=None))
+                await channel.send(error_reply(ErrorCode.TIMEOUT, f"session idle for "
+                                               f"{ctx.limits.session_idle_timeout:.0f} s; closed",
+                                               session_id=session.session_id))
                 return
             if isinstance(msg, CloseSession):
                 return
             if not isinstance(msg, InferenceStep):
-                await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message=f"{type(msg).__name__} "
-                                              "is not valid inside a session", session_id=session.session_id,
-                                              request_id=None))
+                await channel.send(error_reply(ErrorCode.BAD_REQUEST, f"{type(msg).__name__} is not valid inside "
+                                               "a session", session_id=session.session_id))
                 continue
             await _run_owned_step(ctx, owned, msg, None)
     finally:
@@ -456,12 +445,11 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
             msg: object | None = first
             while msg is not None:
                 if not isinstance(msg, InferenceStep):
-                    await channel.send(ErrorReply(code=ErrorCode.BAD_REQUEST, message=f"{type(msg).__name__} is "
-                                                  "not valid on a push stream", session_id=None, request_id=None))
+                    await channel.send(error_reply(ErrorCode.BAD_REQUEST,
+                                                   f"{type(msg).__name__} is not valid on a push stream"))
                 elif (owned := ctx.owners.get(msg.session_id)) is None:
-                    await channel.send(ErrorReply(code=ErrorCode.UNKNOWN_SESSION, message="no open session "
-                                                  f"{msg.session_id.hex()}", session_id=msg.session_id,
-                                                  request_id=None))
+                    await channel.send(error_reply(ErrorCode.UNKNOWN_SESSION, f"no open session {msg.session_id.hex()}",
+                                                   session_id=msg.session_id))
                 else:
                     activity.steps += 1
                     await in_flight.acquire_on_behalf_of(msg)
@@ -475,7 +463,7 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
                 except _UNDECODABLE as exc:
                     ctx.stats["errors"] += 1
                     log.info("bad message on push stream peer=%s: %s", peer, exc)
-                    await channel.send(_error_reply(exc))
+                    await channel.send(error_reply(exc))
                     msg = None  # a daemon sent us garbage: end its push stream (its link re-opens if it must)
     finally:
         if ctx.push_streams.get(peer) is activity:
@@ -535,5 +523,5 @@ async def serve_stateless(ctx: ServingContext, channel: Channel) -> None:
         except PetalsError as exc:
             ctx.stats["errors"] += 1
             log.info("request refused peer=%s: %s", channel.peer_id, exc)
-            reply = _error_reply(exc, request_id=request_id)
+            reply = error_reply(exc, request_id=request_id)
         await channel.send(reply)

@@ -581,15 +581,23 @@ def decode_message(payload: bytes) -> Message:
 
 
 def error_reply(
-    exc: BaseException, *, session_id: bytes | None = None, request_id: bytes | None = None
+    problem: BaseException | ErrorCode, message: str | None = None, *,
+    session_id: bytes | None = None, request_id: bytes | None = None,
 ) -> ErrorReply:
-    """The ErrorReply that reports `exc` to the peer.
+    """The ErrorReply that reports `problem` to the peer (the one place replies are built).
 
-    ProtocolError and RemoteError keep their code and message; anything else is INTERNAL with the
-    exception's type and text (truncated), so the caller learns it was not its fault.
+    An ErrorCode with `message`: exactly that. ProtocolError and RemoteError keep their code and
+    message; another exception that carries an ErrorCode `code` (a typed refusal: a timeout, a
+    limit) keeps that code and its text; anything else is INTERNAL with the exception's type and
+    text, so the caller learns it was not its fault. `message` replaces the text (a daemon hides a
+    bug's details from peers). Messages are cut at MAX_ERROR_MESSAGE_LENGTH.
     """
-    if isinstance(exc, (ProtocolError, RemoteError)):
-        code, message = exc.code, exc.message
+    if isinstance(problem, ErrorCode):
+        code, text = problem, message or problem.value
+    elif isinstance(problem, (ProtocolError, RemoteError)):
+        code, text = problem.code, message or problem.message
+    elif isinstance(getattr(problem, "code", None), ErrorCode):
+        code, text = problem.code, message or str(problem)  # type: ignore[attr-defined]
     else:
-        code, message = ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
-    return ErrorReply(code, message[:MAX_ERROR_MESSAGE_LENGTH], session_id, request_id)
+        code, text = ErrorCode.INTERNAL, message or f"{type(problem).__name__}: {problem}"
+    return ErrorReply(code, text[:MAX_ERROR_MESSAGE_LENGTH], session_id, request_id)

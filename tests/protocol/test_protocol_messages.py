@@ -17,6 +17,7 @@ from petals_protocol import (
     InferenceStep,
     MalformedMessage,
     OpenSession,
+    PetalsError,
     ProtocolError,
     RemoteError,
     decode_message,
@@ -177,6 +178,18 @@ def test_error_reply_helper_and_remote_error() -> None:
     assert len(internal.message) == 4096
     passed_on = error_reply(RemoteError(ErrorCode.BUSY, "full", "12D3KooW"))
     assert passed_on.code is ErrorCode.BUSY and passed_on.message == "full"
+    # A code and a message (the daemon's own refusals), a typed error that carries a code, and a
+    # bug whose details the daemon hides: every reply a daemon sends is built here.
+    said = error_reply(ErrorCode.TIMEOUT, "session idle for 300 s; closed", session_id=SESSION_ID)
+    assert (said.code, said.message, said.session_id) == (ErrorCode.TIMEOUT, "session idle for 300 s; closed", SESSION_ID)
+
+    class Waited(PetalsError):
+        code = ErrorCode.TIMEOUT
+
+    assert error_reply(Waited("no turn within 60 s")) == ErrorReply(ErrorCode.TIMEOUT, "no turn within 60 s")
+    hidden = error_reply(ValueError("secret path /x"), "internal error in the daemon")
+    assert (hidden.code, hidden.message) == (ErrorCode.INTERNAL, "internal error in the daemon")
+    assert len(error_reply(ErrorCode.BAD_REQUEST, "x" * 5000).message) == 4096
 
     exc = reply.to_exception(peer="12D3KooWabc")
     assert isinstance(exc, RemoteError) and not isinstance(exc, ProtocolError)
