@@ -65,7 +65,7 @@ from petals_protocol.messages import (
     StepResult,
 )
 from petals_protocol.p2p.relay import is_circuit
-from petals_protocol.p2p.streams import StreamClosed
+from petals_protocol.p2p.streams import NETWORK_ERRORS, StreamClosed
 from petals_protocol.signing import inference_binding, peer_id_from_text, verify_response
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
@@ -115,8 +115,6 @@ class SessionFailed(PetalsError):
         self.blocks = blocks
 
 
-#: Errors after which another daemon (or a re-opened stream) may succeed.
-RETRYABLE_ERRORS = (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: Daemon replies that blame our request: another daemon would refuse it too, so do not retry.
 CALLER_FAULTS = frozenset({ErrorCode.TOO_LONG, ErrorCode.BAD_TENSOR, ErrorCode.BAD_REQUEST, ErrorCode.WRONG_MODEL})
 #: A hop quiet for this long whose stream then turns out closed was most likely closed by the
@@ -226,7 +224,7 @@ class InferenceSession:
         with trio.move_on_after(1.0):
             try:
                 await state.channel.send(CloseSession(session_id=state.session_id))
-            except (PetalsError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except NETWORK_ERRORS:
                 pass  # the daemon is gone or the stream broke: it frees the session on its own timeout
             await state.channel.aclose()
 
@@ -328,7 +326,7 @@ class InferenceSession:
                     self._commit(state, hidden, position)
                     hidden = to_torch(payload)
                     done += 1
-            except RETRYABLE_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 failed = index + done
                 failures += 1
                 state = self.hops[failed]
@@ -371,7 +369,7 @@ class InferenceSession:
             try:
                 resumed = [await self._open_hop(failed.hop)]
                 await self._replay(resumed, failed.chunks)
-            except RETRYABLE_ERRORS as resume_exc:
+            except NETWORK_ERRORS as resume_exc:
                 exc = resume_exc  # gone for real: fall through to ban and reroute
             else:
                 self.hops[index:index + 1] = resumed
@@ -392,7 +390,7 @@ class InferenceSession:
             try:
                 replacement = await self._open_chain(start, end)
                 await self._replay(replacement, failed.chunks)
-            except RETRYABLE_ERRORS as retry_exc:
+            except NETWORK_ERRORS as retry_exc:
                 last_error = retry_exc
                 bad = getattr(retry_exc, "peer", None)
                 if isinstance(bad, str) and bad:

@@ -16,12 +16,12 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
+from petals_protocol.errors import ErrorCode, ProtocolError
 from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
 from petals_protocol.signing import peer_id_to_text
 from petals_protocol.p2p.host import connect_any
-from petals_protocol.p2p.streams import FramedStream, StreamClosed, open_stream
+from petals_protocol.p2p.streams import NETWORK_ERRORS, FramedStream, open_stream
 
 from .routing import Hop, ServerInfo
 
@@ -30,8 +30,6 @@ log = logging.getLogger("petals_client.swarm")
 #: First ban after a failure, doubled on each repeat (Petals: 15 s doubling), capped.
 BAN_BASE_SECONDS = 15.0
 BAN_MAX_SECONDS = 300.0
-NETWORK_ERRORS = (PetalsError, StreamClosed, trio.TooSlowError, trio.BrokenResourceError,
-                  trio.ClosedResourceError, OSError)
 
 
 @dataclass

@@ -77,6 +77,10 @@ _CLOSE_TIMEOUT = 1.0
 # Errors the libp2p stream stack raises when the stream or its connection is gone. Raw transport
 # errors sometimes escape as trio's resource errors.
 _STREAM_GONE = (BaseLibp2pError, trio.ClosedResourceError, trio.BrokenResourceError, OSError)
+#: The one set of errors after which another daemon, or a re-opened stream, may succeed (a peer
+#: that went away, refused with a typed error, timed out, or a socket that failed): clients retry
+#: or reroute on these, and let anything else (a bug) propagate.
+NETWORK_ERRORS = (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class StreamClosed(PetalsError):
