@@ -8,7 +8,8 @@ it to, cancelling everything it owns. Sync code calls in with `call(async_fn, *a
 Each calling thread gets a *lane*: a task of the runtime's nursery that runs that thread's calls
 one after another, woken by a `run_sync_soon` callback, its result handed back through a bare
 lock. `trio.from_thread.run` spawns a system task per call and returns through a `queue.Queue`;
-every decode step crosses twice, and the lane halves the no-op round trip (105 -> 50 us here).
+every decode step crosses twice, and the lane's no-op round trip is much shorter (figures:
+BENCHMARKS.md, "Client lanes").
 
 Torch work never runs on that loop: the caller's thread embeds, samples and computes the head;
 only the network hops run on the loop.

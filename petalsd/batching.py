@@ -9,8 +9,8 @@ worker is busy with something else, plus, when other sessions were active in the
 ``max_window_s`` (``petals_protocol.models.gathering``; a lone session never waits). The wait is
 what keeps sessions together: without it, sessions that drift a few ms apart elsewhere in the
 chain (the client computes each session's head on its own) reach the worker one by one and run
-one by one (measured on the 271M model with 8 sessions and a fixed 3 ms wait: about two thirds of
-the jobs held a single step; see BENCHMARKS.md).
+one by one (with a short fixed wait, most of an 8-session run's jobs held a single step; figures:
+BENCHMARKS.md, "Gather window").
 
 How it fits on the FIFO ``ComputeWorker``: every step still submits one job of its own, so queued
 steps always have a job that will take them; a job whose step was already taken by an earlier
@@ -136,9 +136,8 @@ class Batcher:
             self._policy.arrived(cache, now)
             # Alone (no other session active, nothing queued, the worker idle so no other step
             # can join while this one waits): the job a batch of one would run, without the
-            # queue, the hand-over through the trio token and the done event (~0.05 ms and two
-            # scheduler passes less per hop; traced on a cold daemon, job end -> handler went
-            # from 0.26-0.29 to 0.21-0.24 ms).
+            # queue, the hand-over through the trio token and the done event (scheduler passes
+            # less per hop; figures: BENCHMARKS.md, "A lone session skips the batch queue").
             batchable = self._policy.active(now) > 1 or bool(self._pending) or self.worker.busy
         if not batchable:
             return await self.worker.run(run_single_step, self.span, cache, hidden, start, end, position, hypo_ids,
@@ -187,9 +186,9 @@ class Batcher:
     def _deliver(self, batch: Sequence[_Step], seconds: float, runner: _Step) -> None:
         """(Trio thread, called soon by the job itself.) Wake the steps a job ran, all at once: a
         step whose own job is still queued behind others must not wait for its turn in the worker
-        (measured: the last of 8 steps reached the next daemon ~8 ms after the first). The step
-        whose job ran the batch (`runner`) returns from the worker normally, so the worker's
-        statistics count the job."""
+        (waking each step from its own job made the last step of a batch reach the next daemon well
+        after the first; BENCHMARKS.md, "Gather window"). The step whose job ran the batch
+        (`runner`) returns from the worker normally, so the worker's statistics count the job."""
         self._policy.job_done(seconds)
         for step in batch:
             step.done.set()

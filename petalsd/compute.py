@@ -18,11 +18,11 @@ safe cancellation); `hung_seconds()` reports it, the daemon's status says so, an
 watchdog stops being pinged, so that a stuck daemon is restarted instead of queueing forever.
 
 Why not `trio.to_thread.run_sync`: every decode step crosses into the thread and back, on the
-critical path of every token. Measured on the 2-vCPU VM the benchmarks run on (3 ms job, median
-of 200): trio's thread cache costs 55-120 us to start a job and 105-170 us to resume the caller
-(the result comes back through a `run_sync_soon` callback and one more scheduling pass); a thread
-of our own fed through a `queue.SimpleQueue`, whose caller waits directly on a pipe the thread
-writes one byte to, costs 30-65 us and 45-75 us.
+critical path of every token. trio's thread cache costs more per job, both to start it and to
+resume the caller (the result comes back through a `run_sync_soon` callback and one more
+scheduling pass), than a thread of our own fed through a `queue.SimpleQueue`, whose caller waits
+directly on a pipe the thread writes one byte to (figures: BENCHMARKS.md, "Compute worker
+hand-off").
 
 Cancellation: the caller waits for the job it submitted to finish (a half-applied KV-cache update
 must never be observed); a cancellation that arrived meanwhile is delivered at its next checkpoint.

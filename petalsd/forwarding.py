@@ -8,11 +8,12 @@ network legs for 3 hops instead of 6), while the client still gets every hop's s
 Each next peer has a *link*: a task in the daemon's nursery that owns one long-lived
 `/petals/inference/1` stream to that peer. `Forwarder.push` sends the step before the handler
 answers the client (the push is on the critical path, the answer is not): at once when the link
-is idle (a lone session's step pays no task switch: measured ~0.9 ms per token on the 6.8M model
-when every push went through the writer task), else into the link's queue, whose writer task sends
-everything queued in one write (`FramedStream.send_many`). So the steps of a batch, which finish
-together, cross in two writes instead of one each (measured on the 271M model with 8 sessions:
-one write per step spread their arrival at the next daemon over ~8-10 ms). While the link is
+is idle (a lone session's step pays no task switch, which cost a measurable share of a small
+model's token when every push went through the writer task), else into the link's queue, whose
+writer task sends everything queued in one write (`FramedStream.send_many`). So the steps of a
+batch, which finish together, cross in two writes instead of one each (one write per step spread
+their arrival at the next daemon over several milliseconds; figures for both: BENCHMARKS.md,
+"Push forwarding"). While the link is
 still dialling, pushes wait in the same queue. A write is bounded by `PUSH_WRITE_TIMEOUT`
 (a stalled peer cannot hold later pushes back for long; the link is then reset). A link closes itself after
 `idle_timeout` seconds without a push (it is shared by every session pushing to that peer, so it
@@ -59,7 +60,7 @@ from petals_protocol.signing import peer_id_to_text
 log = logging.getLogger("petalsd.forwarding")
 
 #: A link with no push for this long closes its stream (a decode step comes every few ms; a
-#: session between turns may pause for minutes, and re-opening costs one stream open, ~10 ms).
+#: session between turns may pause for minutes, and re-opening costs one stream open).
 LINK_IDLE_TIMEOUT = 60.0
 #: Messages queued per next peer before pushes are dropped (one in flight per session at most).
 LINK_QUEUE_SIZE = 64
@@ -179,8 +180,9 @@ class Forwarder:
             link.writes -= 1
 
     def _peer_of_addr(self, addr: str) -> str:
-        """The peer id a push address dials. Parsing a multiaddr costs ~0.1 ms, on the critical path
-        of every pushed step, and a session pushes to the same few addresses: remember them."""
+        """The peer id a push address dials. Parsing a multiaddr is slow enough to show on the critical
+        path of every pushed step (BENCHMARKS.md, "Push forwarding"), and a session pushes to the
+        same few addresses: remember them."""
         dialled = self._addr_peers.get(addr)
         if dialled is None:
             try:

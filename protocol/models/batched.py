@@ -13,7 +13,7 @@ for M=1 (matrix-vector) and M>1 (matrix-matrix), so outputs differ by a few ulps
 abs difference on the 271M shape: ~1e-6 in fp32, up to ~4e-3 in bf16 per linear layer). That is why
 the daemon's batcher is opt-in: a batched session is not bit-identical to local ``transformers``.
 After ``Span.pack_for_batching`` (the daemon calls it when batching is on) the linear layers run
-oneDNN's matmul on packed weights (``packed.py``), 2-2.8x faster for several rows on CPU, with
+oneDNN's matmul on packed weights (``packed.py``), faster for several rows on CPU, with
 rounding differences of the same kind.
 
 Only decode steps (one token per sequence) of the Llama family (llama, mistral, qwen2) are batched;

@@ -63,8 +63,8 @@ class ClientPart(nn.Module):
 
     def packed_logits(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``logits`` on a oneDNN-packed copy of the head's weight, for many rows at once (the
-        client's head batching: 8 rows through a 32000 x 1024 head take 8.7 ms against 24.5 ms with
-        ``F.linear`` on CPU; not bit-identical to it, see ``packed.py``). Costs a second copy of the
+        client's head batching: a fraction of ``F.linear``'s time on CPU, BENCHMARKS.md, "Packed
+        weights for batches"; not bit-identical to it, see ``packed.py``). Costs a second copy of the
         head's weight; None where packing is unavailable (then use ``logits``)."""
         packed = pack(self.head.weight, self.head.bias)
         if packed is None:

@@ -2,10 +2,9 @@
 
 transformers runs each block through about fifteen ``nn.Module`` calls, two keyword-deprecation
 wrappers and a gradient-checkpointing shim. On a decode step that plumbing is a real share of a
-span's time, because the tensors are tiny: measured on this project's benchmark shapes (CPU, fp32,
-one thread, 4 blocks, hot), 2.43 -> 2.21 ms per step for the 6.8M shape and 15.9 -> 15.5 ms for
-the 271M one. The local model pays it too, so every block a daemon runs flat narrows the gap to
-local generation.
+span's time, because the tensors are tiny, the more so the smaller the model (figures for this
+project's benchmark shapes: BENCHMARKS.md, "Flat blocks"). The local model pays it too, so every
+block a daemon runs flat narrows the gap to local generation.
 
 The functions here make the same torch calls, in the same order, with the same arguments as the
 modules' own ``forward`` (the norms' float32 upcast, ``F.linear`` with the module's weight and bias,
@@ -130,7 +129,7 @@ class FlatBlock:
 
 class PackedBlock(FlatBlock):
     """A ``FlatBlock`` whose linear layers run on oneDNN-packed copies of the weights (``packed.py``):
-    for the batched decode only, whose matmuls have several rows (2-2.8x faster on CPU, not
+    for the batched decode only, whose matmuls have several rows (faster on CPU, not
     bit-identical to ``F.linear``). ``packed_block`` builds one where every layer can be packed."""
 
     @staticmethod

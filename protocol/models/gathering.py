@@ -11,19 +11,19 @@ before its batch runs. How long is the question this module answers:
 - only for the sessions whose next step is due within the window (each session's last arrival
   plus its last interval between steps): sessions in another phase of the chain are not waited
   for: two groups of sessions each waiting the whole window for the other would stretch every
-  round by it (an 8-session run before this rule made 21 tok/s with the cores 49% busy, where
-  the other repeats made 32-39 tok/s; such a split is the suspected cause, not a traced one);
+  round by it (an 8-session run before this rule fell far below the other repeats with the cores
+  half idle, BENCHMARKS.md, "Gather window"; such a split is the suspected cause, not a traced one);
 - at most ``max_window_s``, and at most ``job_factor`` times the recent duration of a batch job
   (an exponential moving average). A batch of many rows costs about as much as one row (the work
   is reading weights), so waiting up to a couple of jobs' time for stragglers is repaid as soon as
   they join, while a session that stopped without closing (or is slow) costs the others a bounded
-  delay that scales with the model: ~6 ms for a small model whose steps take 3 ms, not 50 ms.
+  delay that scales with the model (``job_factor`` jobs' time), not the whole ``max_window_s``.
 
 All due sessions go into one batch. Splitting them into two half-size "convoys", so that
 two stages of the chain compute at once, was tried on the 271M model (3 daemons, 8 sessions, 2
 cores): each half cost nearly as much as the whole (two batches computing at once share the
-memory bandwidth) and the daemons used ~1.8x the CPU per token, for a lower aggregate (2.6x one
-session's tokens/s against 2.5-3.0x with one batch).
+memory bandwidth) and the daemons used more CPU per token, for a lower aggregate than with one
+batch (figures: BENCHMARKS.md, "Gather window").
 
 Pure bookkeeping, no clock of its own and no I/O (callers pass ``now``), so the daemon's trio
 batcher and the client's threaded one share it and tests can drive it step by step. Not

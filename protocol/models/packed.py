@@ -2,13 +2,13 @@
 
 A batched decode step multiplies a few rows (one per session) by every weight matrix of a span.
 torch's CPU ``F.linear`` hands fp32 to MKL, and on this project's machines (AMD EPYC, one thread)
-MKL's small-M matrix products run far below the core's speed: 8 rows through a 2816 x 1024 matrix
-take 1.09-1.12 ms against 0.22 ms for one row, and through the 271M model's 32000 x 1024 LM head
-24-29 ms against 7.6-8.0 ms. oneDNN's matmul on a weight reordered once into its blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what ``torch.compile``'s CPU
-backend uses for frozen linear layers) takes 0.45-0.47 ms and 8.4-9.6 ms for the same 8 rows
-(``python -m benchmarks.step_costs`` prints both). On a whole 8-session decode step through five
-271M blocks: 37.5 -> 23.8 ms (one session alone: 17.4 ms).
+MKL's small-M matrix products run far below the core's speed: a few rows cost several times what
+one row does, although the weights are read once either way. oneDNN's matmul on a weight
+reordered once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight`` /
+``_linear_pointwise``, what ``torch.compile``'s CPU backend uses for frozen linear layers) runs
+the same rows in a fraction of MKL's time, and a whole batched decode step gets markedly faster
+(``python -m benchmarks.step_costs`` prints both; figures: BENCHMARKS.md, "Packed weights for
+batches").
 
 Costs, stated where they are paid: the packed copy is a second copy of every linear weight
 (``Span.pack_for_batching`` returns its bytes, the daemon logs them): the exact per-session path

@@ -141,8 +141,8 @@ class Span:
         self.flat_steps = self._verify_flat()
 
     def pack_for_batching(self) -> int:
-        """Give the batched decode oneDNN-packed copies of the linear weights (``packed.py``: 2-2.8x
-        faster multi-row matmuls on CPU); returns the bytes they take, 0 where packing is not
+        """Give the batched decode oneDNN-packed copies of the linear weights (``packed.py``: faster
+        multi-row matmuls on CPU); returns the bytes they take, 0 where packing is not
         available (CUDA, other dtypes, another family) and the batched decode keeps ``F.linear``.
         Blocking (a copy of the weights): call it where the span is loaded, not on an event loop."""
         if self.flat is not None and self.batch_blocks is self.flat:  # not packed yet

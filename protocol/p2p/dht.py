@@ -98,7 +98,7 @@ INDEX_EPOCH_SECONDS = 3600.0
 INDEX_EPOCH_LEAD = 600.0
 #: A py-libp2p node keeps 20 providers per key; 4 shards -> up to 80 daemons per model and epoch.
 INDEX_SHARDS = 4
-#: One DHT RPC (dial + request + answer). A loopback RPC takes ~10 ms, a WAN one a few RTTs;
+#: One DHT RPC (dial + request + answer). A loopback RPC takes milliseconds, a WAN one a few RTTs;
 #: 5 s bounds how long one dead peer can hold up a lookup (libp2p's own QUERY_TIMEOUT is 10 s).
 RPC_TIMEOUT = 5.0
 #: Verdicts of "is this peer a DHT server" probes, kept this long and for this many peers.

@@ -2,9 +2,9 @@
 
 What `make_host` fixes compared with `libp2p.new_host()` defaults (docs/py-libp2p.md numbers the bugs):
 - Security is Noise only. The default host also accepts plaintext and secio peers (bug 5).
-- Stream muxer is yamux only (mplex moves bulk at ~10 MB/s).
-- `ConnectionConfig(max_connections_per_peer=1)`: with the default every dial waits ~250 ms for
-  "happy eyeballs" (bug 1); with it a loopback connect takes ~10-15 ms.
+- Stream muxer is yamux only (mplex moves bulk far slower; BENCHMARKS.md, "Connection set-up").
+- `ConnectionConfig(max_connections_per_peer=1)`: with the default every dial waits for
+  "happy eyeballs" (bug 1); with it a loopback connect takes milliseconds.
 - The swarm's auto-connector is switched off (`min_connections=0` and a once-a-day interval). By
   default it dials up to ~150 peers from the peerstore every 30 s (every daemon a client ever
   looked up in the DHT, say); petals peers choose whom to connect to themselves (routing).
@@ -58,7 +58,7 @@ __all__ = [
     "connect_any",
 ]
 
-# A loopback connect takes ~15 ms and a WAN one a few RTTs; 10 s leaves room for a slow
+# A loopback connect takes milliseconds and a WAN one a few RTTs; 10 s leaves room for a slow
 # handshake on a loaded machine without hanging a client on a dead address for minutes.
 DEFAULT_DIAL_TIMEOUT = 10.0
 

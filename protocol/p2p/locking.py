@@ -2,10 +2,10 @@
 
 `async with trio.Lock()` yields to the scheduler once even when the lock is free (trio makes every
 acquire a checkpoint); so does `trio.Semaphore.acquire`. That costs a whole pass of the run loop
-(an epoll call, the run queue), and on a token's critical path the loop's code and data are cold
-(warm: 7.2 us per acquire/release against 1.9 us here; in a traced daemon the worker's lock plus
-the job's set-up took ~40 us). py-libp2p's yamux takes such locks ~17 times per message echoed
-(see `protocol.p2p.compat.yamux`). The blocks they guard yield right away anyway (a job hand-off, a
+(an epoll call, the run queue), and on a token's critical path the loop's code and data are cold,
+so that pass costs several times what taking a free lock at once does (figures: BENCHMARKS.md,
+"Free locks without a scheduler pass"). py-libp2p's yamux takes such locks many times per
+message (see `protocol.p2p.compat.yamux`). The blocks they guard yield right away anyway (a job hand-off, a
 socket write), so the extra pass buys nothing. A busy lock is waited for exactly as
 `Lock.acquire` does (fairly, cancellably); a free one is taken at once (`acquire_nowait` refuses
 while others wait, so fairness is kept).

@@ -61,8 +61,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BUFFERED_FRAMES = 16
-# new_stream costs ~10 ms on an open connection, a dial ~15 ms on loopback; a few seconds covers a
-# distant or loaded peer, and a dead one is found out before a client's step budget is gone.
+# new_stream and a loopback dial take milliseconds (BENCHMARKS.md, "Connection set-up"); a few
+# seconds covers a distant or loaded peer, and a dead one is found out before a client's step
+# budget is gone.
 DEFAULT_OPEN_TIMEOUT = 10.0
 # Ask yamux for up to this much per read. It returns whatever is buffered (never waits to fill
 # it), so a large value only means fewer calls when a big frame is streaming in.
@@ -136,7 +137,7 @@ class FramedStream:
         budget: ByteBudget | None = None,
         admit: Admit | None = None,
     ) -> None:
-        make_lean(stream)  # ~19 fewer scheduler passes per message in yamux (see compat/yamux.py)
+        make_lean(stream)  # far fewer scheduler passes per message in yamux (see compat/yamux.py)
         self.stream = stream
         self.max_frame_size = max_frame_size
         self.peer_id: str | None = _peer_of(stream)

@@ -1,7 +1,7 @@
 """Every use of py-libp2p's private names goes through here, behind one version check.
 
-Two things need libp2p internals: the lean yamux/Noise path (`yamux.py` in this package: ~19 fewer scheduler
-passes per message, the receive-window enforcement, bounded frame assembly) and the DHT's
+Two things need libp2p internals: the lean yamux/Noise path (`yamux.py` in this package: far fewer scheduler
+passes for every message, the receive-window enforcement, bounded frame assembly) and the DHT's
 per-peer RPCs (`dht.py`: a network walk that never answers from a stale local copy, and a store
 that pins the exact record). Both were written against one libp2p release, `WRITTEN_FOR`. On any
 other release, or with `PETALS_LIBP2P_STOCK=1` in the environment (the tests force it to keep the

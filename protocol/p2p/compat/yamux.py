@@ -1,13 +1,13 @@
-"""`make_lean(stream)`: py-libp2p's yamux and Noise, same bytes on the wire, 4 scheduler passes per echo instead of 26.
+"""`make_lean(stream)`: py-libp2p's yamux and Noise, same bytes on the wire, far fewer scheduler passes per message.
 
 Every message a petals peer sends or receives crosses py-libp2p's yamux and Noise layers, which take
-a `trio.Lock` (or a one-slot `trio.Semaphore`) about 17 times per message echoed: the connection's
+a `trio.Lock` (or a one-slot `trio.Semaphore`) over and over for every message: the connection's
 stream table and write lock, the stream's window, close and read/write locks, the TCP stream's
 read and write locks, and the state lock of the `NetStream` on top. Trio makes every acquire a checkpoint, so each one, free or not, costs a
 whole pass of the run loop (an epoll call and the run queue), and `_write_frame` adds one more
-explicit checkpoint after each write. Measured on loopback (two processes, a 4 KB echo, this
-2-core machine): 26 scheduler passes per echo on the client side with stock yamux, 7 with those
-locks eager; round trip 0.52-0.79 ms -> 0.43 ms (raw TCP: 0.1 ms). A token crosses three hops.
+explicit checkpoint after each write. On loopback those passes are most of a message's round
+trip, several times what raw TCP takes, and a token crosses three hops (the counts and timings:
+BENCHMARKS.md, "Lean yamux and Noise").
 
 What changes: those locks are wrapped in `Eager` (`protocol.p2p.locking`): a free lock is taken at
 once, a busy one is waited for exactly as before (fairly, cancellably). Mutual exclusion, frame
@@ -21,18 +21,18 @@ Window updates: stock py-libp2p 0.8.1 answers *every* read with a WINDOW_UPDATE 
 "release on read" and "partial slack" rules), so each message costs its reader one more frame
 encrypted and written before the data reaches it, and its sender one more wake-up to read that
 frame. Lean streams credit the peer once half the receive window has been read, go-yamux's rule,
-which py-libp2p's own window code implements for that case (`_release_window`). Echo of 4 KB:
-8 -> 5 passes per round trip; 300 echoes of 60 KB: 603 updates -> 16.
+which py-libp2p's own window code implements for that case (`_release_window`): fewer frames
+written and fewer wake-ups per message (figures: BENCHMARKS.md, "Lean yamux and Noise").
 
 Noise and DATA frames: a plain Noise-over-TCP session (no swarm key) reads and writes its messages
 straight on the TCP stream, skipping the msgio / RawConnection ladder, and hands plain DATA frames
 to their stream itself instead of through `handle_incoming`'s per-frame code (`_LeanNoise`; same
 socket calls, cipher states, bytes and exceptions, every other frame to yamux), without a
-scheduler pass after every socket read. Echo of 4 KB: 0.42-0.45 -> 0.33 ms; per 6.8M decode
-token, the loop threads' CPU 20-30% lower.
+scheduler pass after every socket read: a shorter echo and less loop-thread CPU per decode token
+(figures: BENCHMARKS.md, "Lean yamux and Noise").
 
 Not done, on purpose: buffering the TCP stream's reads (Noise reads each message in two `recv`s;
-a buffer took the echo from 8 to 6 passes). yamux drops a stream's unread data when it processes
+a buffer saved passes per echo, BENCHMARKS.md). yamux drops a stream's unread data when it processes
 a RST, and with a buffer a reply and the RST right behind it are processed back to back, before
 the reader runs: a daemon's error reply followed by a reset (a frame over the limit) never reached
 the client (tests/integration/test_bad_input.py caught it).
@@ -161,11 +161,11 @@ class _LeanNoise:
       yamux untouched. Body reads are told apart from header reads by yamux's own
       `_read_data_body`, wrapped;
     - a socket read that finds data does not yield (trio's socket yields after every successful
-      call: two scheduler passes per message). Yields are kept where they matter: before a frame
+      call, and a message takes two). Yields are kept where they matter: before a frame
       is passed up to yamux, a reader woken by data delivered since gets two passes to take it
       (yamux drops a stream's unread data when it processes a RST; stock gave readers those two
       passes through its socket reads), and every 8 frames handled without waiting for the socket.
-      Echo of 4 KB: 5 -> 4 passes per round trip on the client side.
+      Fewer passes per round trip (BENCHMARKS.md, "Lean yamux and Noise").
 
     Only for the plain Noise-over-TCP layout; with a swarm key (an extra cipher layer) or any other
     layout the session is left as it is.
