@@ -39,6 +39,7 @@ import trio
 from petals_protocol.models.batched import DecodeItem, batched_decode, can_batch, check_item
 from petals_protocol.models.gathering import GatherPolicy
 from petals_protocol.models.span import SpanCache, SpanUsageError
+from petals_protocol.tensors import TensorPayload, from_torch
 
 from .compute import ComputeWorker
 
@@ -66,11 +67,12 @@ def prepare_cache(cache: SpanCache, position: int | None, hypo_ids: torch.Tensor
 
 
 def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor, start: int | None, end: int | None,
-                    position: int | None, hypo_ids: torch.Tensor | None) -> torch.Tensor:
-    """The per-session path (worker thread): one session's step through ``Span.forward``."""
+                    position: int | None, hypo_ids: torch.Tensor | None) -> TensorPayload:
+    """The per-session path (worker thread): one session's step through ``Span.forward``, its
+    output serialized there too (off the event loop, like a batch's outputs)."""
     prepare_cache(cache, position, hypo_ids)
     try:
-        return span.forward(hidden, cache, start, end)
+        return from_torch(span.forward(hidden, cache, start, end))
     except Exception:
         restore_cache(cache)
         raise
@@ -98,7 +100,7 @@ class _Step:
     # or for a worker turn of its own, which would only find the step taken) and returns at once.
     waiting: trio.CancelScope = field(default_factory=trio.CancelScope)
     taken: bool = False
-    result: torch.Tensor | None = None
+    result: TensorPayload | None = None
     error: BaseException | None = None
 
     @property
@@ -107,11 +109,12 @@ class _Step:
 
 
 class Batcher:
-    """Runs session steps on ``worker``, merging concurrent decode steps when ``config.enabled``.
+    """Where a daemon runs every session step: alone (``run_single_step``, one compute job) or,
+    when ``config.enabled``, merged with other sessions' concurrent decode steps.
 
-    ``await batcher.step(cache, hidden, start, end, position=..., hypo_ids=...)`` replaces
-    ``await worker.run(_run_step, ...)``: same result, same errors (``SpanUsageError``), same
-    semantics for ``position`` (roll back) and ``hypo_ids`` (reorder).
+    ``await batcher.step(cache, hidden, start, end, position=..., hypo_ids=..., peer=...)``: the
+    step's output as a wire payload (serialized on the worker thread), the same errors
+    (``SpanUsageError``) either way, ``position`` rolls the cache back, ``hypo_ids`` reorders it.
     """
 
     def __init__(self, worker: ComputeWorker, span: Any, config: BatchingConfig | None = None) -> None:
@@ -127,8 +130,10 @@ class Batcher:
         self.batched_steps = 0  # steps that ran inside one of them
 
     async def step(self, cache: SpanCache, hidden: torch.Tensor, start: int | None = None, end: int | None = None,
-                   *, position: int | None = None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step of the session owning ``cache``; return its output hidden states."""
+                   *, position: int | None = None, hypo_ids: torch.Tensor | None = None,
+                   peer: str = "") -> TensorPayload:
+        """Run one step of the session owning ``cache`` (of ``peer``: its turn among peers' jobs);
+        return its output hidden states."""
         tokens = int(hidden.shape[0] * hidden.shape[1])
         batchable = self.config.enabled and can_batch(self.span, hidden, cache)
         if batchable:
@@ -141,14 +146,14 @@ class Batcher:
             batchable = self._policy.active(now) > 1 or bool(self._pending) or self.worker.busy
         if not batchable:
             return await self.worker.run(run_single_step, self.span, cache, hidden, start, end, position, hypo_ids,
-                                         tokens=tokens)
+                                         tokens=tokens, peer=peer)
         self._token = trio.lowlevel.current_trio_token()
         step = _Step(cache, hidden, start, end, position, hypo_ids)
         self._enqueue(step)
         try:
             with step.waiting:
                 await self._gather_window()
-                await self.worker.run(self._take_and_run, step)
+                await self.worker.run(self._take_and_run, step, peer=peer)
             await step.done.wait()
         except BaseException:
             with self._lock:
@@ -247,15 +252,15 @@ class Batcher:
             groups.setdefault((step.cache.start, step.cache.end), []).append(step)
         for group in groups.values():
             try:
-                if len(group) == 1:  # a lone step takes the exact per-session path
+                if len(group) == 1:  # a lone step takes the exact per-session path (cache already prepared)
                     (step,) = group
-                    step.result = self.span.forward(step.hidden, step.cache, step.cache.start, step.cache.end)
+                    step.result = run_single_step(self.span, step.cache, step.hidden, None, None, None, None)
                 else:
                     outputs = batched_decode(self.span, [DecodeItem(s.hidden, s.cache) for s in group])
                     self.batches += 1  # only the worker thread (capacity 1) writes these
                     self.batched_steps += len(group)
                     for step, out in zip(group, outputs, strict=True):
-                        step.result = out
+                        step.result = from_torch(out)
             except Exception as exc:  # routed to every caller of the group, raised there
                 for step in group:
                     restore_cache(step.cache)

@@ -91,9 +91,9 @@ class DaemonControl:
               for kind, n in ctx.stats.items()),
             Metric("petalsd_throughput", "gauge", "Announced block-steps per second.", ctx.throughput),
             Metric("petalsd_batches_total", "counter", "Batched forwards run (two steps or more).",
-                   ctx.batcher.batches if ctx.batcher else 0),
+                   ctx.batcher.batches),
             Metric("petalsd_batched_steps_total", "counter", "Session steps that ran inside a batched forward.",
-                   ctx.batcher.batched_steps if ctx.batcher else 0),
+                   ctx.batcher.batched_steps),
             Metric("petalsd_pushes_total", "counter", "Steps forwarded to the next daemon of a chain.",
                    ctx.forwarder.pushes_sent if ctx.forwarder else 0),
             Metric("petalsd_push_writes_total", "counter", "Stream writes that carried them (a batch's "

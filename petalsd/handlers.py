@@ -106,6 +106,8 @@ class ServingContext:
     limits: Limits
     gate: PeerGate  # per-peer streams, compute jobs and request rate (petalsd/limits.py)
     buffers: ByteBudget  # bytes of unread frames, per peer and in all (charged by every stream's pump)
+    # Where every decode step runs: alone, or merged with other sessions' when batching is on.
+    batcher: Batcher
     public_name: str = ""
     version: str = ""
     state: str = "online"
@@ -114,8 +116,6 @@ class ServingContext:
     # Daemon-to-daemon forwarding: None means steps with `push` are computed and answered but not
     # forwarded (the client then drives the next hops itself after its step timeout).
     forwarder: Forwarder | None = None
-    # Cross-session batching of decode steps (None or disabled: every step is its own job).
-    batcher: Batcher | None = None
     # Open sessions by id, with the client stream that owns each (where pushed steps are answered).
     owners: dict[bytes, _Owned] = field(default_factory=dict)
     # Steps received on push streams, by the pushing peer (connection activity for the sweeper).
@@ -224,12 +224,6 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
     return session
 
 
-def _run_step(span: Any, session: Session, hidden: torch.Tensor, msg: InferenceStep,
-              hypo_ids: torch.Tensor | None) -> TensorPayload:
-    """The compute job of one step: run the span on the session's cache and encode the output."""
-    return from_torch(run_single_step(span, session.cache, hidden, session.start, session.end, msg.position, hypo_ids))
-
-
 def _signed_result(ctx: ServingContext, session: Session, msg: InferenceStep, payload: TensorPayload) -> StepResult:
     """The client's answer: the output signed over its binding to the request (DESIGN: signatures)."""
     signature = sign_response(ctx.signer, inference_binding(
@@ -261,14 +255,8 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
                 bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
     with ctx.gate.job(session.peer):
-        if ctx.batcher is not None and ctx.batcher.config.enabled:
-            # Concurrent sessions' decode steps may share one batched forward (petalsd/batching.py).
-            out = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
-                                         position=msg.position, hypo_ids=hypo_ids)
-            payload = from_torch(out)
-        else:
-            payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
-                                           tokens=hidden.shape[0] * hidden.shape[1], peer=session.peer)
+        payload = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
+                                         position=msg.position, hypo_ids=hypo_ids, peer=session.peer)
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
@@ -409,8 +397,7 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
         # No new pushed step may start; one running now finishes first (the cache is dropped
         # below, and a compute job must never see it vanish). Steps are short: shield briefly.
         del ctx.owners[session.session_id]
-        if ctx.batcher is not None:
-            ctx.batcher.forget(session.cache)  # (close() below drops the cache)
+        ctx.batcher.forget(session.cache)  # (close() below drops the cache)
         with trio.CancelScope(shield=True):
             async with held(owned.lock):
                 ctx.sessions.close(session.session_id)

@@ -12,6 +12,7 @@ import torch
 import trio
 
 from petals_protocol.models.span import Span, SpanCache, SpanUsageError, load_span
+from petals_protocol.tensors import to_torch
 from petalsd.batching import Batcher, BatchingConfig
 from petalsd.compute import ComputeWorker
 
@@ -41,6 +42,11 @@ def _steps(span: Span, count: int) -> list[torch.Tensor]:
     return [torch.randn(1, 1, span.hidden_size, generator=generator) for _ in range(count)]
 
 
+async def _step(batcher: Batcher, *args: object, **kwargs: object) -> torch.Tensor:
+    """A batcher step's output as a tensor (the batcher returns the wire payload)."""
+    return to_torch(await batcher.step(*args, **kwargs))
+
+
 def _run(worker: ComputeWorker, fn: Callable[..., Awaitable[R]], *args: object) -> R:
     """`trio.run(fn, *args)` with `worker`'s compute thread running for its duration."""
 
@@ -67,7 +73,7 @@ def test_concurrent_steps_run_as_one_batch(span: Span) -> None:
     outputs: dict[int, torch.Tensor] = {}
 
     async def one(i: int) -> None:
-        outputs[i] = await batcher.step(caches[i], hiddens[i], position=caches[i].length)
+        outputs[i] = await _step(batcher, caches[i], hiddens[i], position=caches[i].length)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -95,7 +101,7 @@ def test_window_gathers_steps_of_recently_active_sessions(span: Span) -> None:
 
     async def one(i: int, delay: float) -> None:
         await trio.sleep(delay)
-        await batcher.step(caches[i], _steps(span, 1)[0])
+        await _step(batcher, caches[i], _steps(span, 1)[0])
 
     async def round_(spread: float) -> None:
         async with trio.open_nursery() as nursery:
@@ -119,7 +125,7 @@ def test_a_lone_session_is_bit_exact_and_never_waits(span: Span) -> None:
 
     async def main() -> list[torch.Tensor]:
         with trio.fail_after(2.0):
-            return [await batcher.step(cache, h) for h in hiddens]
+            return [await _step(batcher, cache, h) for h in hiddens]
 
     def no_batch_job(own: object) -> None:
         raise AssertionError("a lone step went through the batch queue")
@@ -145,7 +151,7 @@ def test_a_closed_session_is_not_waited_for(span: Span) -> None:
         batcher.forget(caches[1])
         began = trio.current_time()
         with trio.fail_after(2.0):
-            await batcher.step(caches[0], hiddens[2])
+            await _step(batcher, caches[0], hiddens[2])
         return trio.current_time() - began
 
     assert _run(batcher.worker, main) < 1.0
@@ -163,7 +169,7 @@ def test_cancelling_a_queued_step_leaves_the_others_alone(span: Span) -> None:
 
     async def one(i: int, scope: trio.CancelScope) -> None:
         with scope:
-            outputs[i] = await batcher.step(caches[i], hiddens[i])
+            outputs[i] = await _step(batcher, caches[i], hiddens[i])
         if scope.cancelled_caught:
             cancelled.append(i)
 
@@ -186,7 +192,7 @@ def test_cancelling_a_queued_step_leaves_the_others_alone(span: Span) -> None:
         torch.testing.assert_close(outputs[i], expected[i], **CLOSE)
     assert batcher.batches == 1 and batcher.batched_steps == 3
     # the cancelled session goes on normally afterwards
-    out = _run(batcher.worker, batcher.step, caches[1], hiddens[1])
+    out = _run(batcher.worker, _step, batcher, caches[1], hiddens[1])
     assert torch.equal(out, expected[1])
 
 
@@ -202,7 +208,7 @@ def test_a_bad_step_fails_alone(span: Span) -> None:
 
     async def one(i: int, position: int) -> None:
         try:
-            results[i] = await batcher.step(caches[i], hiddens[i], position=position)
+            results[i] = await _step(batcher, caches[i], hiddens[i], position=position)
         except SpanUsageError as exc:
             results[i] = exc
 
@@ -234,7 +240,7 @@ def test_sub_spans_prefill_and_disabled_batching_take_the_per_session_path(span:
 
     async def one(i: int) -> None:
         cache, hidden = plan[i]
-        outputs[i] = await batcher.step(cache, hidden, cache.start, cache.end)
+        outputs[i] = await _step(batcher, cache, hidden, cache.start, cache.end)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -253,10 +259,10 @@ def test_sub_spans_prefill_and_disabled_batching_take_the_per_session_path(span:
     # fresh caches (the ones above went through a batched step, a few ulps away from the references)
     (fresh,), (ref_fresh,) = _caches(span, 1), _caches(span, 1)
     prefill = torch.randn(1, 3, span.hidden_size)
-    out = _run(batcher.worker, batcher.step, fresh, prefill)
+    out = _run(batcher.worker, _step, batcher, fresh, prefill)
     assert torch.equal(out, span.forward(prefill, ref_fresh))
 
     off = Batcher(ComputeWorker(), span, BatchingConfig())
     step = hiddens[0]
-    assert torch.equal(_run(off.worker, off.step, fresh, step), span.forward(step, ref_fresh))
+    assert torch.equal(_run(off.worker, _step, off, fresh, step), span.forward(step, ref_fresh))
     assert off.batches == 0

@@ -17,9 +17,9 @@ from petals_protocol.models.span import load_span
 from petals_protocol.models.synthetic import make_random_checkpoint
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.identity import ephemeral_identity, ed25519_private_key, peer_id
-from petals_protocol.tensors import from_torch
+from petals_protocol.tensors import from_torch, to_torch
 from petalsd import config as config_mod
-from petalsd.batching import run_single_step
+from petalsd.batching import Batcher, run_single_step
 from petalsd.compute import ComputeWorker
 from petalsd.handlers import Limits, ServingContext, _Owned, _serve_push_stream
 from petalsd.limits import LimitExceeded, PeerGate, ResourceLimits
@@ -145,7 +145,7 @@ def test_a_step_that_fails_midway_leaves_the_cache_as_before(span: Any, monkeypa
         assert lengths == {5}, f"layers hold {lengths} tokens after a failed step"
         monkeypatch.undo()
         got = run_single_step(span, cache, nxt, None, None, 5, None)
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(to_torch(got), expected)
 
 
 # ------------------------------------------------------------ a failing pushed step (item 7)
@@ -195,11 +195,13 @@ def test_a_failing_pushed_step_does_not_cancel_other_sessions_steps() -> None:
     async def main() -> tuple[list[object], list[object]]:
         async with ComputeWorker() as worker:
             key = ephemeral_identity()
+            span = _FakeSpan()
             ctx = ServingContext(
-                span=_FakeSpan(), fingerprint="f" * 64, model_name="m", peer_id=peer_id(key).to_base58(),
+                span=span, fingerprint="f" * 64, model_name="m", peer_id=peer_id(key).to_base58(),
                 signer=ed25519_private_key(key), sessions=SessionTable(4, CacheBudget(1 << 20)), worker=worker,
                 limits=Limits(max_length=16, max_batch_size=1, session_idle_timeout=5, step_timeout=5),
-                gate=PeerGate(_limits()), buffers=ByteBudget(per_peer=1 << 30, total=1 << 30))
+                gate=PeerGate(_limits()), buffers=ByteBudget(per_peer=1 << 30, total=1 << 30),
+                batcher=Batcher(worker, span))
             owners = []
             for sid in (b"g" * 16, b"b" * 16):
                 session = Session(session_id=sid, peer="client", start=0, end=2, max_length=16, batch_size=1,
