@@ -65,23 +65,13 @@ from petals_protocol.messages import (
     StepResult,
 )
 from petals_protocol.p2p.relay import is_circuit
-from petals_protocol.p2p.streams import NETWORK_ERRORS, StreamClosed
+from petals_protocol.p2p.streams import NETWORK_ERRORS, Channel, StreamClosed
 from petals_protocol.signing import inference_binding, peer_id_from_text, verify_response
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from .routing import Hop, NoRoute, choose_route, describe_route
 
 log = logging.getLogger("petals_client.session")
-
-
-class Channel(Protocol):
-    """A typed message stream to one daemon (see petals_protocol.p2p.streams)."""
-
-    async def send(self, msg: object) -> None: ...
-
-    async def receive(self) -> object: ...
-
-    async def aclose(self) -> None: ...
 
 
 class Swarm(Protocol):

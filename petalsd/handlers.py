@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import trio
@@ -63,7 +63,7 @@ from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
-from petals_protocol.p2p.streams import StreamClosed
+from petals_protocol.p2p.streams import Channel, StreamClosed
 
 from .batching import Batcher, run_single_step
 from .compute import ComputeWorker
@@ -72,14 +72,6 @@ from .limits import PeerGate
 from .sessions import Session, SessionRefused, SessionTable
 
 log = logging.getLogger("petalsd.handlers")
-
-
-class Channel(Protocol):
-    peer_id: str | None
-
-    async def send(self, msg: object) -> None: ...
-
-    async def receive(self) -> object: ...
 
 
 @dataclass

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -107,6 +107,19 @@ class StreamOpenError(PetalsError):
         self.peer = peer
         self.protocol = protocol
         self.reason = reason
+
+
+class Channel(Protocol):
+    """What daemon handlers and client sessions speak to: typed messages to and from one peer.
+    `FramedStream` is the real one; tests drive handlers and sessions with in-memory fakes."""
+
+    peer_id: str | None
+
+    async def send(self, msg: object) -> None: ...
+
+    async def receive(self) -> object: ...
+
+    async def aclose(self) -> None: ...
 
 
 class FramedStream:
