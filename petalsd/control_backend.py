@@ -58,6 +58,7 @@ class DaemonControl:
                          "buffer_refusals": ctx.buffers.refused},
             # reachability (public/private/unknown), hop service, relays held (petalsd/reachability.py)
             "nat": d.nat.describe() if d.nat is not None else None,
+            "membership": d.admission.describe() if d.admission is not None else None,
             "announced_addresses": d.announce_addrs(),
         }
 

@@ -26,6 +26,7 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -34,11 +35,20 @@ from libp2p.peer.id import ID
 from libp2p.security.exceptions import HandshakeFailure
 
 from ..errors import PetalsError
-from ..membership import Membership, MembershipCertificate, NotAMember, certificate_from_text, CERTIFICATE_HEADER
+from ..errors import MalformedMessage
+from ..membership import (
+    CERTIFICATE_HEADER,
+    MAX_CERTIFICATE_SIZE,
+    Membership,
+    MembershipCertificate,
+    NotAMember,
+    certificate_from_text,
+    parse_owner,
+)
 from ..signing import peer_id_to_text
 
 __all__ = ["HELLO_PREFIX", "EXCHANGE_TIMEOUT", "AdmissionGate", "AdmittingSecurity", "MembershipRefused",
-           "keep_membership"]
+           "keep_membership", "load_gate"]
 
 log = logging.getLogger("petals.membership")
 
@@ -46,6 +56,8 @@ HELLO_PREFIX = "/petals/member/1"
 #: Two small messages each way after the handshake; a loopback exchange takes about a millisecond
 #: and a WAN one two round trips. A peer that says nothing for this long is refused.
 EXCHANGE_TIMEOUT = 10.0
+#: Bound on one network lookup (and store) of the revocation list: a DHT walk's own bound.
+FETCH_TIMEOUT = 30.0
 _MAX_LINE = 4096
 _OK = "ok"
 _REFUSED = "refused"
@@ -100,6 +112,27 @@ class AdmissionGate:
         return {"owner": peer_id_to_text(self.membership.owner), "admitted": len(self.admitted),
                 "refused": self.refused, "revocation_seq": revocations.seq if revocations else None,
                 "revoked": len(revocations.revoked) if revocations else 0}
+
+
+def load_gate(owner: str, certificate: Path | None, local_peer: bytes) -> AdmissionGate:
+    """The gate of a peer started with `--swarm-owner OWNER [--member-certificate FILE]`: NotAMember,
+    with what to do, if the owner is not a peer id or the certificate file is unusable for us."""
+    try:
+        owner_id = parse_owner(owner)
+    except MalformedMessage as exc:
+        raise NotAMember(str(exc)) from exc
+    blob = None
+    if certificate is not None:
+        try:
+            with Path(certificate).open("r", encoding="ascii", errors="replace") as f:
+                text = f.read(4 * MAX_CERTIFICATE_SIZE)
+        except OSError as exc:
+            raise NotAMember(f"membership certificate {certificate}: {exc.strerror or exc}") from exc
+        try:
+            blob = certificate_from_text(text)
+        except NotAMember as exc:
+            raise NotAMember(f"membership certificate {certificate}: {exc.reason}") from exc
+    return AdmissionGate(Membership(owner=owner_id, certificate=blob), local_peer)
 
 
 async def admit(secure: ISecureConn, gate: AdmissionGate) -> None:
@@ -163,30 +196,50 @@ async def keep_membership(
     fetch: Callable[[], Awaitable[list[bytes]]],
     store: Callable[[bytes], Awaitable[int]] | None,
     period: float,
+    local: Callable[[], list[bytes]] = list,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Every `period`: adopt the newest revocation list `fetch` finds, `store` the one we hold
-    (daemons; None for clients), and close the connections of peers no longer admitted."""
+    (daemons; None for clients), and close the connections of peers no longer admitted. `local`:
+    lists this node already holds (a DHT server's own store), read at every round without a round
+    trip; the network lookup may take longer than a period on a loaded swarm. The first round runs
+    before `task_status.started()`: a peer starts with the swarm's current list."""
+    await _refresh(host, gate, fetch, store, local)
     task_status.started()
     while True:
-        with trio.move_on_after(period):
-            try:
-                for blob in await fetch():
-                    if gate.membership.learn(blob):
-                        revocations = gate.membership.revocations
-                        assert revocations is not None
-                        log.info("membership: revocation list seq %d of swarm %s: %d peers revoked",
-                                 revocations.seq, peer_id_to_text(gate.membership.owner), len(revocations.revoked))
-                if store is not None and gate.membership.revocations_blob is not None:
-                    await store(gate.membership.revocations_blob)
-            except PetalsError as exc:
-                log.info("membership: revocation list not refreshed: %s", exc)
-        connected = {str(peer) for peer in host.get_network().get_connections_map()}
-        for peer_text in [p for p in gate.admitted if p not in connected]:
-            del gate.admitted[peer_text]  # checked again when it reconnects
-        for peer_text in gate.void_peers():
-            await _disconnect(host, peer_text, gate)
         await trio.sleep(period)
+        await _refresh(host, gate, fetch, store, local)
+
+
+def _learn(gate: AdmissionGate, blobs: list[bytes]) -> None:
+    for blob in blobs:
+        if gate.membership.learn(blob):
+            revocations = gate.membership.revocations
+            assert revocations is not None
+            log.info("membership: revocation list seq %d of swarm %s: %d peers revoked",
+                     revocations.seq, peer_id_to_text(gate.membership.owner), len(revocations.revoked))
+
+
+async def _refresh(host: Any, gate: AdmissionGate, fetch: Callable[[], Awaitable[list[bytes]]],
+                   store: Callable[[bytes], Awaitable[int]] | None, local: Callable[[], list[bytes]]) -> None:
+    _learn(gate, local())
+    await _enforce(host, gate)
+    with trio.move_on_after(FETCH_TIMEOUT):
+        try:
+            _learn(gate, await fetch())
+            if store is not None and gate.membership.revocations_blob is not None:
+                await store(gate.membership.revocations_blob)
+        except PetalsError as exc:
+            log.info("membership: revocation list not refreshed: %s", exc)
+    await _enforce(host, gate)
+
+
+async def _enforce(host: Any, gate: AdmissionGate) -> None:
+    connected = {str(peer) for peer in host.get_network().get_connections_map()}
+    for peer_text in [p for p in gate.admitted if p not in connected]:
+        del gate.admitted[peer_text]  # checked again when it reconnects
+    for peer_text in gate.void_peers():
+        await _disconnect(host, peer_text, gate)
 
 
 async def _disconnect(host: Any, peer_text: str, gate: AdmissionGate) -> None:

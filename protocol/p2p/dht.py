@@ -90,6 +90,7 @@ __all__ = [
     "find_model_records",
     "RevocationsValidator",
     "find_revocations",
+    "stored_revocations",
 ]
 
 log = logging.getLogger(__name__)
@@ -603,3 +604,11 @@ async def find_revocations(dht: PetalsDHT, owner: bytes) -> list[bytes]:
     key = revocations_key(owner)
     found = await _from_connected(dht, key)
     return _valid_best_first(dht, key, [*found, *await get_fresh(dht, key)])
+
+
+def stored_revocations(dht: PetalsDHT, owner: bytes) -> list[bytes]:
+    """The revocation list this node stores (a DHT server receives the owner's PUT directly): no
+    network round trip, so a revocation takes effect here at the next check."""
+    key = revocations_key(owner)
+    local = dht.value_store.get(key.encode("utf-8"))
+    return _valid_best_first(dht, key, [local.value]) if local is not None else []
