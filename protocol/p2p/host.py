@@ -40,7 +40,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from ..errors import PetalsError
-from .admission import AdmissionGate, AdmittingSecurity, MembershipRefused
+from .admission import HELLO_PREFIX, AdmissionGate, AdmittingSecurity, MembershipRefused
 from .relay import dial_circuit, is_circuit
 
 __all__ = [
@@ -333,6 +333,12 @@ def _describe(exc: BaseException) -> str:
     refusal = _find_in_chain(exc, MembershipRefused, set())
     if refusal is not None:
         return str(refusal)
+    hello = _find_in_chain(exc, BaseException, set(), text=HELLO_PREFIX)
+    if hello is not None:  # we are not in members-only mode; the peer is, and its hello names the owner
+        words = str(hello).split(HELLO_PREFIX, 1)[1].split()
+        owner = words[0] if words else "?"
+        return (f"the peer is in a members-only swarm (owner {owner}): join with --swarm-owner {owner} and a "
+                "membership certificate from its owner")
     os_error = _innermost_os_error(exc, set())
     if os_error is not None and os_error.errno is not None:
         return os.strerror(os_error.errno).lower()
@@ -360,14 +366,16 @@ def _nested(exc: BaseException) -> list[BaseException]:
     return inner
 
 
-def _find_in_chain(exc: BaseException, kind: type[BaseException], seen: set[int]) -> BaseException | None:
+def _find_in_chain(exc: BaseException, kind: type[BaseException], seen: set[int], *,
+                   text: str = "") -> BaseException | None:
+    """The first error of type `kind` (whose message holds `text`) in `exc`'s chain."""
     if id(exc) in seen:
         return None
     seen.add(id(exc))
-    if isinstance(exc, kind):
+    if isinstance(exc, kind) and text in str(exc):
         return exc
     for e in _nested(exc):
-        if (found := _find_in_chain(e, kind, seen)) is not None:
+        if (found := _find_in_chain(e, kind, seen, text=text)) is not None:
             return found
     return None
 
