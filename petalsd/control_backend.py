@@ -59,6 +59,7 @@ class DaemonControl:
             # reachability (public/private/unknown), hop service, relays held (petalsd/reachability.py)
             "nat": d.nat.describe() if d.nat is not None else None,
             "membership": d.admission.describe() if d.admission is not None else None,
+            "contributors": {**d.contributors.describe(), "served_first": ctx.worker.served_first},
             "announced_addresses": d.announce_addrs(),
         }
 

@@ -68,6 +68,7 @@ from .announce import Announcer
 from .banning import Banning
 from .batching import Batcher, BatchingConfig
 from .compute import ComputeWorker
+from .contributors import Contributors
 from .config import DaemonConfig
 from .idle import IdleConnections
 from .limits import LimitExceeded, PeerGate, ResourceLimits
@@ -172,6 +173,7 @@ class Daemon:
     banning: Banning | None = None
     nat: NatTraversal | None = None
     admission: AdmissionGate | None = None  # members-only swarm (--swarm-owner)
+    contributors: Contributors = field(default_factory=Contributors)  # served first when busy
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
 
@@ -377,6 +379,7 @@ class Daemon:
             expires_at=time.time() + self.config.record_ttl, seq=0,
             using_relay=self.nat is not None and self.nat.using_relay,
             reachability=self.nat.reachability if self.nat is not None else None,
+            clients=tuple(peer_id_from_text(p) for p in self.config.own_clients) or None,
         )
 
     def announce_addrs(self) -> list[str]:
@@ -478,7 +481,9 @@ class Daemon:
         while True:
             assert self.ctx is not None and self.ctx.forwarder is not None
             with trio.move_on_after(MEMBERS_PERIOD):
-                self.ctx.forwarder.learn(await find_model_records(dht, self.fingerprint))
+                records = await find_model_records(dht, self.fingerprint)
+                self.ctx.forwarder.learn(records)
+                self.contributors.learn(records)
             await trio.sleep(MEMBERS_PERIOD)
 
     # ------------------------------------------------------------------ serving
@@ -552,7 +557,7 @@ class Daemon:
         psk = load_swarm_key(self.config.swarm_key) if self.config.swarm_key else None
         self.host = make_host(self.key_pair, psk=psk, admission=self.admission)
         async with running_host(self.host, self.config.listen) as host, \
-                ComputeWorker(step_timeout=self.config.step_timeout) as worker, \
+                ComputeWorker(step_timeout=self.config.step_timeout, contributor=self.contributors) as worker, \
                 trio.open_nursery() as nursery:
             self._nursery = nursery
             self.addrs = listen_multiaddrs(host)
