@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,18 +118,9 @@ def issue_certificate(owner_key: Ed25519PrivateKey, member: bytes, *, issued_at:
 def decode_certificate(blob: bytes, *, owner: bytes, now: float) -> MembershipCertificate:
     """Check a certificate blob against the swarm's `owner` and the clock; NotAMember if it fails.
     Says nothing about *who* presents it: the caller compares `member` with the authenticated peer."""
-    body = _signed_body(blob, MAX_CERTIFICATE_SIZE, "certificate", NotAMember)
-    fields = _unpack(body, NotAMember, "certificate")
-    if not (isinstance(fields, list) and len(fields) == 5 and fields[0] == 1 and type(fields[1]) is bytes
-            and type(fields[2]) is bytes and all(type(x) is float for x in fields[3:])):
-        raise NotAMember("the membership certificate is malformed (not petals-member-certificate/1)")
+    fields = _open_signed(blob, MAX_CERTIFICATE_SIZE, _CERT_DOMAIN, owner, "membership certificate", NotAMember,
+                          lambda f: len(f) == 5 and type(f[2]) is bytes and all(type(x) is float for x in f[3:]))
     _, cert_owner, member, issued_at, expires_at = fields
-    if cert_owner != owner:
-        raise NotAMember(f"the certificate is for swarm {_text(cert_owner)}, not {_text(owner)}")
-    try:
-        verify_bytes(owner, _CERT_DOMAIN, body, _envelope(blob)[1])
-    except BadSignature as exc:
-        raise NotAMember(f"the certificate's signature does not verify for owner {_text(owner)}") from exc
     if expires_at <= now:
         raise NotAMember(f"the membership certificate expired "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires_at))}")
@@ -199,19 +191,10 @@ def sign_revocations(owner_key: Ed25519PrivateKey, revocations: RevocationList) 
 def decode_revocations(blob: bytes, *, owner: bytes | None = None, key: str | bytes | None = None) -> RevocationList:
     """Check a revocation list signed by `owner` (or by the owner its DHT `key` names); BadRecord."""
     expected = owner if owner is not None else _owner_of_key(key or "")
-    body = _signed_body(blob, MAX_LIST_SIZE, "revocation list", BadRecord)
-    fields = _unpack(body, BadRecord, "revocation list")
-    if not (isinstance(fields, list) and len(fields) == 4 and fields[0] == 1 and type(fields[1]) is bytes
-            and type(fields[2]) is int and fields[2] >= 0 and isinstance(fields[3], list)
-            and len(fields[3]) <= MAX_REVOCATIONS):
-        raise BadRecord("the revocation list is malformed (not petals/revocations/1)")
+    fields = _open_signed(blob, MAX_LIST_SIZE, _LIST_DOMAIN, expected, "revocation list", BadRecord,
+                          lambda f: len(f) == 4 and type(f[2]) is int and f[2] >= 0 and isinstance(f[3], list)
+                          and len(f[3]) <= MAX_REVOCATIONS)
     _, list_owner, seq, entries = fields
-    if list_owner != expected:
-        raise BadRecord(f"the revocation list is of swarm {_text(list_owner)}, not {_text(expected)}")
-    try:
-        verify_bytes(expected, _LIST_DOMAIN, body, _envelope(blob)[1])
-    except BadSignature as exc:
-        raise BadRecord(f"the revocation list's signature does not verify for owner {_text(expected)}") from exc
     revoked: dict[bytes, float] = {}
     for entry in entries:
         if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is bytes and type(entry[1]) is float):
@@ -298,6 +281,24 @@ class Membership:
 
 def _text(peer: bytes) -> str:
     return peer_id_to_text(peer)
+
+
+def _open_signed(blob: bytes, limit: int, domain: bytes, owner: bytes, what: str, error: type[Exception],
+                 shape: Callable[[list[Any]], bool]) -> list[Any]:
+    """The fields of a signed body [1, owner, ...] after checking its size, `shape`, that `owner`
+    is the one named and signed it; `error` (with what is wrong) otherwise."""
+    body = _signed_body(blob, limit, what, error)
+    fields = _unpack(body, error, what)
+    if not (isinstance(fields, list) and len(fields) >= 2 and fields[0] == 1 and type(fields[1]) is bytes
+            and shape(fields)):
+        raise error(f"the {what} is malformed")
+    if fields[1] != owner:
+        raise error(f"the {what} is for swarm {_text(fields[1])}, not {_text(owner)}")
+    try:
+        verify_bytes(owner, domain, body, _envelope(blob)[1])
+    except BadSignature as exc:
+        raise error(f"the {what}'s signature does not verify for owner {_text(owner)}") from exc
+    return fields
 
 
 def _envelope(blob: bytes) -> tuple[bytes, bytes]:

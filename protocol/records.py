@@ -81,7 +81,17 @@ class _Bool(_Spec):
         return None if type(value) is bool else f"must be a bool, got {type(value).__name__}"
 
 
-class _Addrs(_Spec):
+class _Tuple(_Spec):
+    """A tuple of values, a list on the wire."""
+
+    def to_wire(self, value: tuple[Any, ...]) -> Any:
+        return list(value)
+
+    def from_wire(self, raw: Any) -> Any:
+        return tuple(raw) if isinstance(raw, (list, tuple)) else raw
+
+
+class _Addrs(_Tuple):
     """Multiaddr strings (relay circuit addresses included), bounded in count and length."""
 
     def check(self, value: Any) -> str | None:
@@ -94,14 +104,8 @@ class _Addrs(_Spec):
                 return f"entries must be multiaddr strings of at most {MAX_ADDR_LENGTH} characters"
         return None
 
-    def to_wire(self, value: tuple[str, ...]) -> Any:
-        return list(value)
 
-    def from_wire(self, raw: Any) -> Any:
-        return tuple(raw) if isinstance(raw, (list, tuple)) else raw
-
-
-class _PeerIds(_Spec):
+class _PeerIds(_Tuple):
     """A few binary peer ids."""
 
     def check(self, value: Any) -> str | None:
@@ -110,12 +114,6 @@ class _PeerIds(_Spec):
         if any(type(p) is not bytes or not 0 < len(p) <= MAX_PEER_ID_SIZE for p in value):
             return f"entries must be peer ids of at most {MAX_PEER_ID_SIZE} bytes"
         return None
-
-    def to_wire(self, value: tuple[bytes, ...]) -> Any:
-        return list(value)
-
-    def from_wire(self, raw: Any) -> Any:
-        return tuple(raw) if isinstance(raw, (list, tuple)) else raw
 
 
 @dataclass(frozen=True, slots=True)
