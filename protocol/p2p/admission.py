@@ -201,14 +201,29 @@ async def keep_membership(
 ) -> None:
     """Every `period`: adopt the newest revocation list `fetch` finds, `store` the one we hold
     (daemons; None for clients), and close the connections of peers no longer admitted. `local`:
-    lists this node already holds (a DHT server's own store), read at every round without a round
-    trip; the network lookup may take longer than a period on a loaded swarm. The first round runs
-    before `task_status.started()`: a peer starts with the swarm's current list."""
-    await _refresh(host, gate, fetch, store, local)
+    lists this node already holds (a DHT server's own store, where the owner's store lands), read
+    every period on its own, since a network lookup may take longer than a period on a loaded
+    swarm. One round runs before `task_status.started()`: a peer starts with the swarm's list."""
+    await _fetch(gate, fetch, store, timeout=period)  # a slow swarm does not hold up the start
+    _learn(gate, local())
+    await _enforce(host, gate)
     task_status.started()
-    while True:
-        await trio.sleep(period)
-        await _refresh(host, gate, fetch, store, local)
+
+    async def follow_local() -> None:  # never waits behind a slow lookup
+        while True:
+            await trio.sleep(period)
+            _learn(gate, local())
+            await _enforce(host, gate)
+
+    async def follow_network() -> None:
+        while True:
+            await trio.sleep(period)
+            await _fetch(gate, fetch, store)
+            await _enforce(host, gate)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow_local)
+        nursery.start_soon(follow_network)
 
 
 def _learn(gate: AdmissionGate, blobs: list[bytes]) -> None:
@@ -220,18 +235,15 @@ def _learn(gate: AdmissionGate, blobs: list[bytes]) -> None:
                      revocations.seq, peer_id_to_text(gate.membership.owner), len(revocations.revoked))
 
 
-async def _refresh(host: Any, gate: AdmissionGate, fetch: Callable[[], Awaitable[list[bytes]]],
-                   store: Callable[[bytes], Awaitable[int]] | None, local: Callable[[], list[bytes]]) -> None:
-    _learn(gate, local())
-    await _enforce(host, gate)
-    with trio.move_on_after(FETCH_TIMEOUT):
+async def _fetch(gate: AdmissionGate, fetch: Callable[[], Awaitable[list[bytes]]],
+                 store: Callable[[bytes], Awaitable[int]] | None, timeout: float = FETCH_TIMEOUT) -> None:
+    with trio.move_on_after(timeout):
         try:
             _learn(gate, await fetch())
             if store is not None and gate.membership.revocations_blob is not None:
                 await store(gate.membership.revocations_blob)
         except PetalsError as exc:
             log.info("membership: revocation list not refreshed: %s", exc)
-    await _enforce(host, gate)
 
 
 async def _enforce(host: Any, gate: AdmissionGate) -> None:

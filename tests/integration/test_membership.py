@@ -101,7 +101,7 @@ def test_members_only_swarm(tmp_path, llama_path) -> None:
         # Revoke d2. Within one record period (plus a DHT round trip) d1 has the new list, closes
         # d2's connection if one is open, and refuses d2 when it comes back (it announces every period).
         revoked_at = time.monotonic()
-        members.revoke(owner_key, d2.peer_id, initial_peers=d1.addrs)
+        assert members.revoke(owner_key, d2.peer_id, initial_peers=d1.addrs) == 0
         membership_log = lambda: "\n".join(l for l in d1.log if "membership" in l)  # noqa: E731
         _wait_for(lambda: _logged(d1, "membership: revocation list seq 1"), PERIOD + 10,
                   f"d1 reads the new list:\n{membership_log()}")
