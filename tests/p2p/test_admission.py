@@ -135,3 +135,31 @@ def _text(peer: bytes) -> str:
     from petals_protocol.signing import peer_id_to_text
 
     return peer_id_to_text(peer)
+
+
+def test_a_connection_ends_when_the_certificate_expires() -> None:
+    swarm = Swarm()
+
+    async def main() -> None:
+        server, server_gate = swarm.member()
+        server.set_stream_handler(PING, _echo)
+        pair = ephemeral_identity()
+        member, _ = swarm.member(pair=pair, certificate=swarm.certificate(pair, lifetime=6.0))
+
+        async def nothing() -> list[bytes]:
+            return []
+
+        async with running_host(server, LOOPBACK), running_host(member, LOOPBACK), \
+                trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                await _talk(member, server)
+                await nursery.start(lambda task_status: keep_membership(
+                    server, server_gate, fetch=nothing, store=None, period=0.2, task_status=task_status))
+                assert member.get_id() in server.get_network().get_connections_map()
+                while member.get_id() in server.get_network().get_connections_map():
+                    await trio.sleep(0.05)
+                with pytest.raises(DialError, match="expired"):
+                    await connect(member, listen_multiaddrs(server)[0], timeout=5)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
