@@ -568,7 +568,7 @@ def _shown_default(f: dataclasses.Field) -> str:
 
 def _metavar(f: dataclasses.Field) -> str:
     by_parser = {_positive_seconds: "SECONDS", _positive_int: "N", _path: "FILE",
-                 _positive_size: "SIZE", _blocks: "START:END"}
+                 _positive_size: "SIZE", _blocks: "START:END", _peer_id: "PEER_ID"}
     return by_parser.get(f.metadata["parse"], "PATH" if f.name == "model" else f.name.upper())
 
 
