@@ -6,6 +6,8 @@
   petals serve --model PATH --initial-peers ADDR... [--host H --port P --api-key KEY]
   petals chat --model PATH|ORG/NAME --initial-peers ADDR...   interactive, the model's chat template
   petals manifest FOLDER                            digests of a full copy, for partial copies
+  petals keygen FILE                                an Ed25519 key file (swarm owner, --identity); prints its peer id
+  petals member add|revoke --owner-key FILE PEER_ID  members-only swarms: certify or revoke a peer
   petals ctl [--socket PATH] status|sessions|peers|metrics|drain|reload|stop
 
 Nothing heavy (torch, transformers, libp2p) is imported before the command line is parsed, so
@@ -38,7 +40,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                         swarm_key=args.swarm_key, revision=args.revision) as lm:
+                                                         swarm_key=args.swarm_key, revision=args.revision,
+                                                         **_membership_options(args)) as lm:
         if args.show_route:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
@@ -76,7 +79,8 @@ def _chat(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     require_chat_template(tokenizer)  # before joining the swarm
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                         swarm_key=args.swarm_key, revision=args.revision) as lm:
+                                                         swarm_key=args.swarm_key, revision=args.revision,
+                                                         **_membership_options(args)) as lm:
         chat_loop(lm, tokenizer, sys.stdin, sys.stdout, system=args.system, max_length=args.max_length,
                   **_sampling(args))
     return EXIT_OK
@@ -99,6 +103,28 @@ def _manifest(args: argparse.Namespace) -> int:
 
     print(write_manifest(args.folder, cache_dir=default_cache_dir()))
     return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .members import keygen
+
+    return keygen(Path(args.file))
+
+
+def _member(args: argparse.Namespace) -> int:
+    from . import members
+
+    if args.action == "add":
+        return members.add(Path(args.owner_key), args.peer_id, days=args.days,
+                           output=Path(args.output) if args.output else None)
+    if not args.initial_peers:
+        args.parser.error("member revoke needs --initial-peers MULTIADDR... (the list is stored in the swarm's DHT)")
+    return members.revoke(Path(args.owner_key), args.peer_id, initial_peers=args.initial_peers)
+
+
+def _membership_options(args: argparse.Namespace) -> dict[str, object]:
+    """from_pretrained's keyword arguments for --identity / --swarm-owner / --member-certificate."""
+    return {"identity": args.identity, "swarm_owner": args.swarm_owner, "member_certificate": args.member_certificate}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -144,6 +170,14 @@ def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm-key", metavar="FILE", help="pre-shared key file of a private swarm")
 
 
+def _add_membership(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--identity", metavar="FILE", help="key file fixing this client's peer id (created if "
+                        "missing; see `petals keygen`): for a membership certificate or a daemon's --own-clients")
+    parser.add_argument("--swarm-owner", metavar="PEER_ID", help="members-only swarm: the owner's peer id")
+    parser.add_argument("--member-certificate", metavar="FILE", help="members-only swarm: this client's "
+                        "certificate (`petals member add` for the peer id of --identity)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = _Help
     parser = _Parser(prog="petals", description="Run language models over a swarm of petalsd daemons.",
@@ -173,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(gen, "local checkpoint folder or Hub id ORG/NAME (the client fetches and loads only embeddings, "
                     "final norm and head)")
     _add_peers(gen)
+    _add_membership(gen)
     _add_sampling(gen, max_new_tokens=64)
     gen.add_argument("--show-route", action="store_true", help="print which daemons serve which blocks")
     gen.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the text to continue (or give it last, "
@@ -183,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = add("chat", "talk with a chat model through a swarm (its tokenizer's chat template)")
     _add_model(chat, "local checkpoint folder or Hub id ORG/NAME")
     _add_peers(chat)
+    _add_membership(chat)
     chat.add_argument("--system", help="a system message to start the conversation with")
     chat.add_argument("--max-length", type=int, default=2048, metavar="N", help="most tokens of the conversation")
     _add_sampling(chat, max_new_tokens=512)
@@ -199,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder, so that copies holding only some shards share its fingerprint")
     manifest.add_argument("folder")
     manifest.set_defaults(func=_manifest)
+
+    keygen = add("keygen", "create an Ed25519 key file and print its peer id (a swarm owner key, or a "
+                 "daemon's or client's --identity)")
+    keygen.add_argument("file", help="where to write the key (an existing file is kept; its peer id is printed)")
+    keygen.set_defaults(func=_keygen)
+
+    member = add("member", "members-only swarms: certify a peer (add) or revoke its certificates (revoke)")
+    member.add_argument("action", choices=("add", "revoke"))
+    member.add_argument("peer_id", metavar="PEER_ID", help="the member's peer id (its daemon's `ready` line, or "
+                        "`petals keygen` on its key file)")
+    member.add_argument("--owner-key", required=True, metavar="FILE", help="the swarm owner's key file")
+    member.add_argument("--days", type=float, default=90.0, metavar="N", help="add: days the certificate is valid")
+    member.add_argument("--output", metavar="FILE", help="add: write the certificate here (default: stdout)")
+    member.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", help="revoke: daemons of the swarm, "
+                        "where the revocation list is stored")
+    member.set_defaults(func=_member)
 
     ctl = add("ctl", "control a local daemon over its Unix socket")
     from . import ctl as ctl_mod

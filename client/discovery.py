@@ -11,14 +11,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from libp2p.abc import IHost
 
-from petals_protocol.p2p.dht import PetalsDHT, find_model_records, start_dht
+from petals_protocol.p2p.admission import keep_membership
+from petals_protocol.p2p.dht import PetalsDHT, find_model_records, find_revocations, start_dht
 from petals_protocol.p2p.host import parse_peer_multiaddr
 from petals_protocol.p2p.relay import relay_peer_of
 from petals_protocol.records import ServerRecord
+
+#: Seconds between reads of a members-only swarm's revocation list (a daemon's default record period).
+MEMBERSHIP_PERIOD = 30.0
 
 __all__ = ["FoundServer", "Discovery", "join_swarm"]
 
@@ -82,6 +87,12 @@ class Discovery:
         self.host = host
         self.dht = dht
         self.initial_peer_ids = tuple(initial_peer_ids)
+
+    async def keep_membership(self, gate: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Members-only swarm: follow the owner's revocation list and drop revoked daemons
+        (petals_protocol.p2p.admission; a client reads the list but does not store it)."""
+        await keep_membership(self.host, gate, fetch=lambda: find_revocations(self.dht, gate.membership.owner),
+                              store=None, period=MEMBERSHIP_PERIOD, task_status=task_status)
 
     async def find_servers(self, fingerprint: str) -> list[FoundServer]:
         """Daemons serving `fingerprint` right now (online, joining or draining), sorted by span.

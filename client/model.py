@@ -31,7 +31,7 @@ from petals_protocol.models.client_part import ClientPart, load_client_part
 from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
-from petals_protocol.p2p.identity import ephemeral_identity
+from petals_protocol.p2p.identity import ephemeral_identity, load_or_create_identity, peer_id_bytes
 
 from . import generation
 from .head_batching import HeadBatcher
@@ -125,6 +125,9 @@ class DistributedModelForCausalLM:
         batching: bool = False,
         revision: str | None = None,
         token: str | bool | None = None,
+        identity: str | Path | None = None,
+        swarm_owner: str | None = None,
+        member_certificate: str | Path | None = None,
     ) -> DistributedModelForCausalLM:
         """Load the client's part of the model at `path` and find daemons for the rest.
 
@@ -139,16 +142,28 @@ class DistributedModelForCausalLM:
         computation per step, which also keeps them together for the daemons' `--batching`. Faster
         for many sessions, but within ~1e-6 of local `transformers` rather than bit-identical
         (client/head_batching.py); a lone session is always exact.
+        `identity`: an Ed25519 key file (created if missing; `petals keygen`) that fixes this client's
+        peer id, for a membership certificate or a daemon's `own_clients`; default: a new key each run.
+        `swarm_owner` / `member_certificate`: a members-only swarm (docs/OPERATING.md), as for petalsd.
         """
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
         fingerprint = model_fingerprint(checkpoint)
         psk = load_swarm_key(Path(swarm_key)) if swarm_key else None
+        key_pair = load_or_create_identity(Path(identity)) if identity is not None else ephemeral_identity()
+        admission = None
+        if swarm_owner is not None:
+            from petals_protocol.p2p.admission import load_gate
+
+            admission = load_gate(swarm_owner, Path(member_certificate) if member_certificate else None,
+                                  peer_id_bytes(key_pair))
+        elif member_certificate is not None:
+            raise ValueError("member_certificate needs swarm_owner (the peer id of the swarm's owner)")
         holder: dict[str, Any] = {}
 
         async def main(nursery: trio.Nursery, stop: trio.Event) -> None:
-            host = make_host(ephemeral_identity(), psk=psk)
+            host = make_host(key_pair, psk=psk, admission=admission)
             ready = trio.Event()
 
             async def keep_host() -> None:
@@ -168,6 +183,8 @@ class DistributedModelForCausalLM:
                     pass
                 else:
                     swarm.discovery = await join_swarm(host, nursery, list(initial_peers))
+                    if admission is not None:
+                        await nursery.start(swarm.discovery.keep_membership, admission)
             await swarm.refresh()
             holder["swarm"] = swarm
 

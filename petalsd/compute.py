@@ -6,10 +6,13 @@ A decode step can take tens of milliseconds of CPU; on the trio loop it would st
 fighting over the cores torch already parallelises across.
 
 Who runs next (`_Turns`): inference jobs (steps, session opens) before bulk ones (forward and
-backward requests); within each class, peers take turns (round robin), and one peer's jobs run in
-the order they arrive. A forward or backward request is not one job but one per block
-(`run_steps` drives the span's `forward_blocks` / `backward_blocks`), so a burst of large requests
-delays a decode step by at most one block of one request. A free worker takes a job at once (no
+backward requests). A forward or backward request is not one job but one per block (`run_steps`
+drives the span's `forward_blocks` / `backward_blocks`), so a burst of large requests delays a
+decode step by at most one block of one request. Within each class, contributors go first: peers
+that serve the swarm themselves (`contributor(peer)`, petalsd/contributors.py: a live signed
+record of that peer id, or a client its record names), BitTorrent-style, so that a busy daemon
+serves those who serve others before pure consumers. Among equals, peers take turns (round
+robin), and one peer's jobs run in the order they arrive. A free worker takes a job at once (no
 scheduler pass).
 
 `step_timeout`: a job that waits longer than this for its turn is withdrawn and its caller gets
@@ -59,14 +62,17 @@ class ComputeTimeout(PetalsError):
 
 
 class _Turns:
-    """The worker's turn: inference before bulk, peers in turn within a class (see the module
-    docstring). `busy` is True while a job holds the turn; a released turn passes straight to the
-    next waiter, so nobody waits while the turn is free."""
+    """The worker's turn: inference before bulk, contributors before consumers within a class,
+    peers in turn among equals (see the module docstring). `busy` is True while a job holds the
+    turn; a released turn passes straight to the next waiter, so nobody waits while the turn is free.
+    `served_first` counts turns a contributor got while a consumer of its class was waiting."""
 
     def __init__(self) -> None:
         self.busy = False
         self.queued = 0
-        self._waiting: tuple[OrderedDict[str, deque[trio.Event]], ...] = (OrderedDict(), OrderedDict())
+        self.served_first = 0
+        # Queue (priority, contributor): inference/contributor, inference/consumer, bulk/..., bulk/...
+        self._waiting: tuple[OrderedDict[str, deque[trio.Event]], ...] = tuple(OrderedDict() for _ in range(4))
 
     def take_if_free(self) -> bool:
         if self.busy:
@@ -74,10 +80,11 @@ class _Turns:
         self.busy = True
         return True
 
-    async def wait(self, priority: int, peer: str) -> None:
+    async def wait(self, priority: int, peer: str, contributor: bool = False) -> None:
         """Wait for the turn (call only when `take_if_free` said no)."""
         event = trio.Event()
-        self._waiting[priority].setdefault(peer, deque()).append(event)
+        queue = 2 * priority + (0 if contributor else 1)
+        self._waiting[queue].setdefault(peer, deque()).append(event)
         self.queued += 1
         try:
             await event.wait()
@@ -85,16 +92,18 @@ class _Turns:
             if event.is_set():
                 self.release()  # granted just as we were cancelled: pass the turn on
             else:
-                waiters = self._waiting[priority][peer]
+                waiters = self._waiting[queue][peer]
                 waiters.remove(event)
                 self.queued -= 1
                 if not waiters:
-                    del self._waiting[priority][peer]
+                    del self._waiting[queue][peer]
             raise
 
     def release(self) -> None:
-        for queues in self._waiting:
+        for index, queues in enumerate(self._waiting):
             if queues:
+                if index % 2 == 0 and self._waiting[index + 1]:
+                    self.served_first += 1
                 peer, waiters = next(iter(queues.items()))
                 event = waiters.popleft()
                 del queues[peer]
@@ -143,8 +152,10 @@ class ComputeWorker:
     is finished first); `run` outside the block raises RuntimeError.
     """
 
-    def __init__(self, step_timeout: float = float("inf")) -> None:
+    def __init__(self, step_timeout: float = float("inf"),
+                 contributor: Callable[[str], bool] = lambda peer: False) -> None:
         self._turns = _Turns()
+        self.contributor = contributor  # whether a peer serves the swarm itself (goes first when busy)
         self.step_timeout = step_timeout  # longest wait for a turn; a longer run counts as hung
         self._running_since: float | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -155,6 +166,11 @@ class ComputeWorker:
     @property
     def queued(self) -> int:
         return self._turns.queued
+
+    @property
+    def served_first(self) -> int:
+        """Turns given to a contributor while a consumer of the same class waited."""
+        return self._turns.served_first
 
     @property
     def busy(self) -> bool:
@@ -237,7 +253,7 @@ class ComputeWorker:
         bulk_before = self.stats.bulk_jobs
         if not self._turns.take_if_free():
             with trio.move_on_after(self.step_timeout) as waited:
-                await self._turns.wait(priority, peer)
+                await self._turns.wait(priority, peer, self.contributor(peer))
             if waited.cancelled_caught:
                 raise ComputeTimeout(f"no compute turn within step_timeout ({self.step_timeout:g} s): "
                                      f"{self._turns.queued} jobs queued here; try another daemon")

@@ -52,6 +52,9 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 #: A public name is shown to other users in `petals swarm`; keep it short and printable.
 MAX_PUBLIC_NAME = 64
+#: Client peer ids one daemon may vouch for as contributors (own_clients): a few, or one daemon
+#: could lend its priority to a crowd of consumers.
+MAX_OWN_CLIENTS = 4
 
 
 class ConfigError(ValueError):
@@ -151,6 +154,27 @@ def _positive_seconds(value: object) -> float:
 
 def _path(value: object) -> Path:
     return Path(_nonempty_str(value)).expanduser()
+
+
+def _peer_id(value: object) -> str:
+    """A peer id with an embedded Ed25519 key ("12D3KooW..."), as `petals keygen` prints it."""
+    from petals_protocol.errors import PetalsError
+    from petals_protocol.membership import parse_owner
+
+    s = _nonempty_str(value).strip()
+    try:
+        parse_owner(s)
+    except PetalsError as exc:
+        raise _Invalid(f"must be an Ed25519 peer id (12D3KooW...): {exc}") from None
+    return s
+
+
+def _peer_id_list(value: object) -> list[str]:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of peer ids, got {type(value).__name__}")
+    if len(value) > MAX_OWN_CLIENTS:
+        raise _Invalid(f"lists at most {MAX_OWN_CLIENTS} peer ids")
+    return [_peer_id(v) for v in value]
 
 
 def _choice(choices: Sequence[str]) -> Callable[[object], str]:
@@ -329,6 +353,17 @@ class DaemonConfig:
         "", _public_name, "A name shown to others in `petals swarm` (e.g. a URL).", reload=True)
     swarm_key: Path | None = _opt(
         None, _path, "Private swarm key file (libp2p pnet); only peers with it can connect.")
+    swarm_owner: str | None = _opt(
+        None, _peer_id, "Members-only swarm: the owner's peer id (`petals keygen`). Every connection, "
+        "in and out, is refused right after its handshake unless the other side is the owner or "
+        "shows the owner's membership certificate for its own peer id, not revoked.")
+    member_certificate: Path | None = _opt(
+        None, _path, "This daemon's membership certificate (`petals member add PEER_ID` run by the "
+        "owner, for the peer id of --identity). Needs swarm_owner; the owner's own daemon needs none.")
+    own_clients: list[str] = _opt(
+        None, _peer_id_list, "Peer ids of clients this daemon's operator runs (their --identity). The "
+        "daemon's record lists them, so that busy daemons serve them first, as contributors "
+        f"(at most {MAX_OWN_CLIENTS}).", factory=list, reload=True)
     max_length: int = _opt(
         2048, _positive_int, "Most tokens one inference session may hold in its cache.",
         flag_type=int)
@@ -505,7 +540,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         elif f.type == "bool":
             target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_ + _shown_default(f))
         elif f.type == "list[str]":
-            target.add_argument(flag, nargs="+", metavar="MULTIADDR", help=help_ + _shown_default(f))
+            target.add_argument(flag, nargs="+", metavar="PEER_ID" if f.name == "own_clients" else "MULTIADDR",
+                                help=help_ + _shown_default(f))
         else:
             choices = f.metadata["choices"]
             target.add_argument(flag, type=f.metadata["flag_type"], help=help_ + _shown_default(f),
@@ -533,7 +569,7 @@ def _shown_default(f: dataclasses.Field) -> str:
 
 def _metavar(f: dataclasses.Field) -> str:
     by_parser = {_positive_seconds: "SECONDS", _positive_int: "N", _path: "FILE",
-                 _positive_size: "SIZE", _blocks: "START:END"}
+                 _positive_size: "SIZE", _blocks: "START:END", _peer_id: "PEER_ID"}
     return by_parser.get(f.metadata["parse"], "PATH" if f.name == "model" else f.name.upper())
 
 
@@ -636,6 +672,9 @@ def merge_layers(layers: Sequence[tuple[str, Mapping[str, object]]]) -> DaemonCo
         raise ConfigError("record_ttl", f"({config.record_ttl:g} s) must exceed announce_period "
                                         f"({config.announce_period:g} s)",
                           origin.get("record_ttl") or origin.get("announce_period"))
+    if config.member_certificate is not None and config.swarm_owner is None:
+        raise ConfigError("member_certificate", "needs swarm_owner (the peer id of the swarm's owner)",
+                          origin["member_certificate"])
     if config.control_group is not None and not config.control_api:
         raise ConfigError("control_group", "needs the control API (not --no-control-api)",
                           origin["control_group"])

@@ -60,6 +60,8 @@ class DaemonControl:
                          "buffer_refusals": ctx.buffers.refused},
             # reachability (public/private/unknown), hop service, relays held (petalsd/reachability.py)
             "nat": d.nat.describe() if d.nat is not None else None,
+            "membership": d.admission.describe() if d.admission is not None else None,
+            "contributors": {**d.contributors.describe(), "served_first": ctx.worker.served_first},
             "announced_addresses": d.announce_addrs(),
         }
 

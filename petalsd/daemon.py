@@ -49,7 +49,16 @@ from petals_protocol.p2p.identity import (
 )
 from petals_protocol.p2p import compat
 from petals_protocol.p2p.budget import ByteBudget
-from petals_protocol.p2p.dht import find_model_records, find_server_record, start_dht
+from petals_protocol.p2p.admission import AdmissionGate, keep_membership, load_gate
+from petals_protocol.p2p.dht import (
+    find_model_records,
+    find_revocations,
+    find_server_record,
+    put_record,
+    start_dht,
+    stored_revocations,
+)
+from petals_protocol.membership import NotAMember, revocations_key
 from petals_protocol.p2p.streams import StreamClosed, open_framed
 from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_from_text
@@ -59,6 +68,7 @@ from .announce import Announcer
 from .banning import Banning
 from .batching import Batcher, BatchingConfig
 from .compute import ComputeWorker
+from .contributors import Contributors
 from .config import DaemonConfig
 from .idle import IdleConnections
 from .limits import LimitExceeded, PeerGate, ResourceLimits
@@ -162,6 +172,8 @@ class Daemon:
     serving_shards: set[str] = field(default_factory=set)  # the shards of the loaded span (disk eviction)
     banning: Banning | None = None
     nat: NatTraversal | None = None
+    admission: AdmissionGate | None = None  # members-only swarm (--swarm-owner)
+    contributors: Contributors = field(default_factory=Contributors)  # served first when busy
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
 
@@ -170,6 +182,12 @@ class Daemon:
         self.signer = ed25519_private_key(self.key_pair)
         self.peer_id = peer_id_of(self.key_pair).to_base58()
         self.peer_id_bytes = peer_id_from_text(self.peer_id)
+        if self.config.swarm_owner is not None:
+            try:
+                self.admission = load_gate(self.config.swarm_owner, self.config.member_certificate,
+                                           self.peer_id_bytes)
+            except NotAMember as exc:
+                raise StartupError(f"members-only swarm: {exc}") from exc
 
     # ------------------------------------------------------------------ stream handlers
     def _handler(self, serve: Callable[[ServingContext, Any], Awaitable[None]],
@@ -358,6 +376,7 @@ class Daemon:
             expires_at=time.time() + self.config.record_ttl, seq=0,
             using_relay=self.nat is not None and self.nat.using_relay,
             reachability=self.nat.reachability if self.nat is not None else None,
+            clients=tuple(peer_id_from_text(p) for p in self.config.own_clients) or None,
         )
 
     def announce_addrs(self) -> list[str]:
@@ -443,12 +462,25 @@ class Daemon:
             ctx.batcher = Batcher(ctx.worker, span, BatchingConfig(enabled=self.config.batching))
             announcer.request_announce()
 
+    async def _keep_membership(self, dht: Any, gate: AdmissionGate, *,
+                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Members-only swarm: follow the owner's revocation list, every record period (one period
+        is how long a revoked member can keep its connections)."""
+        owner = gate.membership.owner
+        log.info("members-only swarm peer=%s owner=%s", self.peer_id, gate.describe()["owner"])
+        await keep_membership(self.host, gate, fetch=functools.partial(find_revocations, dht, owner),
+                              store=functools.partial(put_record, dht, revocations_key(owner)),
+                              local=functools.partial(stored_revocations, dht, owner),
+                              period=self.config.announce_period, task_status=task_status)
+
     async def _learn_members(self, dht: Any) -> None:
         """Keep the forwarder's view of the swarm fresh (who may be pushed to, at which addresses)."""
         while True:
             assert self.ctx is not None and self.ctx.forwarder is not None
             with trio.move_on_after(MEMBERS_PERIOD):
-                self.ctx.forwarder.learn(await find_model_records(dht, self.fingerprint))
+                records = await find_model_records(dht, self.fingerprint)
+                self.ctx.forwarder.learn(records)
+                self.contributors.learn(records)
             await trio.sleep(MEMBERS_PERIOD)
 
     # ------------------------------------------------------------------ serving
@@ -520,9 +552,9 @@ class Daemon:
     async def serve(self) -> None:
         self._stop = trio.Event()
         psk = load_swarm_key(self.config.swarm_key) if self.config.swarm_key else None
-        self.host = make_host(self.key_pair, psk=psk)
+        self.host = make_host(self.key_pair, psk=psk, admission=self.admission)
         async with running_host(self.host, self.config.listen) as host, \
-                ComputeWorker(step_timeout=self.config.step_timeout) as worker, \
+                ComputeWorker(step_timeout=self.config.step_timeout, contributor=self.contributors) as worker, \
                 trio.open_nursery() as nursery:
             self._nursery = nursery
             self.addrs = listen_multiaddrs(host)
@@ -530,6 +562,8 @@ class Daemon:
             log.info("transport peer=%s %s", self.peer_id, compat.describe())
             dht = await start_dht(host, nursery, server=True,
                                   bootstrap=[] if self.config.new_swarm else self.config.initial_peers)
+            if self.admission is not None:
+                await nursery.start(self._keep_membership, dht, self.admission)
             blocks = self.blocks or await self._place(dht)
             span, throughput = await trio.to_thread.run_sync(self.load, *blocks)
             self.ctx = self._context(span, throughput, worker)

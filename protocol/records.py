@@ -72,6 +72,8 @@ _RECORD_DOMAIN = b"petals/record/1\n"
 #: What a daemon learnt about dialing it (petalsd/reachability.py); "public" ones serve as relays.
 REACHABILITY = ("public", "private", "unknown")
 _BLOB_KEYS = frozenset({"record", "sig"})
+#: Client peer ids one record may name as its operator's own (`clients`).
+MAX_RECORD_CLIENTS = 4
 
 
 class _Bool(_Spec):
@@ -79,7 +81,17 @@ class _Bool(_Spec):
         return None if type(value) is bool else f"must be a bool, got {type(value).__name__}"
 
 
-class _Addrs(_Spec):
+class _Tuple(_Spec):
+    """A tuple of values, a list on the wire."""
+
+    def to_wire(self, value: tuple[Any, ...]) -> Any:
+        return list(value)
+
+    def from_wire(self, raw: Any) -> Any:
+        return tuple(raw) if isinstance(raw, (list, tuple)) else raw
+
+
+class _Addrs(_Tuple):
     """Multiaddr strings (relay circuit addresses included), bounded in count and length."""
 
     def check(self, value: Any) -> str | None:
@@ -92,11 +104,16 @@ class _Addrs(_Spec):
                 return f"entries must be multiaddr strings of at most {MAX_ADDR_LENGTH} characters"
         return None
 
-    def to_wire(self, value: tuple[str, ...]) -> Any:
-        return list(value)
 
-    def from_wire(self, raw: Any) -> Any:
-        return tuple(raw) if isinstance(raw, (list, tuple)) else raw
+class _PeerIds(_Tuple):
+    """A few binary peer ids."""
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not tuple or len(value) > MAX_RECORD_CLIENTS:
+            return f"must be a tuple of at most {MAX_RECORD_CLIENTS} peer ids"
+        if any(type(p) is not bytes or not 0 < len(p) <= MAX_PEER_ID_SIZE for p in value):
+            return f"entries must be peer ids of at most {MAX_PEER_ID_SIZE} bytes"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +145,8 @@ class ServerRecord:
     using_relay: bool = _f(_Bool())
     # Added after records shipped: elided when None, so older peers still decode our records.
     reachability: str | None = _opt(_Text(16, REACHABILITY), elidable=True)
+    # Peer ids of clients the daemon's operator runs (--own-clients): served first as contributors.
+    clients: tuple[bytes, ...] | None = _opt(_PeerIds(), elidable=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, BadRecord)

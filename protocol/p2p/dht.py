@@ -66,6 +66,7 @@ from ..records import (
     record_key,
     select_record,
 )
+from ..membership import REVOCATIONS_NAMESPACE, decode_revocations, revocations_key, select_revocations
 from ..signing import peer_id_from_text, peer_id_to_text
 from . import compat
 from .host import DialError, connect
@@ -88,6 +89,9 @@ __all__ = [
     "index_keys",
     "index_key_for",
     "find_model_records",
+    "RevocationsValidator",
+    "find_revocations",
+    "stored_revocations",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,6 +138,17 @@ class PetalsValidator(Validator):
     def select(self, key: str, values: list[bytes]) -> int:
         fingerprint, peer_id = parse_record_key(key)
         return select_record(values, now=self._clock(), expected_peer_id=peer_id, expected_fingerprint=fingerprint)
+
+
+class RevocationsValidator(Validator):
+    """Accepts under "/petals-members/<owner>" only a revocation list signed by that owner; the
+    higher seq wins (petals_protocol.membership)."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        decode_revocations(value, key=key)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return select_revocations(values, key=key)
 
 
 # ------------------------------------------------------------------------------ routing table
@@ -226,6 +241,7 @@ class PetalsDHT(KadDHT):
         super().__init__(host, mode, enable_random_walk=False)
         self.clock = clock
         self.register_validator(RECORD_NAMESPACE, PetalsValidator(clock))
+        self.register_validator(REVOCATIONS_NAMESPACE, RevocationsValidator())
         # Swap the table before anything uses it; PeerRouting (shared by the provider store) holds
         # its own reference.
         table = ServerOnlyRoutingTable(self.local_peer_id, host)
@@ -634,3 +650,19 @@ async def find_server_record(dht: PetalsDHT, fingerprint: str, peer_text: str, *
         if (record := decoded(blob)) is not None:
             return record
     return None
+
+
+async def find_revocations(dht: PetalsDHT, owner: bytes) -> list[bytes]:
+    """The valid revocation lists of a members-only swarm that the closest peers and the peers we
+    are connected to hold, newest first (a network lookup)."""
+    key = revocations_key(owner)
+    found = await _from_connected(dht, key)
+    return _valid_best_first(dht, key, [*found, *await get_fresh(dht, key)])
+
+
+def stored_revocations(dht: PetalsDHT, owner: bytes) -> list[bytes]:
+    """The revocation list this node stores (a DHT server receives the owner's PUT directly): no
+    network round trip, so a revocation takes effect here at the next check."""
+    key = revocations_key(owner)
+    local = dht.value_store.get(key.encode("utf-8"))
+    return _valid_best_first(dht, key, [local.value]) if local is not None else []

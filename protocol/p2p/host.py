@@ -40,6 +40,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from ..errors import PetalsError
+from .admission import HELLO_PREFIX, AdmissionGate, AdmittingSecurity, MembershipRefused
 from .relay import dial_circuit, is_circuit
 
 __all__ = [
@@ -131,17 +132,20 @@ def load_swarm_key(path: Path) -> bytes:
     return key
 
 
-def make_host(key_pair: KeyPair, *, psk: bytes | None = None) -> IHost:
+def make_host(key_pair: KeyPair, *, psk: bytes | None = None, admission: AdmissionGate | None = None) -> IHost:
     """A Noise-only, yamux-only host with one connection per peer and an optional pnet key.
 
-    The host does not listen until it runs: use `running_host(host, listen_addrs)`.
+    `admission`: a members-only swarm; every connection is checked right after its Noise
+    handshake (petals_protocol.p2p.admission). The host does not listen until it runs: use
+    `running_host(host, listen_addrs)`.
     """
     if psk is not None and len(psk) != _SWARM_KEY_SIZE:
         raise ValueError(f"psk must be {_SWARM_KEY_SIZE} bytes, got {len(psk)}")
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    security = noise if admission is None else AdmittingSecurity(noise, admission)
     return new_host(
         key_pair=key_pair,
-        sec_opt={NOISE_PROTOCOL_ID: noise},
+        sec_opt={NOISE_PROTOCOL_ID: security},
         muxer_opt=create_yamux_muxer_option(),
         connection_config=ConnectionConfig(
             max_connections_per_peer=1,
@@ -323,8 +327,18 @@ def _describe(exc: BaseException) -> str:
     libp2p wraps the cause several levels deep (SwarmDialAllFailedError -> MultiError ->
     SwarmException -> OpenConnectionError -> trio's OSError -> ConnectionRefusedError), each
     level repeating the peer id; the innermost OS error is what the user needs. Without one, the
-    chain's distinct messages are shown instead.
+    chain's distinct messages are shown instead. A members-only refusal says why, whatever else
+    the chain holds.
     """
+    refusal = _find_in_chain(exc, MembershipRefused, set())
+    if refusal is not None:
+        return str(refusal)
+    hello = _find_in_chain(exc, BaseException, set(), text=HELLO_PREFIX)
+    if hello is not None:  # we are not in members-only mode; the peer is, and its hello names the owner
+        words = str(hello).split(HELLO_PREFIX, 1)[1].split()
+        owner = words[0] if words else "?"
+        return (f"the peer is in a members-only swarm (owner {owner}): join with --swarm-owner {owner} and a "
+                "membership certificate from its owner")
     os_error = _innermost_os_error(exc, set())
     if os_error is not None and os_error.errno is not None:
         return os.strerror(os_error.errno).lower()
@@ -342,19 +356,38 @@ def _describe(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
+def _nested(exc: BaseException) -> list[BaseException]:
+    """Causes, contexts, exception groups and libp2p's MultiError (`.errors`) of `exc`."""
+    inner: list[BaseException] = []
+    for nested in (getattr(exc, "errors", None), getattr(exc, "exceptions", None)):
+        if isinstance(nested, (list, tuple)):
+            inner.extend(e for e in nested if isinstance(e, BaseException))
+    inner.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+    return inner
+
+
+def _find_in_chain(exc: BaseException, kind: type[BaseException], seen: set[int], *,
+                   text: str = "") -> BaseException | None:
+    """The first error of type `kind` (whose message holds `text`) in `exc`'s chain."""
+    if id(exc) in seen:
+        return None
+    seen.add(id(exc))
+    if isinstance(exc, kind) and text in str(exc):
+        return exc
+    for e in _nested(exc):
+        if (found := _find_in_chain(e, kind, seen, text=text)) is not None:
+            return found
+    return None
+
+
 def _innermost_os_error(exc: BaseException, seen: set[int]) -> OSError | None:
     """Depth-first through causes, contexts, exception groups and libp2p's MultiError (`.errors`):
     the deepest OSError, preferring one that carries an errno."""
     if id(exc) in seen:
         return None
     seen.add(id(exc))
-    inner: list[BaseException] = []
-    for nested in (getattr(exc, "errors", None), getattr(exc, "exceptions", None)):
-        if isinstance(nested, (list, tuple)):
-            inner.extend(e for e in nested if isinstance(e, BaseException))
-    inner.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
     found = None
-    for e in inner:
+    for e in _nested(exc):
         deeper = _innermost_os_error(e, seen)
         if deeper is not None and (found is None or (found.errno is None and deeper.errno is not None)):
             found = deeper

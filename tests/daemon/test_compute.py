@@ -154,3 +154,63 @@ def test_the_thread_lives_exactly_as_long_as_the_block() -> None:
             assert await worker.run(lambda: 1) == 1
 
     trio.run(main)
+
+
+def test_contributors_go_first_within_a_class_and_round_robin_among_equals() -> None:
+    """Contributors first (petalsd/contributors.py): with the worker busy, a contributor's steps
+    run before the consumers' that arrived earlier, yet never before inference of anyone when the
+    contributor's job is bulk; and the daemon counts the turns it gave a contributor first."""
+    from petalsd.compute import BULK, INFERENCE
+    from petalsd.contributors import Contributors
+    from petals_protocol.records import ServerRecord
+
+    order: list[str] = []
+    contributors = Contributors()
+    serving = b"\x00\x24\x08\x01\x12\x20" + b"\x01" * 32  # a daemon's peer id
+    client = b"\x00\x24\x08\x01\x12\x20" + b"\x02" * 32  # a client its record names (--own-clients)
+    record = ServerRecord(peer_id=serving, model_fingerprint="f" * 64, model_name="m", start_block=0, end_block=1,
+                          num_blocks=1, state="online", throughput=1.0, cache_tokens_free=1, addrs=(), public_name="",
+                          version="1", expires_at=time.time() + 60, seq=1, using_relay=False, clients=(client,))
+    contributors.learn([record])
+    from petals_protocol.signing import peer_id_to_text
+
+    server_text, client_text = peer_id_to_text(serving), peer_id_to_text(client)
+    assert contributors(server_text) and contributors(client_text) and not contributors("consumer")
+    expired = ServerRecord(**{**{f: getattr(record, f) for f in record.__dataclass_fields__},
+                              "expires_at": time.time() - 1})
+    lapsed = Contributors()
+    lapsed.learn([expired])
+    assert not lapsed(server_text)  # a record that expired vouches for nobody
+
+    hold = threading.Event()
+
+    def job(name: str) -> None:
+        if name == "first":
+            hold.wait(10)
+        order.append(name)
+
+    async def main() -> int:
+        async with ComputeWorker(contributor=contributors) as worker:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: worker.run(job, "first", peer="consumer"))  # holds the worker
+                await trio.sleep(0.005)
+                for i in range(3):  # two consumers' steps, queued before anyone else's
+                    for peer in ("consumer", "other"):
+                        nursery.start_soon(lambda p=peer, i=i: worker.run(job, f"{p}{i}", peer=p))
+                        await trio.sleep(0.001)
+                nursery.start_soon(lambda: worker.run(job, "bulk-client", priority=BULK, peer=client_text))
+                await trio.sleep(0.001)
+                for i in range(2):
+                    nursery.start_soon(lambda i=i: worker.run(job, f"client{i}", priority=INFERENCE, peer=client_text))
+                    await trio.sleep(0.001)
+                while worker.queued < 9:
+                    await trio.sleep(0.001)
+                hold.set()
+            return worker.served_first
+
+    served_first = trio.run(main)
+    assert order[0] == "first"
+    assert order[1:3] == ["client0", "client1"], order  # ahead of six consumer steps that came earlier
+    assert order[3:9] == ["consumer0", "other0", "consumer1", "other1", "consumer2", "other2"], order
+    assert order[9] == "bulk-client"  # a contributor's bulk job still waits for inference
+    assert served_first == 2
