@@ -48,7 +48,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import trio
@@ -70,6 +70,9 @@ from petals_protocol.signing import inference_binding, peer_id_from_text, verify
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from .routing import Hop, NoRoute, choose_route, describe_route
+
+if TYPE_CHECKING:
+    from .spotcheck import SpotChecker
 
 log = logging.getLogger("petals_client.session")
 
@@ -99,6 +102,8 @@ class Swarm(Protocol):
 
     def banned(self) -> frozenset[str]: ...
 
+    def route_restrictions(self) -> str: ...
+
     async def open_inference(self, hop: Hop) -> Channel: ...
 
 
@@ -113,6 +118,13 @@ class SessionFailed(PetalsError):
     def __init__(self, blocks: tuple[int, int], message: str) -> None:
         super().__init__(message)
         self.blocks = blocks
+
+
+class WrongOutput(PetalsError):
+    """A hop's daemon answered a step wrong (found by a spot check, client/spotcheck.py); it is
+    replaced like a failed one, but never resumed."""
+
+    code = ErrorCode.INTERNAL
 
 
 #: Errors after which another daemon (or a re-opened stream) may succeed.
@@ -167,8 +179,9 @@ class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
     def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1,
-                 push: bool = True) -> None:
+                 push: bool = True, checker: SpotChecker | None = None) -> None:
         self.swarm = swarm
+        self.checker = checker  # spot checks of the hops' results (client/spotcheck.py); None: off
         self.push = push  # daemon-to-daemon forwarding (see the module docstring)
         self.start, self.end = start, end
         self.max_length = max_length
@@ -187,9 +200,15 @@ class InferenceSession:
         log.info("session route: %s", describe_route(self.route))
 
     async def _open_chain(self, start: int, end: int) -> list[_HopState]:
-        route = choose_route(
-            self.swarm.servers(), start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length
-        )
+        try:
+            route = choose_route(
+                self.swarm.servers(), start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length
+            )
+        except NoRoute as exc:
+            restrictions = self.swarm.route_restrictions()
+            if restrictions:  # say why daemons the user may know of were not used
+                raise NoRoute(exc.uncovered, restrictions) from exc
+            raise
         opened: list[_HopState] = []
         try:
             for hop in route:
@@ -301,7 +320,37 @@ class InferenceSession:
             raise ValueError(
                 f"session max_length {self.max_length} exceeded: {position} + {hidden.shape[1]} tokens"
             )
+        hidden = await self._run(0, hidden, position)
+        if self.checker is not None:
+            hidden = await self._spot_check(hidden, position)
+        self.position = position + hidden.shape[1]
+        return hidden
+
+    async def _spot_check(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Check the hops' results of the step just run (client/spotcheck.py); a hop found wrong is
+        replaced, the hops from it on are rolled back to `position`, and the step is run again from it."""
+        assert self.checker is not None
         index = 0
+        while index < len(self.hops):
+            state = self.hops[index]
+            if not self.checker.choose():
+                index += 1
+                continue
+            step_input = state.chunks[-1]
+            output = self.hops[index + 1].chunks[-1] if index + 1 < len(self.hops) else hidden
+            try:
+                await self.checker.check(state.hop, torch.cat(state.chunks, dim=1), output)
+            except WrongOutput as exc:
+                for later in self.hops[index:]:
+                    self._rollback(later, position)
+                await self._recover(index, exc, position)
+                hidden = await self._run(index, step_input, position)
+                continue  # check the replacement's result too
+            index += 1
+        return hidden
+
+    async def _run(self, index: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run `hidden` through the hops from `index` on, recovering failed ones; the last output."""
         failures = 0
         while index < len(self.hops):
             first = self.hops[index]
@@ -349,7 +398,6 @@ class InferenceSession:
                 await self._recover(failed, exc, position)
                 continue  # retry the same hop index: now a replacement (possibly several hops)
             index += done
-        self.position = position + hidden.shape[1]
         return hidden
 
     async def _recover(self, index: int, exc: BaseException, position: int) -> None:
@@ -364,7 +412,8 @@ class InferenceSession:
         # A daemon reached through a relay may be fine while its relay is gone: try it through its
         # other addresses (relays) before giving up on it, as after an idle close.
         relayed = bool(failed.hop.server.addrs) and all(is_circuit(a) for a in failed.hop.server.addrs)
-        if (_looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER) or relayed:
+        if not isinstance(exc, WrongOutput) and ((_looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER)
+                                                 or relayed):
             log.info("daemon %s closed blocks %d:%d (%s, %.1f s idle%s); re-opening and replaying %d tokens",
                      failed.hop.server.name, failed.hop.start, failed.hop.end, exc, idle_for,
                      ", relayed" if relayed else "", failed.position)

@@ -56,6 +56,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import BadRecord, PetalsError
+from ..evidence import EVIDENCE_NAMESPACE, EvidenceReport, decode_report, evidence_key, parse_evidence_key, select_report
 from ..records import (
     RECORD_NAMESPACE,
     ServerRecord,
@@ -87,6 +88,9 @@ __all__ = [
     "index_keys",
     "index_key_for",
     "find_model_records",
+    "EvidenceValidator",
+    "publish_evidence",
+    "find_evidence",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,6 +137,23 @@ class PetalsValidator(Validator):
     def select(self, key: str, values: list[bytes]) -> int:
         fingerprint, peer_id = parse_record_key(key)
         return select_record(values, now=self._clock(), expected_peer_id=peer_id, expected_fingerprint=fingerprint)
+
+
+class EvidenceValidator(Validator):
+    """Accepts a value under "/petals-ev/<fingerprint>/<peer id>" only if it proves that peer
+    answered wrong (petals_protocol.evidence): a forged or expired report is refused by every node,
+    on store and on read. `select` keeps the report that expires last."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+
+    def validate(self, key: str, value: bytes) -> None:
+        fingerprint, accused = parse_evidence_key(key)
+        decode_report(value, now=self._clock(), expected_fingerprint=fingerprint, expected_accused=accused)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        fingerprint, accused = parse_evidence_key(key)
+        return select_report(values, now=self._clock(), expected_fingerprint=fingerprint, expected_accused=accused)
 
 
 # ------------------------------------------------------------------------------ routing table
@@ -225,6 +246,7 @@ class PetalsDHT(KadDHT):
         super().__init__(host, mode, enable_random_walk=False)
         self.clock = clock
         self.register_validator(RECORD_NAMESPACE, PetalsValidator(clock))
+        self.register_validator(EVIDENCE_NAMESPACE, EvidenceValidator(clock))
         # Swap the table before anything uses it; PeerRouting (shared by the provider store) holds
         # its own reference.
         table = ServerOnlyRoutingTable(self.local_peer_id, host)
@@ -580,3 +602,36 @@ async def find_server_record(dht: PetalsDHT, fingerprint: str, peer_text: str, *
         if (record := decoded(blob)) is not None:
             return record
     return None
+
+
+# -------------------------------------------------------------------------------- evidence
+
+
+async def publish_evidence(dht: PetalsDHT, blob: bytes, report: EvidenceReport) -> int:
+    """Store a signed evidence report under its accused daemon's key; how many peers acknowledged it."""
+    return await put_record(dht, evidence_key(report.model_fingerprint, report.accused_text), blob)
+
+
+async def find_evidence(dht: PetalsDHT, fingerprint: str, peer_texts: Iterable[str]) -> list[EvidenceReport]:
+    """Valid reports about any of `peer_texts` (one network lookup each, in parallel). Forged and
+    expired reports are dropped by the validator; what is returned has been verified here."""
+    found: list[EvidenceReport] = []
+
+    async def fetch(peer_text: str) -> None:
+        try:
+            key = evidence_key(fingerprint, peer_text)
+        except (ValueError, PetalsError):
+            return
+        for blob in await get_fresh(dht, key):  # valid ones, best first
+            try:
+                found.append(decode_report(blob, now=dht.clock(), expected_fingerprint=fingerprint,
+                                           expected_accused=peer_id_from_text(peer_text)))
+            except BadRecord as exc:  # expired meanwhile
+                log.debug("report on %s: %s", peer_text, exc)
+                continue
+            return
+
+    async with trio.open_nursery() as nursery:
+        for peer_text in dict.fromkeys(peer_texts):
+            nursery.start_soon(fetch, peer_text)
+    return found
