@@ -204,3 +204,23 @@ def test_measured_fraction_of_checked_steps(swarm, model_path):
     assert forwards == stats.checked  # each check is one forward on one other daemon, nothing more
     # Binomial(80, 0.1): 0 or more than 24 checks happen with probability < 1e-3.
     assert 1 <= stats.checked <= 24
+
+
+def test_liar_in_the_first_of_two_pushed_hops(swarm, model_path, local):
+    """The liar serves blocks 0:3 of a two-hop route with daemon-to-daemon push on: the second hop
+    already computed on its wrong output when the check finds it, so that hop is rolled back too
+    and the step re-runs from the replaced hop; the tokens still equal local transformers'."""
+    first_liar = daemon(swarm, "liar").peer_id
+    half_liar = swarm.start("0:3", name="liar03", args=["--throughput", "1000"], launcher=[str(LYING_DAEMON)],
+                            initial_peers=swarm.addrs[:1]).peer_id
+    reference = local.generate(PROMPT, max_new_tokens=10, do_sample=False)
+    with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs[:1],
+                                                         spot_check_rate=1.0, blocked_peers=[first_liar]) as model:
+        with model.inference_session(max_length=32) as session:
+            assert [(h.server.peer_id, h.start, h.end) for h in session.route][0] == (half_liar, 0, 3)
+            assert len(session.route) == 2
+            out = model.generate(PROMPT, session=session, max_new_tokens=10, do_sample=False)
+            assert half_liar not in {h.server.peer_id for h in session.route}
+        stats = model.spot_checks
+        assert stats is not None and stats.flagged == [half_liar] and stats.first_disagreement_at == 1
+    assert out.tolist() == reference.tolist()
