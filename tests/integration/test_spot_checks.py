@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import json
 import os
 import re
 import time
@@ -29,6 +31,7 @@ from libp2p.records.record import make_signed_put_record
 from petals_client.remote import signed_forward
 from petals_client.routing import Hop
 from petals_client.spotcheck import request_digest
+from petals_client.swarm_table import show_swarm
 from petals_protocol.errors import BadRecord
 from petals_protocol.evidence import EvidenceReport, SignedOutput, decode_report, encode_report, evidence_key
 from petals_protocol.p2p import compat
@@ -129,6 +132,14 @@ def test_liar_is_caught_reported_and_avoided(swarm, model_path, local):
         out2 = second.generate(PROMPT, max_new_tokens=12, do_sample=False)
     assert out2.tolist() == reference.tolist()
     assert requests_served(swarm, daemon(swarm, "liar")) == before  # not a single request reached it
+
+    # `petals swarm` lists the liar as flagged, with the report's witnesses.
+    text, document = io.StringIO(), io.StringIO()
+    show_swarm(model_path, swarm.addrs[:1], out=text)
+    show_swarm(model_path, swarm.addrs[:1], as_json=True, out=document)
+    assert f"FLAGGED: …{liar[-8:]} answered blocks 0:6 wrong" in text.getvalue()
+    [flagged] = json.loads(document.getvalue())["flagged"]
+    assert flagged["peer_id"] == liar and set(flagged["witnesses"]) == honest
 
 
 def test_forged_report_is_refused_and_ignored(swarm, model_path):
