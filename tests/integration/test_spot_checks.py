@@ -15,7 +15,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from petals_client import AutoDistributedModelForCausalLM
-from petals_client.ctl import request as control_request
 from petals_client.localswarm import DaemonProcess, LocalSwarm
 from libp2p.records.record import make_signed_put_record
 
@@ -39,7 +37,7 @@ from petals_protocol.p2p.identity import ed25519_private_key, ephemeral_identity
 from petals_protocol.signing import ResponseBinding, peer_id_from_private_key, peer_id_from_text, sign_response
 from petals_protocol.tensors import from_torch, to_torch
 
-from swarmlib import DAEMON_ARGS, make_model
+from swarmlib import DAEMON_ARGS, daemon_counters, make_endless_model
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +47,7 @@ LYING_DAEMON = Path(__file__).with_name("lying_daemon.py")
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    # No eos token: greedy generation runs the full max_new_tokens.
-    return make_model(tmp_path_factory.mktemp("models"), "llama", eos_token_id=None, bos_token_id=None,
-                      pad_token_id=None)
+    return make_endless_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +71,6 @@ def swarm(model_path):
 
 def daemon(swarm: LocalSwarm, name: str) -> DaemonProcess:
     return next(d for d in swarm.daemons if d.name == name)
-
-
-def requests_served(swarm: LocalSwarm, d: DaemonProcess) -> dict[str, float]:
-    """The daemon's own counters (/v1/metrics): requests by kind, and tokens computed."""
-    status, _, body = control_request(str(swarm.workdir / f"{d.name}.sock"), "GET", "/v1/metrics")
-    assert status == 200, body
-    body = body.decode() if isinstance(body, bytes) else body
-    counts: dict[str, float] = {}
-    for m in re.finditer(r'petalsd_requests_total\{kind="(\w+)"\} ([0-9.e+]+)', body):
-        counts[m.group(1)] = float(m.group(2))
-    tokens = re.search(r"^petalsd_tokens_total ([0-9.e+]+)$", body, re.M)
-    counts["tokens"] = float(tokens.group(1)) if tokens else 0.0
-    return counts
 
 
 def test_liar_is_caught_reported_and_avoided(swarm, model_path, local):
@@ -124,14 +107,14 @@ def test_liar_is_caught_reported_and_avoided(swarm, model_path, local):
     assert sum(emitted, []) == reference[0].tolist()
 
     # A second client, without spot checks, reads the report, verifies it and never uses the liar.
-    before = requests_served(swarm, daemon(swarm, "liar"))
+    before = daemon_counters(swarm, daemon(swarm, "liar"))
     with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs[:1]) as second:
         assert liar in second.swarm.evidence
         assert liar in second.swarm.flagged()
         assert liar not in {s.peer_id for s in second.swarm.servers()}
         out2 = second.generate(PROMPT, max_new_tokens=12, do_sample=False)
     assert out2.tolist() == reference.tolist()
-    assert requests_served(swarm, daemon(swarm, "liar")) == before  # not a single request reached it
+    assert daemon_counters(swarm, daemon(swarm, "liar")) == before  # not a single request reached it
 
     # `petals swarm` lists the liar as flagged, with the report's witnesses.
     text, document = io.StringIO(), io.StringIO()
@@ -200,14 +183,14 @@ def test_forged_report_is_refused_and_ignored(swarm, model_path):
 def test_measured_fraction_of_checked_steps(swarm, model_path):
     liar = daemon(swarm, "liar").peer_id
     honest = [d for d in swarm.daemons if d.name != "liar"]
-    before = {d.name: requests_served(swarm, d).get("forward", 0.0) for d in honest}
+    before = {d.name: daemon_counters(swarm, d).get("forward", 0.0) for d in honest}
     new_tokens = 80
     with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs[:1],
                                                          spot_check_rate=0.1, blocked_peers=[liar]) as model:
         model.generate(PROMPT, max_new_tokens=new_tokens, do_sample=False)
         stats = model.spot_checks
     assert stats is not None
-    forwards = sum(requests_served(swarm, d).get("forward", 0.0) - before[d.name] for d in honest)
+    forwards = sum(daemon_counters(swarm, d).get("forward", 0.0) - before[d.name] for d in honest)
     print(f"\nspot_check_rate=0.1: {stats.checked} of {stats.steps} hop-steps checked "
           f"(fraction {stats.fraction:.3f}); daemons counted {forwards:.0f} forward requests")
     assert stats.steps == new_tokens  # one hop: one check decision per step (prompt + 79 decode steps)
