@@ -32,7 +32,7 @@ import torch
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from petals_protocol.errors import BadRecord, ErrorCode, PetalsError
+from petals_protocol.errors import BadRecord, ErrorCode, PetalsError, RemoteError
 from petals_protocol.evidence import MAX_EVIDENCE_TTL, EvidenceReport, SignedOutput, encode_report, outputs_agree
 from petals_protocol.messages import ForwardRequest, ForwardResponse
 from petals_protocol.signing import forward_binding, peer_id_from_private_key, peer_id_from_text
@@ -40,7 +40,7 @@ from petals_protocol.tensors import from_torch, to_torch
 
 from .remote import signed_forward
 from .routing import Hop, hop_cost
-from .session import WrongOutput
+from .session import CALLER_FAULTS, WrongOutput
 from .swarm import NETWORK_ERRORS, SwarmClient
 
 log = logging.getLogger("petals_client.spotcheck")
@@ -98,31 +98,37 @@ class SpotChecker:
         self.stats.steps += 1
         return self.rate >= 1.0 or (self.rate > 0.0 and self.rng.random() < self.rate)
 
-    def _independent(self, hop: Hop, exclude: set[str]) -> list[Hop]:
-        """Other daemons able to run exactly the hop's blocks, cheapest first."""
+    def _independent(self, hop: Hop, exclude: set[str], tokens: int) -> list[Hop]:
+        """Other daemons able to run exactly the hop's blocks over `tokens` tokens, cheapest first."""
         banned = self.swarm.banned()
         usable = [s for s in self.swarm.servers()
                   if s.peer_id not in exclude and s.peer_id not in banned and s.state == "online"
-                  and s.start <= hop.start and s.end >= hop.end]
+                  and s.start <= hop.start and s.end >= hop.end and (not s.max_length or s.max_length >= tokens)]
         usable.sort(key=lambda s: hop_cost(s, hop.start, hop.end, 0))
         return [Hop(s, hop.start, hop.end) for s in usable]
 
     async def _ask(self, hop: Hop, exclude: set[str], history: torch.Tensor) -> _Answer | None:
-        """The first verified answer of an independent daemon (failures are banned as usual), or None."""
-        for candidate in self._independent(hop, exclude):
-            answer = await self._ask_one(candidate, history)
-            if answer is not None:
-                return answer
-            self.swarm.ban(candidate.server.peer_id)
-            exclude.add(candidate.server.peer_id)
+        """The first verified answer of an independent daemon, or None. A daemon that fails is
+        banned as usual, unless it refused the request itself (too long for it, say)."""
+        for candidate in self._independent(hop, exclude, history.shape[1]):
+            peer = candidate.server.peer_id
+            exclude.add(peer)
+            try:
+                return _Answer(peer, await signed_forward(self.swarm, candidate, from_torch(history)))
+            except NETWORK_ERRORS as exc:
+                log.warning("spot check: daemon %s failed on blocks %d:%d (%s: %s)", candidate.server.name,
+                            hop.start, hop.end, type(exc).__name__, exc)
+                if not (isinstance(exc, RemoteError) and exc.code in CALLER_FAULTS):
+                    self.swarm.ban(peer)
         return None
 
     async def _ask_one(self, hop: Hop, history: torch.Tensor) -> _Answer | None:
+        """The hop's own daemon's answer to the same forward (for the report), or None."""
         try:
             return _Answer(hop.server.peer_id, await signed_forward(self.swarm, hop, from_torch(history)))
         except NETWORK_ERRORS as exc:
-            log.warning("spot check: daemon %s failed on blocks %d:%d (%s: %s)", hop.server.name,
-                        hop.start, hop.end, type(exc).__name__, exc)
+            log.warning("spot check: no forward from %s for the report (%s: %s)", hop.server.name,
+                        type(exc).__name__, exc)
             return None
 
     async def check(self, hop: Hop, history: torch.Tensor, output: torch.Tensor) -> None:

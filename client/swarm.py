@@ -156,7 +156,6 @@ class SwarmClient:
             for record in self.records:
                 if self.permitted(record.peer_id):
                     targets[record.peer_id] = record.addrs
-            await self._read_evidence([r.peer_id for r in self.records if r.peer_id in targets])
         for addr in self.initial_peers:
             peer = addr.rstrip("/").rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else ""
             if not peer or self.permitted(peer):
@@ -173,6 +172,8 @@ class SwarmClient:
                 found[info.peer_id] = info
 
         async with trio.open_nursery() as nursery:
+            if self.discovery is not None:  # beside the probes: a DHT walk can wait on a hung peer
+                nursery.start_soon(self._read_evidence, [r.peer_id for r in self.records if r.peer_id in targets])
             for target, addrs in targets.items():
                 nursery.start_soon(probe, target, addrs)
         self._servers = found
