@@ -37,6 +37,11 @@ for `IDLE_RESUME_AFTER` seconds is first re-opened on the *same* daemon (no ban)
 only if that fails too is the daemon banned and replaced. A daemon that died while the hop was
 idle costs one refused dial before the usual rerouting.
 
+Spot checks (`checker`, client/spotcheck.py): after a step has run through every hop, each hop's
+result may be re-computed elsewhere, before the step is returned. A hop found wrong is replaced
+like a failed one (never resumed on the same daemon), the hops after it are rolled back to the
+step's position (they computed on its wrong output), and the step runs again from the replacement.
+
 Bounds: each replacement search makes at most `swarm.max_retries` attempts (backoff 0.2 s
 doubling, capped at 5 s); one step survives at most `swarm.max_retries` failures; every network
 wait is under `swarm.step_timeout`. So a session never hangs: it continues or raises
