@@ -33,7 +33,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from petals_protocol.errors import BadRecord, ErrorCode, PetalsError, RemoteError
-from petals_protocol.evidence import MAX_EVIDENCE_TTL, EvidenceReport, SignedOutput, encode_report, outputs_agree
+from petals_protocol.evidence import MAX_EVIDENCE_TTL, EvidenceReport, SignedOutput, encode_report, within_tolerance
 from petals_protocol.messages import ForwardRequest, ForwardResponse
 from petals_protocol.signing import forward_binding, peer_id_from_private_key, peer_id_from_text
 from petals_protocol.tensors import from_torch, to_torch
@@ -49,6 +49,18 @@ log = logging.getLogger("petals_client.spotcheck")
 REPORT_TTL = MAX_EVIDENCE_TTL
 #: Bound on publishing one report (a DHT store walks the network).
 PUBLISH_TIMEOUT = 30.0
+
+
+def outputs_agree(output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether `output` equals `reference` within the tolerance of its dtype (petals_protocol.evidence)."""
+    if output.shape != reference.shape or output.dtype != reference.dtype:
+        return False
+    a, b = output.double(), reference.double()
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+        return bool(torch.equal(a, b))
+    if not b.numel():
+        return True
+    return within_tolerance(float((a - b).abs().max()), float(b.abs().max()), str(reference.dtype).removeprefix("torch."))
 
 
 class SpotCheckUnavailable(PetalsError):

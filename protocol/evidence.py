@@ -12,7 +12,7 @@ verify without trusting the reporter:
 - accused and witnesses are three different daemons; the witnesses agree with each other within
   the dtype's tolerance and the accused agrees with neither.
 
-Tolerance (`outputs_agree`): the largest elementwise difference must be within
+Tolerance (`within_tolerance`): the largest elementwise difference must be within
 `rtol * max|reference| + atol`, with (rtol, atol) chosen per dtype in `TOLERANCES`. Honest fp32
 daemons on the same kernels answer a forward bit-identically, but a spot check compares a
 session's incremental step (KV cache) with a stateless forward over the whole history, and a
@@ -30,10 +30,10 @@ key the one that expires last is kept.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 
 import msgpack
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import BadRecord, ProtocolError
@@ -48,7 +48,7 @@ from .signing import (
     verify_bytes,
     verify_response,
 )
-from .tensors import TensorPayload, to_torch
+from .tensors import TensorPayload
 
 __all__ = [
     "EVIDENCE_NAMESPACE",
@@ -57,7 +57,8 @@ __all__ = [
     "TOLERANCES",
     "SignedOutput",
     "EvidenceReport",
-    "outputs_agree",
+    "within_tolerance",
+    "payloads_agree",
     "encode_report",
     "decode_report",
     "select_report",
@@ -79,26 +80,46 @@ _OUTPUT_KEYS = frozenset({"peer_id", "request_id", "output", "signature"})
 _REPORT_KEYS = frozenset({"model_fingerprint", "start_block", "end_block", "input_digest", "accused",
                           "witnesses", "reporter", "expires_at"})
 
+_FLOAT_CODES = {"float32": "f", "float16": "e"}
 #: (rtol, atol) per dtype name; see the module docstring for why.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "float32": (1e-4, 1e-5),
-    "float64": (1e-9, 1e-12),
     "bfloat16": (2.0**-5, 2.0**-8),
     "float16": (2.0**-8, 2.0**-11),
 }
 
 
-def outputs_agree(output: torch.Tensor, reference: torch.Tensor) -> bool:
-    """Whether `output` equals `reference` within the tolerance of `reference`'s dtype."""
+def within_tolerance(max_difference: float, scale: float, dtype: str) -> bool:
+    """The one agreement rule: the largest elementwise difference within `rtol * scale + atol`
+    (`scale`: the largest magnitude of the reference), with (rtol, atol) of `dtype` (TOLERANCES).
+    The client applies it to torch tensors (petals_client.spotcheck), reports to payloads (below)."""
+    rtol, atol = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
+    return max_difference <= rtol * scale + atol
+
+
+def _values(payload: TensorPayload) -> tuple[float, ...]:
+    """The elements of a floating-point payload as Python floats (little-endian on the wire)."""
+    n = payload.numel
+    if payload.dtype == "bfloat16":  # the top half of a float32
+        halves = struct.unpack(f"<{n}H", payload.data)
+        return struct.unpack(f"<{n}f", struct.pack(f"<{n}I", *(h << 16 for h in halves)))
+    code = _FLOAT_CODES.get(payload.dtype)
+    if code is None:
+        raise BadRecord(f"an output of dtype {payload.dtype} cannot be compared")
+    return struct.unpack(f"<{n}{code}", payload.data)
+
+
+def payloads_agree(output: TensorPayload, reference: TensorPayload) -> bool:
+    """`within_tolerance` on two encoded outputs, without torch (every DHT node checks reports)."""
     if output.shape != reference.shape or output.dtype != reference.dtype:
         return False
-    rtol, atol = TOLERANCES.get(str(reference.dtype).removeprefix("torch."), TOLERANCES["bfloat16"])
-    a, b = output.double(), reference.double()
-    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
-        return bool(torch.equal(a, b))
-    if not b.numel():
+    a, b = _values(output), _values(reference)
+    if not all(map(math.isfinite, a)) or not all(map(math.isfinite, b)):
+        return output.data == reference.data
+    if not b:
         return True
-    return float((a - b).abs().max()) <= rtol * float(b.abs().max()) + atol
+    difference = max(abs(x - y) for x, y in zip(a, b))
+    return within_tolerance(difference, max(map(abs, b)), reference.dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +191,10 @@ class EvidenceReport:
                 verify_response(answer.peer_id, answer.binding(self), answer.signature)
             except ProtocolError as exc:
                 raise BadRecord(f"the answer of {answer.peer_id_text} is not signed by it: {exc.message}") from exc
-        first, second = (to_torch(w.output) for w in self.witnesses)
-        accused = to_torch(self.accused.output)
-        if not outputs_agree(second, first):
+        first, second = (w.output for w in self.witnesses)
+        if not payloads_agree(second, first):
             raise BadRecord("the witnesses disagree with each other: nothing is proven")
-        if outputs_agree(accused, first) or outputs_agree(accused, second):
+        if payloads_agree(self.accused.output, first) or payloads_agree(self.accused.output, second):
             raise BadRecord(f"the answer of {self.accused_text} agrees with a witness: nothing is proven")
 
     def _body(self) -> bytes:

@@ -174,7 +174,7 @@ def test_forged_report_is_refused_and_ignored(swarm, model_path):
                 return held
 
             held = model.runtime.call(push_everywhere)
-            assert len(held) >= 3 and held == [None] * len(held)  # no daemon stored it
+            assert len(held) >= 2 and held == [None] * len(held)  # no daemon stored it
     with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs[:1]) as reader:
         assert victim not in reader.swarm.evidence
         assert victim in {s.peer_id for s in reader.swarm.servers()}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from petals_client.spotcheck import outputs_agree
 from petals_protocol.errors import BadRecord
 from petals_protocol.evidence import (
     MAX_EVIDENCE_TTL,
@@ -16,7 +17,7 @@ from petals_protocol.evidence import (
     decode_report,
     encode_report,
     evidence_key,
-    outputs_agree,
+    payloads_agree,
     parse_evidence_key,
     select_report,
 )
@@ -53,16 +54,25 @@ def report(keys, liar_output: torch.Tensor = RIGHT * 1.01, **changes) -> Evidenc
     return dataclasses.replace(base, **changes)
 
 
-def test_tolerance_by_dtype():
+@pytest.mark.parametrize("agree", [payloads_agree, outputs_agree], ids=["payloads", "tensors"])
+def test_tolerance_by_dtype(agree):
+    """The same rule on encoded outputs (what every DHT node checks) and on tensors (the client)."""
+    def wrap(t: torch.Tensor):
+        return from_torch(t) if agree is payloads_agree else t
+
     x = torch.randn(2, 3, 16)
-    assert outputs_agree(x, x.clone())
-    assert outputs_agree(x + 1e-7, x)  # fp32 rounding of a different matmul shape
-    assert not outputs_agree(x * 1.001, x)  # a 0.1% change is far outside fp32's bound
-    half = x.to(torch.bfloat16)
-    assert outputs_agree(half + half.abs().max() * 2**-7, half)  # within a few bfloat16 ulps of the scale
-    assert not outputs_agree(half * 1.2, half)
-    assert not outputs_agree(x[:, :2], x)  # shapes differ
-    assert not outputs_agree(x.double(), x)  # dtypes differ
+    assert agree(wrap(x), wrap(x.clone()))
+    assert agree(wrap(x + 1e-7), wrap(x))  # fp32 rounding of a different matmul shape
+    assert not agree(wrap(x * 1.001), wrap(x))  # a 0.1% change is far outside fp32's bound
+    for dtype, step in ((torch.bfloat16, 2**-7), (torch.float16, 2**-10)):
+        half = x.to(dtype)
+        assert agree(wrap(half + half.abs().max() * step), wrap(half))  # a few ulps of the scale
+        assert not agree(wrap(half * 1.2), wrap(half))
+    assert not agree(wrap(x[:, :2]), wrap(x))  # shapes differ
+    assert not agree(wrap(x.half()), wrap(x))  # dtypes differ
+    nan = x.clone()
+    nan[0, 0, 0] = float("nan")
+    assert not agree(wrap(nan), wrap(x))
 
 
 def test_a_genuine_report_round_trips_and_verifies(keys):
