@@ -4,7 +4,8 @@ A daemon's signature proves who answered, not that the answer is right. With `sp
 R, after every step each hop's result is checked with probability R: the hop's whole input
 history (the chunks the session keeps for recovery, this step's included) is sent as a stateless
 forward to another daemon serving the same blocks, and the rows of this step are compared with
-what the hop answered, within the dtype's tolerance (petals_protocol.evidence.outputs_agree).
+what the hop answered, within the dtype's tolerance (`outputs_agree`; the rule and its reasons:
+petals_protocol.evidence).
 The session runs the checks before it returns the step, so with R = 1 no token computed from a
 wrong answer reaches the caller.
 
