@@ -39,10 +39,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .errors import BadRecord, ProtocolError
 from .ids import is_valid_fingerprint
 from .messages import ID_SIZE, SIGNATURE_SIZE, unpack_strict
+from .records import parse_record_key, record_key
 from .signing import (
     ResponseBinding,
     peer_id_from_private_key,
-    peer_id_from_text,
     peer_id_to_text,
     sign_bytes,
     verify_bytes,
@@ -275,20 +275,9 @@ def select_report(blobs: list[bytes], *, now: float, expected_fingerprint: str |
 
 def evidence_key(fingerprint: str, accused_text: str) -> str:
     """"/petals-ev/<fingerprint>/<accused peer id>": where reports on a daemon are stored."""
-    if not is_valid_fingerprint(fingerprint):
-        raise ValueError(f"invalid model fingerprint {fingerprint!r}")
-    peer_id_from_text(accused_text)
-    return f"/{EVIDENCE_NAMESPACE}/{fingerprint}/{accused_text}"
+    return record_key(fingerprint, accused_text, EVIDENCE_NAMESPACE)
 
 
 def parse_evidence_key(key: str | bytes) -> tuple[str, bytes]:
     """(fingerprint, accused peer id bytes) from an evidence key; BadRecord if it is not one."""
-    if isinstance(key, bytes):
-        key = key.decode("utf-8", errors="replace")
-    parts = key.split("/") if isinstance(key, str) else []
-    if len(parts) != 4 or parts[0] != "" or parts[1] != EVIDENCE_NAMESPACE or not is_valid_fingerprint(parts[2]):
-        raise BadRecord(f"not an evidence key: {str(key)[:200]!r}")
-    try:
-        return parts[2], peer_id_from_text(parts[3])
-    except ProtocolError as exc:
-        raise BadRecord(f"evidence key names no peer: {exc.message}") from exc
+    return parse_record_key(key, EVIDENCE_NAMESPACE)
