@@ -25,6 +25,8 @@ from pathlib import Path
 
 from petals_protocol.ids import __version__  # no heavy imports: it reads package metadata
 
+from .trust_options import add_trust_options, trust_kwargs
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXIT_STATUS_HELP = ("Exit status: 0 success; 1 failure at run time (unreachable peers, no route, "
                     "bad model folder); 2 bad command line. Errors are one line on stderr; -v adds "
@@ -41,7 +43,7 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                          swarm_key=args.swarm_key, revision=args.revision,
-                                                         **_membership_options(args)) as lm:
+                                                         **_membership_options(args), **trust_kwargs(args)) as lm:
         if args.show_route:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
@@ -80,7 +82,7 @@ def _chat(args: argparse.Namespace) -> int:
     require_chat_template(tokenizer)  # before joining the swarm
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                          swarm_key=args.swarm_key, revision=args.revision,
-                                                         **_membership_options(args)) as lm:
+                                                         **_membership_options(args), **trust_kwargs(args)) as lm:
         chat_loop(lm, tokenizer, sys.stdin, sys.stdout, system=args.system, max_length=args.max_length,
                   **_sampling(args))
     return EXIT_OK
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peers(gen)
     _add_membership(gen)
     _add_sampling(gen, max_new_tokens=64)
+    add_trust_options(gen)
     gen.add_argument("--show-route", action="store_true", help="print which daemons serve which blocks")
     gen.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the text to continue (or give it last, "
                      "as a positional argument)")
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message to start the conversation with")
     chat.add_argument("--max-length", type=int, default=2048, metavar="N", help="most tokens of the conversation")
     _add_sampling(chat, max_new_tokens=512)
+    add_trust_options(chat)
     chat.set_defaults(func=_chat)
 
     swarm = add("swarm", "which blocks are served by whom")

@@ -16,8 +16,16 @@ from typing import Any
 import trio
 from libp2p.abc import IHost
 
+from petals_protocol.evidence import EvidenceReport
 from petals_protocol.p2p.admission import keep_membership
-from petals_protocol.p2p.dht import PetalsDHT, find_model_records, find_revocations, start_dht
+from petals_protocol.p2p.dht import (
+    PetalsDHT,
+    find_evidence,
+    find_model_records,
+    find_revocations,
+    publish_evidence,
+    start_dht,
+)
 from petals_protocol.p2p.host import parse_peer_multiaddr
 from petals_protocol.p2p.relay import relay_peer_of
 from petals_protocol.records import ServerRecord
@@ -104,6 +112,14 @@ class Discovery:
         found = [FoundServer.from_record(r) for r in records if r.state != "offline"]
         log.debug("found %d servers of %s", len(found), fingerprint[:16])
         return found
+
+    async def find_evidence(self, fingerprint: str, peer_ids: Sequence[str]) -> list[EvidenceReport]:
+        """Verified evidence reports against any of `peer_ids` (forged or expired ones are dropped)."""
+        return await find_evidence(self.dht, fingerprint, peer_ids)
+
+    async def publish_evidence(self, blob: bytes, report: EvidenceReport) -> int:
+        """Store a signed report in the DHT; how many peers acknowledged it."""
+        return await publish_evidence(self.dht, blob, report)
 
 
 async def join_swarm(host: IHost, nursery: trio.Nursery, initial_peers: Sequence[str]) -> Discovery:

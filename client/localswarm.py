@@ -101,11 +101,14 @@ class LocalSwarm:
 
     def start(self, blocks: str | None = None, *, initial_peers: list[str] | None = None,
               args: list[str] | None = None, name: str | None = None, wait: bool = True,
-              env: dict[str, str] | None = None, public_name: bool = True) -> DaemonProcess:
-        """Start one daemon. The first joins no one (`--new-swarm`) unless peers are given."""
+              env: dict[str, str] | None = None, public_name: bool = True,
+              launcher: list[str] | None = None) -> DaemonProcess:
+        """Start one daemon. The first joins no one (`--new-swarm`) unless peers are given.
+        `launcher`: what the interpreter runs instead of `-m petalsd` (tests start fault-injecting
+        daemons this way: a script that patches petalsd, then runs its main)."""
         name = name or f"d{len(self.daemons) + 1}"
         peers = initial_peers if initial_peers is not None else self.addrs[:1]
-        cmd = [self.python, "-m", "petalsd", "--model", self.model,
+        cmd = [self.python, *(launcher or ["-m", "petalsd"]), "--model", self.model,
                "--listen", "/ip4/127.0.0.1/tcp/0",
                "--identity", str(self.workdir / f"{name}.key")]
         if not any(a.startswith(("--control-socket", "--no-control-api", "--config")) for a in (args or [])):

@@ -31,7 +31,7 @@ from petals_protocol.models.client_part import ClientPart, load_client_part
 from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
-from petals_protocol.p2p.identity import ephemeral_identity, load_or_create_identity, peer_id_bytes
+from petals_protocol.p2p.identity import ed25519_private_key, ephemeral_identity, load_or_create_identity, peer_id_bytes
 
 from . import generation
 from .head_batching import HeadBatcher
@@ -39,6 +39,7 @@ from .remote import RemoteSequential
 from .routing import NoRoute, describe_route
 from .runtime import ClientRuntime
 from .session import InferenceSession
+from .spotcheck import SpotChecker, SpotCheckStats
 from .swarm import SwarmClient
 
 log = logging.getLogger("petals_client")
@@ -50,7 +51,7 @@ class RemoteInferenceSession:
     def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int) -> None:
         self.model = model
         self._session = InferenceSession(model.swarm, 0, model.num_blocks, max_length=max_length,
-                                         batch_size=batch_size, push=model.push)
+                                         batch_size=batch_size, push=model.push, checker=model.spot_checker)
         model.runtime.call(self._session.open)
         # Tokens whose hidden states every daemon has cached, and tokens seen or generated so far
         # (the last generated token is not fed until the next step needs it, as in transformers).
@@ -106,6 +107,8 @@ class DistributedModelForCausalLM:
         self.push = True  # daemon-to-daemon forwarding in inference sessions (from_pretrained's `push`)
         # Concurrent sessions' heads in one matmul (from_pretrained's `batching`; client/head_batching.py)
         self.head_batcher: HeadBatcher | None = None
+        # Re-computes a fraction of steps elsewhere (from_pretrained's `spot_check_rate`; client/spotcheck.py)
+        self.spot_checker: SpotChecker | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -128,6 +131,9 @@ class DistributedModelForCausalLM:
         identity: str | Path | None = None,
         swarm_owner: str | None = None,
         member_certificate: str | Path | None = None,
+        spot_check_rate: float = 0.0,
+        allowed_peers: Sequence[str] | None = None,
+        blocked_peers: Sequence[str] = (),
     ) -> DistributedModelForCausalLM:
         """Load the client's part of the model at `path` and find daemons for the rest.
 
@@ -145,7 +151,17 @@ class DistributedModelForCausalLM:
         `identity`: an Ed25519 key file (created if missing; `petals keygen`) that fixes this client's
         peer id, for a membership certificate or a daemon's `own_clients`; default: a new key each run.
         `swarm_owner` / `member_certificate`: a members-only swarm (docs/OPERATING.md), as for petalsd.
+        `spot_check_rate` (0.0-1.0): the fraction of each hop's steps re-computed on another daemon
+        serving the same blocks before the step is used; a daemon found wrong is avoided, reported
+        in the DHT, and the step replayed on honest ones (client/spotcheck.py). 1.0 checks every
+        step, so no token computed from a wrong answer is returned. Off by default: a check is a
+        stateless forward over the whole history, so its cost grows with the session's length
+        (BENCHMARKS.md has the measured cost).
+        `allowed_peers` / `blocked_peers` (peer ids): use only / never these daemons, for routing,
+        recovery and spot checks alike; a route they leave uncovered fails naming the blocks.
         """
+        if not 0.0 <= spot_check_rate <= 1.0:
+            raise ValueError(f"spot_check_rate must be within 0.0-1.0, got {spot_check_rate}")
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
@@ -162,6 +178,8 @@ class DistributedModelForCausalLM:
             raise ValueError("member_certificate needs swarm_owner (the peer id of the swarm's owner)")
         holder: dict[str, Any] = {}
 
+        key_pair = ephemeral_identity()
+
         async def main(nursery: trio.Nursery, stop: trio.Event) -> None:
             host = make_host(key_pair, psk=psk, admission=admission)
             ready = trio.Event()
@@ -175,7 +193,9 @@ class DistributedModelForCausalLM:
             await ready.wait()
             swarm = SwarmClient(host=host, nursery=nursery, model_fingerprint=fingerprint,
                                 initial_peers=list(initial_peers), connect_timeout=connect_timeout,
-                                step_timeout=step_timeout, max_retries=max_retries)
+                                step_timeout=step_timeout, max_retries=max_retries,
+                                allowed_peers=frozenset(allowed_peers) if allowed_peers is not None else None,
+                                blocked_peers=frozenset(blocked_peers))
             if use_dht:
                 try:
                     from .discovery import join_swarm
@@ -200,11 +220,16 @@ class DistributedModelForCausalLM:
             raise
         if not servers:
             runtime.close()
-            raise NoRoute([(0, client_part.num_blocks)], " (none of the initial peers answered for this model)")
+            raise NoRoute([(0, client_part.num_blocks)], swarm.route_restrictions() or
+                          " (none of the initial peers answered for this model)")
         gen_file = checkpoint.source.fetch_optional("generation_config.json")
         gen_config = GenerationConfig.from_pretrained(gen_file.parent) if gen_file is not None else None
         model = cls(checkpoint.path, client_part, runtime, swarm, gen_config)
         model.push = push
+        if spot_check_rate > 0.0:
+            model.spot_checker = SpotChecker(
+                swarm, spot_check_rate, signer=ed25519_private_key(key_pair),
+                publish=swarm.discovery.publish_evidence if swarm.discovery is not None else None)
         if batching:
             model.head_batcher = HeadBatcher(client_part.logits, batched_head=client_part.packed_logits())
         return model
@@ -226,6 +251,11 @@ class DistributedModelForCausalLM:
         from .routing import choose_route
 
         return describe_route(choose_route(self.swarm.servers(), 0, self.num_blocks, banned=self.swarm.banned()))
+
+    @property
+    def spot_checks(self) -> SpotCheckStats | None:
+        """Counts of steps checked, disagreements and daemons flagged (None: spot checks off)."""
+        return self.spot_checker.stats if self.spot_checker is not None else None
 
     def _next_logits(self, session: RemoteInferenceSession, ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

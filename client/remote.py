@@ -42,20 +42,25 @@ async def _request(swarm: SwarmClient, server: ServerInfo, msg: Any, expected: t
 async def run_hop(swarm: SwarmClient, hop: Hop, hidden: TensorPayload,
                   grad_output: TensorPayload | None = None) -> TensorPayload:
     """One forward (or backward, with grad_output) request to one daemon, verified."""
-    request_id = os.urandom(16)
     if grad_output is None:
-        msg: Any = ForwardRequest(request_id=request_id, model_fingerprint=swarm.model_fingerprint,
-                                  start_block=hop.start, end_block=hop.end, hidden=hidden)
-        reply = await _request(swarm, hop.server, msg, ForwardResponse)
-        out = reply.hidden
-        binding = forward_binding(msg, out)
-    else:
-        msg = BackwardRequest(request_id=request_id, model_fingerprint=swarm.model_fingerprint,
-                              start_block=hop.start, end_block=hop.end, hidden=hidden, grad_output=grad_output)
-        reply = await _request(swarm, hop.server, msg, BackwardResponse)
-        out = reply.grad_input
-        binding = backward_binding(msg, out)
-    verify_response(peer_id_from_text(hop.server.peer_id), binding, reply.signature)
+        return (await signed_forward(swarm, hop, hidden)).hidden
+    msg = BackwardRequest(request_id=os.urandom(16), model_fingerprint=swarm.model_fingerprint,
+                          start_block=hop.start, end_block=hop.end, hidden=hidden, grad_output=grad_output)
+    reply = await _request(swarm, hop.server, msg, BackwardResponse)
+    return _verified(hop, hidden, backward_binding(msg, reply.grad_input), reply.grad_input, reply.signature)
+
+
+async def signed_forward(swarm: SwarmClient, hop: Hop, hidden: TensorPayload) -> ForwardResponse:
+    """One verified forward request to one daemon, its signed reply whole (spot checks keep it as evidence)."""
+    msg = ForwardRequest(request_id=os.urandom(16), model_fingerprint=swarm.model_fingerprint,
+                         start_block=hop.start, end_block=hop.end, hidden=hidden)
+    reply = await _request(swarm, hop.server, msg, ForwardResponse)
+    _verified(hop, hidden, forward_binding(msg, reply.hidden), reply.hidden, reply.signature)
+    return reply
+
+
+def _verified(hop: Hop, hidden: TensorPayload, binding: Any, out: TensorPayload, signature: bytes) -> TensorPayload:
+    verify_response(peer_id_from_text(hop.server.peer_id), binding, signature)
     if out.shape != hidden.shape:
         raise PetalsError(f"daemon {hop.server.name} returned shape {out.shape} for input {hidden.shape}")
     return out

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -52,6 +52,8 @@ class ServeOptions:
     max_concurrent: int = 8
     max_tokens: int = 1024
     swarm_key: str | None = None
+    #: from_pretrained's spot_check_rate / allowed_peers / blocked_peers (client/trust_options.py)
+    trust: dict[str, Any] = field(default_factory=dict)
 
 
 def is_loopback(host: str) -> bool:
@@ -173,7 +175,7 @@ def run_server(options: ServeOptions, out: TextIO | None = None) -> int:
         raise ValueError("--max-concurrent and --max-tokens must be at least 1")
     tokenizer = load_tokenizer(options.model)
     with AutoDistributedModelForCausalLM.from_pretrained(options.model, initial_peers=list(options.initial_peers),
-                                                         swarm_key=options.swarm_key) as model:
+                                                         swarm_key=options.swarm_key, **options.trust) as model:
         try:
             trio.run(_serve, model, tokenizer, options, out or sys.stdout)
         except BaseExceptionGroup as group:  # nurseries wrap a failed bind (port in use, bad address)

@@ -37,6 +37,11 @@ for `IDLE_RESUME_AFTER` seconds is first re-opened on the *same* daemon (no ban)
 only if that fails too is the daemon banned and replaced. A daemon that died while the hop was
 idle costs one refused dial before the usual rerouting.
 
+Spot checks (`checker`, client/spotcheck.py): after a step has run through every hop, each hop's
+result may be re-computed elsewhere, before the step is returned. A hop found wrong is replaced
+like a failed one (never resumed on the same daemon), the hops after it are rolled back to the
+step's position (they computed on its wrong output), and the step runs again from the replacement.
+
 Bounds: each replacement search makes at most `swarm.max_retries` attempts (backoff 0.2 s
 doubling, capped at 5 s); one step survives at most `swarm.max_retries` failures; every network
 wait is under `swarm.step_timeout`. So a session never hangs: it continues or raises
@@ -48,7 +53,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import trio
@@ -71,6 +76,9 @@ from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from .routing import Hop, NoRoute, choose_route, describe_route
 
+if TYPE_CHECKING:
+    from .spotcheck import SpotChecker
+
 log = logging.getLogger("petals_client.session")
 
 
@@ -89,6 +97,8 @@ class Swarm(Protocol):
 
     def banned(self) -> frozenset[str]: ...
 
+    def route_restrictions(self) -> str: ...
+
     async def open_inference(self, hop: Hop) -> Channel: ...
 
 
@@ -103,6 +113,13 @@ class SessionFailed(PetalsError):
     def __init__(self, blocks: tuple[int, int], message: str) -> None:
         super().__init__(message)
         self.blocks = blocks
+
+
+class WrongOutput(PetalsError):
+    """A hop's daemon answered a step wrong (found by a spot check, client/spotcheck.py); it is
+    replaced like a failed one, but never resumed."""
+
+    code = ErrorCode.INTERNAL
 
 
 #: Daemon replies that blame our request: another daemon would refuse it too, so do not retry.
@@ -155,8 +172,9 @@ class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
     def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1,
-                 push: bool = True) -> None:
+                 push: bool = True, checker: SpotChecker | None = None) -> None:
         self.swarm = swarm
+        self.checker = checker  # spot checks of the hops' results (client/spotcheck.py); None: off
         self.push = push  # daemon-to-daemon forwarding (see the module docstring)
         self.start, self.end = start, end
         self.max_length = max_length
@@ -175,9 +193,15 @@ class InferenceSession:
         log.info("session route: %s", describe_route(self.route))
 
     async def _open_chain(self, start: int, end: int) -> list[_HopState]:
-        route = choose_route(
-            self.swarm.servers(), start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length
-        )
+        try:
+            route = choose_route(
+                self.swarm.servers(), start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length
+            )
+        except NoRoute as exc:
+            restrictions = self.swarm.route_restrictions()
+            if restrictions:  # say why daemons the user may know of were not used
+                raise NoRoute(exc.uncovered, restrictions) from exc
+            raise
         opened: list[_HopState] = []
         try:
             for hop in route:
@@ -289,7 +313,37 @@ class InferenceSession:
             raise ValueError(
                 f"session max_length {self.max_length} exceeded: {position} + {hidden.shape[1]} tokens"
             )
+        hidden = await self._run(0, hidden, position)
+        if self.checker is not None:
+            hidden = await self._spot_check(hidden, position)
+        self.position = position + hidden.shape[1]
+        return hidden
+
+    async def _spot_check(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Check the hops' results of the step just run (client/spotcheck.py); a hop found wrong is
+        replaced, the hops from it on are rolled back to `position`, and the step is run again from it."""
+        assert self.checker is not None
         index = 0
+        while index < len(self.hops):
+            state = self.hops[index]
+            if not self.checker.choose():
+                index += 1
+                continue
+            step_input = state.chunks[-1]
+            output = self.hops[index + 1].chunks[-1] if index + 1 < len(self.hops) else hidden
+            try:
+                await self.checker.check(state.hop, torch.cat(state.chunks, dim=1), output)
+            except WrongOutput as exc:
+                for later in self.hops[index:]:
+                    self._rollback(later, position)
+                await self._recover(index, exc, position)
+                hidden = await self._run(index, step_input, position)
+                continue  # check the replacement's result too
+            index += 1
+        return hidden
+
+    async def _run(self, index: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run `hidden` through the hops from `index` on, recovering failed ones; the last output."""
         failures = 0
         while index < len(self.hops):
             first = self.hops[index]
@@ -337,7 +391,6 @@ class InferenceSession:
                 await self._recover(failed, exc, position)
                 continue  # retry the same hop index: now a replacement (possibly several hops)
             index += done
-        self.position = position + hidden.shape[1]
         return hidden
 
     async def _recover(self, index: int, exc: BaseException, position: int) -> None:
@@ -352,7 +405,8 @@ class InferenceSession:
         # A daemon reached through a relay may be fine while its relay is gone: try it through its
         # other addresses (relays) before giving up on it, as after an idle close.
         relayed = bool(failed.hop.server.addrs) and all(is_circuit(a) for a in failed.hop.server.addrs)
-        if (_looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER) or relayed:
+        if not isinstance(exc, WrongOutput) and ((_looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER)
+                                                 or relayed):
             log.info("daemon %s closed blocks %d:%d (%s, %.1f s idle%s); re-opening and replaying %d tokens",
                      failed.hop.server.name, failed.hop.start, failed.hop.end, exc, idle_for,
                      ", relayed" if relayed else "", failed.position)

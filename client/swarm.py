@@ -4,6 +4,12 @@ Lives on the client runtime's trio loop. `refresh()` learns who serves what: fro
 discovery is available (petals_client.discovery), and always by asking daemons directly over
 `/petals/info/1`, which also measures the round-trip time that routing uses. Daemons that fail
 are banned for a while, with a backoff that doubles on repeated failures.
+
+Trust (issue 22): daemons proven to answer wrong are *flagged*: never used again while the flag
+lasts, by this client's own spot checks (client/spotcheck.py) or by a verified evidence report
+read from the DHT on refresh (petals_protocol.evidence; forged reports fail verification and are
+ignored). `allowed_peers` / `blocked_peers` restrict which daemons this client uses at all: a
+daemon outside them is never probed, routed through, recovered to or asked for a spot check.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from libp2p.peer.id import ID
 from petals_protocol.errors import ErrorCode, ProtocolError
 from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
+from petals_protocol.evidence import EvidenceReport
 from petals_protocol.signing import peer_id_to_text
 from petals_protocol.p2p.host import connect_any
 from petals_protocol.p2p.streams import NETWORK_ERRORS, FramedStream, open_stream
@@ -30,6 +37,8 @@ log = logging.getLogger("petals_client.swarm")
 #: First ban after a failure, doubled on each repeat (Petals: 15 s doubling), capped.
 BAN_BASE_SECONDS = 15.0
 BAN_MAX_SECONDS = 300.0
+#: A daemon proven wrong is not used again for a day (as long as a published report is believed).
+FLAG_SECONDS = 24 * 3600.0
 
 
 @dataclass
@@ -53,6 +62,13 @@ class SwarmClient:
     _addrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: The DHT records seen by the last refresh (reachability, expiry: what info replies lack)
     records: list[Any] = field(default_factory=list)
+    #: Only these daemons are used (None: any); these never are (peer ids, base58 text).
+    allowed_peers: frozenset[str] | None = None
+    blocked_peers: frozenset[str] = frozenset()
+    #: Daemons found answering wrong -> until when (time.monotonic()); see `flag`.
+    _flagged: dict[str, float] = field(default_factory=dict)
+    #: Verified evidence reports read from the DHT, by accused peer id.
+    evidence: dict[str, EvidenceReport] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- bans
     def ban(self, peer_id: str) -> None:
@@ -70,8 +86,35 @@ class SwarmClient:
         now = time.monotonic()
         return frozenset(p for p, b in self._bans.items() if b.until > now)
 
+    def flag(self, peer_id: str, seconds: float = FLAG_SECONDS) -> None:
+        """Stop using `peer_id` at once, for `seconds`: it answered wrong (a proof, not a failure)."""
+        self._flagged[peer_id] = max(self._flagged.get(peer_id, 0.0), time.monotonic() + seconds)
+
+    def flagged(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(p for p, until in self._flagged.items() if until > now)
+
+    def permitted(self, peer_id: str) -> bool:
+        """Whether allowed_peers / blocked_peers let this client use `peer_id` at all."""
+        if peer_id in self.blocked_peers:
+            return False
+        return self.allowed_peers is None or peer_id in self.allowed_peers
+
     def servers(self) -> list[ServerInfo]:
-        return list(self._servers.values())
+        """Daemons this client may use: permitted and not flagged (banned ones are the router's business)."""
+        flagged = self.flagged()
+        return [s for s in self._servers.values() if s.peer_id not in flagged and self.permitted(s.peer_id)]
+
+    def route_restrictions(self) -> str:
+        """A note for NoRoute when allowed_peers / blocked_peers / flags removed daemons, else ""."""
+        notes = []
+        if self.allowed_peers is not None:
+            notes.append(f"only allowed_peers ({len(self.allowed_peers)}) may be used")
+        if self.blocked_peers:
+            notes.append(f"{len(self.blocked_peers)} blocked_peers are excluded")
+        if self.flagged():
+            notes.append(f"{len(self.flagged())} daemons are flagged for wrong answers")
+        return f" ({'; '.join(notes)})" if notes else ""
 
     # ---------------------------------------------------------------- discovery
     async def _info(self, addr_or_peer: str, addrs: tuple[str, ...] = ()) -> ServerInfo | None:
@@ -109,9 +152,12 @@ class SwarmClient:
         if self.discovery is not None:
             self.records = await self.discovery.find_servers(self.model_fingerprint)
             for record in self.records:
-                targets[record.peer_id] = record.addrs
+                if self.permitted(record.peer_id):
+                    targets[record.peer_id] = record.addrs
         for addr in self.initial_peers:
-            targets.setdefault(addr, ())
+            peer = addr.rstrip("/").rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else ""
+            if not peer or self.permitted(peer):
+                targets.setdefault(addr, ())
         found: dict[str, ServerInfo] = {}
 
         async def probe(target: str, addrs: tuple[str, ...]) -> None:
@@ -124,9 +170,21 @@ class SwarmClient:
                 found[info.peer_id] = info
 
         async with trio.open_nursery() as nursery:
+            if self.discovery is not None:  # beside the probes: a DHT walk can wait on a hung peer
+                nursery.start_soon(self._read_evidence, [r.peer_id for r in self.records if r.peer_id in targets])
             for target, addrs in targets.items():
                 nursery.start_soon(probe, target, addrs)
         self._servers = found
+
+    async def _read_evidence(self, peer_ids: list[str]) -> None:
+        """Flag the daemons that verified evidence reports in the DHT prove wrong, until the report expires."""
+        for report in await self.discovery.find_evidence(self.model_fingerprint, peer_ids):
+            accused = report.accused_text
+            if accused not in self.evidence:
+                log.warning("peer=%s is proven to answer wrong (report by %s, blocks %d:%d): avoiding it",
+                            accused, peer_id_to_text(report.reporter), report.start_block, report.end_block)
+            self.evidence[accused] = report
+            self.flag(accused, max(0.0, report.expires_at - time.time()))
 
     # ---------------------------------------------------------------- streams
     async def open_inference(self, hop: Hop) -> FramedStream:

@@ -3,7 +3,9 @@
 Joins the swarm as a DHT client, looks the model up by fingerprint and prints one line per daemon
 and one per run of blocks with the same servers. A block counts as served only by `online`
 daemons (joining ones cannot answer yet, draining ones refuse new sessions); gaps are printed as
-"GAP: blocks A:B served by nobody". Exit status 1 when there is a gap, 0 otherwise.
+"GAP: blocks A:B served by nobody". Exit status 1 when there is a gap, 0 otherwise. Daemons that a
+verified evidence report in the DHT proves wrong (petals_protocol.evidence) are listed as FLAGGED:
+clients avoid them.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from typing import Any, TextIO
 
 import trio
 
+from petals_protocol.evidence import EvidenceReport
 from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
+from petals_protocol.signing import peer_id_to_text
 
 from .discovery import FoundServer, join_swarm
 
@@ -58,8 +62,16 @@ def block_runs(servers: Sequence[FoundServer], num_blocks: int) -> list[tuple[in
     return runs
 
 
-def swarm_document(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer]) -> dict[str, Any]:
-    """The `--json` output: servers, per-run coverage and gaps, machine-readable."""
+def flagged_document(flagged: Sequence[EvidenceReport]) -> list[dict[str, Any]]:
+    """What `--json` says about each daemon proven wrong (the report itself stays in the DHT)."""
+    return [{"peer_id": r.accused_text, "start": r.start_block, "end": r.end_block,
+             "witnesses": [w.peer_id_text for w in r.witnesses], "reporter": peer_id_to_text(r.reporter),
+             "expires_at": r.expires_at} for r in flagged]
+
+
+def swarm_document(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer],
+                   flagged: Sequence[EvidenceReport] = ()) -> dict[str, Any]:
+    """The `--json` output: servers, per-run coverage and gaps, flagged daemons, machine-readable."""
     runs = block_runs(servers, num_blocks)
     throughput = {s.peer_id: s.throughput for s in servers}
     return {
@@ -71,10 +83,12 @@ def swarm_document(fingerprint: str, num_blocks: int, servers: Sequence[FoundSer
         ],
         "gaps": [[a, b] for a, b, p in runs if not p],
         "complete": all(p for _a, _b, p in runs),
+        "flagged": flagged_document(flagged),
     }
 
 
-def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer], *, now: float) -> str:
+def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServer], *, now: float,
+                 flagged: Sequence[EvidenceReport] = ()) -> str:
     lines = [f"model {fingerprint[:16]}…  {num_blocks} blocks  {len(servers)} servers", ""]
     lines.append(f"{'peer':<10} {'name':<16} {'state':<8} {'blocks':>7} {'steps/s':>8} {'cache':>8}  {'via':<24} {'expires':>7}")
     for s in sorted(servers, key=lambda s: (s.start, s.end, s.peer_id)):
@@ -91,16 +105,23 @@ def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServe
         else:
             who = ", ".join(short_id(p) for p in peers)
             lines.append(f"blocks {start}:{end}  {sum(throughput[p] for p in peers):.1f} block-steps/s  by {who}")
+    for report in flagged:
+        lines.append(f"FLAGGED: {short_id(report.accused_text)} answered blocks {report.start_block}:{report.end_block} "
+                     f"wrong (report by {short_id(peer_id_to_text(report.reporter))}, witnesses "
+                     f"{', '.join(short_id(w.peer_id_text) for w in report.witnesses)}; expires in "
+                     f"{max(0.0, report.expires_at - now):.0f}s): clients avoid it")
     return "\n".join(lines)
 
 
-async def _find(initial_peers: Sequence[str], fingerprint: str, psk: bytes | None) -> list[FoundServer]:
+async def _find(initial_peers: Sequence[str], fingerprint: str,
+                psk: bytes | None) -> tuple[list[FoundServer], list[EvidenceReport]]:
     host = make_host(ephemeral_identity(), psk=psk)
     async with running_host(host, _CLIENT_LISTEN), trio.open_nursery() as nursery:
         discovery = await join_swarm(host, nursery, initial_peers)
         servers = await discovery.find_servers(fingerprint)
+        flagged = await discovery.find_evidence(fingerprint, [s.peer_id for s in servers])
         nursery.cancel_scope.cancel()
-    return servers
+    return servers, flagged
 
 
 def show_swarm(
@@ -119,10 +140,10 @@ def show_swarm(
     fingerprint = model_fingerprint(checkpoint)
     num_blocks = int(checkpoint.config.num_hidden_layers)
     psk = load_swarm_key(Path(swarm_key)) if swarm_key is not None else None
-    servers = trio.run(_find, list(initial_peers), fingerprint, psk)
+    servers, flagged = trio.run(_find, list(initial_peers), fingerprint, psk)
     if as_json:
-        json.dump(swarm_document(fingerprint, num_blocks, servers), out, indent=2)
+        json.dump(swarm_document(fingerprint, num_blocks, servers, flagged), out, indent=2)
         out.write("\n")
     else:
-        out.write(render_table(fingerprint, num_blocks, servers, now=time.time()) + "\n")
+        out.write(render_table(fingerprint, num_blocks, servers, now=time.time(), flagged=flagged) + "\n")
     return 0 if all(peers for _a, _b, peers in block_runs(servers, num_blocks)) else 1

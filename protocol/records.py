@@ -252,12 +252,13 @@ def select_record(
     return best_index
 
 
-def record_key(fingerprint: str, peer_id_text: str) -> str:
-    """"/petals/<fingerprint>/<peer id>": where a daemon stores its record for that model."""
+def record_key(fingerprint: str, peer_id_text: str, namespace: str = RECORD_NAMESPACE) -> str:
+    """"/petals/<fingerprint>/<peer id>": where a daemon stores its record for that model (other
+    per-peer values of a model, such as evidence reports, live under their own `namespace`)."""
     if not is_valid_fingerprint(fingerprint):
         raise ValueError(f"invalid model fingerprint {fingerprint!r}")
     peer_id_from_text(peer_id_text)  # refuses what is not a peer id
-    return f"/{RECORD_NAMESPACE}/{fingerprint}/{peer_id_text}"
+    return f"/{namespace}/{fingerprint}/{peer_id_text}"
 
 
 def model_index_key(fingerprint: str) -> str:
@@ -267,8 +268,8 @@ def model_index_key(fingerprint: str) -> str:
     return f"/{MODEL_INDEX_NAMESPACE}/{fingerprint}"
 
 
-def parse_record_key(key: str | bytes) -> tuple[str, bytes]:
-    """(fingerprint, peer id bytes) from a record key; BadRecord if it is not one."""
+def parse_record_key(key: str | bytes, namespace: str = RECORD_NAMESPACE) -> tuple[str, bytes]:
+    """(fingerprint, peer id bytes) from a record key (of `namespace`); BadRecord if it is not one."""
     if isinstance(key, bytes):
         try:
             key = key.decode("utf-8")
@@ -277,7 +278,7 @@ def parse_record_key(key: str | bytes) -> tuple[str, bytes]:
     if not isinstance(key, str):
         raise BadRecord(f"record key must be str, got {type(key).__name__}")
     parts = key.split("/")
-    if len(parts) != 4 or parts[0] != "" or parts[1] != RECORD_NAMESPACE or not is_valid_fingerprint(parts[2]):
+    if len(parts) != 4 or parts[0] != "" or parts[1] != namespace or not is_valid_fingerprint(parts[2]):
         raise BadRecord(f"not a record key: {key[:200]!r}")
     try:
         peer_id = peer_id_from_text(parts[3])

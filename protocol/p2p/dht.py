@@ -57,6 +57,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import BadRecord, PetalsError
+from ..evidence import EVIDENCE_NAMESPACE, EvidenceReport, decode_report, evidence_key, parse_evidence_key, select_report
 from ..records import (
     RECORD_NAMESPACE,
     ServerRecord,
@@ -92,6 +93,9 @@ __all__ = [
     "RevocationsValidator",
     "find_revocations",
     "stored_revocations",
+    "EvidenceValidator",
+    "publish_evidence",
+    "find_evidence",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,6 +153,23 @@ class RevocationsValidator(Validator):
 
     def select(self, key: str, values: list[bytes]) -> int:
         return select_revocations(values, key=key)
+
+
+class EvidenceValidator(Validator):
+    """Accepts a value under "/petals-ev/<fingerprint>/<peer id>" only if it proves that peer
+    answered wrong (petals_protocol.evidence): a forged or expired report is refused by every node,
+    on store and on read. `select` keeps the report that expires last."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+
+    def validate(self, key: str, value: bytes) -> None:
+        fingerprint, accused = parse_evidence_key(key)
+        decode_report(value, now=self._clock(), expected_fingerprint=fingerprint, expected_accused=accused)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        fingerprint, accused = parse_evidence_key(key)
+        return select_report(values, now=self._clock(), expected_fingerprint=fingerprint, expected_accused=accused)
 
 
 # ------------------------------------------------------------------------------ routing table
@@ -242,6 +263,7 @@ class PetalsDHT(KadDHT):
         self.clock = clock
         self.register_validator(RECORD_NAMESPACE, PetalsValidator(clock))
         self.register_validator(REVOCATIONS_NAMESPACE, RevocationsValidator())
+        self.register_validator(EVIDENCE_NAMESPACE, EvidenceValidator(clock))
         # Swap the table before anything uses it; PeerRouting (shared by the provider store) holds
         # its own reference.
         table = ServerOnlyRoutingTable(self.local_peer_id, host)
@@ -666,3 +688,36 @@ def stored_revocations(dht: PetalsDHT, owner: bytes) -> list[bytes]:
     key = revocations_key(owner)
     local = dht.value_store.get(key.encode("utf-8"))
     return _valid_best_first(dht, key, [local.value]) if local is not None else []
+
+
+# -------------------------------------------------------------------------------- evidence
+
+
+async def publish_evidence(dht: PetalsDHT, blob: bytes, report: EvidenceReport) -> int:
+    """Store a signed evidence report under its accused daemon's key; how many peers acknowledged it."""
+    return await put_record(dht, evidence_key(report.model_fingerprint, report.accused_text), blob)
+
+
+async def find_evidence(dht: PetalsDHT, fingerprint: str, peer_texts: Iterable[str]) -> list[EvidenceReport]:
+    """Valid reports about any of `peer_texts` (one network lookup each, in parallel). Forged and
+    expired reports are dropped by the validator; what is returned has been verified here."""
+    found: list[EvidenceReport] = []
+
+    async def fetch(peer_text: str) -> None:
+        try:
+            key = evidence_key(fingerprint, peer_text)
+        except (ValueError, PetalsError):
+            return
+        for blob in await get_fresh(dht, key):  # valid ones, best first
+            try:
+                found.append(decode_report(blob, now=dht.clock(), expected_fingerprint=fingerprint,
+                                           expected_accused=peer_id_from_text(peer_text)))
+            except BadRecord as exc:  # expired meanwhile
+                log.debug("report on %s: %s", peer_text, exc)
+                continue
+            return
+
+    async with trio.open_nursery() as nursery:
+        for peer_text in dict.fromkeys(peer_texts):
+            nursery.start_soon(fetch, peer_text)
+    return found

@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from petals_client.localswarm import LocalSwarm
+from petals_client.ctl import request as control_request
+from petals_client.localswarm import DaemonProcess, LocalSwarm
 from petals_protocol.models.synthetic import make_random_checkpoint
 
 # Daemons are separate processes; keep each to one torch thread so 3-5 of them share 2 cores well.
@@ -32,3 +34,21 @@ def start_swarm(model: Path, spans: list[str], extra: list[str] | None = None) -
         swarm.stop()
         raise
     return swarm
+
+
+def make_endless_model(root: Path) -> Path:
+    """A Llama checkpoint with no eos token: greedy generation runs the full max_new_tokens."""
+    return make_model(root, "llama", eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+
+def daemon_counters(swarm: LocalSwarm, daemon: DaemonProcess) -> dict[str, float]:
+    """A daemon's own counters from its /v1/metrics: requests served by kind ("steps", "forward",
+    ...) and "tokens", every token it ran through its blocks for anyone."""
+    status, _, body = control_request(str(swarm.workdir / f"{daemon.name}.sock"), "GET", "/v1/metrics")
+    assert status == 200, body
+    text = body.decode() if isinstance(body, bytes) else body
+    counts = {m.group(1): float(m.group(2))
+              for m in re.finditer(r'^petalsd_requests_total\{kind="(\w+)"\} ([0-9.e+]+)$', text, re.M)}
+    tokens = re.search(r"^petalsd_tokens_total ([0-9.e+]+)$", text, re.M)
+    counts["tokens"] = float(tokens.group(1)) if tokens else 0.0
+    return counts

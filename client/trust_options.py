@@ -1,0 +1,33 @@
+"""The trust options shared by `petals generate`, `chat` and `serve`: spot checks and chosen peers.
+
+One definition of the flags and of how they become `from_pretrained` keywords, so the three
+commands cannot drift apart (the meaning of each: client/spotcheck.py, client/swarm.py).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0.0-1.0, got {text}")
+    return value
+
+
+def add_trust_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spot-check-rate", type=_rate, default=0.0, metavar="R",
+                        help="re-compute this fraction (0.0-1.0) of steps on another daemon serving the same blocks; "
+                             "a daemon found wrong is avoided and reported (1.0: every step, before any token "
+                             "is shown; default 0: off)")
+    parser.add_argument("--allowed-peers", nargs="+", metavar="PEER_ID",
+                        help="use only these daemons (peer ids), for routing, recovery and spot checks")
+    parser.add_argument("--blocked-peers", nargs="+", metavar="PEER_ID",
+                        help="never use these daemons (peer ids)")
+
+
+def trust_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`from_pretrained` keywords from the parsed flags."""
+    return {"spot_check_rate": args.spot_check_rate, "allowed_peers": args.allowed_peers,
+            "blocked_peers": args.blocked_peers or ()}
