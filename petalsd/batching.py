@@ -66,11 +66,12 @@ def prepare_cache(cache: SpanCache, position: int | None, hypo_ids: torch.Tensor
 
 
 def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor, start: int | None, end: int | None,
-                    position: int | None, hypo_ids: torch.Tensor | None) -> torch.Tensor:
+                    position: int | None, hypo_ids: torch.Tensor | None,
+                    prompts: torch.Tensor | None = None) -> torch.Tensor:
     """The per-session path (worker thread): one session's step through ``Span.forward``."""
     prepare_cache(cache, position, hypo_ids)
     try:
-        return span.forward(hidden, cache, start, end)
+        return span.forward(hidden, cache, start, end, prompts)
     except Exception:
         restore_cache(cache)
         raise

@@ -187,6 +187,29 @@ def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None,
     return to_torch(payload, device=ctx.span.device)
 
 
+def _finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Training inputs must be numbers: a NaN or inf would come back as a NaN gradient that the
+    client cannot trace to its cause."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} contains NaN or infinite values")
+    return tensor
+
+
+def _prompts(ctx: ServingContext, payload: TensorPayload | None, batch: int, blocks: int) -> torch.Tensor | None:
+    """Deep prompts of a request or step, checked against this span (messages.check_prompts has
+    checked their rank); None when the request has none."""
+    if payload is None:
+        return None
+    if payload.dtype != ctx.dtype_name:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"prompts have dtype {payload.dtype}; this daemon computes in "
+                                            f"{ctx.dtype_name}")
+    n, rows, prefix, hidden_size = payload.shape
+    if n != blocks or rows not in (1, batch) or hidden_size != ctx.span.hidden_size or prefix > ctx.limits.max_length:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"prompts must be [{blocks}, 1 or {batch}, prefix<={ctx.limits.max_length}, "
+                                            f"{ctx.span.hidden_size}], got {list(payload.shape)}")
+    return _finite(to_torch(payload, device=ctx.span.device), "prompts")
+
+
 def _error_reply(exc: PetalsError, session_id: bytes | None = None, request_id: bytes | None = None) -> ErrorReply:
     code = getattr(exc, "code", ErrorCode.INTERNAL)
     return ErrorReply(code=code if isinstance(code, ErrorCode) else ErrorCode.INTERNAL, message=str(exc)[:1000],
@@ -233,9 +256,10 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
 
 
 def _run_step(span: Any, session: Session, hidden: torch.Tensor, msg: InferenceStep,
-              hypo_ids: torch.Tensor | None) -> TensorPayload:
+              hypo_ids: torch.Tensor | None, prompts: torch.Tensor | None = None) -> TensorPayload:
     """The compute job of one step: run the span on the session's cache and encode the output."""
-    return from_torch(run_single_step(span, session.cache, hidden, session.start, session.end, msg.position, hypo_ids))
+    return from_torch(run_single_step(span, session.cache, hidden, session.start, session.end, msg.position, hypo_ids,
+                                      prompts))
 
 
 def _signed_result(ctx: ServingContext, session: Session, msg: InferenceStep, payload: TensorPayload) -> StepResult:
@@ -268,14 +292,15 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
         if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,) or \
                 bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
+    prompts = _prompts(ctx, msg.prompts, session.batch_size, session.end - session.start)
     with ctx.gate.job(session.peer):
-        if ctx.batcher is not None and ctx.batcher.config.enabled:
+        if ctx.batcher is not None and ctx.batcher.config.enabled and prompts is None:
             # Concurrent sessions' decode steps may share one batched forward (petalsd/batching.py).
             out = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
                                          position=msg.position, hypo_ids=hypo_ids)
             payload = from_torch(out)
         else:
-            payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids,
+            payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids, prompts,
                                            tokens=hidden.shape[0] * hidden.shape[1], peer=session.peer)
     session.steps += 1
     session.last_step = msg.step
@@ -487,9 +512,10 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
 
 async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> ForwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    hidden = _hidden(ctx, msg.hidden, None, "hidden states")
+    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
+    prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
     with ctx.gate.job(peer):
-        out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block,
+        out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block, prompts,
                                    tokens=hidden.shape[0] * hidden.shape[1], priority=BULK, peer=peer)
     payload = from_torch(out)
     binding = forward_binding(msg, payload)
@@ -499,17 +525,20 @@ async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> Forwa
 
 async def _backward(ctx: ServingContext, msg: BackwardRequest, peer: str) -> BackwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    hidden = _hidden(ctx, msg.hidden, None, "hidden states")
-    grad_output = _hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output")
+    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
+    grad_output = _finite(_hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output"), "grad_output")
     if grad_output.shape != hidden.shape:
         raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
+    prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
     with ctx.gate.job(peer):
-        grad = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block, msg.end_block,
-                                              peer=peer)
+        grad, grad_prompts = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block,
+                                                            msg.end_block, prompts, peer=peer)
     payload = from_torch(grad)
-    binding = backward_binding(msg, payload)
+    prompts_payload = from_torch(grad_prompts) if grad_prompts is not None else None
+    binding = backward_binding(msg, payload, prompts_payload)
     ctx.stats["backward"] += 1
-    return BackwardResponse(request_id=msg.request_id, grad_input=payload, signature=sign_response(ctx.signer, binding))
+    return BackwardResponse(request_id=msg.request_id, grad_input=payload, signature=sign_response(ctx.signer, binding),
+                            grad_prompts=prompts_payload)
 
 
 async def serve_stateless(ctx: ServingContext, channel: Channel) -> None:

@@ -164,7 +164,8 @@ def test_training_forward_and_backward_match_full_model(
 
     grad_output = torch.randn(block_output.shape, generator=torch.Generator().manual_seed(7))
     (expected_grad,) = torch.autograd.grad(block_output, block_input, grad_output)
-    grad = span.backward(block_input.detach(), grad_output)
+    grad, no_prompt_grad = span.backward(block_input.detach(), grad_output)
+    assert no_prompt_grad is None
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
     assert all(not p.requires_grad for p in span.blocks.parameters())
 
