@@ -220,7 +220,7 @@ class DistributedModelBase(nn.Module):
         model = cls(checkpoint.path, client_part, runtime, swarm, gen_config)
         try:
             model._configure(tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, micro_batch_size=micro_batch_size,
-                             active_adapter=active_adapter, **head_options)
+                             active_adapter=active_adapter, checkpoint=checkpoint, **head_options)
         except BaseException:
             runtime.close()
             raise
@@ -230,7 +230,7 @@ class DistributedModelBase(nn.Module):
         return model
 
     def _configure(self, *, tuning_mode: str | None, pre_seq_len: int, micro_batch_size: int | None,
-                   active_adapter: str | None, **head_options: Any) -> None:
+                   active_adapter: str | None, checkpoint: Checkpoint, **head_options: Any) -> None:
         """from_pretrained's training options (subclasses take their head's options here)."""
         if head_options:
             raise TypeError(f"unexpected options: {', '.join(sorted(head_options))}")
