@@ -65,6 +65,7 @@ from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
 from petals_protocol.p2p.streams import StreamClosed
 
+from .adapters import run_with
 from .batching import Batcher, run_single_step
 from .compute import BULK, ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
@@ -120,6 +121,8 @@ class ServingContext:
     owners: dict[bytes, _Owned] = field(default_factory=dict)
     # Steps received on push streams, by the pushing peer (connection activity for the sweeper).
     push_streams: dict[str, LinkActivity] = field(default_factory=dict)
+    # LoRA adapters requests may select (`active_adapter`; petalsd/adapters.py)
+    adapters: tuple[str, ...] = ()
 
     def link_activity(self) -> list[LinkActivity]:
         """Push traffic in both directions, shaped like sessions (peer, steps), so that the idle
@@ -144,7 +147,7 @@ class ServingContext:
             max_batch_size=self.limits.max_batch_size, max_sessions=self.sessions.max_sessions,
             active_sessions=len(self.sessions), cache_tokens_free=self.cache_tokens_free(),
             throughput=self.throughput, public_name=self.public_name,
-            max_sessions_per_peer=self.sessions.max_per_peer or None,
+            max_sessions_per_peer=self.sessions.max_per_peer or None, adapters=self.adapters or None,
         )
 
 
@@ -169,6 +172,12 @@ def _check_span(ctx: ServingContext, fingerprint: str, start: int, end: int) -> 
     if not (ctx.span.start <= start < end <= ctx.span.end):
         raise _refuse(ErrorCode.BAD_REQUEST,
                       f"blocks {start}:{end} are not inside the served span {ctx.span.start}:{ctx.span.end}")
+
+
+def _check_adapter(ctx: ServingContext, name: str | None) -> None:
+    if name is not None and name not in ctx.adapters:
+        raise _refuse(ErrorCode.BAD_REQUEST, f"this daemon serves no adapter {name!r} (it serves: "
+                                             f"{', '.join(ctx.adapters) or 'none'})")
 
 
 def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str) -> torch.Tensor:
@@ -242,6 +251,7 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
         raise _refuse(ErrorCode.TOO_LONG, f"max_length {msg.max_length} is outside 1..{ctx.limits.max_length}")
     if msg.batch_size < 1 or msg.batch_size > ctx.limits.max_batch_size:
         raise _refuse(ErrorCode.BAD_REQUEST, f"batch_size {msg.batch_size} is outside 1..{ctx.limits.max_batch_size}")
+    _check_adapter(ctx, msg.active_adapter)
     nbytes = ctx.span.cache_bytes_per_token(msg.batch_size, msg.start_block, msg.end_block) * msg.max_length
     ctx.sessions.reserve(msg.session_id, nbytes, peer)  # claims the id too, before the await below
     try:
@@ -250,7 +260,8 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
         ctx.sessions.abandon(msg.session_id)
         raise
     session = Session(session_id=msg.session_id, peer=peer, start=msg.start_block, end=msg.end_block,
-                      max_length=msg.max_length, batch_size=msg.batch_size, cache=cache, reserved_bytes=nbytes)
+                      max_length=msg.max_length, batch_size=msg.batch_size, cache=cache, reserved_bytes=nbytes,
+                      adapter=msg.active_adapter)
     ctx.sessions.add(session)
     return session
 
@@ -294,14 +305,15 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
     prompts = _prompts(ctx, msg.prompts, session.batch_size, session.end - session.start)
     with ctx.gate.job(session.peer):
-        if ctx.batcher is not None and ctx.batcher.config.enabled and prompts is None:
+        if ctx.batcher is not None and ctx.batcher.config.enabled and prompts is None and session.adapter is None:
             # Concurrent sessions' decode steps may share one batched forward (petalsd/batching.py).
             out = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
                                          position=msg.position, hypo_ids=hypo_ids)
             payload = from_torch(out)
         else:
-            payload = await ctx.worker.run(_run_step, ctx.span, session, hidden, msg, hypo_ids, prompts,
-                                           tokens=hidden.shape[0] * hidden.shape[1], peer=session.peer)
+            payload = await ctx.worker.run(run_with, ctx.span, session.adapter, _run_step, ctx.span, session, hidden,
+                                           msg, hypo_ids, prompts, tokens=hidden.shape[0] * hidden.shape[1],
+                                           peer=session.peer)
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
@@ -514,8 +526,10 @@ async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> Forwa
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
     hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
     prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
+    _check_adapter(ctx, msg.active_adapter)
     with ctx.gate.job(peer):
-        out = await ctx.worker.run(ctx.span.forward, hidden, None, msg.start_block, msg.end_block, prompts,
+        out = await ctx.worker.run(run_with, ctx.span, msg.active_adapter, ctx.span.forward, hidden, None,
+                                   msg.start_block, msg.end_block, prompts,
                                    tokens=hidden.shape[0] * hidden.shape[1], priority=BULK, peer=peer)
     payload = from_torch(out)
     binding = forward_binding(msg, payload)
@@ -530,9 +544,11 @@ async def _backward(ctx: ServingContext, msg: BackwardRequest, peer: str) -> Bac
     if grad_output.shape != hidden.shape:
         raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
     prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
+    _check_adapter(ctx, msg.active_adapter)
     with ctx.gate.job(peer):
-        grad, grad_prompts = await ctx.worker.run_with_grad(ctx.span.backward, hidden, grad_output, msg.start_block,
-                                                            msg.end_block, prompts, peer=peer)
+        grad, grad_prompts = await ctx.worker.run_with_grad(run_with, ctx.span, msg.active_adapter, ctx.span.backward,
+                                                            hidden, grad_output, msg.start_block, msg.end_block,
+                                                            prompts, peer=peer)
     payload = from_torch(grad)
     prompts_payload = from_torch(grad_prompts) if grad_prompts is not None else None
     binding = backward_binding(msg, payload, prompts_payload)

@@ -36,6 +36,7 @@ from .messages import (
     _fields_to_wire,
     _Fingerprint,
     _Float,
+    _Names,
     _opt,
     _Spec,
     _Text,
@@ -128,6 +129,8 @@ class ServerRecord:
     using_relay: bool = _f(_Bool())
     # Added after records shipped: elided when None, so older peers still decode our records.
     reachability: str | None = _opt(_Text(16, REACHABILITY), elidable=True)
+    # LoRA adapters clients may select (petalsd --adapters); elided when none.
+    adapters: tuple[str, ...] | None = _opt(_Names(), elidable=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, BadRecord)
