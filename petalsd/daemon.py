@@ -550,7 +550,9 @@ class Daemon:
             await nursery.start(self.banning.run)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info, tensors=0))
             host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference, frozenset({"step"})))
-            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd"})))
+            # a backward request carries hidden states, grad_output and maybe deep prompts
+            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd", "bwd"}),
+                                                                    tensors=3))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"bwd"}), tensors=2))
             # Push links carry steps without new streams: they count as activity like sessions do.
             host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer().handle)
