@@ -1,6 +1,7 @@
 """LoRA adapters on the daemon's blocks (`petalsd --adapters PATH...`), chosen per request.
 
-An adapter is a folder in PEFT's LoRA format:
+An adapter is a folder in PEFT's LoRA format, or a Hub repository holding one (`org/name`, read
+through the Hugging Face cache like models: `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`):
 
     adapter_config.json         {"peft_type": "LORA", "r": R, "lora_alpha": A, "target_modules": [...],
                                  "bias": "none", "fan_in_fan_out": false, "use_rslora": false, ...}
@@ -10,8 +11,8 @@ An adapter is a folder in PEFT's LoRA format:
 The module path is the one in the model's own checkpoint (`model.layers.3.self_attn.q_proj`).
 Each targeted linear layer of a served block computes `W x + (A/R) * B (A x)` (`A/sqrt(R)` with
 rsLoRA) while a request or session with that `active_adapter` runs, and `W x` otherwise: the
-same model as the adapter merged into the weights. Its name is the folder's name; a client
-selects it with `active_adapter=`.
+same model as the adapter merged into the weights. Its name is the folder's name (a Hub
+adapter's: its id); a client selects it with `active_adapter=`.
 
 `load_adapters` checks every adapter against the model's module tree (on the meta device, no
 weights) before the daemon joins the swarm: an adapter for another architecture or size, one that
@@ -40,6 +41,7 @@ from torch import nn
 
 from petals_protocol.errors import ErrorCode, PetalsError
 from petals_protocol.models.families import family_for
+from petals_protocol.models.source import HubRepo, ModelLoadError, hub_cache_dir
 from petals_protocol.models.span import Span, build_skeleton
 
 T = TypeVar("T")
@@ -60,7 +62,6 @@ class Adapter:
     """One LoRA adapter: per module path (`model.layers.3.self_attn.q_proj`), (A, B, scale)."""
 
     name: str
-    path: Path
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
@@ -70,17 +71,30 @@ def load_adapters(paths: list[str], config: transformers.PretrainedConfig) -> li
     modules = dict(skeleton.named_modules())
     adapters: list[Adapter] = []
     for text in paths:
-        adapter = _load_one(Path(text), modules, config)
+        adapter = _load_one(text, modules, config)
         if any(a.name == adapter.name for a in adapters):
             raise AdapterError(f"two adapters are named {adapter.name!r} (folder names must differ)")
         adapters.append(adapter)
     return adapters
 
 
-def _load_one(path: Path, modules: dict[str, nn.Module], config: transformers.PretrainedConfig) -> Adapter:
-    where = f"adapter {str(path)!r}"
+def _files(text: str) -> tuple[str, Path, Path]:
+    """The adapter's name and its two files: a local folder, else a Hub id through the Hub cache."""
+    path = Path(text)
+    if path.is_dir() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return path.name, path / "adapter_config.json", path / "adapter_model.safetensors"
     try:
-        settings = json.loads((path / "adapter_config.json").read_text())
+        hub = HubRepo(text, cache_dir=hub_cache_dir())
+        return text, hub.fetch("adapter_config.json"), hub.fetch("adapter_model.safetensors")
+    except ModelLoadError as exc:
+        raise AdapterError(f"adapter {text!r}: no such folder, and as a Hub id: {exc.reason}") from exc
+
+
+def _load_one(text: str, modules: dict[str, nn.Module], config: transformers.PretrainedConfig) -> Adapter:
+    where = f"adapter {text!r}"
+    name, config_file, weights_file = _files(text)
+    try:
+        settings = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise AdapterError(f"{where}: cannot read adapter_config.json ({exc})") from exc
     if settings.get("peft_type") != "LORA":
@@ -96,7 +110,7 @@ def _load_one(path: Path, modules: dict[str, nn.Module], config: transformers.Pr
     scale = alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        with safe_open(str(weights_file), framework="pt") as f:
             for key in f.keys():
                 match = _KEY.match(key)
                 if match is None:
@@ -124,7 +138,7 @@ def _load_one(path: Path, modules: dict[str, nn.Module], config: transformers.Pr
                                f"model needs [{rank}, {target.in_features}] and [{target.out_features}, {rank}] "
                                "(an adapter for another model?)")
         weights[module_path] = (a, b, scale)
-    return Adapter(name=path.name, path=path, weights=weights)
+    return Adapter(name=name, weights=weights)
 
 
 class LoraLinear(nn.Module):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,47 @@ def test_an_adapter_that_does_not_fit_is_refused_at_start(llama_path, tmp_path):
             and "needs [4, " in fatal[0], fatal[0]
     finally:
         swarm.stop()
+
+
+def test_hub_adapters_and_unsupported_adapters_at_load(llama_path, adapters, tmp_path, monkeypatch):
+    from petals_protocol.models.checkpoint import Checkpoint
+    from petals_protocol.models.synthetic import write_hub_cache
+    from petalsd.adapters import AdapterError, load_adapters
+
+    config = Checkpoint(llama_path).config
+    folder = adapters[0]
+    write_hub_cache(tmp_path / "hf", "petals-test/style-a", folder,
+                    ["adapter_config.json", "adapter_model.safetensors"], commit="3" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (hub,) = load_adapters(["petals-test/style-a"], config)
+    (local,) = load_adapters([str(folder)], config)
+    assert hub.name == "petals-test/style-a" and local.name == "style-a"
+    assert hub.weights.keys() == local.weights.keys()
+    assert all(torch.equal(hub.weights[k][1], local.weights[k][1]) for k in hub.weights)
+    with pytest.raises(AdapterError, match="no such folder, and as a Hub id"):
+        load_adapters(["petals-test/missing"], config)
+
+    def variant(name: str, settings: dict | None = None, extra: dict | None = None) -> str:
+        target = tmp_path / name
+        target.mkdir()
+        base = json.loads((folder / "adapter_config.json").read_text())
+        (target / "adapter_config.json").write_text(json.dumps({**base, **(settings or {})}))
+        from safetensors.torch import load_file
+        save_file({**load_file(str(folder / "adapter_model.safetensors")), **(extra or {})},
+                  str(target / "adapter_model.safetensors"))
+        return str(target)
+
+    head = {"base_model.model.lm_head.lora_A.weight": torch.zeros(RANK, 64),
+            "base_model.model.lm_head.lora_B.weight": torch.zeros(128, RANK)}
+    cases = [
+        (variant("with-bias", {"bias": "lora_only"}), "bias='lora_only' is not supported"),
+        (variant("dora", {"use_dora": True}), "DoRA is not supported"),
+        (variant("head", extra=head), "lm_head is not in a transformer block"),
+        (variant("prefix", {"peft_type": "PREFIX_TUNING"}), "only LORA adapters"),
+    ]
+    for path, words in cases:
+        with pytest.raises(AdapterError, match=re.escape(words)):
+            load_adapters([path], config)
+    with pytest.raises(AdapterError, match="two adapters are named 'style-a'"):
+        load_adapters([str(folder), str(folder)], config)
