@@ -9,7 +9,16 @@ from petals_client import AutoDistributedModelForCausalLM
 from petals_client.ptune import PromptTuning
 from petals_protocol.errors import ErrorCode
 from petals_protocol.ids import FORWARD_PROTOCOL
-from petals_protocol.messages import BackwardRequest, BackwardResponse, ErrorReply, ForwardRequest, ForwardResponse
+from petals_protocol.messages import (
+    BackwardRequest,
+    BackwardResponse,
+    ErrorReply,
+    ForwardRequest,
+    ForwardResponse,
+    InferenceStep,
+    OpenSession,
+    StepResult,
+)
 from petals_protocol.models.span import load_span
 from petals_protocol.tensors import from_torch, to_torch
 from rawclient import RawClient, assert_readable, hidden_payload, new_id, request, run_raw
@@ -186,5 +195,21 @@ def test_malformed_prompts_and_gradients_get_clear_errors(family_swarm):
         assert isinstance(grads, BackwardResponse) and grads.grad_prompts is not None
         assert grads.grad_prompts.shape == (2, 1, 3, hidden_size)
         await stream.close()
+
+        # Inference steps: bad prompts are refused and the session goes on, its cache untouched.
+        session_id = new_id()
+        session = await client.open_session(addr, OpenSession(
+            session_id=session_id, model_fingerprint=fingerprint, start_block=0, end_block=2, max_length=16,
+            batch_size=2))
+
+        def step(number: int, p: torch.Tensor) -> InferenceStep:
+            return InferenceStep(session_id=session_id, step=number, position=0, hidden=hidden, prompts=from_torch(p))
+
+        for number, bad in enumerate([nan_prompts, prompts.half(), torch.zeros(2, 1, 3, hidden_size + 1)]):
+            reply = await request(session, step(number, bad))
+            assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.BAD_TENSOR, reply
+        reply = await request(session, step(3, prompts))
+        assert isinstance(reply, StepResult) and torch.equal(to_torch(reply.hidden), expected)
+        await session.close()
 
     run_raw(attack)
