@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "RemoteSequential"]
+__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "RemoteSequential",
+           "AutoDistributedModelForSequenceClassification", "DistributedModelForSequenceClassification"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,6 +16,10 @@ def __getattr__(name: str) -> Any:
         from . import model
 
         return getattr(model, name)
+    if name in ("AutoDistributedModelForSequenceClassification", "DistributedModelForSequenceClassification"):
+        from . import classification
+
+        return getattr(classification, name)
     if name == "RemoteSequential":
         from .remote import RemoteSequential
 

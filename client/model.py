@@ -11,6 +11,14 @@ reproduces `transformers` exactly (client/generation.py), token for token.
         model.generate(turn2, session=session, max_new_tokens=10)
     logits = model(input_ids).logits                               # full forward, stateless
     hidden = model.layers[2:5](hidden_states)                      # a slice of remote blocks
+
+Training (weights in the swarm stay frozen; what is trainable lives on the client):
+
+    out = model(input_ids=ids, labels=ids)                         # .loss, .logits
+    out.loss.backward()                                            # through the daemons
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[...],
+                                                            tuning_mode="deep_ptune", pre_seq_len=8)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from typing import Any
 
 import torch
 import trio
+from torch import nn
 from transformers import GenerationConfig
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutput
@@ -35,6 +44,7 @@ from petals_protocol.p2p.identity import ed25519_private_key, ephemeral_identity
 
 from . import generation
 from .head_batching import HeadBatcher
+from .ptune import PromptTuning
 from .remote import RemoteSequential
 from .routing import NoRoute, describe_route
 from .runtime import ClientRuntime
@@ -48,10 +58,14 @@ log = logging.getLogger("petals_client")
 class RemoteInferenceSession:
     """A synchronous handle on an inference session (context manager); see `inference_session`."""
 
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int, batch_size: int) -> None:
+    def __init__(self, model: DistributedModelBase, max_length: int, batch_size: int) -> None:
         self.model = model
         self._session = InferenceSession(model.swarm, 0, model.num_blocks, max_length=max_length,
-                                         batch_size=batch_size, push=model.push, checker=model.spot_checker)
+                                         batch_size=batch_size, push=model.push, checker=model.spot_checker,
+                                         active_adapter=model.layers.active_adapter)
+        if model.ptune is not None:  # the prefix's positions come first in every cache
+            deep = model.ptune.deep_prompts()
+            self._session.prompts = None if deep is None else deep.detach().to(model.client_part.head.weight.dtype)
         model.runtime.call(self._session.open)
         # Tokens whose hidden states every daemon has cached, and tokens seen or generated so far
         # (the last generated token is not fed until the next step needs it, as in transformers).
@@ -93,9 +107,14 @@ class RemoteInferenceSession:
         self.close()
 
 
-class DistributedModelForCausalLM:
+class DistributedModelBase(nn.Module):
+    """What every distributed model has: the client's part, the swarm, the remote blocks, and
+    (with `tuning_mode`) trainable prompts. `model.parameters()` with `requires_grad` are exactly
+    the trainable ones; the client's copy of the model's own weights is frozen."""
+
     def __init__(self, path: Path, client_part: ClientPart, runtime: ClientRuntime, swarm: SwarmClient,
                  generation_config: GenerationConfig | None) -> None:
+        super().__init__()
         self.path = path
         self.client_part = client_part
         self.config = client_part.config
@@ -109,6 +128,8 @@ class DistributedModelForCausalLM:
         self.head_batcher: HeadBatcher | None = None
         # Re-computes a fraction of steps elsewhere (from_pretrained's `spot_check_rate`; client/spotcheck.py)
         self.spot_checker: SpotChecker | None = None
+        self.ptune: PromptTuning | None = None  # from_pretrained's `tuning_mode` (client/ptune.py)
+        self.eval()  # as transformers' from_pretrained: call .train() for dropout
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -134,7 +155,12 @@ class DistributedModelForCausalLM:
         spot_check_rate: float = 0.0,
         allowed_peers: Sequence[str] | None = None,
         blocked_peers: Sequence[str] = (),
-    ) -> DistributedModelForCausalLM:
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        micro_batch_size: int | None = None,
+        active_adapter: str | None = None,
+        **head_options: Any,
+    ) -> Any:
         """Load the client's part of the model at `path` and find daemons for the rest.
 
         `path` is a local checkpoint folder or a Hub model id (`org/name`, at `revision`, with
@@ -159,9 +185,19 @@ class DistributedModelForCausalLM:
         (BENCHMARKS.md has the measured cost).
         `allowed_peers` / `blocked_peers` (peer ids): use only / never these daemons, for routing,
         recovery and spot checks alike; a route they leave uncovered fails naming the blocks.
+
+        Fine-tuning: `tuning_mode` "ptune" or "deep_ptune" with `pre_seq_len` prompts (client/
+        ptune.py); `micro_batch_size`: sequences per forward/backward request (default: the
+        daemons' max batch size), more run as parallel micro-batches; `active_adapter`: a LoRA
+        adapter the daemons serve (`petalsd --adapters`), used by every request and session.
         """
         if not 0.0 <= spot_check_rate <= 1.0:
             raise ValueError(f"spot_check_rate must be within 0.0-1.0, got {spot_check_rate}")
+        if spot_check_rate > 0.0 and (active_adapter is not None or tuning_mode == "deep_ptune"):
+            # A check re-computes a hop's history as a plain forward: it would need the same adapter
+            # and prompts, or it would find honest daemons wrong.
+            raise ValueError("spot checks (spot_check_rate) do not combine with active_adapter or "
+                             "tuning_mode='deep_ptune' yet")
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
@@ -225,6 +261,12 @@ class DistributedModelForCausalLM:
         gen_file = checkpoint.source.fetch_optional("generation_config.json")
         gen_config = GenerationConfig.from_pretrained(gen_file.parent) if gen_file is not None else None
         model = cls(checkpoint.path, client_part, runtime, swarm, gen_config)
+        try:
+            model._configure(tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, micro_batch_size=micro_batch_size,
+                             active_adapter=active_adapter, checkpoint=checkpoint, **head_options)
+        except BaseException:
+            runtime.close()
+            raise
         model.push = push
         if spot_check_rate > 0.0:
             model.spot_checker = SpotChecker(
@@ -234,18 +276,76 @@ class DistributedModelForCausalLM:
             model.head_batcher = HeadBatcher(client_part.logits, batched_head=client_part.packed_logits())
         return model
 
+    def _configure(self, *, tuning_mode: str | None, pre_seq_len: int, micro_batch_size: int | None,
+                   active_adapter: str | None, checkpoint: Checkpoint, **head_options: Any) -> None:
+        """from_pretrained's training options (subclasses take their head's options here)."""
+        if head_options:
+            raise TypeError(f"unexpected options: {', '.join(sorted(head_options))}")
+        if tuning_mode is not None:
+            text = self.config.get_text_config(decoder=True)
+            self.ptune = PromptTuning(tuning_mode, pre_seq_len, self.client_part.hidden_size, self.num_blocks,
+                                      getattr(text, "initializer_range", 0.02))
+        elif pre_seq_len:
+            raise ValueError("pre_seq_len is for prompt tuning: give tuning_mode='ptune' or 'deep_ptune' too")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+        self.layers.micro_batch_size = micro_batch_size
+        if active_adapter is not None:
+            offered = sorted({a for s in self.swarm.servers() for a in s.adapters})
+            if active_adapter not in offered:
+                raise ValueError(f"no daemon of this swarm serves adapter {active_adapter!r} (served: "
+                                 f"{', '.join(offered) or 'none'}); start daemons with --adapters")
+        self.layers.active_adapter = active_adapter
+
+    @property
+    def pre_seq_len(self) -> int:
+        return self.ptune.pre_seq_len if self.ptune is not None else 0
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embeddings (frozen): `model(inputs_embeds=model.get_input_embeddings()(ids))`."""
+        return self.client_part.embeddings[0]
+
+    def hidden_states(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The last block's output [B, T, H] for the tokens (the prompts' positions dropped), before
+        the final norm; differentiable w.r.t. `inputs_embeds` and the prompts."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        _refuse_padding(attention_mask)
+        if inputs_embeds is None:
+            assert input_ids is not None
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+            inputs_embeds = self.get_input_embeddings()(input_ids.to(self.get_input_embeddings().weight.device))
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.client_part.hidden_size:
+            raise ValueError(f"inputs_embeds must be [batch, tokens, {self.client_part.hidden_size}], "
+                             f"got {list(inputs_embeds.shape)}")
+        dtype = self.get_input_embeddings().weight.dtype
+        deep = None
+        if self.ptune is not None:
+            prefix = self.ptune.prefix(inputs_embeds.shape[0]).to(device=inputs_embeds.device, dtype=dtype)
+            inputs_embeds = torch.cat([prefix, inputs_embeds.to(dtype)], dim=1)
+            deep = self.ptune.deep_prompts()
+        hidden = self.layers(self.client_part.after_embeddings(inputs_embeds.to(dtype)),
+                             None if deep is None else deep.to(dtype))
+        return hidden[:, self.pre_seq_len:]
+
     def close(self) -> None:
         self.runtime.close()
 
-    def __enter__(self) -> DistributedModelForCausalLM:
+    def __enter__(self) -> DistributedModelBase:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+class DistributedModelForCausalLM(DistributedModelBase):
     # ---------------------------------------------------------------- inference
     def inference_session(self, max_length: int, batch_size: int = 1) -> RemoteInferenceSession:
-        return RemoteInferenceSession(self, max_length, batch_size)
+        """A session for `max_length` tokens (plus the prompts' positions, with prompt tuning)."""
+        return RemoteInferenceSession(self, max_length + self.pre_seq_len, batch_size)
 
     def route(self) -> str:
         from .routing import choose_route
@@ -260,6 +360,9 @@ class DistributedModelForCausalLM:
     def _next_logits(self, session: RemoteInferenceSession, ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             hidden = self.client_part.embed(ids, position=session.fed)
+            if self.ptune is not None and session.position == 0:  # the prefix goes first, once
+                prefix = self.ptune.prefix(ids.shape[0]).to(self.get_input_embeddings().weight.dtype)
+                hidden = torch.cat([self.client_part.after_embeddings(prefix), hidden], dim=1)
             out = session.step(hidden)
             session.fed += ids.shape[1]
             last = out[:, -1:, :]
@@ -307,13 +410,12 @@ class DistributedModelForCausalLM:
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=out.scores, logits=out.logits)
         return sequences
 
-    def __call__(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
         """A stateless forward through the swarm, as transformers' causal LMs return it: `.logits` for
-        every position [B, T, vocab], and `.loss` (next-token cross-entropy, -100 ignored) with `labels`."""
-        _refuse_padding(attention_mask)
-        hidden = self.client_part.embed(input_ids)
-        logits = self.client_part.logits(self.layers(hidden))
+        every position [B, T, vocab], and `.loss` (next-token cross-entropy, -100 ignored) with
+        `labels`. Differentiable: `.loss.backward()` reaches `inputs_embeds` and the prompts."""
+        logits = self.client_part.logits(self.hidden_states(input_ids, inputs_embeds, attention_mask))
         loss = None
         if labels is not None:
             shifted = labels[:, 1:].to(logits.device)

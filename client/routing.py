@@ -39,6 +39,8 @@ class ServerInfo:
     rtt: float | None = None
     version: str = ""
     max_length: int = 0  # most tokens one session may hold on this daemon (0: not known)
+    max_batch_size: int = 0  # most sequences per request (0: not known)
+    adapters: tuple[str, ...] = ()  # LoRA adapters a client may select on this daemon
 
     @property
     def name(self) -> str:

@@ -172,9 +172,13 @@ class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
     def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1,
-                 push: bool = True, checker: SpotChecker | None = None) -> None:
+                 push: bool = True, checker: SpotChecker | None = None, active_adapter: str | None = None) -> None:
         self.swarm = swarm
         self.checker = checker  # spot checks of the hops' results (client/spotcheck.py); None: off
+        self.active_adapter = active_adapter  # a LoRA adapter every hop computes with (None: none)
+        # Deep prompts [end - start, 1 or batch, K, hidden] for positions [0, K), sent with the steps
+        # that cover those positions (replays too); such steps are not pushed (a push carries none).
+        self.prompts: torch.Tensor | None = None
         self.push = push  # daemon-to-daemon forwarding (see the module docstring)
         self.start, self.end = start, end
         self.max_length = max_length
@@ -193,10 +197,9 @@ class InferenceSession:
         log.info("session route: %s", describe_route(self.route))
 
     async def _open_chain(self, start: int, end: int) -> list[_HopState]:
+        servers = [s for s in self.swarm.servers() if self.active_adapter in (None, *s.adapters)]
         try:
-            route = choose_route(
-                self.swarm.servers(), start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length
-            )
+            route = choose_route(servers, start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length)
         except NoRoute as exc:
             restrictions = self.swarm.route_restrictions()
             if restrictions:  # say why daemons the user may know of were not used
@@ -220,7 +223,7 @@ class InferenceSession:
                 await channel.send(OpenSession(
                     session_id=session_id, model_fingerprint=self.swarm.model_fingerprint,
                     start_block=hop.start, end_block=hop.end, max_length=self.max_length,
-                    batch_size=self.batch_size,
+                    batch_size=self.batch_size, active_adapter=self.active_adapter,
                 ))
                 reply = await channel.receive()
             except BaseException:
@@ -245,7 +248,7 @@ class InferenceSession:
     async def _send_step(self, state: _HopState, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """One hop driven by the client (replays): send, await the result, verify, count the step."""
         sent = InferenceStep(session_id=state.session_id, step=state.step, position=position,
-                             hidden=from_torch(hidden), hypo_ids=None)
+                             hidden=from_torch(hidden), hypo_ids=None, prompts=self._prompts_for(state, position))
         state.last_sent = time.monotonic()
         with trio.fail_after(self.swarm.step_timeout):
             await state.channel.send(sent)
@@ -279,6 +282,12 @@ class InferenceSession:
                 break
             targets.append(state)
         return targets
+
+    def _prompts_for(self, state: _HopState, position: int) -> TensorPayload | None:
+        """The hop's blocks' deep prompts, for a step at `position` that reaches into the prefix."""
+        if self.prompts is None or position >= self.prompts.shape[2]:
+            return None
+        return from_torch(self.prompts[state.hop.start - self.start:state.hop.end - self.start].contiguous())
 
     def _rollback(self, state: _HopState, position: int) -> None:
         """Trim the remembered chunks to `position` tokens (the daemon crops its cache likewise)."""
@@ -347,13 +356,15 @@ class InferenceSession:
         failures = 0
         while index < len(self.hops):
             first = self.hops[index]
-            pushed = self._push_targets(index)
+            prompts = self._prompts_for(first, position)
+            pushed = self._push_targets(index) if prompts is None else []
             payload = from_torch(hidden)
             expected = InferenceStep(
                 session_id=first.session_id, step=first.step, position=position, hidden=payload, hypo_ids=None,
                 push=tuple(PushTarget(peer_id=s.peer, addr=s.hop.server.addrs[0], session_id=s.session_id,
                                       start_block=s.hop.start, end_block=s.hop.end, step=s.step)
                            for s in pushed) or None,
+                prompts=prompts,
             )
             now = time.monotonic()
             for state in (first, *pushed):

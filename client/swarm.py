@@ -144,7 +144,8 @@ class SwarmClient:
         return ServerInfo(peer_id=peer_id_to_text(reply.peer_id), addrs=addrs, start=reply.start_block, end=reply.end_block,
                           throughput=reply.throughput, cache_tokens_free=reply.cache_tokens_free,
                           state=reply.state, public_name=reply.public_name, dtype=reply.dtype, rtt=rtt,
-                          version=reply.version, max_length=reply.max_length)
+                          version=reply.version, max_length=reply.max_length,
+                          max_batch_size=reply.max_batch_size, adapters=reply.adapters or ())
 
     async def refresh(self) -> None:
         """Re-learn who serves the model (DHT records if joined, then a direct info probe of each)."""

@@ -41,6 +41,7 @@ from petals_protocol.models.gathering import GatherPolicy
 from petals_protocol.models.span import SpanCache, SpanUsageError
 from petals_protocol.tensors import TensorPayload, from_torch
 
+from .adapters import run_with
 from .compute import ComputeWorker
 
 
@@ -67,12 +68,13 @@ def prepare_cache(cache: SpanCache, position: int | None, hypo_ids: torch.Tensor
 
 
 def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor, start: int | None, end: int | None,
-                    position: int | None, hypo_ids: torch.Tensor | None) -> TensorPayload:
+                    position: int | None, hypo_ids: torch.Tensor | None,
+                    prompts: torch.Tensor | None = None) -> TensorPayload:
     """The per-session path (worker thread): one session's step through ``Span.forward``, its
     output serialized there too (off the event loop, like a batch's outputs)."""
     prepare_cache(cache, position, hypo_ids)
     try:
-        return from_torch(span.forward(hidden, cache, start, end))
+        return from_torch(span.forward(hidden, cache, start, end, prompts))
     except Exception:
         restore_cache(cache)
         raise
@@ -131,11 +133,13 @@ class Batcher:
 
     async def step(self, cache: SpanCache, hidden: torch.Tensor, start: int | None = None, end: int | None = None,
                    *, position: int | None = None, hypo_ids: torch.Tensor | None = None,
+                   prompts: torch.Tensor | None = None, adapter: str | None = None,
                    peer: str = "") -> TensorPayload:
-        """Run one step of the session owning ``cache`` (of ``peer``: its turn among peers' jobs);
-        return its output hidden states."""
+        """Run one step of the session owning ``cache`` (of ``peer``: its turn among peers' jobs),
+        with deep ``prompts`` and LoRA ``adapter`` if given (such steps run alone: a batched forward
+        uses the base weights and no prompts); return its output hidden states."""
         tokens = int(hidden.shape[0] * hidden.shape[1])
-        batchable = self.config.enabled and can_batch(self.span, hidden, cache)
+        batchable = self.config.enabled and prompts is None and adapter is None and can_batch(self.span, hidden, cache)
         if batchable:
             now = time.monotonic()
             self._policy.arrived(cache, now)
@@ -145,8 +149,8 @@ class Batcher:
             # less per hop; figures: BENCHMARKS.md, "A lone session skips the batch queue").
             batchable = self._policy.active(now) > 1 or bool(self._pending) or self.worker.busy
         if not batchable:
-            return await self.worker.run(run_single_step, self.span, cache, hidden, start, end, position, hypo_ids,
-                                         tokens=tokens, peer=peer)
+            return await self.worker.run(run_with, self.span, adapter, run_single_step, self.span, cache, hidden,
+                                         start, end, position, hypo_ids, prompts, tokens=tokens, peer=peer)
         self._token = trio.lowlevel.current_trio_token()
         step = _Step(cache, hidden, start, end, position, hypo_ids)
         self._enqueue(step)

@@ -259,6 +259,12 @@ def _quality(value: object) -> float:
     return float(value)
 
 
+def _path_strings(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid(f"expected a list of paths, got {value!r}")
+    return list(value)
+
+
 def _multiaddr_list(require_peer_id: bool) -> Callable[[object], list[str]]:
     def parse(value: object) -> list[str]:
         if not isinstance(value, list):
@@ -403,6 +409,10 @@ class DaemonConfig:
     throughput: float | str = _opt(
         "auto", _throughput, 'Announced block-steps/s (blocks x one-token steps per second, what '
         'routing divides by); "auto" measures it at start.')
+    adapters: list[str] = _opt(
+        None, _path_strings, "LoRA adapters to serve, each a folder in PEFT format (adapter_config.json, "
+        "adapter_model.safetensors), named after the folder; clients choose one with active_adapter. "
+        "An adapter that does not fit the model is refused at start.", factory=list)
     num_threads: int | None = _opt(
         None, _positive_int, "torch intra-op threads; unset: torch's default.", flag_type=int)
     batching: bool = _opt(
@@ -540,7 +550,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         elif f.type == "bool":
             target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_ + _shown_default(f))
         elif f.type == "list[str]":
-            target.add_argument(flag, nargs="+", metavar="PEER_ID" if f.name == "own_clients" else "MULTIADDR",
+            target.add_argument(flag, nargs="+", metavar={"own_clients": "PEER_ID", "adapters": "PATH"}.get(f.name, "MULTIADDR"),
                                 help=help_ + _shown_default(f))
         else:
             choices = f.metadata["choices"]

@@ -64,6 +64,7 @@ from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_from_text
 
 from . import config as config_mod
+from .adapters import Adapter, attach, load_adapters
 from .announce import Announcer
 from .banning import Banning
 from .batching import Batcher, BatchingConfig
@@ -174,6 +175,7 @@ class Daemon:
     nat: NatTraversal | None = None
     admission: AdmissionGate | None = None  # members-only swarm (--swarm-owner)
     contributors: Contributors = field(default_factory=Contributors)  # served first when busy
+    adapters: list[Adapter] = field(default_factory=list)  # --adapters, checked at start (petalsd/adapters.py)
     _stop: trio.Event | None = None
     _nursery: trio.Nursery | None = None
 
@@ -377,6 +379,7 @@ class Daemon:
             using_relay=self.nat is not None and self.nat.using_relay,
             reachability=self.nat.reachability if self.nat is not None else None,
             clients=tuple(peer_id_from_text(p) for p in self.config.own_clients) or None,
+            adapters=ctx.adapters or None,
         )
 
     def announce_addrs(self) -> list[str]:
@@ -493,6 +496,9 @@ class Daemon:
         self._make_room(shards | self.serving_shards)  # before fetching: the old span serves until replaced
         span = load_span(self.checkpoint, start, end, dtype=self.dtype, device=self.device,
                          progress=_progress_reporter(f"loading blocks {start}:{end}"))
+        if self.adapters:
+            log.info("adapters peer=%s blocks=%d:%d: %s", self.peer_id, start, end,
+                     " ".join(attach(span, self.adapters)))
         self.serving_shards = shards
         self._make_room(shards)
         if self.config.batching:
@@ -527,6 +533,7 @@ class Daemon:
                           session_idle_timeout=c.session_idle_timeout, step_timeout=c.step_timeout),
             public_name=c.public_name, version=__version__, state="joining", throughput=throughput,
             batcher=Batcher(worker, span, BatchingConfig(enabled=c.batching)),
+            adapters=tuple(a.name for a in self.adapters),
         )
 
     async def _start_control_api(self, nursery: trio.Nursery) -> Path | None:
@@ -574,7 +581,9 @@ class Daemon:
             await nursery.start(self.banning.run)
             host.set_stream_handler(INFO_PROTOCOL, self._handler(serve_info, tensors=0))
             host.set_stream_handler(INFERENCE_PROTOCOL, self._handler(serve_inference, frozenset({"step"})))
-            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd"})))
+            # a backward request carries hidden states, grad_output and maybe deep prompts
+            host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd", "bwd"}),
+                                                                    tensors=3))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"bwd"}), tensors=2))
             # Push links carry steps without new streams: they count as activity like sessions do.
             host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer().handle)
@@ -616,9 +625,10 @@ def build_daemon(config: DaemonConfig, argv: list[str], notifier: Notifier) -> D
     notifier.status("fingerprinting the model's weights")
     fingerprint = model_fingerprint(checkpoint)
     device = config_mod.resolve_device(config.device)
+    adapters = load_adapters(config.adapters, checkpoint.config) if config.adapters else []
     daemon = Daemon(config=config, argv=argv, identity=identity, notifier=notifier, started_at=time.time(),
                     checkpoint=checkpoint, fingerprint=fingerprint, dtype=choose_dtype(config, checkpoint, device),
-                    blocks=blocks, device=device)
+                    blocks=blocks, device=device, adapters=adapters)
     log.info("identity peer=%s key=%s model=%s fingerprint=%s device=%s", daemon.peer_id, identity.path,
              config.model, fingerprint[:16], device)
     return daemon

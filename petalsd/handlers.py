@@ -65,7 +65,8 @@ from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
 from petals_protocol.p2p.streams import Channel, StreamClosed
 
-from .batching import Batcher, run_single_step
+from .adapters import steps_with
+from .batching import Batcher
 from .compute import ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
 from .limits import PeerGate
@@ -112,6 +113,8 @@ class ServingContext:
     owners: dict[bytes, _Owned] = field(default_factory=dict)
     # Steps received on push streams, by the pushing peer (connection activity for the sweeper).
     push_streams: dict[str, LinkActivity] = field(default_factory=dict)
+    # LoRA adapters requests may select (`active_adapter`; petalsd/adapters.py)
+    adapters: tuple[str, ...] = ()
 
     def link_activity(self) -> list[LinkActivity]:
         """Push traffic in both directions, shaped like sessions (peer, steps), so that the idle
@@ -136,7 +139,7 @@ class ServingContext:
             max_batch_size=self.limits.max_batch_size, max_sessions=self.sessions.max_sessions,
             active_sessions=len(self.sessions), cache_tokens_free=self.cache_tokens_free(),
             throughput=self.throughput, public_name=self.public_name,
-            max_sessions_per_peer=self.sessions.max_per_peer or None,
+            max_sessions_per_peer=self.sessions.max_per_peer or None, adapters=self.adapters or None,
         )
 
 
@@ -163,6 +166,12 @@ def _check_span(ctx: ServingContext, fingerprint: str, start: int, end: int) -> 
                       f"blocks {start}:{end} are not inside the served span {ctx.span.start}:{ctx.span.end}")
 
 
+def _check_adapter(ctx: ServingContext, name: str | None) -> None:
+    if name is not None and name not in ctx.adapters:
+        raise _refuse(ErrorCode.BAD_REQUEST, f"this daemon serves no adapter {name!r} (it serves: "
+                                             f"{', '.join(ctx.adapters) or 'none'})")
+
+
 def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str) -> torch.Tensor:
     """Validate a hidden-state payload against what this span computes, then make it a tensor."""
     if payload.dtype != ctx.dtype_name:
@@ -177,6 +186,29 @@ def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None,
         raise _refuse(ErrorCode.TOO_LONG, f"{what} {list(shape)} exceeds max batch {ctx.limits.max_batch_size} "
                                           f"or max length {ctx.limits.max_length}")
     return to_torch(payload, device=ctx.span.device)
+
+
+def _finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Training inputs must be numbers: a NaN or inf would come back as a NaN gradient that the
+    client cannot trace to its cause."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} contains NaN or infinite values")
+    return tensor
+
+
+def _prompts(ctx: ServingContext, payload: TensorPayload | None, batch: int, blocks: int) -> torch.Tensor | None:
+    """Deep prompts of a request or step, checked against this span (messages.check_prompts has
+    checked their rank); None when the request has none."""
+    if payload is None:
+        return None
+    if payload.dtype != ctx.dtype_name:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"prompts have dtype {payload.dtype}; this daemon computes in "
+                                            f"{ctx.dtype_name}")
+    n, rows, prefix, hidden_size = payload.shape
+    if n != blocks or rows not in (1, batch) or hidden_size != ctx.span.hidden_size or prefix > ctx.limits.max_length:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"prompts must be [{blocks}, 1 or {batch}, prefix<={ctx.limits.max_length}, "
+                                            f"{ctx.span.hidden_size}], got {list(payload.shape)}")
+    return _finite(to_torch(payload, device=ctx.span.device), "prompts")
 
 
 # ------------------------------------------------------------------------------------------ info
@@ -203,6 +235,7 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
         raise _refuse(ErrorCode.TOO_LONG, f"max_length {msg.max_length} is outside 1..{ctx.limits.max_length}")
     if msg.batch_size < 1 or msg.batch_size > ctx.limits.max_batch_size:
         raise _refuse(ErrorCode.BAD_REQUEST, f"batch_size {msg.batch_size} is outside 1..{ctx.limits.max_batch_size}")
+    _check_adapter(ctx, msg.active_adapter)
     nbytes = ctx.span.cache_bytes_per_token(msg.batch_size, msg.start_block, msg.end_block) * msg.max_length
     ctx.sessions.reserve(msg.session_id, nbytes, peer)  # claims the id too, before the await below
     try:
@@ -211,7 +244,8 @@ async def _open(ctx: ServingContext, msg: OpenSession, peer: str) -> Session:
         ctx.sessions.abandon(msg.session_id)
         raise
     session = Session(session_id=msg.session_id, peer=peer, start=msg.start_block, end=msg.end_block,
-                      max_length=msg.max_length, batch_size=msg.batch_size, cache=cache, reserved_bytes=nbytes)
+                      max_length=msg.max_length, batch_size=msg.batch_size, cache=cache, reserved_bytes=nbytes,
+                      adapter=msg.active_adapter)
     ctx.sessions.add(session)
     return session
 
@@ -246,9 +280,11 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
         if hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,) or \
                 bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
+    prompts = _prompts(ctx, msg.prompts, session.batch_size, session.end - session.start)
     with ctx.gate.job(session.peer):
-        payload = await ctx.batcher.step(session.cache, hidden, session.start, session.end,
-                                         position=msg.position, hypo_ids=hypo_ids, peer=session.peer)
+        payload = await ctx.batcher.step(session.cache, hidden, session.start, session.end, position=msg.position,
+                                         hypo_ids=hypo_ids, prompts=prompts, adapter=session.adapter,
+                                         peer=session.peer)
     session.steps += 1
     session.last_step = msg.step
     session.tokens += hidden.shape[1]
@@ -454,10 +490,13 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
 
 async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> ForwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    hidden = _hidden(ctx, msg.hidden, None, "hidden states")
+    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
+    prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
+    _check_adapter(ctx, msg.active_adapter)
     activations = ctx.span.activation_bytes(hidden.shape[0], hidden.shape[1], msg.start_block, msg.end_block)
     with ctx.gate.job(peer), ctx.sessions.budget.lend(activations, "this forward"):
-        out = await ctx.worker.run_steps(ctx.span.forward_blocks(hidden, msg.start_block, msg.end_block),
+        blocks = ctx.span.forward_blocks(hidden, msg.start_block, msg.end_block, prompts)
+        out = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
                                          tokens=hidden.shape[0] * hidden.shape[1], peer=peer)
     payload = from_torch(out)
     binding = forward_binding(msg, payload)
@@ -467,18 +506,23 @@ async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> Forwa
 
 async def _backward(ctx: ServingContext, msg: BackwardRequest, peer: str) -> BackwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    hidden = _hidden(ctx, msg.hidden, None, "hidden states")
-    grad_output = _hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output")
+    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
+    grad_output = _finite(_hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output"), "grad_output")
     if grad_output.shape != hidden.shape:
         raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
+    prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
+    _check_adapter(ctx, msg.active_adapter)
     activations = ctx.span.activation_bytes(hidden.shape[0], hidden.shape[1], msg.start_block, msg.end_block, grad=True)
     with ctx.gate.job(peer), ctx.sessions.budget.lend(activations, "this backward"):
-        grad = await ctx.worker.run_steps(ctx.span.backward_blocks(hidden, grad_output, msg.start_block, msg.end_block),
-                                          grad=True, peer=peer)
+        blocks = ctx.span.backward_blocks(hidden, grad_output, msg.start_block, msg.end_block, prompts)
+        grad, grad_prompts = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
+                                                        grad=True, peer=peer)
     payload = from_torch(grad)
-    binding = backward_binding(msg, payload)
+    prompts_payload = from_torch(grad_prompts) if grad_prompts is not None else None
+    binding = backward_binding(msg, payload, prompts_payload)
     ctx.stats["backward"] += 1
-    return BackwardResponse(request_id=msg.request_id, grad_input=payload, signature=sign_response(ctx.signer, binding))
+    return BackwardResponse(request_id=msg.request_id, grad_input=payload, signature=sign_response(ctx.signer, binding),
+                            grad_prompts=prompts_payload)
 
 
 async def serve_stateless(ctx: ServingContext, channel: Channel) -> None:

@@ -80,6 +80,7 @@ class Session:
     steps: int = 0
     last_step: int = -1
     tokens: int = 0
+    adapter: str | None = None  # the LoRA adapter its steps run with (petalsd/adapters.py)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -40,6 +40,7 @@ __all__ = [
     "PushTarget",
     "MAX_PUSH_HOPS",
     "MAX_PUSH_ADDR_LENGTH",
+    "MAX_ADAPTERS",
     "StepResult",
     "CloseSession",
     "ForwardRequest",
@@ -71,6 +72,8 @@ _MAX_CONTAINER_LEN = 256
 # each names one dialable multiaddr of at most this many characters (same bound as DHT records).
 MAX_PUSH_HOPS = 32
 MAX_PUSH_ADDR_LENGTH = 256
+# LoRA adapters one daemon announces (InfoResponse.adapters, ServerRecord.adapters).
+MAX_ADAPTERS = 32
 
 
 def _type_name(value: object) -> str:
@@ -227,6 +230,20 @@ class _PushList(_Spec):
         return tuple(targets)
 
 
+class _Names(_Spec):
+    """A tuple of short names (adapter names a daemon serves), bounded in count and length."""
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not tuple or len(value) > MAX_ADAPTERS:
+            return f"must be a tuple of at most {MAX_ADAPTERS} names, got {_type_name(value)}"
+        if not all(type(n) is str and 0 < len(n) <= MAX_NAME_LENGTH for n in value):
+            return f"entries must be non-empty strings of at most {MAX_NAME_LENGTH} characters"
+        return None
+
+    def from_wire(self, raw: Any) -> Any:
+        return tuple(raw) if isinstance(raw, list) else raw
+
+
 _ID = _Bytes(ID_SIZE, ID_SIZE)
 _SIGNATURE = _Bytes(SIGNATURE_SIZE, SIGNATURE_SIZE)
 _NAME = _Text(MAX_NAME_LENGTH)
@@ -302,6 +319,24 @@ def _check_span(msg: _Message, start_block: int, end_block: int) -> None:
     msg._require(start_block < end_block, f"empty or reversed span [{start_block}, {end_block})")
 
 
+#: dtypes prompts may have (the same floating types as hidden states).
+PROMPT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_prompts(msg: _Message, prompts: TensorPayload | None, num_blocks: int | None = None) -> None:
+    """Deep prompts are a float tensor [blocks, 1 or batch, K, hidden]: one prompt per block of the
+    request, for its first K positions. Values (finite) and agreement with the hidden states are
+    checked by the daemon, which knows its dtype and hidden size."""
+    if prompts is None:
+        return
+    msg._require(prompts.dtype in PROMPT_DTYPES and len(prompts.shape) == 4 and min(prompts.shape) >= 1,
+                 f"prompts must be a float tensor [blocks, batch, prefix, hidden], got "
+                 f"{prompts.dtype}{list(prompts.shape)}")
+    if num_blocks is not None:
+        msg._require(prompts.shape[0] == num_blocks,
+                     f"prompts hold {prompts.shape[0]} blocks, the request {num_blocks}")
+
+
 @dataclass(frozen=True, slots=True)
 class InfoRequest(_Message):
     """Ask a daemon what it serves (answered by InfoResponse on /petals/info/1)."""
@@ -332,6 +367,8 @@ class InfoResponse(_Message):
     public_name: str = _f(_NAME)
     # Resource limits a client plans with (elided when unset, e.g. by older daemons).
     max_sessions_per_peer: int | None = _opt(_UInt(), elidable=True)
+    # LoRA adapters a client may select (`active_adapter`); elided when the daemon has none.
+    adapters: tuple[str, ...] | None = _opt(_Names(), elidable=True)
 
     def _check(self) -> None:
         # An empty span is allowed while joining (blocks not chosen yet).
@@ -352,6 +389,9 @@ class OpenSession(_Message):
     end_block: int = _f(_UInt())
     max_length: int = _f(_UInt(minimum=1))
     batch_size: int = _f(_UInt(minimum=1))
+    # Fine-tuning fields (elided when absent, for peers that predate them): the LoRA adapter the
+    # session's steps run with (one of the daemon's announced `adapters`).
+    active_adapter: str | None = _opt(_NAME, elidable=True)
 
     def _check(self) -> None:
         _check_span(self, self.start_block, self.end_block)
@@ -405,8 +445,13 @@ class InferenceStep(_Message):
     hidden: TensorPayload = _f(_Tensor())
     hypo_ids: TensorPayload | None = _opt(_Tensor())
     push: tuple[PushTarget, ...] | None = _opt(_PushList(), elidable=True)
+    # Deep prompt tuning: [blocks of the session, 1 or batch, K, hidden], added to the hidden
+    # states of sequence positions [0, K) at the input of each block (see `check_prompts`).
+    prompts: TensorPayload | None = _opt(_Tensor(), elidable=True)
 
     def _check(self) -> None:
+        check_prompts(self, self.prompts)
+        self._require(self.prompts is None or self.push is None, "a step with prompts cannot be pushed")
         if self.hypo_ids is not None:
             self._require(
                 self.hypo_ids.dtype in ("int64", "int32") and len(self.hypo_ids.shape) == 1,
@@ -438,9 +483,13 @@ class ForwardRequest(_Message):
     start_block: int = _f(_UInt())
     end_block: int = _f(_UInt())
     hidden: TensorPayload = _f(_Tensor())
+    # Fine-tuning (elided when absent): deep prompts as in InferenceStep, and a LoRA adapter.
+    prompts: TensorPayload | None = _opt(_Tensor(), elidable=True)
+    active_adapter: str | None = _opt(_NAME, elidable=True)
 
     def _check(self) -> None:
         _check_span(self, self.start_block, self.end_block)
+        check_prompts(self, self.prompts, self.end_block - self.start_block)
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,9 +509,12 @@ class BackwardRequest(_Message):
     end_block: int = _f(_UInt())
     hidden: TensorPayload = _f(_Tensor())
     grad_output: TensorPayload = _f(_Tensor())
+    prompts: TensorPayload | None = _opt(_Tensor(), elidable=True)
+    active_adapter: str | None = _opt(_NAME, elidable=True)
 
     def _check(self) -> None:
         _check_span(self, self.start_block, self.end_block)
+        check_prompts(self, self.prompts, self.end_block - self.start_block)
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +523,8 @@ class BackwardResponse(_Message):
     request_id: bytes = _f(_ID)
     grad_input: TensorPayload = _f(_Tensor())
     signature: bytes = _f(_SIGNATURE)
+    # The gradient w.r.t. the request's `prompts` (same shape), present exactly when they were.
+    grad_prompts: TensorPayload | None = _opt(_Tensor(), elidable=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from .messages import (
     _fields_to_wire,
     _Fingerprint,
     _Float,
+    _Names,
     _opt,
     _Spec,
     _Text,
@@ -147,6 +148,8 @@ class ServerRecord:
     reachability: str | None = _opt(_Text(16, REACHABILITY), elidable=True)
     # Peer ids of clients the daemon's operator runs (--own-clients): served first as contributors.
     clients: tuple[bytes, ...] | None = _opt(_PeerIds(), elidable=True)
+    # LoRA adapters clients may select (petalsd --adapters); elided when none.
+    adapters: tuple[str, ...] | None = _opt(_Names(), elidable=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, BadRecord)

@@ -195,14 +195,23 @@ def inference_binding(
         start_block,
         end_block,
         model_fingerprint,
-        _inputs_digest(step.hidden, step.hypo_ids),
+        _inputs_digest(step.hidden, step.hypo_ids, *_present(step.prompts)),
         output.digest(),
     )
 
 
+def _present(*tensors: TensorPayload | None) -> tuple[TensorPayload, ...]:
+    """Inputs added to a message later (prompts): part of the digest only when present, so that
+    the bindings of requests without them are what peers that predate them compute."""
+    return tuple(t for t in tensors if t is not None)
+
+
 def _stateless_binding(
-    kind: str, request: ForwardRequest | BackwardRequest, inputs: tuple[TensorPayload, ...], output: TensorPayload
+    kind: str, request: ForwardRequest | BackwardRequest, inputs: tuple[TensorPayload, ...], output_digest: bytes
 ) -> ResponseBinding:
+    digest = _inputs_digest(*inputs, *_present(request.prompts))
+    if request.active_adapter is not None:  # the adapter computed with is part of what was asked
+        digest = hashlib.sha256(_INPUTS_DOMAIN + b"adapter\n" + digest + request.active_adapter.encode()).digest()
     return ResponseBinding(
         kind,
         request.request_id,
@@ -211,16 +220,19 @@ def _stateless_binding(
         request.start_block,
         request.end_block,
         request.model_fingerprint,
-        _inputs_digest(*inputs),
-        output.digest(),
+        digest,
+        output_digest,
     )
 
 
 def forward_binding(request: ForwardRequest, output: TensorPayload) -> ResponseBinding:
     """The binding for a ForwardResponse carrying `output` (step and position are 0)."""
-    return _stateless_binding("forward", request, (request.hidden,), output)
+    return _stateless_binding("forward", request, (request.hidden,), output.digest())
 
 
-def backward_binding(request: BackwardRequest, grad_input: TensorPayload) -> ResponseBinding:
-    """The binding for a BackwardResponse; the input digest covers hidden and grad_output."""
-    return _stateless_binding("backward", request, (request.hidden, request.grad_output), grad_input)
+def backward_binding(request: BackwardRequest, grad_input: TensorPayload,
+                     grad_prompts: TensorPayload | None = None) -> ResponseBinding:
+    """The binding for a BackwardResponse; the input digest covers hidden and grad_output (and
+    prompts, adapter), the output digest grad_input (and grad_prompts when present)."""
+    output = grad_input.digest() if grad_prompts is None else _inputs_digest(grad_input, grad_prompts)
+    return _stateless_binding("backward", request, (request.hidden, request.grad_output), output)

@@ -48,8 +48,13 @@ class ClientPart(nn.Module):
         applied inside the blocks (rotary, alibi); it is part of the contract for absolute-position
         families such as GPT-2.
         """
-        hidden = input_ids.to(self.embeddings[0].weight.device)
-        for module in self.embeddings:
+        return self.after_embeddings(self.embeddings[0](input_ids.to(self.embeddings[0].weight.device)))
+
+    def after_embeddings(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """What the model applies to the token embeddings (transformers' ``inputs_embeds``) before
+        the first block: nothing for most families, a layer norm for Bloom."""
+        hidden = inputs_embeds
+        for module in self.embeddings[1:]:
             hidden = module(hidden)
         return hidden
 

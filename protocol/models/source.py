@@ -176,6 +176,13 @@ class HubRepo:
         return evicted
 
 
+def hub_cache_dir() -> Path | None:
+    """The Hub cache the environment names (read now, not when huggingface_hub was imported);
+    None: huggingface_hub's default."""
+    hub_cache, home = os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME")
+    return Path(hub_cache) if hub_cache else (Path(home) / "hub" if home else None)
+
+
 def open_source(name: str | Path, *, revision: str | None = None, token: str | bool | None = None,
                 cache_dir: str | Path | None = None) -> ModelSource:
     """A local folder if ``name`` is one, else a Hub model id (``org/name``) resolved to a commit."""
@@ -187,9 +194,8 @@ def open_source(name: str | Path, *, revision: str | None = None, token: str | b
     text = str(name)
     if path.exists() or text.startswith((".", "/", "~")) or not _REPO_ID.match(text):
         raise ModelLoadError(path, "not a directory (expected a Hugging Face checkpoint folder or a Hub id ORG/NAME)")
-    if cache_dir is None:  # read the environment now, not when huggingface_hub was imported
-        hub_cache, home = os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME")
-        cache_dir = hub_cache or (Path(home) / "hub" if home else None)
+    if cache_dir is None:
+        cache_dir = hub_cache_dir()
     try:
         return HubRepo(text, revision=revision, token=token,
                        cache_dir=Path(cache_dir) if cache_dir is not None else None).resolve()

@@ -238,12 +238,15 @@ class Span:
         cache: SpanCache | None = None,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``hidden`` [B, T, H] through blocks ``[start, end)``.
 
         With a cache: the T tokens follow the ``cache.length`` tokens already in it, and are
         appended (no autograd). Without: a causal forward from position 0, differentiable with
-        respect to ``hidden``. ``start``/``end`` default to the cache's range, else the span's.
+        respect to ``hidden`` (and ``prompts``). ``start``/``end`` default to the cache's range,
+        else the span's. ``prompts`` [end - start, 1 or B, K, H]: deep prompt tuning, see
+        ``add_prompt``.
         """
         if cache is not None:
             start = cache.start if start is None else start
@@ -258,8 +261,10 @@ class Span:
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size or hidden.shape[1] < 1:
             raise SpanUsageError(f"hidden must be [batch, tokens>=1, {self.hidden_size}], got {tuple(hidden.shape)}")
         hidden = hidden.to(device=self.device, dtype=self.dtype)
+        if prompts is not None:
+            prompts = self._check_prompts(prompts, hidden, start, end)
         if cache is None:
-            return self._run(hidden, None, start, end)
+            return self._run(hidden, None, start, end, prompts)
         if hidden.shape[0] != cache.batch_size:
             raise SpanUsageError(f"cache batch size is {cache.batch_size}, hidden has {hidden.shape[0]} sequences")
         if cache.length + hidden.shape[1] > cache.max_length:
@@ -268,61 +273,83 @@ class Span:
                 ErrorCode.TOO_LONG,
             )
         with torch.no_grad():
-            out = self._run(hidden, cache.dynamic, start, end)
+            out = self._run(hidden, cache.dynamic, start, end, prompts, position=cache.length)
         cache.length += hidden.shape[1]
         return out
 
-    def _run(self, hidden: torch.Tensor, dynamic: DynamicCache | None, start: int, end: int) -> torch.Tensor:
+    def _check_prompts(self, prompts: torch.Tensor, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        expected = (end - start, hidden.shape[0], self.hidden_size)
+        if prompts.ndim != 4 or (prompts.shape[0], prompts.shape[3]) != (expected[0], expected[2]) \
+                or prompts.shape[1] not in (1, hidden.shape[0]) or prompts.shape[2] < 1:
+            raise SpanUsageError(f"prompts must be [{expected[0]}, 1 or {expected[1]}, prefix>=1, {expected[2]}], "
+                                 f"got {tuple(prompts.shape)}")
+        if not prompts.is_floating_point() or not bool(torch.isfinite(prompts).all()):
+            raise SpanUsageError("prompts must be finite floating-point values")
+        return prompts.to(device=self.device, dtype=self.dtype)
+
+    def _run(self, hidden: torch.Tensor, dynamic: DynamicCache | None, start: int, end: int,
+             prompts: torch.Tensor | None = None, position: int = 0) -> torch.Tensor:
         types = self._layer_types[start:end]
         ctx: StepContext = self.family.prepare_step(self.config, hidden, dynamic, types, self.rotary)
         first, last = start - self.start, end - self.start
         if dynamic is not None and self.flat_steps:
             assert self.flat is not None
-            for flat_block, layer_type in zip(self.flat[first:last], types, strict=True):
+            for index, (flat_block, layer_type) in enumerate(zip(self.flat[first:last], types, strict=True)):
+                if prompts is not None:
+                    hidden = add_prompt(hidden, prompts[index], position)
                 hidden = flat_block(hidden, ctx, layer_type)
             return hidden
-        for block, layer_type in zip(self.blocks[first:last], types, strict=True):
+        for index, (block, layer_type) in enumerate(zip(self.blocks[first:last], types, strict=True)):
+            if prompts is not None:
+                hidden = add_prompt(hidden, prompts[index], position)
             hidden = self.family.run_block(block, hidden, ctx, layer_type)
         return hidden
 
     def backward(
-        self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int | None = None, end: int | None = None
-    ) -> torch.Tensor:
-        """Gradient of ``<forward(hidden), grad_output>`` with respect to ``hidden`` (weights frozen)."""
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int | None = None, end: int | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of ``<forward(hidden, prompts), grad_output>`` with respect to ``hidden`` and
+        ``prompts`` (None without prompts); weights frozen."""
         with torch.enable_grad():
             inputs = hidden.detach().to(device=self.device, dtype=self.dtype).requires_grad_(True)
-            out = self.forward(inputs, None, start, end)
+            wrt = [inputs]
+            if prompts is not None:
+                prompts = prompts.detach().to(device=self.device, dtype=self.dtype).requires_grad_(True)
+                wrt.append(prompts)
+            out = self.forward(inputs, None, start, end, prompts)
             if grad_output.shape != out.shape:
                 raise SpanUsageError(f"grad_output must have shape {tuple(out.shape)}, got {tuple(grad_output.shape)}")
-            (grad,) = torch.autograd.grad(out, inputs, grad_output.to(device=self.device, dtype=self.dtype))
-        return grad
-
+            grads = torch.autograd.grad(out, wrt, grad_output.to(device=self.device, dtype=self.dtype))
+        return grads[0], (grads[1] if prompts is not None else None)
 
     # ------------------------------------------------- the same, one block per step (for daemons)
 
-    def forward_blocks(self, hidden: torch.Tensor, start: int | None = None,
-                       end: int | None = None) -> Generator[None, None, torch.Tensor]:
-        """``forward(hidden, None, start, end)`` as a generator that stops after every block.
+    def forward_blocks(self, hidden: torch.Tensor, start: int | None = None, end: int | None = None,
+                       prompts: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
+        """``forward(hidden, None, start, end, prompts)`` as a generator that stops after every block.
 
         A daemon's compute worker runs each step as a job of its own, so another session's decode
         step waits behind at most one block of a long forward request, never all of it. Each block
-        runs exactly as in ``forward`` (same inputs, same kernels): the result is bit-identical.
+        runs exactly as in ``forward`` (same inputs, same kernels, its own slice of the deep
+        prompts): the result is bit-identical.
         """
         start, end = self._range(start, end)
         for block in range(start, end):
-            hidden = self.forward(hidden, None, block, block + 1)
+            hidden = self.forward(hidden, None, block, block + 1, _block_prompts(prompts, block - start))
             if block + 1 < end:
                 yield
         return hidden
 
     def backward_blocks(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int | None = None,
-                        end: int | None = None) -> Generator[None, None, torch.Tensor]:
-        """``backward(hidden, grad_output, start, end)`` as a generator that stops after every
-        block: a forward pass keeping each block's input, then the chain rule block by block in
-        reverse (each block's forward recomputed with autograd, its vector-Jacobian product taken).
-        Bit-identical to ``backward``: every op runs on the same values in the same order, with
-        inputs that require grad as there (kernel choice may depend on it). Memory: one block's
-        autograd graph at a time plus each block's input, instead of every block's graph."""
+                        end: int | None = None, prompts: torch.Tensor | None = None,
+                        ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``backward(hidden, grad_output, start, end, prompts)`` as a generator that stops after
+        every block: a forward pass keeping each block's input, then the chain rule block by block
+        in reverse (each block's forward recomputed with autograd, its vector-Jacobian product
+        taken). Bit-identical to ``backward``: every op runs on the same values in the same order,
+        with inputs that require grad as there (kernel choice may depend on it). Memory: one
+        block's autograd graph at a time plus each block's input, instead of every block's graph."""
         start, end = self._range(start, end)
         inputs: list[torch.Tensor] = []
         current = hidden
@@ -330,16 +357,41 @@ class Span:
             for block in range(start, end):
                 current = current.detach().to(device=self.device, dtype=self.dtype)
                 inputs.append(current)
-                current = self.forward(current.requires_grad_(True), None, block, block + 1)
+                block_prompts = _block_prompts(prompts, block - start)
+                if block_prompts is not None:
+                    block_prompts = block_prompts.detach().requires_grad_(True)
+                current = self.forward(current.requires_grad_(True), None, block, block + 1, block_prompts)
                 yield
         if grad_output.shape != current.shape:
             raise SpanUsageError(f"grad_output must have shape {tuple(current.shape)}, got {tuple(grad_output.shape)}")
         grad = grad_output
+        prompt_grads: list[torch.Tensor] = []
         for block in reversed(range(start, end)):
-            grad = self.backward(inputs[block - start], grad, block, block + 1)
+            grad, prompt_grad = self.backward(inputs[block - start], grad, block, block + 1,
+                                              _block_prompts(prompts, block - start))
+            if prompt_grad is not None:
+                prompt_grads.append(prompt_grad)
             if block > start:
                 yield
-        return grad
+        return grad, (torch.cat(prompt_grads[::-1]) if prompt_grads else None)
+
+
+def _block_prompts(prompts: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """One block's slice [1, 1 or B, K, H] of deep prompts [blocks, 1 or B, K, H] (or None)."""
+    return None if prompts is None else prompts[index:index + 1]
+
+
+def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, position: int) -> torch.Tensor:
+    """Deep prompt tuning (as in Petals): ``prompt`` [1 or B, K, H] is added to the hidden states of
+    sequence positions [0, K) at a block's input. ``hidden`` [B, T, H] holds positions
+    [position, position + T), so a step past the prefix is unchanged and a prefix split over
+    several steps (or replayed in other chunks) gets each position's prompt exactly once."""
+    count = min(prompt.shape[1] - position, hidden.shape[1])
+    if count <= 0:
+        return hidden
+    head = hidden[:, :count] + prompt[:, position:position + count]
+    return torch.cat([head, hidden[:, count:]], dim=1)
+
 
 
 def build_skeleton(config: transformers.PretrainedConfig) -> nn.Module:

@@ -181,7 +181,8 @@ class _FakeSpan:
     start, end, num_blocks_total, hidden_size = 0, 2, 2, 4
     dtype, device = torch.float32, torch.device("cpu")
 
-    def forward(self, hidden: torch.Tensor, cache: _Cache, start: int, end: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: _Cache, start: int, end: int,
+                prompts: torch.Tensor | None = None) -> torch.Tensor:
         if float(hidden[0, 0, 0]) == 13.0:
             raise RuntimeError("out of memory (simulated)")
         import time

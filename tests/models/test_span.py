@@ -164,7 +164,8 @@ def test_training_forward_and_backward_match_full_model(
 
     grad_output = torch.randn(block_output.shape, generator=torch.Generator().manual_seed(7))
     (expected_grad,) = torch.autograd.grad(block_output, block_input, grad_output)
-    grad = span.backward(block_input.detach(), grad_output)
+    grad, no_prompt_grad = span.backward(block_input.detach(), grad_output)
+    assert no_prompt_grad is None
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
     assert all(not p.requires_grad for p in span.blocks.parameters())
 
@@ -198,6 +199,14 @@ def test_blockwise_forward_and_backward_equal_the_whole_span(checkpoint: Callabl
     with torch.inference_mode():
         out, pieces = _drive(span.forward_blocks(hidden, 2, 6))
         assert torch.equal(out, span.forward(hidden, None, 2, 6)) and pieces == 4
-    grad, pieces = _drive(span.backward_blocks(hidden, grad_output, 2, 6))
-    assert torch.equal(grad, span.backward(hidden, grad_output, 2, 6)) and pieces == 8
+    (grad, no_prompts), pieces = _drive(span.backward_blocks(hidden, grad_output, 2, 6))
+    assert torch.equal(grad, span.backward(hidden, grad_output, 2, 6)[0]) and no_prompts is None and pieces == 8
+    # With deep prompts (one per block, on the first positions): outputs and both gradients.
+    prompts = torch.randn(4, 1, 3, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        out, _ = _drive(span.forward_blocks(hidden, 2, 6, prompts))
+        assert torch.equal(out, span.forward(hidden, None, 2, 6, prompts))
+    (grad, grad_prompts), _ = _drive(span.backward_blocks(hidden, grad_output, 2, 6, prompts))
+    expected_grad, expected_prompts = span.backward(hidden, grad_output, 2, 6, prompts)
+    assert torch.equal(grad, expected_grad) and torch.equal(grad_prompts, expected_prompts)
     assert span.activation_bytes(2, 7, 2, 6, grad=True) > span.activation_bytes(2, 7, 2, 6) > 2 * 7 * 64 * 4
