@@ -368,7 +368,8 @@ class DaemonConfig:
         "auto", _throughput, 'Announced block-steps/s (blocks x one-token steps per second, what '
         'routing divides by); "auto" measures it at start.')
     num_threads: int | None = _opt(
-        None, _positive_int, "torch intra-op threads; unset: torch's default.", flag_type=int)
+        None, _positive_int, "torch intra-op threads; unset: the cores free at start (usable cores "
+        "less the load average, at least one).", flag_type=int)
     batching: bool = _opt(
         False, _bool, "Merge concurrent sessions' decode steps into one batched forward (Llama "
         "family). Several times the throughput for many sessions, but batched matmuls round "
