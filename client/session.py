@@ -73,6 +73,10 @@ from .routing import Hop, NoRoute, choose_route, describe_route
 
 log = logging.getLogger("petals_client.session")
 
+#: Replayed steps sent ahead of their results on one hop: enough to hide the round trip of a
+#: long link, few enough that a slow daemon's unread input stays well inside its stream buffer.
+MAX_REPLAY_STEPS_IN_FLIGHT = 16
+
 
 class Channel(Protocol):
     """A typed message stream to one daemon (see petals_protocol.p2p.streams)."""
@@ -230,16 +234,33 @@ class InferenceSession:
                 pass  # the daemon is gone or the stream broke: it frees the session on its own timeout
             await state.channel.aclose()
 
-    async def _send_step(self, state: _HopState, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """One hop driven by the client (replays): send, await the result, verify, count the step."""
-        sent = InferenceStep(session_id=state.session_id, step=state.step, position=position,
-                             hidden=from_torch(hidden), hypo_ids=None)
-        state.last_sent = time.monotonic()
-        with trio.fail_after(self.swarm.step_timeout):
-            await state.channel.send(sent)
-        out = await self._receive_result(state, sent)
-        state.step += 1
-        return to_torch(out)
+    async def _send_steps(self, state: _HopState, chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+        """Steps for consecutive `chunks` from `position` on one hop, pipelined: the next is sent
+        before the result of the one before arrives (the daemon runs a session's steps in order),
+        so a replay costs one round trip per hop rather than one per step, and each chunk is still
+        computed as it was the first time (identical results)."""
+        steps: list[InferenceStep] = []
+        for i, hidden in enumerate(chunks):
+            steps.append(InferenceStep(session_id=state.session_id, step=state.step + i, position=position,
+                                       hidden=from_torch(hidden), hypo_ids=None))
+            position += hidden.shape[1]
+        window = trio.Semaphore(MAX_REPLAY_STEPS_IN_FLIGHT)
+
+        async def send_all() -> None:
+            for sent in steps:
+                await window.acquire()
+                state.last_sent = time.monotonic()
+                with trio.fail_after(self.swarm.step_timeout):
+                    await state.channel.send(sent)
+
+        outs: list[torch.Tensor] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all)
+            for sent in steps:
+                outs.append(to_torch(await self._receive_result(state, sent)))
+                window.release()
+        state.step += len(steps)
+        return outs
 
     async def _receive_result(self, state: _HopState, expected: InferenceStep) -> TensorPayload:
         """`state`'s verified result for `expected`, within step_timeout. Results of earlier steps
@@ -411,20 +432,18 @@ class InferenceSession:
         ) from last_error
 
     async def _replay(self, chain: list[_HopState], chunks: list[torch.Tensor]) -> None:
-        position = 0
-        for chunk in chunks:
-            hidden = chunk
-            for state in chain:
-                try:
-                    out = await self._send_step(state, hidden, position)
-                except BaseException:
-                    for s in chain:
-                        await self._close_hop(s)
-                    raise
-                state.chunks.append(hidden)
-                state.position = position + hidden.shape[1]
-                hidden = out
-            position += chunk.shape[1]
+        """Re-run `chunks` (the failed hop's inputs, step by step) along `chain`, hop after hop,
+        each hop's steps pipelined (see _send_steps)."""
+        for state in chain:
+            try:
+                outs = await self._send_steps(state, chunks, 0)
+            except BaseException:
+                for s in chain:
+                    await self._close_hop(s)
+                raise
+            state.chunks.extend(chunks)
+            state.position = sum(chunk.shape[1] for chunk in chunks)
+            chunks = outs
 
     async def close(self) -> None:
         for state in self.hops:
