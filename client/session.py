@@ -194,15 +194,29 @@ class InferenceSession:
         route = choose_route(
             self.swarm.servers(), start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length
         )
-        opened: list[_HopState] = []
+        # All hops at once: on a long link each open costs round trips, and they do not depend
+        # on each other (a fresh session's time to first token pays the slowest, not the sum).
+        opened: list[_HopState | None] = [None] * len(route)
+        errors: list[Exception] = []
+
+        async def open_one(index: int, hop: Hop) -> None:
+            try:
+                opened[index] = await self._open_hop(hop)
+            except Exception as exc:  # noqa: BLE001 - the first is raised below, after closing the others
+                errors.append(exc)
+
         try:
-            for hop in route:
-                opened.append(await self._open_hop(hop))
-        except BaseException:
-            for state in opened:
-                await self._close_hop(state)
-            raise
-        return opened
+            async with trio.open_nursery() as nursery:
+                for index, hop in enumerate(route):
+                    nursery.start_soon(open_one, index, hop)
+        finally:
+            if errors or any(state is None for state in opened):
+                for state in opened:
+                    if state is not None:
+                        await self._close_hop(state)
+        if errors:
+            raise errors[0]
+        return [state for state in opened if state is not None]
 
     async def _open_hop(self, hop: Hop) -> _HopState:
         session_id = os.urandom(16)
