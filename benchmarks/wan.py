@@ -137,7 +137,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   cwd=Path(__file__).resolve().parent.parent)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
-                raise SystemExit(f"wan: client failed ({done.returncode}):\n{done.stderr[-6000:]}")
+                partial = [line for line in done.stdout.splitlines() if line.startswith("PARTIAL ")]
+                logs = "\n".join(f"--- {name}\n" + "\n".join(list(d.log)[-60:]) for name, d in daemons.items())
+                raise SystemExit(f"wan: client failed ({done.returncode}):\n{done.stderr[-6000:]}\n"
+                                 f"measured before the failure: {partial[-1] if partial else 'nothing'}\n{logs}")
             swarm = json.loads(lines[-1].removeprefix("RESULT "))
         finally:
             for s in swarms:
