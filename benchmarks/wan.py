@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "--long-prompt", json.dumps(long_prompt[0].tolist()), "--new-tokens", str(args.new_tokens),
                    "--repeats", str(args.repeats), "--sessions", str(args.sessions),
                    "--pids", json.dumps({d.peer_id: d.pid for d in daemons.values()}),
-                   "--kill-after", str(args.new_tokens // 2)]
+                   "--kill-after", str(args.new_tokens // 2), "--replay-window", str(args.replay_window)]
             if args.nat:
                 cmd += ["--relayed", daemons["home"].peer_id, daemons[f"d{args.daemons - 1}"].peer_id]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": {"sessions": args.sessions, "single_median": median(swarm["single_tokens_per_s"]),
                         "aggregate_median": median(swarm["aggregate_tokens_per_s"])},
         "swarm": swarm,
+        "client_log_tail": done.stderr[-4000:],
     }
     if args.nat:
         result["relayed"] = {"relayed_median_s": median(swarm["relayed_s"]), "direct_median_s": median(swarm["direct_s"]),
@@ -236,6 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("--nat", action=argparse.BooleanOptionalAction, default=True,
                    help="a daemon for the last span behind a NAT, served through a relay")
+    p.add_argument("--replay-window", type=int, default=0,
+                   help="the client's replayed steps in flight per hop after the SIGKILL (0: its default; 1: "
+                        "one step per round trip, as before pipelined replay)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from petals_client import AutoDistributedModelForCausalLM
+from petals_client import session as session_module
 
 from .measure import TokenClock, median
 from .swarm_vs_local import _concurrent_tokens_per_s, greedy_options
@@ -61,9 +62,13 @@ def main() -> None:
     p.add_argument("--pids", default="{}", help="peer id -> pid, JSON (for the SIGKILL)")
     p.add_argument("--kill-after", type=int, default=0, help="SIGKILL the middle daemon after this many tokens")
     p.add_argument("--step-timeout", type=float, default=120.0, help="generous: the lab's machine may be loaded")
+    p.add_argument("--replay-window", type=int, default=0,
+                   help="replayed steps in flight per hop (0: the client's default; 1: one at a time, as before)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="[client] %(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
+    if args.replay_window:
+        session_module.MAX_REPLAY_STEPS_IN_FLIGHT = args.replay_window
     prompt, long_prompt = torch.tensor([json.loads(args.prompt)]), torch.tensor([json.loads(args.long_prompt)])
     pids: dict[str, int] = json.loads(args.pids)
     result: dict[str, Any] = {"decode_s": [], "prefill_s": [], "ttft_s": [], "routes": []}
