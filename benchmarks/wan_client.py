@@ -66,6 +66,7 @@ def main() -> None:
                    help="replayed steps in flight per hop (0: the client's default; 1: one at a time, as before)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="[client] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("petals_client.session").setLevel(logging.INFO)  # recoveries, with their durations
     torch.set_num_threads(1)
     if args.replay_window:
         session_module.MAX_REPLAY_STEPS_IN_FLIGHT = args.replay_window
@@ -126,6 +127,7 @@ def main() -> None:
                 def kill_middle() -> None:
                     hop = session.route[len(session.route) // 2]
                     killed.append(hop.server.peer_id)
+                    logging.getLogger("wan_client").warning("SIGKILL to %s", hop.server.name)
                     os.kill(pids[hop.server.peer_id], signal.SIGKILL)
 
                 clock = KillingClock(args.kill_after, kill_middle)
