@@ -141,17 +141,19 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     from petals_client import AutoDistributedModelForCausalLM
 
     config.validate()
-    torch.set_num_threads(config.local_threads)
+    if config.local_threads:  # 0: the process's defaults (benchmarks/thread_defaults.py)
+        torch.set_num_threads(config.local_threads)
     shape = SHAPES[config.model_size]
     began = time.monotonic()
     path = ensure_model(shape, config.cache_dir)
     build_s = time.monotonic() - began
     spans = split_blocks(shape.num_layers, config.daemons)
-    machine = machine_info(config.local_threads, config.daemon_threads)
+    machine = machine_info(torch.get_num_threads(), config.daemon_threads)
 
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    daemon_args = ["--num-threads", str(config.daemon_threads), "--log-level", "info",
-                   "--cache-budget", str(config.cache_budget)] + (["--batching"] if config.batching else [])
+    threads = ["--num-threads", str(config.daemon_threads)] if config.daemon_threads else []
+    daemon_args = threads + ["--log-level", "info", "--cache-budget", str(config.cache_budget)] + (
+        ["--batching"] if config.batching else [])
     with LocalSwarm(path, extra_args=daemon_args, echo=config.echo_daemons) as swarm:
         ready_s = start_daemons(swarm, spans)
         began = time.monotonic()
@@ -299,9 +301,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]
     parser.add_argument("--prefill-tokens", type=int, default=defaults.prefill_tokens)
     parser.add_argument("--sessions", type=int, default=defaults.sessions, help="concurrent sessions")
     parser.add_argument("--local-threads", type=int, default=defaults.local_threads,
-                        help="torch threads of the local model and the client (default: 1)")
+                        help="torch threads of the local model and the client (default: 1; 0: torch's default)")
     parser.add_argument("--daemon-threads", type=int, default=defaults.daemon_threads,
-                        help="torch threads per daemon, passed as --num-threads (default: 1)")
+                        help="torch threads per daemon, passed as --num-threads (default: 1; 0: no flag, the daemon's default)")
     parser.add_argument("--cache-budget", type=int, default=defaults.cache_budget,
                         help="each daemon's KV-cache budget in bytes (the RSS target includes it)")
     parser.add_argument("--cache-dir", type=Path, default=defaults.cache_dir,

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from petals_protocol.threads import quiet_openmp_waits
+
+# A client mostly waits on the network: its idle OpenMP threads should sleep, not spin on cores
+# that daemons or the user's other work need (effective only when imported before torch).
+quiet_openmp_waits()
+
 __all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "RemoteSequential",
            "AutoDistributedModelForSequenceClassification", "DistributedModelForSequenceClassification"]
 

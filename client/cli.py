@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from petals_protocol.threads import quiet_openmp_waits
+
+    quiet_openmp_waits()  # before torch is imported: its OpenMP runtime reads this once
     try:
         from petals_protocol.p2p.host import quiet_libp2p_logs
 

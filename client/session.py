@@ -81,6 +81,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("petals_client.session")
 
+#: Replayed steps sent ahead of their results on one hop: enough to hide the round trip of a
+#: long link, few enough that a slow daemon's unread input stays well inside its stream buffer.
+MAX_REPLAY_STEPS_IN_FLIGHT = 16
+
 
 class Swarm(Protocol):
     """What a session needs from the client's view of the swarm (client/swarm.py implements it)."""
@@ -205,15 +209,29 @@ class InferenceSession:
             if restrictions:  # say why daemons the user may know of were not used
                 raise NoRoute(exc.uncovered, restrictions) from exc
             raise
-        opened: list[_HopState] = []
+        # All hops at once: on a long link each open costs round trips, and they do not depend
+        # on each other (a fresh session's time to first token pays the slowest, not the sum).
+        opened: list[_HopState | None] = [None] * len(route)
+        errors: list[Exception] = []
+
+        async def open_one(index: int, hop: Hop) -> None:
+            try:
+                opened[index] = await self._open_hop(hop)
+            except Exception as exc:  # noqa: BLE001 - the first is raised below, after closing the others
+                errors.append(exc)
+
         try:
-            for hop in route:
-                opened.append(await self._open_hop(hop))
-        except BaseException:
-            for state in opened:
-                await self._close_hop(state)
-            raise
-        return opened
+            async with trio.open_nursery() as nursery:
+                for index, hop in enumerate(route):
+                    nursery.start_soon(open_one, index, hop)
+        finally:
+            if errors or any(state is None for state in opened):
+                for state in opened:
+                    if state is not None:
+                        await self._close_hop(state)
+        if errors:
+            raise errors[0]
+        return [state for state in opened if state is not None]
 
     async def _open_hop(self, hop: Hop) -> _HopState:
         session_id = os.urandom(16)
@@ -245,16 +263,34 @@ class InferenceSession:
                 pass  # the daemon is gone or the stream broke: it frees the session on its own timeout
             await state.channel.aclose()
 
-    async def _send_step(self, state: _HopState, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """One hop driven by the client (replays): send, await the result, verify, count the step."""
-        sent = InferenceStep(session_id=state.session_id, step=state.step, position=position,
-                             hidden=from_torch(hidden), hypo_ids=None, prompts=self._prompts_for(state, position))
-        state.last_sent = time.monotonic()
-        with trio.fail_after(self.swarm.step_timeout):
-            await state.channel.send(sent)
-        out = await self._receive_result(state, sent)
-        state.step += 1
-        return to_torch(out)
+    async def _send_steps(self, state: _HopState, chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+        """Steps for consecutive `chunks` from `position` on one hop, pipelined: the next is sent
+        before the result of the one before arrives (the daemon runs a session's steps in order),
+        so a replay costs one round trip per hop rather than one per step, and each chunk is still
+        computed as it was the first time (identical results)."""
+        steps: list[InferenceStep] = []
+        for i, hidden in enumerate(chunks):
+            steps.append(InferenceStep(session_id=state.session_id, step=state.step + i, position=position,
+                                       hidden=from_torch(hidden), hypo_ids=None,
+                                       prompts=self._prompts_for(state, position)))
+            position += hidden.shape[1]
+        window = trio.Semaphore(MAX_REPLAY_STEPS_IN_FLIGHT)
+
+        async def send_all() -> None:
+            for sent in steps:
+                await window.acquire()
+                state.last_sent = time.monotonic()
+                with trio.fail_after(self.swarm.step_timeout):
+                    await state.channel.send(sent)
+
+        outs: list[torch.Tensor] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all)
+            for sent in steps:
+                outs.append(to_torch(await self._receive_result(state, sent)))
+                window.release()
+        state.step += len(steps)
+        return outs
 
     async def _receive_result(self, state: _HopState, expected: InferenceStep) -> TensorPayload:
         """`state`'s verified result for `expected`, within step_timeout. Results of earlier steps
@@ -464,20 +500,18 @@ class InferenceSession:
         ) from last_error
 
     async def _replay(self, chain: list[_HopState], chunks: list[torch.Tensor]) -> None:
-        position = 0
-        for chunk in chunks:
-            hidden = chunk
-            for state in chain:
-                try:
-                    out = await self._send_step(state, hidden, position)
-                except BaseException:
-                    for s in chain:
-                        await self._close_hop(s)
-                    raise
-                state.chunks.append(hidden)
-                state.position = position + hidden.shape[1]
-                hidden = out
-            position += chunk.shape[1]
+        """Re-run `chunks` (the failed hop's inputs, step by step) along `chain`, hop after hop,
+        each hop's steps pipelined (see _send_steps)."""
+        for state in chain:
+            try:
+                outs = await self._send_steps(state, chunks, 0)
+            except BaseException:
+                for s in chain:
+                    await self._close_hop(s)
+                raise
+            state.chunks.extend(chunks)
+            state.position = sum(chunk.shape[1] for chunk in chunks)
+            chunks = outs
 
     async def close(self) -> None:
         for state in self.hops:

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print(config_mod.to_toml(config), end="")
         return 0
     setup_logging(config.log_level)
+    from petals_protocol.threads import quiet_openmp_waits
+
+    quiet_openmp_waits()  # before torch is imported: its OpenMP runtime reads this once
     import trio
 
     from .daemon import build_daemon

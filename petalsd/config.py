@@ -414,7 +414,8 @@ class DaemonConfig:
         "adapter_model.safetensors), named after the folder; clients choose one with active_adapter. "
         "An adapter that does not fit the model is refused at start.", factory=list)
     num_threads: int | None = _opt(
-        None, _positive_int, "torch intra-op threads; unset: torch's default.", flag_type=int)
+        None, _positive_int, "torch intra-op threads; unset: the cores free at start (usable cores "
+        "less the load average, at least one).", flag_type=int)
     batching: bool = _opt(
         False, _bool, "Merge concurrent sessions' decode steps into one batched forward (Llama "
         "family). Several times the throughput for many sessions, but batched matmuls round "

@@ -40,6 +40,7 @@ from petals_protocol.models.source import HubRepo
 from petals_protocol.models.span import Span, block_bytes, load_span, span_shards
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
 from petals_protocol.localpaths import default_control_socket
+from petals_protocol.threads import set_torch_threads
 from petals_protocol.p2p.identity import (
     IdentityClaim,
     claim_free_identity,
@@ -616,8 +617,8 @@ class Daemon:
 
 def build_daemon(config: DaemonConfig, argv: list[str], notifier: Notifier) -> Daemon:
     """Everything that can fail before joining the swarm; raises with a one-line reason."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    threads = set_torch_threads(config.num_threads)
+    log.info("torch threads=%d%s", threads, "" if config.num_threads else " (cores free at start)")
     checkpoint = Checkpoint(config.model, revision=config.revision, cache_dir=default_cache_dir())
     identity = claim_identity(config.identity) if config.identity else claim_free_identity(default_identity_dir())
     num_blocks = checkpoint.config.num_hidden_layers

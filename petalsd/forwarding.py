@@ -153,6 +153,11 @@ class Forwarder:
         if self._non_members.get(peer, 0.0) > trio.current_time():
             raise PushRefused(f"push target {peer} is not a swarm member serving block {target.start_block}")
         link = self._links.get(peer) or self._open_link(peer, target.start_block)
+        if link.record is not None and not serves(link.record, target.start_block) \
+                and (known := self._known.get(peer)) is not None and serves(known, target.start_block):
+            # The record read when the link opened expires (record_ttl) while the link lives on:
+            # the one learnt since in the background says whether the daemon still serves.
+            link.record = known
         if link.record is not None and not serves(link.record, target.start_block):
             raise PushRefused(f"push target {peer} does not serve block {target.start_block} (its record: "
                               f"blocks {link.record.start_block}:{link.record.end_block}, {link.record.state})")

@@ -123,16 +123,21 @@ class NatLab:
         for dev in (in_home, "lo"):
             _sh("ip", "-n", hns, "link", "set", dev, "up")
         _sh("ip", "-n", hns, "route", "add", "default", "via", inside_ip)
-        ex = ["ip", "netns", "exec", rtr]
-        _sh(*ex, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _sh(*ex, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", up_rtr, "-j", "MASQUERADE")
-        _sh(*ex, "iptables", "-A", "FORWARD", "-i", up_rtr, "-m", "state", "--state", "ESTABLISHED,RELATED",
-            "-j", "ACCEPT")
-        _sh(*ex, "iptables", "-A", "FORWARD", "-i", up_rtr, "-j", "DROP")
-        # Like a home router's firewall: unsolicited connections to the router itself are dropped,
-        # not answered with a reset (which would also make a hole punch a race against the RST).
-        _sh(*ex, "iptables", "-A", "INPUT", "-i", up_rtr, "-p", "tcp", "-m", "state", "--state", "NEW",
-            "-j", "DROP")
+        masquerade(rtr, up_rtr)
+
+
+def masquerade(router_ns: str, outside: str) -> None:
+    """Make `router_ns` a home router: masquerade out of `outside`, forward only replies inwards."""
+    ex = ["ip", "netns", "exec", router_ns]
+    _sh(*ex, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    _sh(*ex, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", outside, "-j", "MASQUERADE")
+    _sh(*ex, "iptables", "-A", "FORWARD", "-i", outside, "-m", "state", "--state", "ESTABLISHED,RELATED",
+        "-j", "ACCEPT")
+    _sh(*ex, "iptables", "-A", "FORWARD", "-i", outside, "-j", "DROP")
+    # Like a home router's firewall: unsolicited connections to the router itself are dropped,
+    # not answered with a reset (which would also make a hole punch a race against the RST).
+    _sh(*ex, "iptables", "-A", "INPUT", "-i", outside, "-p", "tcp", "-m", "state", "--state", "NEW",
+        "-j", "DROP")
 
 
 @contextmanager

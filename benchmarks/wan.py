@@ -1,0 +1,262 @@
+"""The swarm on an emulated WAN against the physical bound: daemons and client in network namespaces.
+
+    sudo .venv/bin/python -m benchmarks.wan --model-size 271m --daemons 3 --json wan.json
+
+One run (as root) builds the WAN lab (tests/system/wanlab.py: one namespace per host, joined by
+the user-space link emulator tests/system/linkemu.py, since this kernel has no netem), checks the
+emulator against its configured one-way delay with probe packets, then starts:
+
+- `--daemons` public daemons d0.. that split the blocks evenly, each on its own host;
+- `spare`, a second daemon for the middle span (so the SIGKILL below can be recovered from);
+- with `--nat` (the default), `home`, a daemon for the last span behind a masquerading router,
+  reachable only through a relay (the public daemons are relays);
+
+and the client (benchmarks/wan_client.py) on its own host. Every host pair is one emulated link
+(`--delay` one way, `--jitter`, `--loss`, and each host's uplink `--rate`). The local model runs
+in this process with one torch thread, as each daemon does, before and after the swarm's run.
+
+It prints, each against its bound where there is one:
+- per-token time vs compute (local per-token time) + the one-way delays along the chain
+  (client -> d0 -> ... -> last -> client: daemons + 1 legs, push forwarding) + the activations'
+  bytes over each leg / rate;
+- prefill of `--prefill-tokens` vs local prefill + the same delays + that prompt's bytes per leg;
+- time to first token of a fresh session (opening the chain included);
+- the relayed daemon's extra per-token cost (the chain through `home` vs through the public d-last);
+- tokens/s of `--sessions` concurrent users vs one;
+- the stall after SIGKILL of the middle daemon (the gap at the kill less the median gap).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from petals_client.localswarm import DaemonProcess, LocalSwarm
+
+from .measure import TokenClock, machine_info, median
+from .shapes import SHAPES, default_cache_dir, ensure_model, split_blocks
+from .swarm_vs_local import greedy_options, random_prompt
+
+SYSTEM_TESTS = Path(__file__).resolve().parent.parent / "tests" / "system"
+sys.path.insert(0, str(SYSTEM_TESTS))  # the namespace lab lives beside the system tests that use it
+from natlab import ensure_tools  # noqa: E402
+from wanlab import LinkConfig, WanLab, wan_lab  # noqa: E402
+
+PROBE = SYSTEM_TESTS / "udp_probe.py"
+
+
+def probe_one_way(lab: WanLab, src: str, dst: str, count: int = 200) -> list[float]:
+    """One-way delays of UDP probes from `src` to `dst` (the namespaces share one monotonic clock)."""
+    receiver = subprocess.Popen([*lab.prefix(dst), sys.executable, str(PROBE), "recv", "9000", str(count), "5"],
+                                stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout is not None and receiver.stdout.readline().strip() == "listening"
+    subprocess.run([*lab.prefix(src), sys.executable, str(PROBE), "send", lab.ip(dst), "9000", str(count),
+                    "0.005", "200"], check=True, timeout=60)
+    out, _ = receiver.communicate(timeout=30)
+    return [d for _, d in json.loads(out)]
+
+
+def local_reference(model: Any, prompt: torch.Tensor, long_prompt: torch.Tensor, new_tokens: int,
+                    repeats: int) -> tuple[list[float], list[float], list[int]]:
+    decode, prefill, tokens = [], [], []
+    for _ in range(repeats):
+        clock = TokenClock()
+        tokens = model.generate(prompt, streamer=clock, **greedy_options(new_tokens))[0].tolist()
+        decode.append(clock.per_token_s)
+        clock = TokenClock()
+        model.generate(long_prompt, streamer=clock, **greedy_options(2))
+        prefill.append(clock.first_token_s)
+    return decode, prefill, tokens
+
+
+def start_daemons(lab: WanLab, model: Path, folder: Path, spans: list[tuple[int, int]], nat: bool,
+                  daemon_args: list[str], swarms: list[LocalSwarm]) -> dict[str, DaemonProcess]:
+    """Each daemon on its own host, in one LocalSwarm per host (its python runs in that namespace);
+    `swarms` collects them as they start, for the caller to stop however this ends."""
+    daemons: dict[str, DaemonProcess] = {}
+    plan = [(f"d{i}", span) for i, span in enumerate(spans)] + [("spare", spans[len(spans) // 2])]
+    plan += [("home", spans[-1])] if nat else []
+    for host, (start, end) in plan:
+        swarm = LocalSwarm(model, workdir=folder, python=lab.python(host, folder), extra_args=daemon_args)
+        swarms.append(swarm)
+        where = ["--listen", f"/ip4/{lab.ip(host)}/tcp/0"]
+        where += ["--announce-period", "2"] if host == "home" else ["--reachability", "public"]
+        first = daemons.get("d0")
+        daemons[host] = swarm.start(f"{start}:{end}", name=host, initial_peers=first.addrs if first else [],
+                                    args=where)
+    return daemons
+
+
+def bound(local_s: float, legs: int, delay: float, bytes_per_leg: int, rate: float) -> dict[str, float]:
+    return {"compute_s": local_s, "delays_s": legs * delay, "transfer_s": legs * bytes_per_leg * 8 / rate,
+            "total_s": local_s + legs * delay + legs * bytes_per_leg * 8 / rate}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    problem = ensure_tools()
+    if problem:
+        raise SystemExit(f"wan: {problem}")
+    torch.set_num_threads(1)
+    shape = SHAPES[args.model_size]
+    path = ensure_model(shape, args.cache_dir)
+    spans = split_blocks(shape.num_layers, args.daemons)
+    prompt = random_prompt(shape, args.prompt_tokens, seed=1)
+    long_prompt = random_prompt(shape, args.prefill_tokens, seed=2)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    local_reference(local, prompt, prompt, 2, 1)  # warm-up
+    machine = machine_info(1, args.daemon_threads)
+    link = LinkConfig(delay=args.delay, jitter=args.jitter, loss=args.loss, rate=args.rate, mtu=args.mtu)
+    hosts = ["client", *(f"d{i}" for i in range(args.daemons)), "spare"]
+    daemon_args = ["--num-threads", str(args.daemon_threads), "--log-level", "info", "--throughput", "100"]
+    decode_l, prefill_l, local_tokens = local_reference(local, prompt, long_prompt, args.new_tokens, args.repeats)
+    with wan_lab(f"wb{os.getpid() % 10000}", hosts, natted=["home"] if args.nat else [], link=link) as lab:
+        one_way = probe_one_way(lab, "client", "d0")
+        folder = Path(lab._folder.name)  # type: ignore[union-attr]
+        swarms: list[LocalSwarm] = []
+        try:
+            daemons = start_daemons(lab, path, folder, spans, args.nat, daemon_args, swarms)
+            cmd = [*lab.prefix("client"), sys.executable, "-m", "benchmarks.wan_client", "--model", str(path),
+                   "--peer", daemons["d0"].addrs[0], "--prompt", json.dumps(prompt[0].tolist()),
+                   "--long-prompt", json.dumps(long_prompt[0].tolist()), "--new-tokens", str(args.new_tokens),
+                   "--repeats", str(args.repeats), "--sessions", str(args.sessions),
+                   "--pids", json.dumps({d.peer_id: d.pid for d in daemons.values()}),
+                   "--kill-after", str(args.new_tokens // 2), "--replay-window", str(args.replay_window)]
+            if args.nat:
+                cmd += ["--relayed", daemons["home"].peer_id, daemons[f"d{args.daemons - 1}"].peer_id]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                                  cwd=Path(__file__).resolve().parent.parent)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                partial = [line for line in done.stdout.splitlines() if line.startswith("PARTIAL ")]
+                logs = "\n".join(f"--- {name}\n" + "\n".join(list(d.log)[-60:]) for name, d in daemons.items())
+                raise SystemExit(f"wan: client failed ({done.returncode}):\n{done.stderr[-6000:]}\n"
+                                 f"measured before the failure: {partial[-1] if partial else 'nothing'}\n{logs}")
+            swarm = json.loads(lines[-1].removeprefix("RESULT "))
+        finally:
+            for s in swarms:
+                s.stop()
+    more_decode, more_prefill, _ = local_reference(local, prompt, long_prompt, args.new_tokens, args.repeats)
+    decode_l += more_decode
+    prefill_l += more_prefill
+
+    legs = args.daemons + 1
+    activation = shape.hidden_size * 4  # fp32 activations: bytes per token on each leg
+    decode_bound = bound(median(decode_l), legs, args.delay, activation, args.rate)
+    prefill_bound = bound(median(prefill_l), legs, args.delay, activation * args.prefill_tokens, args.rate)
+    result: dict[str, Any] = {
+        "benchmark": "wan", "schema": 1, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [Path(sys.executable).name, "-m", "benchmarks.wan", *sys.argv[1:]],
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "spans": [f"{a}:{b}" for a, b in spans],
+        "machine": {**machine, "load_average_1m_end": os.getloadavg()[0]},
+        "link": {"configured_one_way_s": args.delay, "probe_median_s": statistics.median(one_way),
+                 "probe_p90_s": sorted(one_way)[int(0.9 * (len(one_way) - 1))], "probes": len(one_way),
+                 "emulator": lab.stats},
+        "local": {"decode_s": decode_l, "prefill_s": prefill_l},
+        "decode": {"swarm_median_s": swarm["decode_median_s"], "bound": decode_bound,
+                   "ratio_to_bound": swarm["decode_median_s"] / decode_bound["total_s"],
+                   "tokens_match": swarm["tokens"] == local_tokens},
+        "prefill": {"tokens": args.prefill_tokens, "swarm_median_s": swarm["prefill_median_s"],
+                    "bound": prefill_bound, "ratio_to_bound": swarm["prefill_median_s"] / prefill_bound["total_s"]},
+        "ttft_median_s": swarm["ttft_median_s"],
+        "concurrency": {"sessions": args.sessions, "single_median": median(swarm["single_tokens_per_s"]),
+                        "aggregate_median": median(swarm["aggregate_tokens_per_s"])},
+        "swarm": swarm,
+        "client_log_tail": done.stderr[-4000:],
+    }
+    if args.nat:
+        result["relayed"] = {"relayed_median_s": median(swarm["relayed_s"]), "direct_median_s": median(swarm["direct_s"]),
+                             "extra_s": median(swarm["relayed_s"]) - median(swarm["direct_s"]),
+                             "tokens_match": swarm.get("relayed_tokens_match")}
+    rec = swarm.get("recovery")
+    if rec:
+        result["recovery"] = {**rec, "stall_s": rec["gap_after_kill_s"] - rec["median_gap_s"]}
+    return result
+
+
+def format_report(r: dict[str, Any]) -> str:
+    ms = 1e3
+    d, p, m, c = r["decode"], r["prefill"], r["machine"], r["concurrency"]
+
+    def parts(b: dict[str, float]) -> str:
+        return (f"bound {b['total_s'] * ms:.1f} ms = compute {b['compute_s'] * ms:.1f} + delays {b['delays_s'] * ms:.1f}"
+                f" + transfer {b['transfer_s'] * ms:.1f}")
+
+    cfg = r["config"]
+    lines = [
+        f"model {cfg['model_size']}, daemons {' '.join(r['spans'])} (+ spare for {r['spans'][len(r['spans']) // 2]}"
+        f"{', + natted home for ' + r['spans'][-1] if cfg['nat'] else ''}), repeats {cfg['repeats']}",
+        f"link: {cfg['delay'] * ms:.0f} ms one way +- {cfg['jitter'] * ms:.1f} ms, loss {cfg['loss']:.2%}, "
+        f"uplink {cfg['rate'] / 1e6:.0f} Mbit/s, MTU {cfg['mtu']}; probes: median {r['link']['probe_median_s'] * ms:.2f} ms, "
+        f"p90 {r['link']['probe_p90_s'] * ms:.2f} ms; emulator: {r['link']['emulator']}",
+        f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_average_1m']:.2f} -> {m['load_average_1m_end']:.2f}",
+        f"decode:  swarm {d['swarm_median_s'] * ms:.1f} ms/token, {parts(d['bound'])}: "
+        f"{d['ratio_to_bound']:.3f}x the bound; tokens match local: {d['tokens_match']}",
+        f"prefill: {p['tokens']} tokens swarm {p['swarm_median_s'] * ms:.0f} ms, {parts(p['bound'])}: "
+        f"{p['ratio_to_bound']:.3f}x the bound",
+        f"time to first token (fresh session, chain opened): {r['ttft_median_s'] * ms:.0f} ms",
+        f"concurrency: 1 session {c['single_median']:.2f} tok/s, {c['sessions']} sessions {c['aggregate_median']:.2f} "
+        f"tok/s aggregate ({c['aggregate_median'] / c['single_median']:.2f}x)",
+    ]
+    if "relayed" in r:
+        rl = r["relayed"]
+        lines.append(f"relayed daemon: {rl['relayed_median_s'] * ms:.1f} ms/token vs direct {rl['direct_median_s'] * ms:.1f}"
+                     f" ms/token: {rl['extra_s'] * ms:+.1f} ms per token; tokens match: {rl['tokens_match']}")
+    if "recovery" in r:
+        rc = r["recovery"]
+        lines.append(f"SIGKILL of the middle daemon: gap {rc['gap_after_kill_s'] * ms:.0f} ms vs median "
+                     f"{rc['median_gap_s'] * ms:.0f} ms: stall {rc['stall_s'] * ms:.0f} ms, recoveries {rc['recoveries']}, "
+                     f"tokens match: {rc['tokens_match']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.wan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-size", choices=sorted(SHAPES), default="271m")
+    p.add_argument("--daemons", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--sessions", type=int, default=8, help="concurrent users")
+    p.add_argument("--daemon-threads", type=int, default=1, help="torch threads per daemon (--num-threads)")
+    p.add_argument("--delay", type=float, default=0.025, help="one-way delay between any two hosts, seconds")
+    p.add_argument("--jitter", type=float, default=0.001, help="uniform +- around the delay, seconds")
+    p.add_argument("--loss", type=float, default=0.001, help="probability a packet is dropped")
+    p.add_argument("--rate", type=float, default=100e6, help="each host's uplink, bits/s")
+    p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--nat", action=argparse.BooleanOptionalAction, default=True,
+                   help="a daemon for the last span behind a NAT, served through a relay")
+    p.add_argument("--replay-window", type=int, default=0,
+                   help="the client's replayed steps in flight per hop after the SIGKILL (0: its default; 1: "
+                        "one step per round trip, as before pipelined replay)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.new_tokens < 4 or args.daemons < 2:
+        p.error("--new-tokens must be at least 4 and --daemons at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(format_report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

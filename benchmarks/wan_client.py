@@ -1,0 +1,149 @@
+"""The client side of benchmarks/wan.py, run inside the WAN lab's client namespace.
+
+Measures, through the swarm only (local figures are the parent's), and prints one line
+`RESULT {json}`: decode seconds per token, prefill (time to the first token of a long prompt,
+session already open), time to first token of a fresh session (opening the chain included),
+the relayed daemon's extra cost (generations through the natted daemon and through a public one
+for the same blocks, interleaved), 8 users' aggregate tokens/s against one session's, and the
+recovery after SIGKILL of the daemon serving the middle of the chain.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+
+from petals_client import AutoDistributedModelForCausalLM
+from petals_client import session as session_module
+
+from .measure import TokenClock, median
+from .swarm_vs_local import _concurrent_tokens_per_s, greedy_options
+
+
+def _route(session: Any) -> list[dict[str, Any]]:
+    return [{"peer_id": h.server.peer_id, "name": h.server.name, "blocks": [h.start, h.end]} for h in session.route]
+
+
+def _generate(model: Any, ids: torch.Tensor, new_tokens: int, clock: TokenClock) -> tuple[list[int], list]:
+    with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
+        out = model.generate(ids, session=session, streamer=clock, **greedy_options(new_tokens))
+        return out[0].tolist(), _route(session)
+
+
+class KillingClock(TokenClock):
+    """Stamps tokens like TokenClock and SIGKILLs the middle hop's daemon after `after` tokens."""
+
+    def __init__(self, after: int, victim: Any) -> None:
+        super().__init__()
+        self.after, self.victim = after, victim
+
+    def put(self, value: torch.Tensor) -> None:
+        super().put(value)
+        if len(self.stamps) - 1 == self.after:
+            self.victim()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--peer", required=True)
+    p.add_argument("--prompt", required=True, help="short prompt, token ids as JSON")
+    p.add_argument("--long-prompt", required=True, help="prefill prompt, token ids as JSON")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--relayed", nargs=2, metavar=("NATTED", "PUBLIC"), help="peer ids serving the same blocks")
+    p.add_argument("--pids", default="{}", help="peer id -> pid, JSON (for the SIGKILL)")
+    p.add_argument("--kill-after", type=int, default=0, help="SIGKILL the middle daemon after this many tokens")
+    p.add_argument("--step-timeout", type=float, default=120.0, help="generous: the lab's machine may be loaded")
+    p.add_argument("--replay-window", type=int, default=0,
+                   help="replayed steps in flight per hop (0: the client's default; 1: one at a time, as before)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="[client] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("petals_client.session").setLevel(logging.INFO)  # recoveries, with their durations
+    torch.set_num_threads(1)
+    if args.replay_window:
+        session_module.MAX_REPLAY_STEPS_IN_FLIGHT = args.replay_window
+    prompt, long_prompt = torch.tensor([json.loads(args.prompt)]), torch.tensor([json.loads(args.long_prompt)])
+    pids: dict[str, int] = json.loads(args.pids)
+    result: dict[str, Any] = {"decode_s": [], "prefill_s": [], "ttft_s": [], "routes": []}
+    began = time.perf_counter()
+    with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[args.peer], connect_timeout=10.0,
+                                                         step_timeout=args.step_timeout, max_retries=5) as model:
+        result["connect_s"] = time.perf_counter() - began
+        if args.relayed:
+            model.swarm.ban(args.relayed[0])  # the direct chain for everything but the relayed figure
+        _generate(model, prompt, 2, TokenClock())  # warm-up: connections, allocators
+        for _ in range(args.repeats):
+            clock = TokenClock()
+            tokens, route = _generate(model, prompt, args.new_tokens, clock)
+            result["decode_s"].append(clock.per_token_s)
+            result["routes"].append(route)
+            result["tokens"] = tokens
+            clock = TokenClock()
+            _generate(model, long_prompt, 2, clock)
+            result["prefill_s"].append(clock.first_token_s)
+            clock, called = TokenClock(), time.perf_counter()
+            _generate(model, prompt, 2, clock)  # a fresh session: opening the chain counts
+            result["ttft_s"].append(clock.stamps[1] - called)
+
+        if args.relayed:
+            natted, public = args.relayed
+            result["relayed_s"], result["direct_s"], result["relayed_routes"] = [], [], []
+            for _ in range(args.repeats):
+                for label, use, avoid in (("relayed", natted, public), ("direct", public, natted)):
+                    model.swarm.unban(use)
+                    model.swarm.ban(avoid)
+                    clock = TokenClock()
+                    tokens, route = _generate(model, prompt, args.new_tokens, clock)
+                    result[f"{label}_s"].append(clock.per_token_s)
+                    result["relayed_routes"].append([label, route])
+                    result.setdefault("relayed_tokens_match", True)
+                    result["relayed_tokens_match"] &= tokens == result["tokens"]
+            model.swarm.unban(public)
+            model.swarm.ban(natted)
+
+        print("PARTIAL " + json.dumps(result), flush=True)  # what is measured so far, should a phase fail
+        single, aggregate = [], []
+        prompts = [torch.roll(prompt, i, dims=1) for i in range(args.sessions)]  # distinct, same tokens
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            model.generate(prompt, **greedy_options(args.new_tokens))
+            single.append(args.new_tokens / (time.perf_counter() - t0))
+            aggregate.append(_concurrent_tokens_per_s(model, prompts, args.new_tokens))
+        result["single_tokens_per_s"], result["aggregate_tokens_per_s"] = single, aggregate
+        print("PARTIAL " + json.dumps(result), flush=True)
+
+        if args.kill_after:
+            with model.inference_session(max_length=prompt.shape[1] + args.new_tokens) as session:
+                killed: list[str] = []
+
+                def kill_middle() -> None:
+                    hop = session.route[len(session.route) // 2]
+                    killed.append(hop.server.peer_id)
+                    logging.getLogger("wan_client").warning("SIGKILL to %s", hop.server.name)
+                    os.kill(pids[hop.server.peer_id], signal.SIGKILL)
+
+                clock = KillingClock(args.kill_after, kill_middle)
+                out = model.generate(prompt, session=session, streamer=clock, **greedy_options(args.new_tokens))
+                gaps = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]
+                at = args.kill_after  # gaps[at - 1] is the step right after the kill
+                result["recovery"] = {
+                    "killed": killed, "route_after": _route(session), "recoveries": session.recoveries,
+                    "gap_after_kill_s": gaps[at - 1], "median_gap_s": median(gaps),
+                    "tokens_match": out[0].tolist() == result["tokens"],
+                }
+    result["decode_median_s"] = median(result["decode_s"])
+    result["prefill_median_s"] = median(result["prefill_s"])
+    result["ttft_median_s"] = median(result["ttft_s"])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""A user-space WAN emulator: one TUN device per host namespace, packets held for the link's delay.
+
+This kernel has no `netem` qdisc, so delay, jitter and loss cannot be set with `tc`. Instead every
+host of the lab gets a TUN device (`wan0`) whose packets this process reads; it forwards each one
+to the TUN of the host owning the destination address after:
+
+- the sender's uplink serialises it (`rate`: a packet leaves when the previous one has, plus its
+  bits / rate; the uplink is shared by all of that host's destinations, as at home);
+- it travels the one-way `delay`, plus a uniform draw in [-jitter, +jitter];
+- it is dropped with probability `loss` (a lost packet is retransmitted by TCP, as on a WAN).
+
+Order is preserved per (source, destination) link: a packet is never delivered before the one
+sent ahead of it on the same link (jitter only ever delays), as on one path of a real network.
+
+    python linkemu.py CONFIG.json     # prints "ready" once every TUN is up; SIGTERM ends it
+
+CONFIG: {"delay": s, "jitter": s, "loss": p, "rate": bits/s, "mtu": n, "seed": n,
+         "hosts": [{"netns": "...", "ip": "198.18.0.2"}, ...], "prefix": 24, "stats": "path.json"}
+On exit it writes to `stats` how late each forwarded packet left against its due time and how
+many it dropped, so a run can check the emulator kept to its own configured delay.
+"""
+from __future__ import annotations
+
+import fcntl
+import heapq
+import json
+import os
+import random
+import select
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+DEVICE = "wan0"
+
+
+@dataclass
+class LinkConfig:
+    delay: float = 0.025
+    jitter: float = 0.0
+    loss: float = 0.0
+    rate: float = 100e6
+    mtu: int = 1500
+    seed: int = 0
+
+
+@dataclass
+class Uplink:
+    """A host's uplink: when it finishes sending what it has been given so far."""
+
+    free_at: float = 0.0
+
+
+@dataclass
+class Stats:
+    forwarded: int = 0
+    dropped: int = 0
+    foreign: int = 0  # not IPv4, or to an address no host owns
+    lateness: list[float] = field(default_factory=list)  # seconds each packet left after its due time
+    delays: list[float] = field(default_factory=list)  # seconds each packet was held, arrival to write
+
+    def summary(self) -> dict[str, float | int]:
+        late = sorted(self.lateness) or [0.0]
+        return {"forwarded": self.forwarded, "dropped": self.dropped, "foreign": self.foreign,
+                "late_median_s": statistics.median(late), "late_p99_s": late[int(0.99 * (len(late) - 1))],
+                "late_max_s": late[-1], "held_median_s": statistics.median(self.delays or [0.0])}
+
+
+def open_tun(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    return fd
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"linkemu: ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def attach(fd_name: str, netns: str, ip: str, prefix: int, mtu: int) -> None:
+    """Move the TUN `fd_name` (made in this namespace) into `netns` as wan0 with address `ip`."""
+    _ip("link", "set", "dev", fd_name, "netns", netns)
+    _ip("-n", netns, "link", "set", "dev", fd_name, "name", DEVICE)
+    _ip("-n", netns, "link", "set", "dev", DEVICE, "mtu", str(mtu), "txqueuelen", "10000")
+    _ip("-n", netns, "addr", "add", f"{ip}/{prefix}", "dev", DEVICE)
+    _ip("-n", netns, "link", "set", "dev", DEVICE, "up")
+
+
+class Emulator:
+    def __init__(self, link: LinkConfig, fds: dict[bytes, int]) -> None:
+        self.link = link
+        self.fds = fds  # packed IPv4 address -> the TUN fd of the host that owns it
+        self.host_of = {fd: addr for addr, fd in fds.items()}
+        self.uplinks = {fd: Uplink() for fd in fds.values()}
+        self.last_due: dict[tuple[int, int], float] = {}
+        self.queue: list[tuple[float, int, int, float, bytes]] = []  # (due, seq, dst fd, arrived, packet)
+        self.seq = 0
+        self.rng = random.Random(link.seed)
+        self.stats = Stats()
+
+    def receive(self, src: int, packet: bytes, now: float) -> None:
+        if len(packet) < 20 or packet[0] >> 4 != 4 or packet[16:20] not in self.fds:
+            self.stats.foreign += 1
+            return
+        dst = self.fds[packet[16:20]]
+        if self.link.loss and self.rng.random() < self.link.loss:
+            self.stats.dropped += 1
+            return
+        uplink = self.uplinks[src]
+        uplink.free_at = max(now, uplink.free_at) + len(packet) * 8 / self.link.rate
+        jitter = self.rng.uniform(-self.link.jitter, self.link.jitter) if self.link.jitter else 0.0
+        key = (src, dst)
+        due = max(self.last_due.get(key, 0.0), uplink.free_at + self.link.delay + jitter)
+        self.last_due[key] = due
+        self.seq += 1
+        heapq.heappush(self.queue, (due, self.seq, dst, now, packet))
+
+    def deliver(self, now: float) -> None:
+        while self.queue and self.queue[0][0] <= now:
+            due, _, dst, arrived, packet = heapq.heappop(self.queue)
+            try:
+                os.write(dst, packet)
+            except OSError:  # the destination's TUN is down or its queue full: the packet is lost
+                self.stats.dropped += 1
+                continue
+            self.stats.forwarded += 1
+            self.stats.lateness.append(now - due)
+            self.stats.delays.append(now - arrived)
+
+    def run(self, stop: list[bool]) -> None:
+        poller = select.epoll()
+        for fd in self.fds.values():
+            poller.register(fd, select.EPOLLIN)
+        while not stop:
+            now = time.monotonic()
+            self.deliver(now)
+            timeout = max(0.0, self.queue[0][0] - time.monotonic()) if self.queue else 0.5
+            for fd, _ in poller.poll(timeout):
+                now = time.monotonic()
+                while True:
+                    try:
+                        packet = os.read(fd, 65536)
+                    except BlockingIOError:
+                        break
+                    self.receive(fd, packet, now)
+
+
+def main(path: str) -> int:
+    config = json.loads(open(path).read())
+    link = LinkConfig(**{k: config[k] for k in ("delay", "jitter", "loss", "rate", "mtu", "seed") if k in config})
+    try:  # ahead of the daemons it carries: a late forward is added delay that nobody configured
+        os.setpriority(os.PRIO_PROCESS, 0, -5)
+    except OSError:
+        pass
+    fds: dict[bytes, int] = {}
+    for i, host in enumerate(config["hosts"]):
+        name = f"wanemu{os.getpid() % 10000}x{i}"[:15]
+        fd = open_tun(name)
+        attach(name, host["netns"], host["ip"], config.get("prefix", 24), link.mtu)
+        fds[socket.inet_aton(host["ip"])] = fd
+    stop: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    emulator = Emulator(link, fds)
+    print("ready", flush=True)
+    emulator.run(stop)
+    if config.get("stats"):
+        with open(config["stats"], "w") as out:
+            json.dump(emulator.stats.summary(), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,119 @@
+"""The WAN lab (tests/system/wanlab.py, linkemu.py): the emulator keeps to its configured link,
+and generation through a lossy, slow, delayed lab link is token for token what local gives.
+
+Timing beyond the emulator's own contract is the benchmark's business (benchmarks/wan.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from petals_client.localswarm import LocalSwarm
+from petals_protocol.models.synthetic import make_random_checkpoint
+
+from natlab import ensure_tools
+from wanlab import LinkConfig, WanLab, leftover_namespaces, wan_lab
+
+pytestmark = [pytest.mark.system]
+
+PROBE = Path(__file__).with_name("udp_probe.py")
+CLIENT = Path(__file__).with_name("nat_client.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    problem = ensure_tools()
+    assert problem is None, problem
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs /dev/net/tun for the link emulator")
+
+
+def _probe(lab: WanLab, count: int, gap: float, size: int, timeout: float) -> list[list[float]]:
+    """One-way delays of `count` UDP packets from host a to host b, in arrival order."""
+    receiver = subprocess.Popen([*lab.prefix("b"), sys.executable, str(PROBE), "recv", "9000", str(count),
+                                 str(timeout)], stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout is not None and receiver.stdout.readline().strip() == "listening"
+    subprocess.run([*lab.prefix("a"), sys.executable, str(PROBE), "send", lab.ip("b"), "9000", str(count),
+                    str(gap), str(size)], check=True, timeout=60)
+    out, _ = receiver.communicate(timeout=timeout + 10)
+    return json.loads(out)
+
+
+def test_link_emulator_keeps_its_configured_delay_loss_order_and_rate() -> None:
+    link = LinkConfig(delay=0.020, jitter=0.004, loss=0.05, rate=10e6, seed=3)
+    with wan_lab(f"pe{os.getpid() % 100000}", ["a", "b"], link=link) as lab:
+        sparse = _probe(lab, 400, 0.002, 200, timeout=3)
+        burst = _probe(lab, 200, 0.0, 1400, timeout=3)
+    assert not leftover_namespaces(lab)
+    seqs = [int(s) for s, _ in sparse]
+    assert seqs == sorted(seqs), "a link reordered packets"
+    lost = 1 - len(sparse) / 400
+    assert 0.01 <= lost <= 0.12, f"lost {lost:.1%} of packets, configured {link.loss:.0%}"
+    delays = sorted(d for _, d in sparse)
+    # Never early: each packet is held at least the delay less the jitter, and the middle of
+    # the distribution sits at the configured delay (a loaded machine only ever adds).
+    assert delays[0] >= link.delay - link.jitter - 0.0005, delays[:5]
+    assert link.delay - link.jitter / 2 <= statistics.median(delays) <= link.delay + link.jitter + 0.003, \
+        statistics.median(delays)
+    # The uplink serialises: 1428-byte IP packets at 10 Mbit/s leave about 1.14 ms apart, so the
+    # last of a back-to-back burst arrives that much per packet after the first.
+    first, last = burst[0][1], burst[-1][1]
+    expected = (len(burst) - 1) * 1428 * 8 / link.rate
+    assert last - first >= 0.8 * expected, (last - first, expected)
+    # The emulator's own account: it forwarded on time (a late forward is unconfigured delay).
+    assert lab.stats["forwarded"] >= len(sparse) + len(burst) and lab.stats["late_median_s"] < 0.002, lab.stats
+
+
+PROMPT = [1, 17, 42, 99, 5, 64, 3]
+DAEMON_ARGS = ["--num-threads", "1", "--log-level", "info", "--throughput", "100", "--reachability", "public"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("wan") / "llama", "llama", num_layers=4, hidden_size=64,
+                                  num_heads=4, vocab_size=128, seed=11)
+
+
+@pytest.fixture
+def lossy_lab() -> Iterator[WanLab]:
+    # Slow and lossy on purpose: 5% of packets lost, a 2 Mbit/s uplink, 15 +- 5 ms one way.
+    link = LinkConfig(delay=0.015, jitter=0.005, loss=0.05, rate=2e6, seed=5)
+    with wan_lab(f"pw{os.getpid() % 100000}", ["client", "d0", "d1"], link=link) as lab:
+        yield lab
+    assert not leftover_namespaces(lab)
+    assert lab.stats["dropped"] > 0, lab.stats  # the link really lost packets under the generation
+
+
+def test_generation_is_token_exact_through_a_lossy_slow_link(lossy_lab: WanLab, model: Path, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    lab = lossy_lab
+    swarms = [LocalSwarm(model, workdir=tmp_path, python=lab.python(host, tmp_path), extra_args=DAEMON_ARGS)
+              for host in ("d0", "d1")]
+    try:
+        first = swarms[0].start("0:2", name="d0", args=["--listen", f"/ip4/{lab.ip('d0')}/tcp/0"])
+        swarms[1].start("2:4", name="d1", initial_peers=first.addrs, args=["--listen", f"/ip4/{lab.ip('d1')}/tcp/0"])
+        done = subprocess.run([*lab.prefix("client"), sys.executable, str(CLIENT), "--model", str(model),
+                               "--peer", first.addrs[0], "--listen", f"/ip4/{lab.ip('client')}/tcp/0",
+                               "--prompt", json.dumps(PROMPT), "--tokens", "12"],
+                              capture_output=True, text=True, timeout=120)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert done.returncode == 0 and lines, done.stderr[-8000:]
+        result = json.loads(lines[-1].removeprefix("RESULT "))
+    finally:
+        for swarm in swarms:
+            swarm.stop()
+    local = AutoModelForCausalLM.from_pretrained(model)
+    expected = local.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False)[0].tolist()
+    assert result["tokens"] == expected
+    assert [h["blocks"] for h in result["route_before"]] == [[0, 2], [2, 4]]
