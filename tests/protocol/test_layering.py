@@ -30,6 +30,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
 #: Function-level imports that cross a layer on purpose: (file, module) -> why.
 LAZY = {
     ("protocol/tensors.py", "torch"): "from_torch/to_torch: the wire format itself never needs torch",
+    ("protocol/threads.py", "torch"): "set_torch_threads only: the rest must run before torch is imported",
 }
 
 
