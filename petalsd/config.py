@@ -437,6 +437,12 @@ class DaemonConfig:
     relay_circuit_data: int = _opt(
         64 * 2**30, _positive_size, "Relay service: bytes one relayed connection may carry "
         "(e.g. 64GiB).")
+    relay_max_bandwidth: int | None = _opt(
+        None, _positive_size, "Relay service: bytes per second all relayed connections together may "
+        "carry (e.g. 10MiB); unset: no cap.")
+    relay_circuit_bandwidth: int | None = _opt(
+        None, _positive_size, "Relay service: bytes per second one relayed connection may carry, "
+        "both directions together (e.g. 2MiB); unset: no cap.")
 
     def span(self) -> tuple[int, int] | None:
         """`blocks` as (start, end), or None when the daemon chooses its span."""

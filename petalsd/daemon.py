@@ -401,7 +401,8 @@ class Daemon:
                 self.announcer.request_announce()
 
         limits = RelayLimitsConfig(max_reservations=c.relay_max_reservations, max_circuits=c.relay_max_circuits,
-                                   circuit_duration=c.relay_circuit_duration, circuit_data=c.relay_circuit_data)
+                                   circuit_duration=c.relay_circuit_duration, circuit_data=c.relay_circuit_data,
+                                   max_bandwidth=c.relay_max_bandwidth, circuit_bandwidth=c.relay_circuit_bandwidth)
         return NatTraversal(self.host, c.reachability, self.direct_addrs,
                             helpers, relay_candidates, on_change, relays=tuple(c.relay),
                             relay_service=c.relay_service, limits=limits)
