@@ -425,6 +425,9 @@ class DaemonConfig:
         factory=list)
     relay_service: bool = _opt(
         True, _bool, "Offer Circuit Relay v2 hop service when publicly reachable.", flag_type=None)
+    hole_punching: bool = _opt(
+        True, _bool, "Behind NAT, turn relayed push links to daemons behind NAT into direct "
+        "connections by TCP hole punching (asking and answering).", flag_type=None)
     relay_max_reservations: int = _opt(
         32, _positive_int, "Relay service: peers behind NAT that may hold a slot here at once.",
         flag_type=int)

@@ -405,7 +405,7 @@ class Daemon:
                                    max_bandwidth=c.relay_max_bandwidth, circuit_bandwidth=c.relay_circuit_bandwidth)
         return NatTraversal(self.host, c.reachability, self.direct_addrs,
                             helpers, relay_candidates, on_change, relays=tuple(c.relay),
-                            relay_service=c.relay_service, limits=limits)
+                            relay_service=c.relay_service, limits=limits, hole_punching=c.hole_punching)
 
     async def _place(self, dht: Any) -> tuple[int, int]:
         """--num-blocks: the span whose blocks the swarm serves least (by announced throughput)."""
@@ -547,7 +547,7 @@ class Daemon:
             host.set_stream_handler(FORWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"fwd"})))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"bwd"}), tensors=2))
             # Push links carry steps without new streams: they count as activity like sessions do.
-            host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer().handle)
+            host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer(psk=psk).handle)
             self.nat = self._nat_traversal(dht)
             await nursery.start(self.nat.run)  # before the first record: it may carry relayed addresses
             self.ctx.forwarder.direct_path = self.nat.direct_path

@@ -122,8 +122,11 @@ async def _write_message(stream: Any, obj: Any) -> None:
 
 @dataclass
 class DialbackServer:
-    """Answers dial-back requests (the stream handler for DIALBACK_PROTOCOL)."""
+    """Answers dial-back requests (the stream handler for DIALBACK_PROTOCOL). `psk`: the swarm's
+    private network key, which the throwaway dialling host needs too (without it nothing in a
+    `--swarm-key` swarm would ever be found reachable)."""
 
+    psk: bytes | None = None
     clock: Callable[[], float] = time.monotonic
     _last: dict[str, float] = field(default_factory=dict)
     _running: int = 0
@@ -177,7 +180,7 @@ class DialbackServer:
             for addr in addrs:
                 problem = self.check_addr(addr, asker, observed_ip)
                 if problem is None:
-                    problem = await _dial_fresh(addr)
+                    problem = await _dial_fresh(addr, self.psk)
                 results.append({"addr": str(addr)[:256], "ok": problem is None, "detail": problem or ""})
         finally:
             self._running -= 1
@@ -186,9 +189,9 @@ class DialbackServer:
         return {"observed_ip": observed_ip or "", "results": results}
 
 
-async def _dial_fresh(addr: str) -> str | None:
+async def _dial_fresh(addr: str, psk: bytes | None = None) -> str | None:
     """Dial `addr` from a throwaway host; None if the peer it names answered, else why not."""
-    host = make_host(create_new_key_pair())
+    host = make_host(create_new_key_pair(), psk=psk)
     try:
         async with running_host(host, []):
             await connect(host, addr, timeout=DIAL_TIMEOUT)
@@ -252,6 +255,7 @@ class NatTraversal:
     on_change: Callable[[], None]
     relays: Sequence[str] = ()  # operator-given relays (--relay), tried first
     relay_service: bool = True
+    hole_punching: bool = True
     limits: RelayLimitsConfig = RelayLimitsConfig()
     min_relays: int = 2
     probe_period: float = 600.0
@@ -269,7 +273,7 @@ class NatTraversal:
 
     def _punch_ip(self) -> str | None:
         """Take part in hole punching only behind NAT, with the IP helpers saw us at."""
-        return self.observed_ip if self.reachability == "private" else None
+        return self.observed_ip if self.reachability == "private" and self.hole_punching else None
 
     async def direct_path(self, peer: Any) -> None:
         """After a relayed dial to `peer`: punch a direct connection if we are behind NAT too, and

@@ -73,6 +73,24 @@ def test_dialback_over_libp2p_and_rate_limit() -> None:
     trio.run(main)
 
 
+def test_dialback_inside_a_swarm_key_swarm() -> None:
+    """In a private swarm the helper's throwaway host carries the swarm key, so a keyed asker is
+    reached (without it every dial-back would fail and every daemon would look private)."""
+    import os
+
+    async def main() -> None:
+        psk = os.urandom(32)
+        helper, asker = make_host(ephemeral_identity(), psk=psk), make_host(ephemeral_identity(), psk=psk)
+        helper.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer(psk=psk).handle)
+        async with running_host(helper, ["/ip4/127.0.0.1/tcp/0"]), running_host(asker, ["/ip4/127.0.0.1/tcp/0"]):
+            mine = listen_multiaddrs(asker)[0]
+            with trio.fail_after(30):
+                reply = await ask_dialback(asker, listen_multiaddrs(helper)[0], [mine])
+            assert reply["results"][0]["ok"], reply
+
+    trio.run(main)
+
+
 def test_hop_service_follows_the_verdict() -> None:
     """Public: the daemon serves hop and a peer reserves on it. A later probe says private: hop
     stops (STOP stays, so relayed connections to it still work), the reserved peer is disconnected
