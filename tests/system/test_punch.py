@@ -103,6 +103,12 @@ def _chain_lab(tmp_path: Path, name: str) -> Iterator[tuple[NatLab, Path, dict[s
     assert not leftover_namespaces(lab)
 
 
+def _wait_all(*daemons: Any) -> None:
+    """Wait for daemons started with wait=False (they probe and reserve in parallel)."""
+    for d in daemons:
+        d.wait_ready(300)
+
+
 def _client(lab: NatLab, model: Path, peer: str, *args: str, timeout: float = 600) -> dict[str, Any]:
     done = subprocess.run([*lab.prefix("pub"), sys.executable, CLIENT, "--model", str(model), "--peer", peer,
                            "--prompt", json.dumps(PROMPT), *args], capture_output=True, text=True, timeout=timeout)
@@ -136,10 +142,11 @@ def test_daemons_behind_two_nats_push_over_a_punched_connection(tmp_path) -> Non
     The generated tokens stay exactly local transformers'."""
     with _chain_lab(tmp_path, "pd") as (lab, model, swarms):
         a = swarms["pub"].start("0:2", name="a", args=["--listen", f"/ip4/{PUBLIC_IP}/tcp/0", "--reachability", "public"])
-        b = swarms["home"].start("2:4", name="b", initial_peers=a.addrs,
+        b = swarms["home"].start("2:4", name="b", initial_peers=a.addrs, wait=False,
                                  args=["--listen", f"/ip4/{HOME_IPS['home']}/tcp/0"])
-        b2 = swarms["home2"].start("4:6", name="b2", initial_peers=a.addrs,
+        b2 = swarms["home2"].start("4:6", name="b2", initial_peers=a.addrs, wait=False,
                                    args=["--listen", f"/ip4/{HOME_IPS['home2']}/tcp/0"])
+        _wait_all(b, b2)
         result = _client(lab, model, a.addrs[0], "--tokens", "20")
         assert [h["peer_id"] for h in result["route_before"]] == [a.peer_id, b.peer_id, b2.peer_id]
         assert result["tokens"] == _local(model, 20)
@@ -166,10 +173,11 @@ def test_relays_and_punching_inside_a_swarm_key_swarm(tmp_path) -> None:
     with _chain_lab(tmp_path, "pk") as (lab, model, swarms):
         a = swarms["pub"].start("0:2", name="a", args=["--listen", f"/ip4/{PUBLIC_IP}/tcp/0", "--reachability",
                                                        "public", *keyed])
-        b = swarms["home"].start("2:4", name="b", initial_peers=a.addrs,
+        b = swarms["home"].start("2:4", name="b", initial_peers=a.addrs, wait=False,
                                  args=["--listen", f"/ip4/{HOME_IPS['home']}/tcp/0", *keyed])
-        b2 = swarms["home2"].start("4:6", name="b2", initial_peers=a.addrs,
+        b2 = swarms["home2"].start("4:6", name="b2", initial_peers=a.addrs, wait=False,
                                    args=["--listen", f"/ip4/{HOME_IPS['home2']}/tcp/0", *keyed])
+        _wait_all(b, b2)
         result = _client(lab, model, a.addrs[0], "--tokens", "20", "--swarm-key", str(key), "--direct", a.addrs[0])
         assert result["direct_dial"][a.addrs[0]].startswith("failed"), result["direct_dial"]  # no key, no connection
         servers = {s["peer_id"]: s for s in result["servers"]}
@@ -194,13 +202,16 @@ def test_per_token_latency_direct_relayed_punched(tmp_path) -> None:
     with _chain_lab(tmp_path, "pb") as (lab, model, swarms):
         public = ["--listen", f"/ip4/{PUBLIC_IP}/tcp/0", "--reachability", "public"]
         a = swarms["pub"].start("0:2", name="a", args=public)
-        p1 = swarms["pub"].start("2:4", name="p1", initial_peers=a.addrs, args=public)
-        p2 = swarms["pub"].start("4:6", name="p2", initial_peers=a.addrs, args=public)
+        p1 = swarms["pub"].start("2:4", name="p1", initial_peers=a.addrs, args=public, wait=False)
+        p2 = swarms["pub"].start("4:6", name="p2", initial_peers=a.addrs, args=public, wait=False)
+        _wait_all(p1, p2)  # relays for the daemons behind NAT
         home = ["--listen", f"/ip4/{HOME_IPS['home']}/tcp/0"]
-        b = swarms["home"].start("2:4", name="b", initial_peers=a.addrs, args=home)
-        bx = swarms["home"].start("2:4", name="bx", initial_peers=a.addrs, args=[*home, "--no-hole-punching"])
-        b2 = swarms["home2"].start("4:6", name="b2", initial_peers=a.addrs,
+        b = swarms["home"].start("2:4", name="b", initial_peers=a.addrs, args=home, wait=False)
+        bx = swarms["home"].start("2:4", name="bx", initial_peers=a.addrs, args=[*home, "--no-hole-punching"],
+                                  wait=False)
+        b2 = swarms["home2"].start("4:6", name="b2", initial_peers=a.addrs, wait=False,
                                    args=["--listen", f"/ip4/{HOME_IPS['home2']}/tcp/0"])
+        _wait_all(b, bx, b2)
         chains = {"direct": [b.peer_id, bx.peer_id, b2.peer_id], "relayed": [p1.peer_id, p2.peer_id, b.peer_id],
                   "punched": [p1.peer_id, p2.peer_id, bx.peer_id]}
         result = _client(lab, model, a.addrs[0], "--tokens", str(tokens), "--rounds", str(rounds), "--warmup", "5",
