@@ -221,9 +221,12 @@ def test_per_token_latency_direct_relayed_punched(tmp_path) -> None:
         routes = {label: route for label, route in result["routes"]}
         assert routes == {"direct": [a.peer_id, p1.peer_id, p2.peer_id], "relayed": [a.peer_id, bx.peer_id, b2.peer_id],
                           "punched": [a.peer_id, b.peer_id, b2.peer_id]}, routes
-        assert _paths(tmp_path, "b").get(b2.peer_id) == "punched"
-        assert _paths(tmp_path, "bx").get(b2.peer_id) == "relayed"
-        assert not any("hole punched" in line for line in bx.log)
+        # B punched (to B2, its only NATed next hop); BX, told not to, stayed relayed. (The
+        # connections themselves may be idle-swept by now: the counters and logs stay.)
+        assert _ctl(tmp_path, "b", "status")["nat"]["punched"] >= 1
+        assert any("hole punched" in line and ROUTER_IPS["home2"] in line for line in b.log)
+        assert _ctl(tmp_path, "bx", "status")["nat"]["punched"] == 0
+        assert not any("hole punch" in line for line in bx.log)
         from nat_client import local_token_ms
 
         local_ms = local_token_ms(str(model), PROMPT, tokens, rounds)
