@@ -3,7 +3,9 @@
 A relay on the public network; a target behind one NAT, reserved on it; an asker behind the
 other NAT reaches the target through the relay, punches a direct TCP connection (simultaneous
 open from ports both masquerading routers keep), drops the relayed connection, and still talks
-to the target after the relay is killed.
+to the target after the relay is killed. Then daemons: a chain across both NATs pushes over a
+punched connection; the same inside a `--swarm-key` swarm; and the per-token latency of direct,
+relayed and punched chains in one run (BENCHMARKS.md).
 """
 from __future__ import annotations
 
