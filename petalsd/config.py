@@ -472,6 +472,9 @@ class DaemonConfig:
         factory=list)
     relay_service: bool = _opt(
         True, _bool, "Offer Circuit Relay v2 hop service when publicly reachable.", flag_type=None)
+    hole_punching: bool = _opt(
+        True, _bool, "Behind NAT, turn relayed push links to daemons behind NAT into direct "
+        "connections by TCP hole punching (asking and answering).", flag_type=None)
     relay_max_reservations: int = _opt(
         32, _positive_int, "Relay service: peers behind NAT that may hold a slot here at once.",
         flag_type=int)
@@ -484,6 +487,12 @@ class DaemonConfig:
     relay_circuit_data: int = _opt(
         64 * 2**30, _positive_size, "Relay service: bytes one relayed connection may carry "
         "(e.g. 64GiB).")
+    relay_max_bandwidth: int | None = _opt(
+        None, _positive_size, "Relay service: bytes per second all relayed connections together may "
+        "carry (e.g. 10MiB); unset: no cap.")
+    relay_circuit_bandwidth: int | None = _opt(
+        None, _positive_size, "Relay service: bytes per second one relayed connection may carry, "
+        "both directions together (e.g. 2MiB); unset: no cap.")
 
     def span(self) -> tuple[int, int] | None:
         """`blocks` as (start, end), or None when the daemon chooses its span."""

@@ -421,10 +421,11 @@ class Daemon:
                 self.announcer.request_announce()
 
         limits = RelayLimitsConfig(max_reservations=c.relay_max_reservations, max_circuits=c.relay_max_circuits,
-                                   circuit_duration=c.relay_circuit_duration, circuit_data=c.relay_circuit_data)
+                                   circuit_duration=c.relay_circuit_duration, circuit_data=c.relay_circuit_data,
+                                   max_bandwidth=c.relay_max_bandwidth, circuit_bandwidth=c.relay_circuit_bandwidth)
         return NatTraversal(self.host, c.reachability, self.direct_addrs,
                             helpers, relay_candidates, on_change, relays=tuple(c.relay),
-                            relay_service=c.relay_service, limits=limits)
+                            relay_service=c.relay_service, limits=limits, hole_punching=c.hole_punching)
 
     async def _place(self, dht: Any) -> tuple[int, int]:
         """--num-blocks: the span whose blocks the swarm serves least (by announced throughput)."""
@@ -587,7 +588,7 @@ class Daemon:
                                                                     tensors=3))
             host.set_stream_handler(BACKWARD_PROTOCOL, self._handler(serve_stateless, frozenset({"bwd"}), tensors=2))
             # Push links carry steps without new streams: they count as activity like sessions do.
-            host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer().handle)
+            host.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer(psk=psk).handle)
             self.nat = self._nat_traversal(dht)
             await nursery.start(self.nat.run)  # before the first record: it may carry relayed addresses
             self.ctx.forwarder.direct_path = self.nat.direct_path

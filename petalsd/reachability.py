@@ -15,9 +15,13 @@ never proof of public reachability: a swarm on 127.0.0.1 (not even probed) or a 
 *unknown* and keeps announcing its direct addresses, no relays involved. `--reachability public|private` skips the
 probe.
 
-`NatTraversal` applies the verdict: public daemons serve Circuit Relay v2 hop (if
-`relay_service`), private ones hold reservations on relays (`--relay` ones first, then daemons
-whose records say public) and announce their `/p2p-circuit` addresses.
+`NatTraversal` applies the verdict, and applies it again whenever a later probe changes it:
+public daemons serve Circuit Relay v2 hop (if `relay_service`), throttled to the relayed-bandwidth
+caps; private ones stop serving hop (the peers reserved on them are disconnected, so they reserve
+elsewhere, and the record, saying private, no longer offers them as a relay), hold reservations
+on relays (`--relay` ones first, then daemons whose records say public) and announce their
+`/p2p-circuit` addresses. A later *unknown* verdict (an inconclusive probe) keeps the last
+conclusive one.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from petals_protocol.p2p.host import DialError, connect, make_host, running_host
 from petals_protocol.p2p.punch import PUNCH_PROTOCOL, PunchError, PunchService
 from petals_protocol.p2p.relay import (
     RelayLimitsConfig,
+    RelayThrottle,
     Reservations,
     is_circuit,
     relay_connections,
@@ -117,8 +122,11 @@ async def _write_message(stream: Any, obj: Any) -> None:
 
 @dataclass
 class DialbackServer:
-    """Answers dial-back requests (the stream handler for DIALBACK_PROTOCOL)."""
+    """Answers dial-back requests (the stream handler for DIALBACK_PROTOCOL). `psk`: the swarm's
+    private network key, which the throwaway dialling host needs too (without it nothing in a
+    `--swarm-key` swarm would ever be found reachable)."""
 
+    psk: bytes | None = None
     clock: Callable[[], float] = time.monotonic
     _last: dict[str, float] = field(default_factory=dict)
     _running: int = 0
@@ -172,7 +180,7 @@ class DialbackServer:
             for addr in addrs:
                 problem = self.check_addr(addr, asker, observed_ip)
                 if problem is None:
-                    problem = await _dial_fresh(addr)
+                    problem = await _dial_fresh(addr, self.psk)
                 results.append({"addr": str(addr)[:256], "ok": problem is None, "detail": problem or ""})
         finally:
             self._running -= 1
@@ -181,9 +189,9 @@ class DialbackServer:
         return {"observed_ip": observed_ip or "", "results": results}
 
 
-async def _dial_fresh(addr: str) -> str | None:
+async def _dial_fresh(addr: str, psk: bytes | None = None) -> str | None:
     """Dial `addr` from a throwaway host; None if the peer it names answered, else why not."""
-    host = make_host(create_new_key_pair())
+    host = make_host(create_new_key_pair(), psk=psk)
     try:
         async with running_host(host, []):
             await connect(host, addr, timeout=DIAL_TIMEOUT)
@@ -247,6 +255,7 @@ class NatTraversal:
     on_change: Callable[[], None]
     relays: Sequence[str] = ()  # operator-given relays (--relay), tried first
     relay_service: bool = True
+    hole_punching: bool = True
     limits: RelayLimitsConfig = RelayLimitsConfig()
     min_relays: int = 2
     probe_period: float = 600.0
@@ -255,14 +264,16 @@ class NatTraversal:
     reservations: Reservations | None = None
     _nursery: trio.Nursery | None = None
     _ticks: int = 0
-    _hop_protocol: Any = None  # the hop service once started (its reservations keep connections open)
+    _hop_protocol: Any = None  # the hop service while it runs (its reservations keep connections open)
+    _relay_service: tuple[trio.CancelScope, trio.Event] | None = None  # the running relay protocol task
+    throttle: RelayThrottle | None = None  # relayed-bandwidth caps, kept across hop restarts
     observed_ip: str | None = None  # our IP as helpers saw it (behind NAT: the router's)
     punch_budget: float = 5.0
     punch: PunchService | None = None
 
     def _punch_ip(self) -> str | None:
         """Take part in hole punching only behind NAT, with the IP helpers saw us at."""
-        return self.observed_ip if self.reachability == "private" else None
+        return self.observed_ip if self.reachability == "private" and self.hole_punching else None
 
     async def direct_path(self, peer: Any) -> None:
         """After a relayed dial to `peer`: punch a direct connection if we are behind NAT too, and
@@ -304,6 +315,7 @@ class NatTraversal:
 
     def describe(self) -> dict[str, Any]:
         return {"reachability": self.reachability, "mode": self.mode, "relay_service": self.hop,
+                "relay_bandwidth": self.throttle.describe() if self.throttle else None,
                 "observed_ip": self.observed_ip, "punched": self.punch.punched if self.punch else 0,
                 "relays": self.reservations.describe() if self.reservations else []}
 
@@ -332,16 +344,55 @@ class NatTraversal:
                  len(replies), len(helpers))
         return verdict
 
+    async def _serve_relay(self, hop: bool) -> None:
+        """(Re)start the relay protocol: STOP only, or STOP and HOP. Stopping HOP drops the
+        reservations it granted: their peers are disconnected so that they notice and reserve
+        elsewhere (a reservation on a relay that no longer relays would be announced for nothing)."""
+        assert self._nursery is not None
+        reserved: list[Any] = []
+        if self._relay_service is not None:
+            if self._hop_protocol is not None:
+                manager = self._hop_protocol.resource_manager
+                reserved = [p for p in self.host.get_network().get_connections_map() if manager.has_reservation(p)]
+            scope, done = self._relay_service
+            scope.cancel()
+            await done.wait()
+        self._hop_protocol = None
+        self._relay_service, protocol = await self._nursery.start(self._run_relay, hop)
+        self.hop = hop
+        if hop:
+            self._hop_protocol = protocol
+            log.info("relay service on peer=%s (max %d reservations, %d circuits each, bandwidth cap %s B/s, "
+                     "%s B/s per circuit)", self.host.get_id(), self.limits.max_reservations,
+                     self.limits.max_circuits, self.limits.max_bandwidth or "none",
+                     self.limits.circuit_bandwidth or "none")
+        for peer in reserved:
+            log.info("relay service off: disconnecting reserved peer=%s", peer)
+            for conn in list(self.host.get_network().get_connections(peer)):
+                with trio.move_on_after(5):
+                    await conn.close()
+
+    async def _run_relay(self, hop: bool, *, task_status: trio.TaskStatus[Any]) -> None:
+        scope, done = trio.CancelScope(), trio.Event()
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    protocol = await nursery.start(lambda task_status: run_relay_protocol(
+                        self.host, hop=hop, limits=self.limits, throttle=self.throttle, task_status=task_status))
+                    task_status.started(((scope, done), protocol))
+        finally:
+            done.set()
+
     async def _apply(self, verdict: str) -> None:
         assert self._nursery is not None
+        if verdict == "unknown" and self.reachability != "unknown":
+            log.info("reachability peer=%s: probe inconclusive, staying %s", self.host.get_id(), self.reachability)
+            return
         changed = verdict != self.reachability
         self.reachability = verdict
-        if verdict == "public" and self.relay_service and not self.hop:
-            self._hop_protocol = await self._nursery.start(lambda task_status: run_relay_protocol(
-                self.host, hop=True, limits=self.limits, task_status=task_status))
-            self.hop = True
-            log.info("relay service on peer=%s (max %d reservations, %d circuits each)", self.host.get_id(),
-                     self.limits.max_reservations, self.limits.max_circuits)
+        hop = verdict == "public" and self.relay_service
+        if hop != self.hop:
+            await self._serve_relay(hop)
         if verdict == "private" and self.reservations is None:
             self.reservations = Reservations(self.host, self._candidates, self.on_change, want=self.min_relays)
             await self._nursery.start(self.reservations.run)
@@ -357,11 +408,10 @@ class NatTraversal:
         `probe_period` in auto mode. Reports started once the first decision is applied."""
         self.punch = PunchService(self.host, self._punch_ip)
         self.host.set_stream_handler(PUNCH_PROTOCOL, self.punch.handle)
+        self.throttle = RelayThrottle(self.limits.max_bandwidth, self.limits.circuit_bandwidth)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if not self.hop:  # every daemon accepts relayed connections (the STOP role)
-                await nursery.start(lambda task_status: run_relay_protocol(self.host, hop=False,
-                                                                           task_status=task_status))
+            await self._serve_relay(False)  # every daemon accepts relayed connections (the STOP role)
             await self._apply(self.mode if self.mode != "auto" else await self.probe())
             task_status.started()
             while self.mode == "auto":

@@ -14,7 +14,8 @@ equivalent with what TCP punching needs (docs/py-libp2p.md):
   (each retry must cross the other side's SYN in flight); one that drops it, as home routers'
   firewalls do, lets the kernel's own SYN retransmission complete the simultaneous open;
 - the socket is upgraded to a libp2p connection with fixed roles (the asker is the Noise
-  initiator), so no simultaneous-open negotiation is needed; the peer id is checked by Noise.
+  initiator), so no simultaneous-open negotiation is needed; the peer id is checked by Noise
+  (with the swarm key applied on the asker's side too: `relay.protect_outbound`).
 Where the NAT rewrites ports (symmetric NAT) the punch times out and the relay stays in use.
 The public IP comes from the dial-back probe (the IP helpers saw).
 """
@@ -34,6 +35,7 @@ from multiaddr import Multiaddr
 
 from ..errors import PetalsError
 from ..framing import FrameDecoder, encode_frame
+from .relay import protect_outbound
 
 __all__ = ["PUNCH_PROTOCOL", "PunchError", "PunchService", "punch_tcp"]
 
@@ -158,7 +160,7 @@ class PunchService:
                 log.info("hole punching peer=%s: %s:%d <-> %s:%d", peer, ip, port, theirs["ip"], theirs["port"])
                 tcp = await punch_tcp(port, theirs["ip"], theirs["port"])
                 raw = RawConnection(TrioTCPStream(tcp), initiator=True)
-                conn = await self.host.upgrade_outbound_connection(raw, peer)
+                conn = await self.host.upgrade_outbound_connection(protect_outbound(self.host, raw), peer)
         except PunchError:
             raise
         except Exception as exc:  # noqa: BLE001 - libp2p's zoo: resets, handshake failures, timeouts

@@ -71,3 +71,83 @@ def test_dialback_over_libp2p_and_rate_limit() -> None:
                 raise AssertionError("a second request within the interval was answered")
 
     trio.run(main)
+
+
+def test_dialback_inside_a_swarm_key_swarm() -> None:
+    """In a private swarm the helper's throwaway host carries the swarm key, so a keyed asker is
+    reached (without it every dial-back would fail and every daemon would look private)."""
+    import os
+
+    async def main() -> None:
+        psk = os.urandom(32)
+        helper, asker = make_host(ephemeral_identity(), psk=psk), make_host(ephemeral_identity(), psk=psk)
+        helper.set_stream_handler(DIALBACK_PROTOCOL, DialbackServer(psk=psk).handle)
+        async with running_host(helper, ["/ip4/127.0.0.1/tcp/0"]), running_host(asker, ["/ip4/127.0.0.1/tcp/0"]):
+            mine = listen_multiaddrs(asker)[0]
+            with trio.fail_after(30):
+                reply = await ask_dialback(asker, listen_multiaddrs(helper)[0], [mine])
+            assert reply["results"][0]["ok"], reply
+
+    trio.run(main)
+
+
+def test_hop_service_follows_the_verdict() -> None:
+    """Public: the daemon serves hop and a peer reserves on it. A later probe says private: hop
+    stops (STOP stays, so relayed connections to it still work), the reserved peer is disconnected
+    and a new record is asked for. Inconclusive: nothing changes. Public again: hop is back."""
+    from petals_protocol.p2p.relay import HOP_PROTOCOL, STOP_PROTOCOL, Reservations, run_relay_protocol
+    from petalsd.reachability import NatTraversal
+
+    async def main() -> None:
+        relay, b = make_host(ephemeral_identity()), make_host(ephemeral_identity())
+        verdicts_in, verdicts_out = trio.open_memory_channel[str](0)
+        changes: list[str] = []
+
+        async def none() -> list[str]:
+            return []
+
+        nat = NatTraversal(relay, "auto", lambda: listen_multiaddrs(relay), none, none,
+                           lambda: changes.append(nat.reachability), probe_period=0)
+        nat.probe = verdicts_out.receive  # type: ignore[method-assign] - the probe's verdicts, scripted
+        handlers = relay.get_mux().handlers
+
+        async def until(condition, what: str) -> None:
+            with trio.move_on_after(15):
+                while not condition():
+                    await trio.sleep(0.05)
+            assert condition(), f"not within 15 s: {what}"
+
+        async with trio.open_nursery() as n, running_host(relay, ["/ip4/127.0.0.1/tcp/0"]), \
+                running_host(b, ["/ip4/127.0.0.1/tcp/0"]):
+            n.start_soon(verdicts_in.send, "public")
+            await n.start(nat.run)
+            assert nat.hop and nat.describe()["relay_service"] and HOP_PROTOCOL in handlers and changes == ["public"]
+
+            async def the_relay() -> list[str]:
+                return listen_multiaddrs(relay)[:1]
+
+            await n.start(lambda task_status: run_relay_protocol(b, hop=False, task_status=task_status))
+            reservations = Reservations(b, the_relay, lambda: None, want=1, check_period=0.2, retry_after=0.5)
+            await n.start(reservations.run)
+            assert reservations.relays() == [relay.get_id().to_base58()]
+
+            await verdicts_in.send("private")
+            await until(lambda: not nat.hop and changes[-1:] == ["private"], "hop stopped")
+            assert HOP_PROTOCOL not in handlers and STOP_PROTOCOL in handlers
+            assert not nat.describe()["relay_service"] and nat.reservations is not None
+            # Disconnected, it notices; reserving again is refused (no hop service there any more).
+            await until(lambda: not reservations.relays(), "the reserved peer noticed")
+            await trio.sleep(1.0)  # a few checks and retries
+            assert not reservations.relays()
+
+            await verdicts_in.send("unknown")
+            await verdicts_in.send("unknown")  # taken once the first one was applied
+            assert nat.reachability == "private" and not nat.hop and changes[-1] == "private"
+
+            await verdicts_in.send("public")
+            await until(lambda: nat.hop and HOP_PROTOCOL in handlers, "hop back")
+            assert changes[-1] == "public" and STOP_PROTOCOL in handlers
+            await until(lambda: reservations.relays() == [relay.get_id().to_base58()], "reserved again")
+            n.cancel_scope.cancel()
+
+    trio.run(main)

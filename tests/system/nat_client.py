@@ -50,23 +50,55 @@ class Streamer:
         pass
 
 
-def compare(model, prompt: torch.Tensor, args: argparse.Namespace) -> dict:
-    """Per-token gaps of generations through RELAYED (DIRECT avoided) and DIRECT (RELAYED
-    avoided), interleaved so that a change in the machine's load hits both alike."""
-    relayed, direct = args.compare
-    out: dict = {"relayed": [], "direct": [], "routes": [], "outputs": []}
-    for _ in range(args.rounds):
-        for label, avoid, use in (("relayed", direct, relayed), ("direct", relayed, direct)):
-            model.swarm.unban(use)
-            model.swarm.ban(avoid)
-            with model.inference_session(max_length=prompt.shape[1] + args.tokens) as session:
-                streamer = Streamer(None, None)
-                tokens = model.generate(prompt, session=session, max_new_tokens=args.tokens, do_sample=False,
-                                        streamer=streamer)
-                out["routes"].append([label, [h.server.peer_id for h in session.route]])
-            out[label] += [b - a for a, b in zip(streamer.stamps[1:], streamer.stamps[2:])]
-            out["outputs"].append(tokens[0].tolist())
+def compare(model, prompt: torch.Tensor, chains: dict[str, list[str]], rounds: int, tokens: int,
+            warmup: int = 0) -> dict:
+    """Per-token gaps of generations through each chain (label -> the peers it avoids), the
+    chains interleaved round after round so that a change in the machine's load hits all alike.
+    With `warmup`, each chain first generates that many tokens, not counted (connections, punches)."""
+    everyone = {peer for avoid in chains.values() for peer in avoid}
+    out: dict = {**{label: [] for label in chains}, "routes": [], "outputs": []}
+
+    def generate(label: str, count: int) -> tuple[list[float], list[int], list[str]]:
+        for peer in everyone - set(chains[label]):
+            model.swarm.unban(peer)
+        for peer in chains[label]:
+            model.swarm.ban(peer)
+        with model.inference_session(max_length=prompt.shape[1] + count) as session:
+            streamer = Streamer(None, None)
+            result = model.generate(prompt, session=session, max_new_tokens=count, do_sample=False, streamer=streamer)
+            route = [h.server.peer_id for h in session.route]
+        return [b - a for a, b in zip(streamer.stamps[1:], streamer.stamps[2:])], result[0].tolist(), route
+
+    for label in chains if warmup else ():
+        generate(label, warmup)
+    for _ in range(rounds):
+        for label in chains:
+            gaps, result, route = generate(label, tokens)
+            out[label] += gaps
+            out["routes"].append([label, route])
+            out["outputs"].append(result)
     return out
+
+
+def local_token_ms(model_path: str, prompt: list[int], tokens: int, rounds: int) -> float:
+    """Median time between tokens of local `transformers` generation on one torch thread (as
+    each daemon runs), over `rounds` generations: the denominator of the benchmark's ratios."""
+    import statistics
+
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(model_path)
+    gaps: list[float] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            streamer = Streamer(None, None)
+            local.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, streamer=streamer)
+            gaps += [b - a for a, b in zip(streamer.stamps[1:], streamer.stamps[2:])]
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(gaps) * 1000
 
 
 def main() -> None:
@@ -81,7 +113,11 @@ def main() -> None:
     p.add_argument("--pids", default="{}", help="peer id -> pid, JSON")
     p.add_argument("--compare", nargs=2, metavar=("RELAYED", "DIRECT"),
                    help="instead: alternate generations avoiding one peer then the other, --rounds times")
+    p.add_argument("--chains", help="instead: label -> peers avoided, JSON; alternate generations over "
+                   "these chains --rounds times")
+    p.add_argument("--warmup", type=int, default=0, help="with --chains: tokens per chain first, not counted")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--swarm-key", help="the swarm's private network key file")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="[client] %(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("libp2p").setLevel(logging.WARNING)
@@ -89,11 +125,16 @@ def main() -> None:
     prompt = torch.tensor([json.loads(args.prompt)])
     pids = json.loads(args.pids)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[args.peer], connect_timeout=5.0,
-                                                         step_timeout=10.0, max_retries=4) as model:
+                                                         step_timeout=10.0, max_retries=4,
+                                                         swarm_key=args.swarm_key) as model:
         result["servers"] = [{"peer_id": s.peer_id, "addrs": list(s.addrs), "blocks": [s.start, s.end], "rtt": s.rtt}
                              for s in model.swarm.servers()]
-        if args.compare:
-            print("RESULT " + json.dumps({**result, **compare(model, prompt, args)}), flush=True)
+        chains = json.loads(args.chains) if args.chains else None
+        if args.compare:  # the relayed chain avoids the direct daemon and the other way round
+            chains = {"relayed": [args.compare[1]], "direct": [args.compare[0]]}
+        if chains:
+            out = compare(model, prompt, chains, args.rounds, args.tokens, args.warmup)
+            print("RESULT " + json.dumps({**result, **out}), flush=True)
             return
         with model.inference_session(max_length=prompt.shape[1] + args.tokens) as session:
             killed: list[str] = []

@@ -30,6 +30,7 @@ from petals_client.localswarm import DaemonProcess, LocalSwarm
 from petals_protocol.p2p.relay import is_circuit, relay_peer_of
 from petals_protocol.models.synthetic import make_random_checkpoint
 
+from nat_client import local_token_ms
 from natlab import HOME_IPS, PUBLIC_IP, ROUTER_IPS, NatLab, ensure_tools, leftover_namespaces, nat_lab
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -138,27 +139,7 @@ def test_routing_prefers_direct_and_relay_latency(nat_swarm: Lab, local_tokens) 
     expected = local_tokens(tokens)
     assert preferred["tokens"] == expected and all(out == expected for out in compared["outputs"])
     assert [r[1][-1] for r in compared["routes"]] == [nat_swarm.b.peer_id, d.peer_id] * rounds
-    from transformers import AutoModelForCausalLM
-
-    local = AutoModelForCausalLM.from_pretrained(nat_swarm.model)
-    stamps: list[float] = []
-
-    class Clock:
-        def put(self, value) -> None:
-            stamps.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each daemon runs
-    try:
-        for _ in range(rounds):
-            stamps.clear()
-            local.generate(torch.tensor([PROMPT]), max_new_tokens=tokens, do_sample=False, streamer=Clock())
-    finally:
-        torch.set_num_threads(threads)
-    local_ms = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])) * 1000
+    local_ms = local_token_ms(str(nat_swarm.model), PROMPT, tokens, rounds)
     direct_ms = statistics.median(compared["direct"]) * 1000
     relayed_ms = statistics.median(compared["relayed"]) * 1000
     print(f"\nper-token median, {rounds} x {tokens} tokens each: local {local_ms:.2f} ms; direct chain "
