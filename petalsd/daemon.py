@@ -618,8 +618,6 @@ class Daemon:
 
 def build_daemon(config: DaemonConfig, argv: list[str], notifier: Notifier) -> Daemon:
     """Everything that can fail before joining the swarm; raises with a one-line reason."""
-    threads = set_torch_threads(config.num_threads)
-    log.info("torch threads=%d%s", threads, "" if config.num_threads else " (cores free at start)")
     checkpoint = Checkpoint(config.model, revision=config.revision, cache_dir=default_cache_dir())
     identity = claim_identity(config.identity) if config.identity else claim_free_identity(default_identity_dir())
     num_blocks = checkpoint.config.num_hidden_layers
@@ -633,6 +631,9 @@ def build_daemon(config: DaemonConfig, argv: list[str], notifier: Notifier) -> D
                     blocks=blocks, device=device, adapters=adapters)
     log.info("identity peer=%s key=%s model=%s fingerprint=%s device=%s", daemon.peer_id, identity.path,
              config.model, fingerprint[:16], device)
+    # Once everything above has passed: a daemon that cannot start says so in one line, nothing else.
+    threads = set_torch_threads(config.num_threads)
+    log.info("torch threads=%d%s", threads, "" if config.num_threads else " (cores free at start)")
     return daemon
 
 
