@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+import petalsd.batching as batching
 import petalsd.handlers as handlers
 from petalsd.cli import main
 from petals_protocol.tensors import TensorPayload, from_torch
@@ -22,11 +23,13 @@ SCALE = float(os.environ.get("PETALS_TEST_LIE_SCALE", "1.01"))
 
 
 def _lying_from_torch(tensor: torch.Tensor) -> TensorPayload:
-    """What the handlers encode (and then sign) for the client: the output, altered."""
+    """What the daemon encodes (and then signs) for the client: the output, altered. Session steps
+    are encoded where they run (batching.py), forward requests in handlers.py."""
     return from_torch(tensor * SCALE if tensor.is_floating_point() else tensor)
 
 
 handlers.from_torch = _lying_from_torch
+batching.from_torch = _lying_from_torch
 
 if __name__ == "__main__":
     sys.exit(main())
