@@ -214,8 +214,6 @@ class DistributedModelBase(nn.Module):
             raise ValueError("member_certificate needs swarm_owner (the peer id of the swarm's owner)")
         holder: dict[str, Any] = {}
 
-        key_pair = ephemeral_identity()
-
         async def main(nursery: trio.Nursery, stop: trio.Event) -> None:
             host = make_host(key_pair, psk=psk, admission=admission)
             ready = trio.Event()
