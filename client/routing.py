@@ -20,6 +20,10 @@ from petals_protocol.errors import ErrorCode, PetalsError
 DEFAULT_RTT = 0.05
 #: Added to a hop whose daemon announced too little free cache (Petals uses the same idea).
 NO_CACHE_PENALTY = 10.0
+#: Added to a hop reached through a relay: its traffic crosses a third party (whose circuit
+#: limits and load we do not see), and a direct daemon should win unless the relayed one is
+#: clearly faster, not just luckier in one noisy round-trip measurement.
+RELAYED_PENALTY = 0.02
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def hop_cost(server: ServerInfo, start: int, end: int, cache_tokens_needed: int)
     rtt = server.rtt if server.rtt is not None else DEFAULT_RTT
     compute = (end - start) / max(server.throughput, 1e-6)
     penalty = NO_CACHE_PENALTY if server.cache_tokens_free < cache_tokens_needed else 0.0
+    if server.using_relay:
+        penalty += RELAYED_PENALTY
     return rtt + compute + penalty
 
 

@@ -64,3 +64,13 @@ def test_gap_caused_by_bans_says_so():
 def test_uncovered_blocks_and_description():
     assert uncovered_blocks([server("a", 1, 2), server("b", 4, 6)], 0, 6) == [(0, 1), (2, 4)]
     assert describe_route(choose_route([server("a", 0, 2)], 0, 2)) == "0:2 via a"
+
+
+def test_a_direct_daemon_wins_over_a_relayed_one_that_measured_a_little_faster():
+    import dataclasses
+
+    direct = server("direct", 0, 6, rtt=0.012)
+    relayed = dataclasses.replace(server("relayed", 0, 6, rtt=0.008), using_relay=True)
+    assert names(choose_route([relayed, direct], 0, 6)) == [("direct", 0, 6)]
+    much_faster = dataclasses.replace(relayed, rtt=0.001, throughput=1000.0)
+    assert names(choose_route([much_faster, direct], 0, 6)) == [("relayed", 0, 6)]
