@@ -28,6 +28,7 @@ from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
 from petals_protocol.evidence import EvidenceReport
 from petals_protocol.signing import peer_id_to_text
 from petals_protocol.p2p.host import connect_any
+from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import NETWORK_ERRORS, FramedStream, open_stream
 
 from .routing import Hop, ServerInfo
@@ -145,7 +146,8 @@ class SwarmClient:
                           throughput=reply.throughput, cache_tokens_free=reply.cache_tokens_free,
                           state=reply.state, public_name=reply.public_name, dtype=reply.dtype, rtt=rtt,
                           version=reply.version, max_length=reply.max_length,
-                          max_batch_size=reply.max_batch_size, adapters=reply.adapters or ())
+                          max_batch_size=reply.max_batch_size, adapters=reply.adapters or (),
+                          using_relay=bool(addrs) and all(is_circuit(a) for a in addrs))
 
     async def refresh(self) -> None:
         """Re-learn who serves the model (DHT records if joined, then a direct info probe of each)."""
