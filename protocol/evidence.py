@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .errors import BadRecord, ProtocolError
 from .ids import is_valid_fingerprint
 from .messages import ID_SIZE, SIGNATURE_SIZE, unpack_strict
-from .records import parse_record_key, record_key
+from .records import open_envelope, parse_record_key, record_key
 from .signing import (
     ResponseBinding,
     peer_id_from_private_key,
@@ -75,7 +75,6 @@ MAX_EVIDENCE_SIZE = 1024 * 1024
 MAX_EVIDENCE_TTL = 24 * 3600.0
 _REPORT_DOMAIN = b"petals/evidence/1\n"
 _DIGEST_SIZE = 32
-_BLOB_KEYS = frozenset({"report", "sig"})
 _OUTPUT_KEYS = frozenset({"peer_id", "request_id", "output", "signature"})
 _REPORT_KEYS = frozenset({"model_fingerprint", "start_block", "end_block", "input_digest", "accused",
                           "witnesses", "reporter", "expires_at"})
@@ -223,12 +222,7 @@ def decode_report(blob: bytes, *, now: float, expected_fingerprint: str | None =
     if not isinstance(blob, bytes) or len(blob) > MAX_EVIDENCE_SIZE:
         raise BadRecord(f"a report is bytes of at most {MAX_EVIDENCE_SIZE}")
     try:
-        outer = unpack_strict(blob)
-        if not isinstance(outer, dict) or outer.keys() != _BLOB_KEYS:
-            raise BadRecord("a report blob must be a map with exactly 'report' and 'sig'")
-        body, sig = outer["report"], outer["sig"]
-        if type(body) is not bytes or type(sig) is not bytes:
-            raise BadRecord("a report blob needs 'report' and 'sig' bytes")
+        body, sig = open_envelope(blob, "report")
         fields = unpack_strict(body)
         if not isinstance(fields, dict) or fields.keys() != _REPORT_KEYS:
             raise BadRecord(f"a report must be a map with keys {sorted(_REPORT_KEYS)}")

@@ -72,7 +72,6 @@ MODEL_INDEX_NAMESPACE = "petals-model"
 _RECORD_DOMAIN = b"petals/record/1\n"
 #: What a daemon learnt about dialing it (petalsd/reachability.py); "public" ones serve as relays.
 REACHABILITY = ("public", "private", "unknown")
-_BLOB_KEYS = frozenset({"record", "sig"})
 #: Client peer ids one record may name as its operator's own (`clients`).
 MAX_RECORD_CLIENTS = 4
 
@@ -173,6 +172,18 @@ def encode_record(private_key: Ed25519PrivateKey, record: ServerRecord) -> bytes
     return blob
 
 
+def open_envelope(blob: bytes, body_key: str) -> tuple[bytes, bytes]:
+    """The body and signature of a signed blob {body_key: bytes, "sig": 64 bytes} (records and
+    evidence reports share this envelope); BadRecord if it is not exactly that."""
+    outer = unpack_strict(blob)
+    if not isinstance(outer, dict) or outer.keys() != {body_key, "sig"}:
+        raise BadRecord(f"{body_key} blob must be a map with exactly '{body_key}' and 'sig'")
+    body, sig = outer[body_key], outer["sig"]
+    if type(body) is not bytes or type(sig) is not bytes or len(sig) != SIGNATURE_SIZE:
+        raise BadRecord(f"{body_key} blob needs '{body_key}' bytes and a {SIGNATURE_SIZE}-byte 'sig'")
+    return body, sig
+
+
 def decode_record(
     blob: bytes,
     *,
@@ -195,12 +206,7 @@ def decode_record(
     if len(blob) > max_size:
         raise BadRecord(f"record is {len(blob)} bytes (max {max_size})")
     try:
-        outer = unpack_strict(blob)
-        if not isinstance(outer, dict) or outer.keys() != _BLOB_KEYS:
-            raise BadRecord("record blob must be a map with exactly 'record' and 'sig'")
-        body, sig = outer["record"], outer["sig"]
-        if type(body) is not bytes or type(sig) is not bytes or len(sig) != SIGNATURE_SIZE:
-            raise BadRecord(f"record blob needs 'record' bytes and a {SIGNATURE_SIZE}-byte 'sig'")
+        body, sig = open_envelope(blob, "record")
         fields = unpack_strict(body)
         if not isinstance(fields, dict):
             raise BadRecord("record body must be a map")
