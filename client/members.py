@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -26,10 +27,16 @@ from petals_protocol.membership import (
     revocations_key,
     sign_revocations,
 )
-from petals_protocol.p2p.admission import AdmissionGate
+from petals_protocol.p2p.admission import AdmissionGate, load_gate
 from petals_protocol.p2p.dht import find_revocations, put_record, start_dht
 from petals_protocol.p2p.host import make_host, running_host
-from petals_protocol.p2p.identity import ed25519_private_key, load_or_create_identity, peer_id, peer_id_bytes
+from petals_protocol.p2p.identity import (
+    ed25519_private_key,
+    ephemeral_identity,
+    load_or_create_identity,
+    peer_id,
+    peer_id_bytes,
+)
 from petals_protocol.signing import peer_id_from_text
 
 DAY = 86400.0
@@ -99,6 +106,21 @@ async def _publish(owner, initial_peers: list[str], local: RevocationList | None
         stored = await put_record(dht, revocations_key(owner_id), blob)
         nursery.cancel_scope.cancel()
     return newest.seq, len(revoked), stored
+
+
+def client_identity(identity: str | Path | None, swarm_owner: str | None,
+                    member_certificate: str | Path | None) -> tuple[Any, AdmissionGate | None]:
+    """A client's key pair (from `identity`, else a new one) and, in a members-only swarm, its
+    admission gate: what from_pretrained, `petals swarm` and `petals serve` join with.
+    NotAMember (with what to do) when the certificate does not fit; ValueError for a certificate
+    without an owner."""
+    key_pair = load_or_create_identity(Path(identity)) if identity is not None else ephemeral_identity()
+    if swarm_owner is None:
+        if member_certificate is not None:
+            raise ValueError("member_certificate needs swarm_owner (the peer id of the swarm's owner)")
+        return key_pair, None
+    gate = load_gate(swarm_owner, Path(member_certificate) if member_certificate else None, peer_id_bytes(key_pair))
+    return key_pair, gate
 
 
 def _load_owner(path: Path):  # noqa: ANN202 - a libp2p KeyPair

@@ -40,10 +40,11 @@ from petals_protocol.models.client_part import ClientPart, load_client_part
 from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
-from petals_protocol.p2p.identity import ed25519_private_key, ephemeral_identity, load_or_create_identity, peer_id_bytes
+from petals_protocol.p2p.identity import ed25519_private_key
 
 from . import generation
 from .head_batching import HeadBatcher
+from .members import client_identity
 from .ptune import PromptTuning
 from .remote import RemoteSequential
 from .routing import NoRoute, describe_route
@@ -203,15 +204,7 @@ class DistributedModelBase(nn.Module):
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
         fingerprint = model_fingerprint(checkpoint)
         psk = load_swarm_key(Path(swarm_key)) if swarm_key else None
-        key_pair = load_or_create_identity(Path(identity)) if identity is not None else ephemeral_identity()
-        admission = None
-        if swarm_owner is not None:
-            from petals_protocol.p2p.admission import load_gate
-
-            admission = load_gate(swarm_owner, Path(member_certificate) if member_certificate else None,
-                                  peer_id_bytes(key_pair))
-        elif member_certificate is not None:
-            raise ValueError("member_certificate needs swarm_owner (the peer id of the swarm's owner)")
+        key_pair, admission = client_identity(identity, swarm_owner, member_certificate)
         holder: dict[str, Any] = {}
 
         async def main(nursery: trio.Nursery, stop: trio.Event) -> None:
