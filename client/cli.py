@@ -122,7 +122,8 @@ def _member(args: argparse.Namespace) -> int:
                            output=Path(args.output) if args.output else None)
     if not args.initial_peers:
         args.parser.error("member revoke needs --initial-peers MULTIADDR... (the list is stored in the swarm's DHT)")
-    return members.revoke(Path(args.owner_key), args.peer_id, initial_peers=args.initial_peers)
+    return members.revoke(Path(args.owner_key), args.peer_id, initial_peers=args.initial_peers,
+                          members_only=not args.open_swarm)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     member.add_argument("--output", metavar="FILE", help="add: write the certificate here (default: stdout)")
     member.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", help="revoke: daemons of the swarm, "
                         "where the revocation list is stored")
+    member.add_argument("--open-swarm", action="store_true", help="revoke: the swarm is open (its daemons show "
+                        "certificates only for clients' --allowed-peers ISSUER), so join it without membership")
     member.set_defaults(func=_member)
 
     ctl = add("ctl", "control a local daemon over its Unix socket")

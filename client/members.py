@@ -73,24 +73,26 @@ def add(owner_key: Path, member: str, *, days: float, output: Path | None) -> in
     return 0
 
 
-def revoke(owner_key: Path, member: str, *, initial_peers: list[str]) -> int:
-    """Revoke every certificate issued to `member` so far; store the new list in the DHT."""
+def revoke(owner_key: Path, member: str, *, initial_peers: list[str], members_only: bool = True) -> int:
+    """Revoke every certificate issued to `member` so far; store the new list in the DHT.
+    `members_only` False: the swarm is open (its daemons show certificates only for clients that
+    choose daemons by issuer), so the owner joins without the membership exchange."""
     owner = _load_owner(owner_key)
     owner_id = peer_id_bytes(owner)
     saved = owner_key.with_name(owner_key.name + ".revocations")
     local = decode_revocations(saved.read_bytes(), owner=owner_id) if saved.exists() else None
     revoked_peer = peer_id_from_text(member)
-    seq, count, stored = trio.run(_publish, owner, initial_peers, local, revoked_peer, saved)
+    seq, count, stored = trio.run(_publish, owner, initial_peers, local, revoked_peer, saved, members_only)
     print(f"revoked {member}: revocation list seq {seq}, {count} peers revoked, stored by {stored} daemons "
           "(each re-reads it every record period and closes that peer's connections)", file=sys.stderr)
     return 0
 
 
 async def _publish(owner, initial_peers: list[str], local: RevocationList | None, revoked_peer: bytes,  # noqa: ANN001
-                   saved: Path) -> tuple[int, int, int]:
+                   saved: Path, members_only: bool) -> tuple[int, int, int]:
     """Join the swarm as its owner, merge the DHT's list with ours, add the peer, save and store."""
     owner_id = peer_id_bytes(owner)
-    gate = AdmissionGate(Membership(owner=owner_id), owner_id)
+    gate = AdmissionGate(Membership(owner=owner_id), owner_id) if members_only else None
     host = make_host(owner, admission=gate)
     async with running_host(host, ["/ip4/127.0.0.1/tcp/0"]), trio.open_nursery() as nursery:
         dht = await start_dht(host, nursery, server=False, bootstrap=initial_peers)

@@ -185,7 +185,9 @@ class DistributedModelBase(nn.Module):
         stateless forward over the whole history, so its cost grows with the session's length
         (BENCHMARKS.md has the measured cost).
         `allowed_peers` / `blocked_peers` (peer ids): use only / never these daemons, for routing,
-        recovery and spot checks alike; a route they leave uncovered fails naming the blocks.
+        recovery and spot checks alike; a route they leave uncovered fails naming the blocks. An
+        allowed entry may be a certificate issuer's peer id: daemons showing its valid, unrevoked
+        certificate are allowed (client/swarm.py).
 
         Fine-tuning: `tuning_mode` "ptune" or "deep_ptune" with `pre_seq_len` prompts (client/
         ptune.py); `micro_batch_size`: sequences per forward/backward request (default: the
@@ -194,11 +196,6 @@ class DistributedModelBase(nn.Module):
         """
         if not 0.0 <= spot_check_rate <= 1.0:
             raise ValueError(f"spot_check_rate must be within 0.0-1.0, got {spot_check_rate}")
-        if spot_check_rate > 0.0 and (active_adapter is not None or tuning_mode == "deep_ptune"):
-            # A check re-computes a hop's history as a plain forward: it would need the same adapter
-            # and prompts, or it would find honest daemons wrong.
-            raise ValueError("spot checks (spot_check_rate) do not combine with active_adapter or "
-                             "tuning_mode='deep_ptune' yet")
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
@@ -263,6 +260,7 @@ class DistributedModelBase(nn.Module):
             model.spot_checker = SpotChecker(
                 swarm, spot_check_rate, signer=ed25519_private_key(key_pair),
                 publish=swarm.discovery.publish_evidence if swarm.discovery is not None else None)
+            model.layers.checker = model.spot_checker  # stateless calls (model(...), model.layers[i:j])
         if batching:
             model.head_batcher = HeadBatcher(client_part.logits, batched_head=client_part.packed_logits())
         return model

@@ -17,8 +17,12 @@ again by this client while the flag lasts); when it was the hop's daemon, the se
 hop and replays the step on an honest one (client/session.py). Without a third daemon nobody can
 be proven wrong: both are flagged and nothing is published.
 
-A check needs one daemon other than the hop's whose span covers the hop's blocks. When there is
-none the step goes unchecked (counted in `stats.unchecked`); with R = 1 that is an error instead,
+The same checks cover stateless calls (`model(...)`, `RemoteSequential`: each hop's forward, with
+its input as the history; client/remote.py) and sessions with deep prompts (the checking daemons
+get the hop's prompts) or a LoRA adapter (only daemons serving that adapter check).
+
+A check needs one daemon other than the hop's whose span covers the hop's blocks (and serves the
+adapter, if any). When there is none the step goes unchecked (counted in `stats.unchecked`); with R = 1 that is an error instead,
 because the promise that no wrong token reaches the caller could not be kept.
 """
 from __future__ import annotations
@@ -69,9 +73,10 @@ class SpotCheckUnavailable(PetalsError):
 
     code = ErrorCode.UNSUPPORTED
 
-    def __init__(self, blocks: tuple[int, int], peer: str) -> None:
-        super().__init__(f"spot_check_rate=1.0 needs a second daemon serving blocks {blocks[0]}:{blocks[1]} "
-                         f"(only {peer} serves them): start one, or lower the rate")
+    def __init__(self, blocks: tuple[int, int], peer: str, adapter: str | None = None) -> None:
+        with_adapter = f" with adapter {adapter!r}" if adapter is not None else ""
+        super().__init__(f"spot_check_rate=1.0 needs a second daemon serving blocks {blocks[0]}:{blocks[1]}"
+                         f"{with_adapter} (only {peer} serves them): start one, or lower the rate")
         self.blocks = blocks
 
 
@@ -111,23 +116,25 @@ class SpotChecker:
         self.stats.steps += 1
         return self.rate >= 1.0 or (self.rate > 0.0 and self.rng.random() < self.rate)
 
-    def _independent(self, hop: Hop, exclude: set[str], tokens: int) -> list[Hop]:
-        """Other daemons able to run exactly the hop's blocks over `tokens` tokens, cheapest first."""
+    def _independent(self, hop: Hop, exclude: set[str], tokens: int, adapter: str | None) -> list[Hop]:
+        """Other daemons able to run exactly the hop's blocks over `tokens` tokens (with `adapter`,
+        if any: a daemon without it would compute something else), cheapest first."""
         banned = self.swarm.banned()
         usable = [s for s in self.swarm.servers()
                   if s.peer_id not in exclude and s.peer_id not in banned and s.state == "online"
+                  and (adapter is None or adapter in s.adapters)
                   and s.start <= hop.start and s.end >= hop.end and (not s.max_length or s.max_length >= tokens)]
         usable.sort(key=lambda s: hop_cost(s, hop.start, hop.end, 0))
         return [Hop(s, hop.start, hop.end) for s in usable]
 
-    async def _ask(self, hop: Hop, exclude: set[str], history: torch.Tensor) -> _Answer | None:
+    async def _ask(self, hop: Hop, exclude: set[str], inputs: CheckedInputs) -> _Answer | None:
         """The first verified answer of an independent daemon, or None. A daemon that fails is
         banned as usual, unless it refused the request itself (too long for it, say)."""
-        for candidate in self._independent(hop, exclude, history.shape[1]):
+        for candidate in self._independent(hop, exclude, inputs.history.shape[1], inputs.adapter):
             peer = candidate.server.peer_id
             exclude.add(peer)
             try:
-                return _Answer(peer, await signed_forward(self.swarm, candidate, from_torch(history)))
+                return _Answer(peer, await inputs.forward(self.swarm, candidate))
             except NETWORK_ERRORS as exc:
                 log.warning("spot check: daemon %s failed on blocks %d:%d (%s: %s)", candidate.server.name,
                             hop.start, hop.end, type(exc).__name__, exc)
@@ -135,28 +142,32 @@ class SpotChecker:
                     self.swarm.ban(peer)
         return None
 
-    async def _ask_one(self, hop: Hop, history: torch.Tensor) -> _Answer | None:
+    async def _ask_one(self, hop: Hop, inputs: CheckedInputs) -> _Answer | None:
         """The hop's own daemon's answer to the same forward (for the report), or None."""
         try:
-            return _Answer(hop.server.peer_id, await signed_forward(self.swarm, hop, from_torch(history)))
+            return _Answer(hop.server.peer_id, await inputs.forward(self.swarm, hop))
         except NETWORK_ERRORS as exc:
             log.warning("spot check: no forward from %s for the report (%s: %s)", hop.server.name,
                         type(exc).__name__, exc)
             return None
 
-    async def check(self, hop: Hop, history: torch.Tensor, output: torch.Tensor) -> None:
+    async def check(self, hop: Hop, history: torch.Tensor, output: torch.Tensor, *,
+                    prompts: torch.Tensor | None = None, adapter: str | None = None) -> None:
         """Check that `output` (the hop's answer to the last rows of `history`) is right.
+        `prompts` [hop blocks, 1 or B, K, H]: the hop's deep prompts (positions [0, K) of the
+        history); `adapter`: the LoRA adapter it computed with. The checking daemons get both.
 
         Raises WrongOutput when the hop's daemon is found wrong (it is flagged); returns when
         its answer stands (a wrong checker is flagged and reported on the way).
         """
         accused_id = hop.server.peer_id
         rows = output.shape[1]
-        checker = await self._ask(hop, {accused_id}, history)
+        inputs = CheckedInputs(history, prompts, adapter)
+        checker = await self._ask(hop, {accused_id}, inputs)
         if checker is None:
             self.stats.unchecked += 1
             if self.rate >= 1.0:
-                raise SpotCheckUnavailable((hop.start, hop.end), hop.server.name)
+                raise SpotCheckUnavailable((hop.start, hop.end), hop.server.name, adapter)
             log.info("spot check of blocks %d:%d skipped: no other daemon serves them", hop.start, hop.end)
             return
         self.stats.checked += 1
@@ -167,7 +178,7 @@ class SpotChecker:
             self.stats.first_disagreement_at = self.stats.checked
         log.warning("spot check: %s and %s disagree on blocks %d:%d; asking a third daemon",
                     hop.server.name, checker.peer_id, hop.start, hop.end)
-        decider = await self._ask(hop, {accused_id, checker.peer_id}, history)
+        decider = await self._ask(hop, {accused_id, checker.peer_id}, inputs)
         if decider is None:
             log.error("spot check: no third daemon serves blocks %d:%d to decide; flagging both", hop.start, hop.end)
             self._flag(checker.peer_id)
@@ -180,13 +191,13 @@ class SpotChecker:
             self._flag(accused_id)
             raise WrongOutput(f"three daemons disagree on blocks {hop.start}:{hop.end}")
         # The same forward from the hop's daemon: all three answers then bind the same request.
-        hop_answer = await self._ask_one(hop, history)
+        hop_answer = await self._ask_one(hop, inputs)
         if hop_right:
             self._flag(checker.peer_id)
-            await self._report(hop, history, checker, (hop_answer, decider))
+            await self._report(hop, inputs, checker, (hop_answer, decider))
             return
         self._flag(accused_id)
-        await self._report(hop, history, hop_answer, (checker, decider))
+        await self._report(hop, inputs, hop_answer, (checker, decider))
         raise WrongOutput(f"daemon {hop.server.name} answered blocks {hop.start}:{hop.end} wrong")
 
     def _flag(self, peer_id: str) -> None:
@@ -194,14 +205,14 @@ class SpotChecker:
         self.swarm.flag(peer_id)
         self.stats.flagged.append(peer_id)
 
-    async def _report(self, hop: Hop, history: torch.Tensor, accused: _Answer | None,
+    async def _report(self, hop: Hop, inputs: CheckedInputs, accused: _Answer | None,
                       witnesses: tuple[_Answer | None, _Answer]) -> None:
         """Build, verify and publish the evidence (only a report that proves something is published)."""
         first, second = witnesses
         if accused is None or first is None or self.signer is None:
             return
         report = EvidenceReport(self.swarm.model_fingerprint, hop.start, hop.end,
-                                request_digest(hop, self.swarm.model_fingerprint, history), accused.signed(),
+                                inputs.digest(hop, self.swarm.model_fingerprint), accused.signed(),
                                 (first.signed(), second.signed()), peer_id_from_private_key(self.signer),
                                 time.time() + REPORT_TTL)
         try:
@@ -236,8 +247,23 @@ class _Answer:
                             self.reply.signature)
 
 
-def request_digest(hop: Hop, fingerprint: str, history: torch.Tensor) -> bytes:
-    """The input digest every forward over `history` on the hop's blocks binds (the request digest)."""
-    request = ForwardRequest(request_id=bytes(16), model_fingerprint=fingerprint, start_block=hop.start,
-                             end_block=hop.end, hidden=from_torch(history))
-    return forward_binding(request, request.hidden).input_digest
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What a checked hop computed on: its input history, deep prompts and adapter. Every daemon
+    asked about the hop gets exactly these, so that all answers bind the same request."""
+
+    history: torch.Tensor
+    prompts: torch.Tensor | None = None
+    adapter: str | None = None
+
+    async def forward(self, swarm: SwarmClient, hop: Hop) -> ForwardResponse:
+        prompts = from_torch(self.prompts.contiguous()) if self.prompts is not None else None
+        return await signed_forward(swarm, hop, from_torch(self.history), prompts=prompts, adapter=self.adapter)
+
+    def digest(self, hop: Hop, fingerprint: str) -> bytes:
+        """The input digest every forward over these inputs on the hop's blocks binds (the request digest)."""
+        request = ForwardRequest(request_id=bytes(16), model_fingerprint=fingerprint, start_block=hop.start,
+                                 end_block=hop.end, hidden=from_torch(self.history),
+                                 prompts=from_torch(self.prompts.contiguous()) if self.prompts is not None else None,
+                                 active_adapter=self.adapter)
+        return forward_binding(request, request.hidden).input_digest

@@ -9,7 +9,12 @@ Trust (issue 22): daemons proven to answer wrong are *flagged*: never used again
 lasts, by this client's own spot checks (client/spotcheck.py) or by a verified evidence report
 read from the DHT on refresh (petals_protocol.evidence; forged reports fail verification and are
 ignored). `allowed_peers` / `blocked_peers` restrict which daemons this client uses at all: a
-daemon outside them is never probed, routed through, recovered to or asked for a spot check.
+daemon outside them is never routed through, recovered to or asked for a spot check. An entry of
+`allowed_peers` names a daemon by peer id, or a certificate issuer by its peer id (a swarm owner
+key, `petals keygen`): then every daemon that shows a valid membership certificate from that
+issuer for its own peer id (in its info reply), not voided by the issuer's revocation list in the
+DHT, is allowed too. So a daemon outside the list is still asked what it serves (an info probe,
+which carries no user data), to see its certificate; a blocked daemon is never contacted.
 """
 from __future__ import annotations
 
@@ -22,11 +27,19 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from petals_protocol.errors import ErrorCode, ProtocolError
+from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
 from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
 from petals_protocol.evidence import EvidenceReport
-from petals_protocol.signing import peer_id_to_text
+from petals_protocol.membership import (
+    MembershipCertificate,
+    NotAMember,
+    RevocationList,
+    decode_revocations,
+    shown_certificate,
+)
+from petals_protocol.p2p.dht import find_revocations
+from petals_protocol.signing import peer_id_from_text, peer_id_to_text
 from petals_protocol.p2p.host import connect_any
 from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import NETWORK_ERRORS, FramedStream, open_stream
@@ -70,6 +83,10 @@ class SwarmClient:
     _flagged: dict[str, float] = field(default_factory=dict)
     #: Verified evidence reports read from the DHT, by accused peer id.
     evidence: dict[str, EvidenceReport] = field(default_factory=dict)
+    #: Membership certificates daemons showed (verified: issuer's signature, for that peer id).
+    certificates: dict[str, MembershipCertificate] = field(default_factory=dict)
+    #: The newest revocation list read from the DHT for each allowed issuer that certified a daemon.
+    revocations: dict[bytes, RevocationList] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- bans
     def ban(self, peer_id: str) -> None:
@@ -96,10 +113,19 @@ class SwarmClient:
         return frozenset(p for p, until in self._flagged.items() if until > now)
 
     def permitted(self, peer_id: str) -> bool:
-        """Whether allowed_peers / blocked_peers let this client use `peer_id` at all."""
+        """Whether allowed_peers / blocked_peers let this client use `peer_id` at all: listed, or
+        certified by a listed issuer (valid now, not revoked)."""
         if peer_id in self.blocked_peers:
             return False
-        return self.allowed_peers is None or peer_id in self.allowed_peers
+        return self.allowed_peers is None or peer_id in self.allowed_peers or self.certified(peer_id)
+
+    def certified(self, peer_id: str) -> bool:
+        """Whether `peer_id` showed a certificate of an issuer in allowed_peers that holds now."""
+        cert = self.certificates.get(peer_id)
+        if cert is None or self.allowed_peers is None or peer_id_to_text(cert.owner) not in self.allowed_peers:
+            return False
+        revocations = self.revocations.get(cert.owner)
+        return cert.expires_at > time.time() and not (revocations is not None and revocations.voids(cert))
 
     def servers(self) -> list[ServerInfo]:
         """Daemons this client may use: permitted and not flagged (banned ones are the router's business)."""
@@ -110,7 +136,7 @@ class SwarmClient:
         """A note for NoRoute when allowed_peers / blocked_peers / flags removed daemons, else ""."""
         notes = []
         if self.allowed_peers is not None:
-            notes.append(f"only allowed_peers ({len(self.allowed_peers)}) may be used")
+            notes.append(f"only allowed_peers ({len(self.allowed_peers)}) and daemons they certify may be used")
         if self.blocked_peers:
             notes.append(f"{len(self.blocked_peers)} blocked_peers are excluded")
         if self.flagged():
@@ -142,6 +168,7 @@ class SwarmClient:
         if reply.model_fingerprint != self.model_fingerprint:
             log.info("peer=%s serves another model (%s), ignored", reply.peer_id, reply.model_fingerprint[:16])
             return None
+        self._note_certificate(str(peer_id), reply.certificate)  # the id Noise authenticated, not the reply's
         return ServerInfo(peer_id=peer_id_to_text(reply.peer_id), addrs=addrs, start=reply.start_block, end=reply.end_block,
                           throughput=reply.throughput, cache_tokens_free=reply.cache_tokens_free,
                           state=reply.state, public_name=reply.public_name, dtype=reply.dtype, rtt=rtt,
@@ -155,11 +182,11 @@ class SwarmClient:
         if self.discovery is not None:
             self.records = await self.discovery.find_servers(self.model_fingerprint)
             for record in self.records:
-                if self.permitted(record.peer_id):
+                if record.peer_id not in self.blocked_peers:  # others are probed for their certificate
                     targets[record.peer_id] = record.addrs
         for addr in self.initial_peers:
             peer = addr.rstrip("/").rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else ""
-            if not peer or self.permitted(peer):
+            if peer not in self.blocked_peers:
                 targets.setdefault(addr, ())
         found: dict[str, ServerInfo] = {}
 
@@ -178,6 +205,36 @@ class SwarmClient:
             for target, addrs in targets.items():
                 nursery.start_soon(probe, target, addrs)
         self._servers = found
+        await self._read_revocations()
+
+    def _note_certificate(self, peer_id: str, blob: bytes | None) -> None:
+        """Keep the certificate a daemon showed if it verifies for that daemon (logged otherwise)."""
+        self.certificates.pop(peer_id, None)
+        if blob is None:
+            return
+        try:
+            self.certificates[peer_id] = shown_certificate(blob, peer_id_from_text(peer_id), time.time())
+        except NotAMember as exc:
+            log.info("peer=%s shows a certificate that does not hold: %s", peer_id, exc)
+
+    async def _read_revocations(self) -> None:
+        """The revocation lists of the allowed issuers that certified a daemon we found (DHT)."""
+        if self.discovery is None or self.allowed_peers is None:
+            return
+        issuers = {c.owner for p, c in self.certificates.items()
+                   if p in self._servers and peer_id_to_text(c.owner) in self.allowed_peers}
+        for issuer in issuers:
+            with trio.move_on_after(self.connect_timeout):
+                try:
+                    blobs = await find_revocations(self.discovery.dht, issuer)  # valid ones, newest first
+                except PetalsError as exc:
+                    log.info("revocation list of issuer %s not read: %s", peer_id_to_text(issuer), exc)
+                    continue
+                if blobs:
+                    revocations = decode_revocations(blobs[0], owner=issuer)
+                    known = self.revocations.get(issuer)
+                    if known is None or revocations.seq > known.seq:
+                        self.revocations[issuer] = revocations
 
     async def _read_evidence(self, peer_ids: list[str]) -> None:
         """Flag the daemons that verified evidence reports in the DHT prove wrong, until the report expires."""

@@ -28,7 +28,7 @@ from libp2p.records.record import make_signed_put_record
 
 from petals_client.remote import signed_forward
 from petals_client.routing import Hop
-from petals_client.spotcheck import request_digest
+from petals_client.spotcheck import CheckedInputs
 from petals_client.swarm_table import show_swarm
 from petals_protocol.errors import BadRecord
 from petals_protocol.evidence import EvidenceReport, SignedOutput, decode_report, encode_report, evidence_key
@@ -138,7 +138,7 @@ def test_forged_report_is_refused_and_ignored(swarm, model_path):
         answers = {peer: model.runtime.call(signed_forward, model.swarm, Hop(servers[peer], 0, 6), from_torch(history))
                    for peer in (victim, other)}
         fingerprint = model.swarm.model_fingerprint
-        digest = request_digest(Hop(servers[victim], 0, 6), fingerprint, history)
+        digest = CheckedInputs(history).digest(Hop(servers[victim], 0, 6), fingerprint)
 
         def signed(peer: str) -> SignedOutput:
             reply = answers[peer]
@@ -218,3 +218,49 @@ def test_liar_in_the_first_of_two_pushed_hops(swarm, model_path, local):
         stats = model.spot_checks
         assert stats is not None and stats.flagged == [half_liar] and stats.first_disagreement_at == 1
     assert out.tolist() == reference.tolist()
+
+
+def _logits(model_path, swarm, **options) -> tuple[torch.Tensor, object]:
+    """model(PROMPT).logits through the swarm (no DHT: no report read, so the liar is routed to first)."""
+    with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs, use_dht=False,
+                                                         **options) as model:
+        with torch.no_grad():
+            return model(PROMPT).logits, model.spot_checks
+
+
+def test_stateless_forward_is_spot_checked(swarm, model_path):
+    """model(...) at R=1.0: the liar (routed first) is caught on the forward, flagged, and the call
+    runs again on honest daemons: the logits equal an honest run's, bit for bit."""
+    liar = daemon(swarm, "liar").peer_id
+    honest, _ = _logits(model_path, swarm, blocked_peers=[liar])
+    unchecked, _ = _logits(model_path, swarm)
+    assert not torch.equal(unchecked, honest)  # the liar is routed to and its answer is wrong
+    checked, stats = _logits(model_path, swarm, spot_check_rate=1.0)
+    assert torch.equal(checked, honest)
+    assert stats.flagged == [liar] and stats.first_disagreement_at == 1
+    assert stats.checked == 2  # the liar's answer, then the honest replacement's
+
+
+def test_deep_prompt_session_is_spot_checked(swarm, model_path):
+    """A session with deep prompts at R=1.0: the checking daemons get the hop's prompts (an honest
+    daemon is not found wrong), the liar is caught and replaced, and the tokens equal an honest run's."""
+    liar = daemon(swarm, "liar").peer_id
+
+    def generate(**options) -> tuple[list[int], object]:
+        with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs, use_dht=False,
+                                                             tuning_mode="deep_ptune", pre_seq_len=3, **options) as model:
+            with torch.no_grad():
+                generator = torch.Generator().manual_seed(5)
+                model.ptune.prompt_embeddings.weight.normal_(std=0.5, generator=generator)
+                model.ptune.intermediate_prompt_embeddings.weight.normal_(std=0.5, generator=generator)
+            out = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+            return out.tolist(), model.spot_checks
+
+    honest, _ = generate(blocked_peers=[liar])
+    plain, _ = generate(allowed_peers=[daemon(swarm, "honest1").peer_id])
+    assert plain == honest  # the prompts are deterministic: two honest daemons agree
+    clean, clean_stats = generate(spot_check_rate=1.0, blocked_peers=[liar])
+    assert clean == honest and clean_stats.disagreements == 0 and clean_stats.checked == 8  # prompts reach the checker
+    checked, stats = generate(spot_check_rate=1.0)
+    assert checked == honest
+    assert stats.flagged == [liar] and stats.first_disagreement_at == 1
