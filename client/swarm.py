@@ -8,7 +8,8 @@ are banned for a while, with a backoff that doubles on repeated failures.
 Trust (issue 22): daemons proven to answer wrong are *flagged*: never used again while the flag
 lasts, by this client's own spot checks (client/spotcheck.py) or by a verified evidence report
 read from the DHT on refresh (petals_protocol.evidence; forged reports fail verification and are
-ignored). `allowed_peers` / `blocked_peers` restrict which daemons this client uses at all: a
+ignored; with `recheck`, a report whose inputs, run again, show the accused answer right is
+ignored too). `allowed_peers` / `blocked_peers` restrict which daemons this client uses at all: a
 daemon outside them is never routed through, recovered to or asked for a spot check. An entry of
 `allowed_peers` names a daemon by peer id, or a certificate issuer by its peer id (a swarm owner
 key, `petals keygen`): then every daemon that shows a valid membership certificate from that
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,10 @@ class SwarmClient:
     evidence: dict[str, EvidenceReport] = field(default_factory=dict)
     #: Membership certificates daemons showed (verified: issuer's signature, for that peer id).
     certificates: dict[str, MembershipCertificate] = field(default_factory=dict)
+    #: Runs a report's inputs again (client/spotcheck.py `SpotChecker.recheck`): True confirmed,
+    #: False refuted (the report is ignored), None not re-checkable. None: believe verified reports.
+    recheck: Callable[[EvidenceReport], Awaitable[bool | None]] | None = None
+    _rechecked: dict[tuple[str, bytes, float], bool | None] = field(default_factory=dict)
     #: The newest revocation list read from the DHT for each allowed issuer that certified a daemon.
     revocations: dict[bytes, RevocationList] = field(default_factory=dict)
 
@@ -189,6 +194,10 @@ class SwarmClient:
             if peer not in self.blocked_peers:
                 targets.setdefault(addr, ())
         found: dict[str, ServerInfo] = {}
+        reports: list[EvidenceReport] = []
+
+        async def read_evidence(peer_ids: list[str]) -> None:
+            reports.extend(await self.discovery.find_evidence(self.model_fingerprint, peer_ids))
 
         async def probe(target: str, addrs: tuple[str, ...]) -> None:
             if not target.startswith("/"):
@@ -201,11 +210,12 @@ class SwarmClient:
 
         async with trio.open_nursery() as nursery:
             if self.discovery is not None:  # beside the probes: a DHT walk can wait on a hung peer
-                nursery.start_soon(self._read_evidence, [r.peer_id for r in self.records if r.peer_id in targets])
+                nursery.start_soon(read_evidence, [r.peer_id for r in self.records if r.peer_id in targets])
             for target, addrs in targets.items():
                 nursery.start_soon(probe, target, addrs)
         self._servers = found
         await self._read_revocations()
+        await self._believe(reports)  # after the probes: a re-check runs on the daemons just found
 
     def _note_certificate(self, peer_id: str, blob: bytes | None) -> None:
         """Keep the certificate a daemon showed if it verifies for that daemon (logged otherwise)."""
@@ -236,10 +246,21 @@ class SwarmClient:
                     if known is None or revocations.seq > known.seq:
                         self.revocations[issuer] = revocations
 
-    async def _read_evidence(self, peer_ids: list[str]) -> None:
-        """Flag the daemons that verified evidence reports in the DHT prove wrong, until the report expires."""
-        for report in await self.discovery.find_evidence(self.model_fingerprint, peer_ids):
+    async def _believe(self, reports: list[EvidenceReport]) -> None:
+        """Flag the daemons that verified evidence reports in the DHT prove wrong, until the report
+        expires; with `recheck`, not those whose report a re-run of its inputs refutes (once per report)."""
+        for report in reports:
             accused = report.accused_text
+            if self.recheck is not None:
+                key = (accused, report.input_digest, report.expires_at)
+                if key not in self._rechecked:
+                    self._rechecked[key] = await self.recheck(report)
+                    log.warning("report on peer=%s (by %s) re-checked: %s", accused, peer_id_to_text(report.reporter),
+                                {True: "confirmed", False: "REFUTED, its accused answer is right: ignored",
+                                 None: "not re-checkable (no inputs, or no daemon to run them): "
+                                       "believed on its signatures"}[self._rechecked[key]])
+                if self._rechecked[key] is False:
+                    continue
             if accused not in self.evidence:
                 log.warning("peer=%s is proven to answer wrong (report by %s, blocks %d:%d): avoiding it",
                             accused, peer_id_to_text(report.reporter), report.start_block, report.end_block)

@@ -22,6 +22,9 @@ def add_trust_options(parser: argparse.ArgumentParser) -> None:
                         help="re-compute this fraction (0.0-1.0) of steps on another daemon serving the same blocks; "
                              "a daemon found wrong is avoided and reported (1.0: every step, before any token "
                              "is shown; default 0: off)")
+    parser.add_argument("--no-recheck-reports", dest="recheck_reports", action="store_false",
+                        help="avoid a daemon accused by a verified evidence report without first running the "
+                             "report's inputs again on a daemon not involved (or this machine's copy of the blocks)")
     parser.add_argument("--allowed-peers", nargs="+", metavar="PEER_ID",
                         help="use only these daemons, for routing, recovery and spot checks: peer ids, or the "
                              "peer id of a certificate issuer (`petals keygen` prints it), which allows every "
@@ -32,7 +35,8 @@ def add_trust_options(parser: argparse.ArgumentParser) -> None:
 
 def trust_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`from_pretrained` keywords from the parsed flags."""
-    return {"spot_check_rate": args.spot_check_rate, "allowed_peers": args.allowed_peers,
+    return {"spot_check_rate": args.spot_check_rate, "recheck_reports": args.recheck_reports,
+            "allowed_peers": args.allowed_peers,
             "blocked_peers": args.blocked_peers or ()}
 
 
