@@ -143,3 +143,8 @@ def test_allowed_issuer_routes_only_through_its_certified_daemons(tmp_path, mode
                 model.inference_session(max_length=8)
         assert uncovered.value.uncovered == [(3, 6)] and "allowed_peers" in str(uncovered.value)
         assert tokens_computed(swarm, daemons["e"]) == 0
+        # A daemon showing a certificate that is not for its own peer id does not start.
+        thief = swarm.start("0:3", name="thief", wait=False, args=["--member-certificate", str(work / "a.cert")])
+        assert thief.process.wait(60) != 0
+        assert any("--member-certificate" in line and "shows the certificate of" in line for line in thief.log), \
+            list(thief.log)[-5:]
