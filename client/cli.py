@@ -25,7 +25,7 @@ from pathlib import Path
 
 from petals_protocol.ids import __version__  # no heavy imports: it reads package metadata
 
-from .trust_options import add_trust_options, trust_kwargs
+from .trust_options import add_membership_options, add_trust_options, membership_kwargs, trust_kwargs
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXIT_STATUS_HELP = ("Exit status: 0 success; 1 failure at run time (unreachable peers, no route, "
@@ -43,7 +43,7 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                          swarm_key=args.swarm_key, revision=args.revision,
-                                                         **_membership_options(args), **trust_kwargs(args)) as lm:
+                                                         **membership_kwargs(args), **trust_kwargs(args)) as lm:
         if args.show_route:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
@@ -82,7 +82,7 @@ def _chat(args: argparse.Namespace) -> int:
     require_chat_template(tokenizer)  # before joining the swarm
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                          swarm_key=args.swarm_key, revision=args.revision,
-                                                         **_membership_options(args), **trust_kwargs(args)) as lm:
+                                                         **membership_kwargs(args), **trust_kwargs(args)) as lm:
         chat_loop(lm, tokenizer, sys.stdin, sys.stdout, system=args.system, max_length=args.max_length,
                   **_sampling(args))
     return EXIT_OK
@@ -92,11 +92,12 @@ def _swarm(args: argparse.Namespace) -> int:
     if args.html:
         from .health import write_health_page
 
-        return write_health_page(args.model, args.initial_peers, args.html, swarm_key=args.swarm_key)
+        return write_health_page(args.model, args.initial_peers, args.html, swarm_key=args.swarm_key,
+                                 **membership_kwargs(args))
     from .swarm_table import show_swarm
 
     return show_swarm(args.model, args.initial_peers, as_json=args.json, swarm_key=args.swarm_key,
-                      revision=args.revision)
+                      revision=args.revision, **membership_kwargs(args))
 
 
 def _manifest(args: argparse.Namespace) -> int:
@@ -121,12 +122,8 @@ def _member(args: argparse.Namespace) -> int:
                            output=Path(args.output) if args.output else None)
     if not args.initial_peers:
         args.parser.error("member revoke needs --initial-peers MULTIADDR... (the list is stored in the swarm's DHT)")
-    return members.revoke(Path(args.owner_key), args.peer_id, initial_peers=args.initial_peers)
-
-
-def _membership_options(args: argparse.Namespace) -> dict[str, object]:
-    """from_pretrained's keyword arguments for --identity / --swarm-owner / --member-certificate."""
-    return {"identity": args.identity, "swarm_owner": args.swarm_owner, "member_certificate": args.member_certificate}
+    return members.revoke(Path(args.owner_key), args.peer_id, initial_peers=args.initial_peers,
+                          members_only=not args.open_swarm)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -172,14 +169,6 @@ def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm-key", metavar="FILE", help="pre-shared key file of a private swarm")
 
 
-def _add_membership(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--identity", metavar="FILE", help="key file fixing this client's peer id (created if "
-                        "missing; see `petals keygen`): for a membership certificate or a daemon's --own-clients")
-    parser.add_argument("--swarm-owner", metavar="PEER_ID", help="members-only swarm: the owner's peer id")
-    parser.add_argument("--member-certificate", metavar="FILE", help="members-only swarm: this client's "
-                        "certificate (`petals member add` for the peer id of --identity)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     formatter = _Help
     parser = _Parser(prog="petals", description="Run language models over a swarm of petalsd daemons.",
@@ -209,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(gen, "local checkpoint folder or Hub id ORG/NAME (the client fetches and loads only embeddings, "
                     "final norm and head)")
     _add_peers(gen)
-    _add_membership(gen)
+    add_membership_options(gen)
     _add_sampling(gen, max_new_tokens=64)
     add_trust_options(gen)
     gen.add_argument("--show-route", action="store_true", help="print which daemons serve which blocks")
@@ -221,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = add("chat", "talk with a chat model through a swarm (its tokenizer's chat template)")
     _add_model(chat, "local checkpoint folder or Hub id ORG/NAME")
     _add_peers(chat)
-    _add_membership(chat)
+    add_membership_options(chat)
     chat.add_argument("--system", help="a system message to start the conversation with")
     chat.add_argument("--max-length", type=int, default=2048, metavar="N", help="most tokens of the conversation")
     _add_sampling(chat, max_new_tokens=512)
@@ -231,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm = add("swarm", "which blocks are served by whom")
     _add_model(swarm, "local checkpoint folder or Hub id ORG/NAME")
     _add_peers(swarm)
+    add_membership_options(swarm)
     swarm.add_argument("--json", action="store_true", help="machine-readable output")
     swarm.add_argument("--html", metavar="FILE", help="write the health page (as `petals serve` shows it) to FILE")
     swarm.set_defaults(func=_swarm)
@@ -254,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     member.add_argument("--output", metavar="FILE", help="add: write the certificate here (default: stdout)")
     member.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", help="revoke: daemons of the swarm, "
                         "where the revocation list is stored")
+    member.add_argument("--open-swarm", action="store_true", help="revoke: the swarm is open (its daemons show "
+                        "certificates only for clients' --allowed-peers ISSUER), so join it without membership")
     member.set_defaults(func=_member)
 
     ctl = add("ctl", "control a local daemon over its Unix socket")

@@ -23,7 +23,6 @@ import trio
 from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
-from petals_protocol.p2p.identity import ephemeral_identity
 
 from .swarm import SwarmClient
 from .swarm_table import block_runs
@@ -124,9 +123,11 @@ def render_page(data: dict[str, Any]) -> str:
     return template.replace("__SWARM_DATA__", payload)
 
 
-async def _collect(model: str, initial_peers: Sequence[str], psk: bytes | None) -> dict[str, Any]:
+async def _collect(model: str, initial_peers: Sequence[str], psk: bytes | None,
+                   identity: tuple[Any, Any]) -> dict[str, Any]:
     path = Path(model)
-    host = make_host(ephemeral_identity(), psk=psk)
+    key_pair, admission = identity
+    host = make_host(key_pair, psk=psk, admission=admission)
     async with running_host(host, _CLIENT_LISTEN), trio.open_nursery() as nursery:
         from .discovery import join_swarm
 
@@ -139,9 +140,14 @@ async def _collect(model: str, initial_peers: Sequence[str], psk: bytes | None) 
 
 
 def write_health_page(model: str, initial_peers: Sequence[str], out: str | Path, *,
-                      swarm_key: str | Path | None = None) -> int:
-    """`petals swarm --html FILE`: write the page once; exit status 1 if some block is unserved."""
+                      swarm_key: str | Path | None = None, identity: str | Path | None = None,
+                      swarm_owner: str | None = None, member_certificate: str | Path | None = None) -> int:
+    """`petals swarm --html FILE`: write the page once; exit status 1 if some block is unserved.
+    `identity` / `swarm_owner` / `member_certificate`: join a members-only swarm as a member."""
+    from .members import client_identity
+
+    joining = client_identity(identity, swarm_owner, member_certificate)
     psk = load_swarm_key(Path(swarm_key)) if swarm_key is not None else None
-    data = trio.run(_collect, model, list(initial_peers), psk)
+    data = trio.run(_collect, model, list(initial_peers), psk, joining)
     Path(out).write_text(render_page(data), encoding="utf-8")
     return 0 if data["complete"] else 1

@@ -40,16 +40,17 @@ from petals_protocol.models.client_part import ClientPart, load_client_part
 from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
-from petals_protocol.p2p.identity import ed25519_private_key, ephemeral_identity, load_or_create_identity, peer_id_bytes
+from petals_protocol.p2p.identity import ed25519_private_key
 
 from . import generation
 from .head_batching import HeadBatcher
+from .members import client_identity
 from .ptune import PromptTuning
 from .remote import RemoteSequential
 from .routing import NoRoute, describe_route
 from .runtime import ClientRuntime
 from .session import InferenceSession
-from .spotcheck import SpotChecker, SpotCheckStats
+from .spotcheck import LocalDecider, SpotChecker, SpotCheckStats
 from .swarm import SwarmClient
 
 log = logging.getLogger("petals_client")
@@ -153,6 +154,7 @@ class DistributedModelBase(nn.Module):
         swarm_owner: str | None = None,
         member_certificate: str | Path | None = None,
         spot_check_rate: float = 0.0,
+        recheck_reports: bool = True,
         allowed_peers: Sequence[str] | None = None,
         blocked_peers: Sequence[str] = (),
         tuning_mode: str | None = None,
@@ -180,11 +182,20 @@ class DistributedModelBase(nn.Module):
         `spot_check_rate` (0.0-1.0): the fraction of each hop's steps re-computed on another daemon
         serving the same blocks before the step is used; a daemon found wrong is avoided, reported
         in the DHT, and the step replayed on honest ones (client/spotcheck.py). 1.0 checks every
-        step, so no token computed from a wrong answer is returned. Off by default: a check is a
+        step, so no token computed from a wrong answer is returned. Stateless calls (`model(...)`,
+        `model.layers[i:j]`) are checked the same way. A disagreement is decided on the client's own
+        copy of the blocks when `path` is a local folder holding them, else by a third daemon. Off by default: a check is a
         stateless forward over the whole history, so its cost grows with the session's length
         (BENCHMARKS.md has the measured cost).
+        `recheck_reports`: before avoiding a daemon that an evidence report in the DHT accuses, run
+        the report's inputs again (on this client's copy of the blocks, else on a daemon neither
+        accused nor witness) and ignore the report if the accused answer is right. On by default:
+        a signature proves who answered, not who was right, and one forward per new report (they
+        are rare) is cheap next to avoiding an honest daemon that colluding witnesses framed.
         `allowed_peers` / `blocked_peers` (peer ids): use only / never these daemons, for routing,
-        recovery and spot checks alike; a route they leave uncovered fails naming the blocks.
+        recovery and spot checks alike; a route they leave uncovered fails naming the blocks. An
+        allowed entry may be a certificate issuer's peer id: daemons showing its valid, unrevoked
+        certificate are allowed (client/swarm.py).
 
         Fine-tuning: `tuning_mode` "ptune" or "deep_ptune" with `pre_seq_len` prompts (client/
         ptune.py); `micro_batch_size`: sequences per forward/backward request (default: the
@@ -193,25 +204,12 @@ class DistributedModelBase(nn.Module):
         """
         if not 0.0 <= spot_check_rate <= 1.0:
             raise ValueError(f"spot_check_rate must be within 0.0-1.0, got {spot_check_rate}")
-        if spot_check_rate > 0.0 and (active_adapter is not None or tuning_mode == "deep_ptune"):
-            # A check re-computes a hop's history as a plain forward: it would need the same adapter
-            # and prompts, or it would find honest daemons wrong.
-            raise ValueError("spot checks (spot_check_rate) do not combine with active_adapter or "
-                             "tuning_mode='deep_ptune' yet")
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
         fingerprint = model_fingerprint(checkpoint)
         psk = load_swarm_key(Path(swarm_key)) if swarm_key else None
-        key_pair = load_or_create_identity(Path(identity)) if identity is not None else ephemeral_identity()
-        admission = None
-        if swarm_owner is not None:
-            from petals_protocol.p2p.admission import load_gate
-
-            admission = load_gate(swarm_owner, Path(member_certificate) if member_certificate else None,
-                                  peer_id_bytes(key_pair))
-        elif member_certificate is not None:
-            raise ValueError("member_certificate needs swarm_owner (the peer id of the swarm's owner)")
+        key_pair, admission = client_identity(identity, swarm_owner, member_certificate)
         holder: dict[str, Any] = {}
 
         async def main(nursery: trio.Nursery, stop: trio.Event) -> None:
@@ -230,6 +228,8 @@ class DistributedModelBase(nn.Module):
                                 step_timeout=step_timeout, max_retries=max_retries,
                                 allowed_peers=frozenset(allowed_peers) if allowed_peers is not None else None,
                                 blocked_peers=frozenset(blocked_peers))
+            if recheck_reports:  # before the first refresh, which reads the reports
+                swarm.recheck = SpotChecker(swarm, 0.0, local=LocalDecider.for_folder(checkpoint)).recheck
             if use_dht:
                 try:
                     from .discovery import join_swarm
@@ -269,7 +269,9 @@ class DistributedModelBase(nn.Module):
         if spot_check_rate > 0.0:
             model.spot_checker = SpotChecker(
                 swarm, spot_check_rate, signer=ed25519_private_key(key_pair),
-                publish=swarm.discovery.publish_evidence if swarm.discovery is not None else None)
+                publish=swarm.discovery.publish_evidence if swarm.discovery is not None else None,
+                local=LocalDecider.for_folder(checkpoint))
+            model.layers.checker = model.spot_checker  # stateless calls (model(...), model.layers[i:j])
         if batching:
             model.head_batcher = HeadBatcher(client_part.logits, batched_head=client_part.packed_logits())
         return model

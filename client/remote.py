@@ -5,12 +5,15 @@ over `/petals/forward/1` (and `/petals/backward/1` for gradients), so researcher
 internal states (`model.layers[4:8](hidden)`) and fine-tuning can train client-side parameters
 (prompts, adapters, a head) through frozen remote blocks. Every reply is signature-checked; a
 failed request is retried on other daemons serving the same blocks (the failed one is banned).
+With spot checks on (`checker`, from_pretrained's spot_check_rate), each forward hop's answer is
+re-computed on another daemon with probability R before it is used (client/spotcheck.py); a daemon
+found wrong is flagged and the call runs again on a route without it. Gradients are not checked.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import trio
@@ -22,8 +25,11 @@ from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from .routing import Hop, NoRoute, ServerInfo, choose_route
 from .runtime import ClientRuntime
-from .session import CALLER_FAULTS
+from .session import CALLER_FAULTS, WrongOutput
 from .swarm import NETWORK_ERRORS, SwarmClient, raise_for_reply
+
+if TYPE_CHECKING:
+    from .spotcheck import SpotChecker
 
 log = logging.getLogger("petals_client.remote")
 
@@ -78,24 +84,26 @@ def _verified(hop: Hop, hidden: TensorPayload, binding: Any, out: TensorPayload,
 
 async def run_range(swarm: SwarmClient, start: int, end: int, hidden: TensorPayload,
                     grad_output: TensorPayload | None = None, *, prompts: torch.Tensor | None = None,
-                    adapter: str | None = None,
-                    busy: set[str] | None = None) -> tuple[TensorPayload, torch.Tensor | None]:
+                    adapter: str | None = None, busy: set[str] | None = None,
+                    checker: SpotChecker | None = None) -> tuple[TensorPayload, torch.Tensor | None]:
     """Blocks [start, end) forward (or, with grad_output, backward in reverse order), with retries.
 
     `prompts` [end - start, 1 or B, K, H]: deep prompts, each hop gets its blocks' slice; a
     backward also returns their gradient (else None). `adapter`: the LoRA adapter to compute
     with (only daemons announcing it are routed to). `busy`: daemons other micro-batches of the
-    same call already use, avoided while another route exists.
+    same call already use, avoided while another route exists. `checker`: spot-check forward hops.
 
     Backward needs each hop's input: it re-runs the forward over the chain first (daemons keep no
     activations between requests), then walks the hops backwards. A request that fails (stream
     closed, timeout, error reply, bad signature) bans the daemon that failed and starts over on a
     new route, at most `swarm.max_retries` times; every request is bounded by `swarm.step_timeout`.
+    A hop a spot check finds wrong is flagged by the checker and the call starts over the same way.
     """
     attempts = 0
     while True:
         route = await _route(swarm, start, end, adapter, busy)
         current_hop: Hop | None = None
+        checking = False  # a failure inside a check is the checker's to handle, never the hop's
         try:
             inputs: list[TensorPayload] = []
             current = hidden
@@ -104,6 +112,11 @@ async def run_range(swarm: SwarmClient, start: int, end: int, hidden: TensorPayl
                 if grad_output is None or hop is not route[-1]:
                     current_hop = hop
                     current, _ = await run_hop(swarm, hop, current, None, _hop_prompts(prompts, start, hop), adapter)
+                    if checker is not None and checker.choose():
+                        checking = True
+                        await checker.check(hop, to_torch(inputs[-1]), to_torch(current), adapter=adapter,
+                                            prompts=None if prompts is None else prompts[hop.start - start:hop.end - start])
+                        checking = False
             if grad_output is None:
                 return current, None
             grad = grad_output
@@ -114,9 +127,15 @@ async def run_range(swarm: SwarmClient, start: int, end: int, hidden: TensorPayl
                 if hop_grad is not None:
                     grad_prompts.insert(0, to_torch(hop_grad))
             return grad, (torch.cat(grad_prompts) if grad_prompts else None)
+        except WrongOutput as exc:  # flagged by the checker: the next route avoids it
+            attempts += 1
+            log.warning("request through blocks %d:%d: %s; running it again (%d/%d)", start, end, exc, attempts,
+                        swarm.max_retries)
+            if attempts >= swarm.max_retries:
+                raise
         except NETWORK_ERRORS as exc:
-            if isinstance(exc, RemoteError) and exc.code in CALLER_FAULTS:
-                raise  # our request is at fault: every daemon would refuse it
+            if checking or (isinstance(exc, RemoteError) and exc.code in CALLER_FAULTS):
+                raise  # no checker for the hop at R = 1, or our request is at fault: every daemon would refuse it
             attempts += 1
             failed = current_hop.server.peer_id if current_hop is not None else getattr(exc, "peer", None)
             log.warning("request through blocks %d:%d failed at %s (%s: %s); retrying (%d/%d)", start, end,
@@ -168,7 +187,7 @@ async def _route(swarm: SwarmClient, start: int, end: int, adapter: str | None =
 
 async def run_batched(swarm: SwarmClient, start: int, end: int, hidden: torch.Tensor,
                       grad_output: torch.Tensor | None, prompts: torch.Tensor | None, adapter: str | None,
-                      rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      rows: int, checker: SpotChecker | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`run_range` on micro-batches of at most `rows` sequences, in parallel (on different
     daemons where several serve the blocks); results joined in order, prompt gradients summed
     (or joined, for per-sequence prompts)."""
@@ -182,7 +201,7 @@ async def run_batched(swarm: SwarmClient, start: int, end: int, hidden: torch.Te
         grad = from_torch(grad_output[lo:hi].contiguous()) if grad_output is not None else None
         results[index] = await run_range(swarm, start, end, from_torch(hidden[lo:hi].contiguous()), grad,
                                          prompts=chunk_prompts, adapter=adapter,
-                                         busy=busy if len(bounds) > 1 else None)
+                                         busy=busy if len(bounds) > 1 else None, checker=checker)
 
     async with trio.open_nursery() as nursery:
         for index, (lo, hi) in enumerate(bounds):
@@ -205,7 +224,8 @@ class _RemoteBlocks(torch.autograd.Function):
         ctx.remote = remote
         ctx.save_for_backward(hidden, prompts)
         out, _ = remote.runtime.call(run_batched, remote.swarm, remote.start, remote.end, hidden.detach(), None,
-                                     _detached(prompts, hidden.dtype), remote.active_adapter, remote.rows(hidden))
+                                     _detached(prompts, hidden.dtype), remote.active_adapter, remote.rows(hidden),
+                                     remote.checker)
         return out.to(hidden.device)
 
     @staticmethod
@@ -215,7 +235,7 @@ class _RemoteBlocks(torch.autograd.Function):
         grad, grad_prompts = remote.runtime.call(run_batched, remote.swarm, remote.start, remote.end, hidden.detach(),
                                                  grad_output.contiguous().to(hidden.dtype),
                                                  _detached(prompts, hidden.dtype), remote.active_adapter,
-                                                 remote.rows(hidden))
+                                                 remote.rows(hidden), remote.checker)
         if grad_prompts is not None and prompts is not None:
             grad_prompts = grad_prompts.to(device=prompts.device, dtype=prompts.dtype)
         return grad.to(hidden.device), grad_prompts, None
@@ -229,13 +249,15 @@ class RemoteSequential(torch.nn.Module):
     """Blocks [start, end) of the model, served by the swarm. Slicing gives a sub-range."""
 
     def __init__(self, runtime: ClientRuntime, swarm: SwarmClient, start: int, end: int, *,
-                 micro_batch_size: int | None = None, active_adapter: str | None = None) -> None:
+                 micro_batch_size: int | None = None, active_adapter: str | None = None,
+                 checker: SpotChecker | None = None) -> None:
         super().__init__()
         self.runtime, self.swarm, self.start, self.end = runtime, swarm, start, end
         # Sequences per request (None: the smallest max_batch_size the daemons announce); more
         # are split into micro-batches run in parallel.
         self.micro_batch_size = micro_batch_size
         self.active_adapter = active_adapter  # a LoRA adapter on the daemons (None: the base model)
+        self.checker = checker  # spot checks of forward hops (None: off)
 
     def rows(self, hidden: torch.Tensor) -> int:
         if self.micro_batch_size is not None:
@@ -245,7 +267,7 @@ class RemoteSequential(torch.nn.Module):
 
     def _sub(self, start: int, end: int) -> RemoteSequential:
         return RemoteSequential(self.runtime, self.swarm, start, end, micro_batch_size=self.micro_batch_size,
-                                active_adapter=self.active_adapter)
+                                active_adapter=self.active_adapter, checker=self.checker)
 
     def __len__(self) -> int:
         return self.end - self.start

@@ -52,7 +52,8 @@ class ServeOptions:
     max_concurrent: int = 8
     max_tokens: int = 1024
     swarm_key: str | None = None
-    #: from_pretrained's spot_check_rate / allowed_peers / blocked_peers (client/trust_options.py)
+    #: from_pretrained's spot_check_rate / allowed_peers / blocked_peers and identity / swarm_owner /
+    #: member_certificate (client/trust_options.py)
     trust: dict[str, Any] = field(default_factory=dict)
 
 

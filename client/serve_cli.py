@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .trust_options import add_trust_options, trust_kwargs
+from .trust_options import add_membership_options, add_trust_options, membership_kwargs, trust_kwargs
 
 ENV_API_KEY = "PETALS_API_KEY"
 
@@ -25,6 +25,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="completions generated at once, each its own session (more get 429; default 8)")
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="most tokens one request may generate, also chat's default (default 1024)")
+    add_membership_options(parser)
     add_trust_options(parser)
     parser.set_defaults(func=run, parser=parser)  # `parser`: for errors found after parsing
 
@@ -36,4 +37,4 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, initial_peers=args.initial_peers, host=args.host, port=args.port,
         model_id=args.model_name, api_key=args.api_key, allow_no_api_key=args.allow_no_api_key,
         max_concurrent=args.max_concurrent, max_tokens=args.max_tokens, swarm_key=args.swarm_key,
-        trust=trust_kwargs(args)))
+        trust={**membership_kwargs(args), **trust_kwargs(args)}))

@@ -377,7 +377,10 @@ class InferenceSession:
             step_input = state.chunks[-1]
             output = self.hops[index + 1].chunks[-1] if index + 1 < len(self.hops) else hidden
             try:
-                await self.checker.check(state.hop, torch.cat(state.chunks, dim=1), output)
+                prompts = None if self.prompts is None else \
+                    self.prompts[state.hop.start - self.start:state.hop.end - self.start]  # the whole prefix, as at position 0
+                await self.checker.check(state.hop, torch.cat(state.chunks, dim=1), output, prompts=prompts,
+                                         adapter=self.active_adapter)
             except WrongOutput as exc:
                 for later in self.hops[index:]:
                     self._rollback(later, position)

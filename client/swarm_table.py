@@ -24,10 +24,10 @@ from petals_protocol.models.checkpoint import Checkpoint
 from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
-from petals_protocol.p2p.identity import ephemeral_identity
 from petals_protocol.signing import peer_id_to_text
 
 from .discovery import FoundServer, join_swarm
+from .members import client_identity
 
 __all__ = ["show_swarm", "block_runs", "render_table", "swarm_document"]
 
@@ -113,9 +113,10 @@ def render_table(fingerprint: str, num_blocks: int, servers: Sequence[FoundServe
     return "\n".join(lines)
 
 
-async def _find(initial_peers: Sequence[str], fingerprint: str,
-                psk: bytes | None) -> tuple[list[FoundServer], list[EvidenceReport]]:
-    host = make_host(ephemeral_identity(), psk=psk)
+async def _find(initial_peers: Sequence[str], fingerprint: str, psk: bytes | None,
+                identity: tuple[Any, Any]) -> tuple[list[FoundServer], list[EvidenceReport]]:
+    key_pair, admission = identity
+    host = make_host(key_pair, psk=psk, admission=admission)
     async with running_host(host, _CLIENT_LISTEN), trio.open_nursery() as nursery:
         discovery = await join_swarm(host, nursery, initial_peers)
         servers = await discovery.find_servers(fingerprint)
@@ -132,15 +133,20 @@ def show_swarm(
     swarm_key: str | Path | None = None,
     out: TextIO | None = None,
     revision: str | None = None,
+    identity: str | Path | None = None,
+    swarm_owner: str | None = None,
+    member_certificate: str | Path | None = None,
 ) -> int:
     """Print the swarm's coverage of the model at `model_path` (a folder or a Hub id); 1 if some
-    block is unserved. Reads only the model's config and index (and its manifest, if any)."""
+    block is unserved. Reads only the model's config and index (and its manifest, if any).
+    `identity` / `swarm_owner` / `member_certificate`: join a members-only swarm as a member."""
+    joining = client_identity(identity, swarm_owner, member_certificate)  # a bad certificate fails first
     out = out if out is not None else sys.stdout
     checkpoint = Checkpoint(model_path, revision=revision, cache_dir=default_cache_dir())
     fingerprint = model_fingerprint(checkpoint)
     num_blocks = int(checkpoint.config.num_hidden_layers)
     psk = load_swarm_key(Path(swarm_key)) if swarm_key is not None else None
-    servers, flagged = trio.run(_find, list(initial_peers), fingerprint, psk)
+    servers, flagged = trio.run(_find, list(initial_peers), fingerprint, psk, joining)
     if as_json:
         json.dump(swarm_document(fingerprint, num_blocks, servers, flagged), out, indent=2)
         out.write("\n")

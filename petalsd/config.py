@@ -365,7 +365,9 @@ class DaemonConfig:
         "shows the owner's membership certificate for its own peer id, not revoked.")
     member_certificate: Path | None = _opt(
         None, _path, "This daemon's membership certificate (`petals member add PEER_ID` run by the "
-        "owner, for the peer id of --identity). Needs swarm_owner; the owner's own daemon needs none.")
+        "owner, for the peer id of --identity); the owner's own daemon needs none. Shown in info "
+        "replies, so clients may choose daemons by issuer (allowed_peers); without swarm_owner the "
+        "swarm stays open and the certificate only does that.")
     own_clients: list[str] = _opt(
         None, _peer_id_list, "Peer ids of clients this daemon's operator runs (their --identity). The "
         "daemon's record lists them, so that busy daemons serve them first, as contributors "
@@ -692,9 +694,6 @@ def merge_layers(layers: Sequence[tuple[str, Mapping[str, object]]]) -> DaemonCo
         raise ConfigError("record_ttl", f"({config.record_ttl:g} s) must exceed announce_period "
                                         f"({config.announce_period:g} s)",
                           origin.get("record_ttl") or origin.get("announce_period"))
-    if config.member_certificate is not None and config.swarm_owner is None:
-        raise ConfigError("member_certificate", "needs swarm_owner (the peer id of the swarm's owner)",
-                          origin["member_certificate"])
     if config.control_group is not None and not config.control_api:
         raise ConfigError("control_group", "needs the control API (not --no-control-api)",
                           origin["control_group"])

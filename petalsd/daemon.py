@@ -50,7 +50,7 @@ from petals_protocol.p2p.identity import (
 )
 from petals_protocol.p2p import compat
 from petals_protocol.p2p.budget import ByteBudget
-from petals_protocol.p2p.admission import AdmissionGate, keep_membership, load_gate
+from petals_protocol.p2p.admission import AdmissionGate, keep_membership, load_gate, read_certificate
 from petals_protocol.p2p.dht import (
     find_model_records,
     find_revocations,
@@ -59,7 +59,7 @@ from petals_protocol.p2p.dht import (
     start_dht,
     stored_revocations,
 )
-from petals_protocol.membership import NotAMember, revocations_key
+from petals_protocol.membership import NotAMember, revocations_key, shown_certificate
 from petals_protocol.p2p.streams import StreamClosed, open_framed
 from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_from_text
@@ -175,6 +175,7 @@ class Daemon:
     banning: Banning | None = None
     nat: NatTraversal | None = None
     admission: AdmissionGate | None = None  # members-only swarm (--swarm-owner)
+    certificate: bytes | None = None  # --member-certificate, shown in info replies
     contributors: Contributors = field(default_factory=Contributors)  # served first when busy
     adapters: list[Adapter] = field(default_factory=list)  # --adapters, checked at start (petalsd/adapters.py)
     _stop: trio.Event | None = None
@@ -191,6 +192,13 @@ class Daemon:
                                            self.peer_id_bytes)
             except NotAMember as exc:
                 raise StartupError(f"members-only swarm: {exc}") from exc
+            self.certificate = self.admission.membership.certificate
+        elif self.config.member_certificate is not None:  # an open swarm: shown to clients choosing by issuer
+            try:
+                self.certificate = read_certificate(self.config.member_certificate)
+                shown_certificate(self.certificate, self.peer_id_bytes, time.time())
+            except NotAMember as exc:
+                raise StartupError(f"--member-certificate: {exc}") from exc
 
     # ------------------------------------------------------------------ stream handlers
     def _handler(self, serve: Callable[[ServingContext, Any], Awaitable[None]],
@@ -535,7 +543,7 @@ class Daemon:
                           session_idle_timeout=c.session_idle_timeout, step_timeout=c.step_timeout),
             public_name=c.public_name, version=__version__, state="joining", throughput=throughput,
             batcher=Batcher(worker, span, BatchingConfig(enabled=c.batching)),
-            adapters=tuple(a.name for a in self.adapters),
+            adapters=tuple(a.name for a in self.adapters), certificate=self.certificate,
         )
 
     async def _start_control_api(self, nursery: trio.Nursery) -> Path | None:

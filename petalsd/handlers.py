@@ -115,6 +115,8 @@ class ServingContext:
     push_streams: dict[str, LinkActivity] = field(default_factory=dict)
     # LoRA adapters requests may select (`active_adapter`; petalsd/adapters.py)
     adapters: tuple[str, ...] = ()
+    # This daemon's membership certificate blob, shown in info replies (--member-certificate)
+    certificate: bytes | None = None
 
     def link_activity(self) -> list[LinkActivity]:
         """Push traffic in both directions, shaped like sessions (peer, steps), so that the idle
@@ -140,6 +142,7 @@ class ServingContext:
             active_sessions=len(self.sessions), cache_tokens_free=self.cache_tokens_free(),
             throughput=self.throughput, public_name=self.public_name,
             max_sessions_per_peer=self.sessions.max_per_peer or None, adapters=self.adapters or None,
+            certificate=self.certificate,
         )
 
 

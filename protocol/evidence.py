@@ -22,6 +22,14 @@ bounds are a few ulps of their mantissa (bfloat16 keeps 8 bits, float16 11) scal
 tensor. A daemon that stays inside the bound can still steer outputs a little; that is the price
 of not flagging honest hardware differences.
 
+Re-checking: a report also carries the disputed forward's inputs (`ForwardInputs`: the hidden
+history, deep prompts, adapter name) when they encode to at most `MAX_RECHECK_INPUT_SIZE` bytes;
+`verify` then checks that they are exactly the inputs every answer binds (their digest is the
+input digest). A reader may run them on a daemon it trusts and see for itself whether the
+accused answer was wrong: signatures prove who said what, not who was right, and two colluding
+witnesses could frame an honest daemon. Larger inputs are left out (the report holds their
+digest only) and such a report can be believed on its signatures alone, not re-checked.
+
 The reporter signs the report with an expiry (at most `MAX_EVIDENCE_TTL` ahead): the DHT forgets
 it after that, and a daemon that was fixed is not avoided forever by its old mistake. Reports are
 stored under "/petals-ev/<fingerprint>/<accused peer id>"; of several valid reports for one
@@ -30,6 +38,7 @@ key the one that expires last is kept.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -38,10 +47,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import BadRecord, ProtocolError
 from .ids import is_valid_fingerprint
-from .messages import ID_SIZE, SIGNATURE_SIZE, unpack_strict
+from .messages import ID_SIZE, SIGNATURE_SIZE, ForwardRequest, unpack_strict
 from .records import open_envelope, parse_record_key, record_key
 from .signing import (
     ResponseBinding,
+    forward_binding,
     peer_id_from_private_key,
     peer_id_to_text,
     sign_bytes,
@@ -55,6 +65,8 @@ __all__ = [
     "MAX_EVIDENCE_SIZE",
     "MAX_EVIDENCE_TTL",
     "TOLERANCES",
+    "MAX_RECHECK_INPUT_SIZE",
+    "ForwardInputs",
     "SignedOutput",
     "EvidenceReport",
     "within_tolerance",
@@ -71,6 +83,9 @@ __all__ = [
 EVIDENCE_NAMESPACE = "petals-ev"
 #: Three outputs and their signatures; the outputs span the whole history of the checked step.
 MAX_EVIDENCE_SIZE = 1024 * 1024
+#: Inputs included in a report (so that readers may re-check it) encode to at most this many bytes;
+#: with three outputs of the same shape the whole report stays within MAX_EVIDENCE_SIZE.
+MAX_RECHECK_INPUT_SIZE = 192 * 1024
 #: A report is believed for at most a day after it is signed (re-published reports last longer).
 MAX_EVIDENCE_TTL = 24 * 3600.0
 _REPORT_DOMAIN = b"petals/evidence/1\n"
@@ -78,6 +93,7 @@ _DIGEST_SIZE = 32
 _OUTPUT_KEYS = frozenset({"peer_id", "request_id", "output", "signature"})
 _REPORT_KEYS = frozenset({"model_fingerprint", "start_block", "end_block", "input_digest", "accused",
                           "witnesses", "reporter", "expires_at"})
+_INPUT_KEYS = frozenset({"hidden", "prompts", "adapter"})
 
 _FLOAT_CODES = {"float32": "f", "float16": "e"}
 #: (rtol, atol) per dtype name; see the module docstring for why.
@@ -154,6 +170,42 @@ class SignedOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardInputs:
+    """What the disputed forward ran on: enough for a reader to run it again and compare."""
+
+    hidden: TensorPayload = field(repr=False)
+    prompts: TensorPayload | None = field(default=None, repr=False)
+    adapter: str | None = None
+
+    def request(self, fingerprint: str, start: int, end: int) -> ForwardRequest:
+        """The forward request these inputs make for blocks [start, end) (a fresh request id)."""
+        return ForwardRequest(request_id=os.urandom(ID_SIZE), model_fingerprint=fingerprint, start_block=start,
+                              end_block=end, hidden=self.hidden, prompts=self.prompts, active_adapter=self.adapter)
+
+    def digest(self, fingerprint: str, start: int, end: int) -> bytes:
+        """The input digest every daemon's answer to these inputs binds (petals_protocol.signing)."""
+        request = self.request(fingerprint, start, end)
+        return forward_binding(request, request.hidden).input_digest
+
+    def to_wire(self) -> dict[str, object]:
+        return {"hidden": self.hidden.to_wire(), "prompts": self.prompts.to_wire() if self.prompts else None,
+                "adapter": self.adapter}
+
+    def wire_size(self) -> int:
+        return len(msgpack.packb(self.to_wire(), use_bin_type=True))
+
+    @classmethod
+    def from_wire(cls, obj: object) -> ForwardInputs:
+        if not isinstance(obj, dict) or obj.keys() != _INPUT_KEYS:
+            raise BadRecord(f"report inputs must be a map with keys {sorted(_INPUT_KEYS)}")
+        adapter = obj["adapter"]
+        if adapter is not None and type(adapter) is not str:
+            raise BadRecord("the inputs' adapter must be a name")
+        prompts = TensorPayload.from_wire(obj["prompts"]) if obj["prompts"] is not None else None
+        return cls(TensorPayload.from_wire(obj["hidden"]), prompts, adapter)
+
+
+@dataclass(frozen=True, slots=True)
 class EvidenceReport:
     """`accused` answered the forward over blocks [start, end) differently from two agreeing witnesses."""
 
@@ -165,6 +217,7 @@ class EvidenceReport:
     witnesses: tuple[SignedOutput, SignedOutput]
     reporter: bytes  # peer id of the client that signs and publishes the report
     expires_at: float
+    inputs: ForwardInputs | None = None  # for re-checking; None when too large to include
 
     @property
     def accused_text(self) -> str:
@@ -182,6 +235,15 @@ class EvidenceReport:
             raise BadRecord(f"the report on {self.accused_text} expired")
         if self.expires_at > now + MAX_EVIDENCE_TTL:
             raise BadRecord(f"the report on {self.accused_text} claims to live past the {MAX_EVIDENCE_TTL:.0f} s bound")
+        if self.inputs is not None:
+            if self.inputs.wire_size() > MAX_RECHECK_INPUT_SIZE:
+                raise BadRecord(f"the included inputs exceed {MAX_RECHECK_INPUT_SIZE} bytes")
+            try:
+                digest = self.inputs.digest(self.model_fingerprint, self.start_block, self.end_block)
+            except ProtocolError as exc:
+                raise BadRecord(f"the included inputs are not a valid request: {exc.message}") from exc
+            if digest != self.input_digest:
+                raise BadRecord("the included inputs are not the ones the answers bind")
         answers = (self.accused, *self.witnesses)
         if len({a.peer_id for a in answers}) != len(answers):
             raise BadRecord("accused and witnesses must be different daemons")
@@ -197,12 +259,15 @@ class EvidenceReport:
             raise BadRecord(f"the answer of {self.accused_text} agrees with a witness: nothing is proven")
 
     def _body(self) -> bytes:
-        return msgpack.packb({
+        body = {
             "model_fingerprint": self.model_fingerprint, "start_block": self.start_block,
             "end_block": self.end_block, "input_digest": self.input_digest, "accused": self.accused.to_wire(),
             "witnesses": [w.to_wire() for w in self.witnesses], "reporter": self.reporter,
             "expires_at": float(self.expires_at),
-        }, use_bin_type=True)
+        }
+        if self.inputs is not None:
+            body["inputs"] = self.inputs.to_wire()
+        return msgpack.packb(body, use_bin_type=True)
 
 
 def encode_report(private_key: Ed25519PrivateKey, report: EvidenceReport) -> bytes:
@@ -224,8 +289,8 @@ def decode_report(blob: bytes, *, now: float, expected_fingerprint: str | None =
     try:
         body, sig = open_envelope(blob, "report")
         fields = unpack_strict(body)
-        if not isinstance(fields, dict) or fields.keys() != _REPORT_KEYS:
-            raise BadRecord(f"a report must be a map with keys {sorted(_REPORT_KEYS)}")
+        if not isinstance(fields, dict) or fields.keys() - {"inputs"} != _REPORT_KEYS:
+            raise BadRecord(f"a report must be a map with keys {sorted(_REPORT_KEYS)} (and optionally inputs)")
         witnesses = fields["witnesses"]
         if not isinstance(witnesses, (list, tuple)) or len(witnesses) != 2:
             raise BadRecord("a report names exactly two witnesses")
@@ -236,7 +301,8 @@ def decode_report(blob: bytes, *, now: float, expected_fingerprint: str | None =
         report = EvidenceReport(fields["model_fingerprint"], start, end, fields["input_digest"],
                                 SignedOutput.from_wire(fields["accused"]),
                                 (SignedOutput.from_wire(witnesses[0]), SignedOutput.from_wire(witnesses[1])),
-                                fields["reporter"], expires_at)
+                                fields["reporter"], expires_at,
+                                ForwardInputs.from_wire(fields["inputs"]) if "inputs" in fields else None)
         verify_bytes(report.reporter, _REPORT_DOMAIN, body, sig)
     except BadRecord:
         raise

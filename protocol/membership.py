@@ -30,6 +30,7 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import BadRecord, BadSignature, MalformedMessage, PetalsError
+from .messages import MAX_CERTIFICATE_SIZE  # a certificate is ~200 bytes; daemons show theirs in info replies
 from .signing import (
     peer_id_from_private_key,
     peer_id_from_text,
@@ -52,15 +53,16 @@ __all__ = [
     "decode_certificate",
     "decode_revocations",
     "certificate_from_text",
+    "certificate_issuer",
     "certificate_to_text",
     "issue_certificate",
     "parse_owner",
     "revocations_key",
     "select_revocations",
+    "shown_certificate",
     "sign_revocations",
 ]
 
-MAX_CERTIFICATE_SIZE = 1024  # a certificate is ~200 bytes
 MAX_REVOCATIONS = 1000
 MAX_LIST_SIZE = 256 + MAX_REVOCATIONS * 64  # one entry: a 38-byte peer id, a float, msgpack framing
 REVOCATIONS_NAMESPACE = "petals-members"
@@ -125,6 +127,25 @@ def decode_certificate(blob: bytes, *, owner: bytes, now: float) -> MembershipCe
         raise NotAMember(f"the membership certificate expired "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires_at))}")
     return MembershipCertificate(owner=cert_owner, member=member, issued_at=issued_at, expires_at=expires_at)
+
+
+def certificate_issuer(blob: bytes) -> bytes:
+    """The owner a certificate blob names (not yet verified: `shown_certificate` does that)."""
+    fields = _unpack(_signed_body(blob, MAX_CERTIFICATE_SIZE, "membership certificate", NotAMember), NotAMember,
+                     "membership certificate")
+    if not (isinstance(fields, list) and len(fields) == 5 and type(fields[1]) is bytes):
+        raise NotAMember("the membership certificate is malformed")
+    return fields[1]
+
+
+def shown_certificate(blob: bytes, peer: bytes, now: float) -> MembershipCertificate:
+    """A certificate `peer` shows outside a members-only swarm (to clients choosing daemons by
+    issuer): valid, signed by the issuer it names, and for exactly `peer`; NotAMember otherwise.
+    Revocation is the caller's check (the issuer's list: `RevocationList.voids`)."""
+    cert = decode_certificate(blob, owner=certificate_issuer(blob), now=now)
+    if cert.member != peer:
+        raise NotAMember(f"peer {_text(peer)} shows the certificate of {_text(cert.member)}")
+    return cert
 
 
 def certificate_to_text(blob: bytes) -> str:

@@ -58,6 +58,7 @@ __all__ = [
 
 ID_SIZE = 16  # session_id / request_id: 16 random bytes chosen by the client
 SIGNATURE_SIZE = 64  # Ed25519
+MAX_CERTIFICATE_SIZE = 1024  # a membership certificate's bound (petals_protocol.membership)
 MAX_PEER_ID_SIZE = 128  # an Ed25519 identity peer id is 38 bytes; leave room for other key types
 MAX_NAME_LENGTH = 256  # model names, public names, versions
 MAX_ERROR_MESSAGE_LENGTH = 4096
@@ -369,6 +370,9 @@ class InfoResponse(_Message):
     max_sessions_per_peer: int | None = _opt(_UInt(), elidable=True)
     # LoRA adapters a client may select (`active_adapter`); elided when the daemon has none.
     adapters: tuple[str, ...] | None = _opt(_Names(), elidable=True)
+    # The daemon's membership certificate (petals_protocol.membership), shown so that clients may
+    # choose daemons by certificate issuer (`allowed_peers`); elided when it has none.
+    certificate: bytes | None = _opt(_Bytes(1, MAX_CERTIFICATE_SIZE), elidable=True)
 
     def _check(self) -> None:
         # An empty span is allowed while joining (blocks not chosen yet).

@@ -48,7 +48,7 @@ from ..membership import (
 from ..signing import peer_id_to_text
 
 __all__ = ["HELLO_PREFIX", "EXCHANGE_TIMEOUT", "AdmissionGate", "AdmittingSecurity", "MembershipRefused",
-           "keep_membership", "load_gate"]
+           "keep_membership", "load_gate", "read_certificate"]
 
 log = logging.getLogger("petals.membership")
 
@@ -121,18 +121,21 @@ def load_gate(owner: str, certificate: Path | None, local_peer: bytes) -> Admiss
         owner_id = parse_owner(owner)
     except MalformedMessage as exc:
         raise NotAMember(str(exc)) from exc
-    blob = None
-    if certificate is not None:
-        try:
-            with Path(certificate).open("r", encoding="ascii", errors="replace") as f:
-                text = f.read(4 * MAX_CERTIFICATE_SIZE)
-        except OSError as exc:
-            raise NotAMember(f"membership certificate {certificate}: {exc.strerror or exc}") from exc
-        try:
-            blob = certificate_from_text(text)
-        except NotAMember as exc:
-            raise NotAMember(f"membership certificate {certificate}: {exc.reason}") from exc
+    blob = read_certificate(certificate) if certificate is not None else None
     return AdmissionGate(Membership(owner=owner_id, certificate=blob), local_peer)
+
+
+def read_certificate(path: Path) -> bytes:
+    """The certificate blob in a `petals member add` file; NotAMember naming the file otherwise."""
+    try:
+        with Path(path).open("r", encoding="ascii", errors="replace") as f:
+            text = f.read(4 * MAX_CERTIFICATE_SIZE)
+    except OSError as exc:
+        raise NotAMember(f"membership certificate {path}: {exc.strerror or exc}") from exc
+    try:
+        return certificate_from_text(text)
+    except NotAMember as exc:
+        raise NotAMember(f"membership certificate {path}: {exc.reason}") from exc
 
 
 async def admit(secure: ISecureConn, gate: AdmissionGate) -> None:

@@ -192,6 +192,9 @@ def quiet_libp2p_logs(level: int = logging.WARNING, *, dht_level: int = logging.
     # A failed dial (a peer that left; the DHT still knows its address) is logged as ERROR by the
     # TCP transport on every attempt; callers get a DialError with the reason, so this is noise.
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(max(level, logging.CRITICAL))
+    # Dialing a members-only peer without its options: the peer's membership hello fails our muxer
+    # negotiation, logged as ERROR on every attempt; the dial's error already names the swarm.
+    logging.getLogger("libp2p.protocol_muxer.multiselect_client").setLevel(max(level, logging.CRITICAL))
 
 
 @asynccontextmanager

@@ -70,7 +70,7 @@ class FakeSwarm:
 def forward(monkeypatch):
     """signed_forward answered by the scripted daemons, signed with their keys."""
 
-    async def fake(swarm: FakeSwarm, hop: Hop, hidden) -> ForwardResponse:
+    async def fake(swarm: FakeSwarm, hop: Hop, hidden, *, prompts=None, adapter=None) -> ForwardResponse:
         daemon = next(d for d in swarm.daemons if d.peer_id == hop.server.peer_id)
         if daemon.compute is None:
             raise RemoteError(ErrorCode.TOO_LONG, "too long", daemon.peer_id)

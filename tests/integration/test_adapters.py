@@ -158,3 +158,33 @@ def test_hub_adapters_and_unsupported_adapters_at_load(llama_path, adapters, tmp
             load_adapters([path], config)
     with pytest.raises(AdapterError, match="two adapters are named 'style-a'"):
         load_adapters([str(folder), str(folder)], config)
+
+
+def test_spot_checks_use_only_daemons_serving_the_adapter(llama_path, adapters):
+    """A session with an adapter at R=1.0 is checked by the other daemon serving that adapter (the
+    tokens equal the merged model's); a daemon without the adapter never checks it: with only that
+    one left, R=1.0 is refused naming the adapter, and a lower rate (0.9: all six steps unchosen has
+    odds of one in a million) skips the check."""
+    from petals_client.spotcheck import SpotCheckUnavailable
+
+    folder = adapters[0]
+    expected = merged(llama_path, folder).generate(IDS, max_new_tokens=6, do_sample=False)
+    swarm = LocalSwarm(llama_path, extra_args=DAEMON_ARGS)
+    with swarm:
+        with_adapter = [swarm.start("0:6", name=f"a{i}", args=["--adapters", str(folder)]) for i in (1, 2)]
+        plain = swarm.start("0:6", name="plain", args=["--throughput", "1000"])
+        options = dict(active_adapter=folder.name, use_dht=False)
+        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, initial_peers=swarm.addrs,
+                                                             spot_check_rate=1.0, **options) as model:
+            assert model.generate(IDS, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+            stats = model.spot_checks
+            assert stats.checked == 6 and stats.disagreements == 0 and stats.unchecked == 0
+        alone = [with_adapter[0].peer_id, plain.peer_id]  # the plain daemon serves the blocks, not the adapter
+        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, initial_peers=swarm.addrs, allowed_peers=alone,
+                                                             spot_check_rate=1.0, **options) as model:
+            with pytest.raises(SpotCheckUnavailable, match=f"blocks 0:6 with adapter '{folder.name}'"):
+                model.generate(IDS, max_new_tokens=2, do_sample=False)
+        with AutoDistributedModelForCausalLM.from_pretrained(llama_path, initial_peers=swarm.addrs, allowed_peers=alone,
+                                                             spot_check_rate=0.9, **options) as model:
+            assert model.generate(IDS, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+            assert model.spot_checks.checked == 0 and model.spot_checks.unchecked > 0

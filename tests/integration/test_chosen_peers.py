@@ -102,3 +102,49 @@ def test_allowed_peers_hold_through_recovery_and_name_uncovered_blocks(swarm, mo
     assert out.tolist() == reference.tolist()
     for name in "de":
         assert tokens_computed(swarm, daemons[name]) == before[name]
+
+
+def test_allowed_issuer_routes_only_through_its_certified_daemons(tmp_path, model_path):
+    """allowed_peers=[issuer]: in an open swarm, a and b show the issuer's certificate, e (the
+    fastest, so routing would pick it) shows another issuer's; only a and b compute, and once the
+    issuer revokes b (`petals member revoke --open-swarm`), blocks 3:6 are uncovered."""
+    from petals_client import members
+    from test_membership import _certify, _peer
+
+    issuer_key, other_key = tmp_path / "issuer.key", tmp_path / "other.key"
+    issuer = _peer(issuer_key)
+    work = tmp_path / "swarm"
+    work.mkdir()
+    certs = {"a": issuer_key, "b": issuer_key, "e": other_key}
+    for name, key in certs.items():
+        _certify(key, work / f"{name}.key", work / f"{name}.cert")
+    swarm = LocalSwarm(model_path, workdir=work, extra_args=DAEMON_ARGS)
+    with swarm:
+        for name, blocks, throughput in [("a", "0:3", "1"), ("b", "3:6", "1"), ("e", "0:6", "1000")]:
+            swarm.start(blocks, name=name, wait=not swarm.daemons,
+                        args=["--throughput", throughput, "--member-certificate", str(work / f"{name}.cert")])
+        swarm.wait_all()
+        daemons = by_name(swarm)
+        reference = AutoModelForCausalLM.from_pretrained(model_path).generate(PROMPT, max_new_tokens=8, do_sample=False)
+        with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=[daemons["e"].addrs[0]],
+                                                             allowed_peers=[issuer]) as model:
+            assert {s.peer_id for s in model.swarm.servers()} == {daemons["a"].peer_id, daemons["b"].peer_id}
+            out = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+        assert out.tolist() == reference.tolist()
+        assert tokens_computed(swarm, daemons["e"]) == 0
+        assert all(tokens_computed(swarm, daemons[n]) > 0 for n in "ab")
+
+        assert members.revoke(issuer_key, daemons["b"].peer_id, initial_peers=daemons["a"].addrs,
+                              members_only=False) == 0
+        with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=[daemons["e"].addrs[0]],
+                                                             allowed_peers=[issuer]) as model:
+            assert {s.peer_id for s in model.swarm.servers()} == {daemons["a"].peer_id}
+            with pytest.raises(NoRoute) as uncovered:
+                model.inference_session(max_length=8)
+        assert uncovered.value.uncovered == [(3, 6)] and "allowed_peers" in str(uncovered.value)
+        assert tokens_computed(swarm, daemons["e"]) == 0
+        # A daemon showing a certificate that is not for its own peer id does not start.
+        thief = swarm.start("0:3", name="thief", wait=False, args=["--member-certificate", str(work / "a.cert")])
+        assert thief.process.wait(60) != 0
+        assert any("--member-certificate" in line and "shows the certificate of" in line for line in thief.log), \
+            list(thief.log)[-5:]

@@ -28,10 +28,10 @@ from libp2p.records.record import make_signed_put_record
 
 from petals_client.remote import signed_forward
 from petals_client.routing import Hop
-from petals_client.spotcheck import request_digest
+from petals_client.spotcheck import CheckedInputs, SpotChecker
 from petals_client.swarm_table import show_swarm
 from petals_protocol.errors import BadRecord
-from petals_protocol.evidence import EvidenceReport, SignedOutput, decode_report, encode_report, evidence_key
+from petals_protocol.evidence import MAX_EVIDENCE_TTL, EvidenceReport, SignedOutput, decode_report, encode_report, evidence_key
 from petals_protocol.p2p import compat
 from petals_protocol.p2p.identity import ed25519_private_key, ephemeral_identity
 from petals_protocol.signing import ResponseBinding, peer_id_from_private_key, peer_id_from_text, sign_response
@@ -138,7 +138,7 @@ def test_forged_report_is_refused_and_ignored(swarm, model_path):
         answers = {peer: model.runtime.call(signed_forward, model.swarm, Hop(servers[peer], 0, 6), from_torch(history))
                    for peer in (victim, other)}
         fingerprint = model.swarm.model_fingerprint
-        digest = request_digest(Hop(servers[victim], 0, 6), fingerprint, history)
+        digest = CheckedInputs(history).digest(Hop(servers[victim], 0, 6), fingerprint)
 
         def signed(peer: str) -> SignedOutput:
             reply = answers[peer]
@@ -218,3 +218,140 @@ def test_liar_in_the_first_of_two_pushed_hops(swarm, model_path, local):
         stats = model.spot_checks
         assert stats is not None and stats.flagged == [half_liar] and stats.first_disagreement_at == 1
     assert out.tolist() == reference.tolist()
+
+
+def _logits(model_path, swarm, **options) -> tuple[torch.Tensor, object]:
+    """model(PROMPT).logits through the swarm (no DHT: no report read, so the liar is routed to first)."""
+    with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs, use_dht=False,
+                                                         **options) as model:
+        with torch.no_grad():
+            return model(PROMPT).logits, model.spot_checks
+
+
+def liars(swarm: LocalSwarm) -> list[str]:
+    """The lying daemons running now (an earlier test of this module may have started a second)."""
+    return [d.peer_id for d in swarm.daemons if d.name.startswith("liar") and d.process.poll() is None]
+
+
+def test_stateless_forward_is_spot_checked(swarm, model_path):
+    """model(...) at R=1.0: the liar (routed first) is caught on the forward, flagged, and the call
+    runs again on honest daemons: the logits equal an honest run's, bit for bit."""
+    honest, _ = _logits(model_path, swarm, blocked_peers=liars(swarm))
+    unchecked, _ = _logits(model_path, swarm)
+    assert not torch.equal(unchecked, honest)  # the liar is routed to and its answer is wrong
+    checked, stats = _logits(model_path, swarm, spot_check_rate=1.0)
+    assert torch.equal(checked, honest)
+    assert stats.flagged[0] == daemon(swarm, "liar").peer_id and stats.first_disagreement_at == 1
+    assert set(stats.flagged) <= set(liars(swarm)) and stats.checked >= 2  # the liar's answer, the replacement's
+
+
+def test_deep_prompt_session_is_spot_checked(swarm, model_path):
+    """A session with deep prompts at R=1.0: the checking daemons get the hop's prompts (an honest
+    daemon is not found wrong), the liar is caught and replaced, and the tokens equal an honest run's."""
+    def generate(**options) -> tuple[list[int], object]:
+        with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs, use_dht=False,
+                                                             tuning_mode="deep_ptune", pre_seq_len=3, **options) as model:
+            with torch.no_grad():
+                generator = torch.Generator().manual_seed(5)
+                model.ptune.prompt_embeddings.weight.normal_(std=0.5, generator=generator)
+                model.ptune.intermediate_prompt_embeddings.weight.normal_(std=0.5, generator=generator)
+            out = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+            return out.tolist(), model.spot_checks
+
+    honest, _ = generate(blocked_peers=liars(swarm))
+    plain, _ = generate(allowed_peers=[daemon(swarm, "honest1").peer_id])
+    assert plain == honest  # the prompts are deterministic: two honest daemons agree
+    clean, clean_stats = generate(spot_check_rate=1.0, blocked_peers=liars(swarm))
+    assert clean == honest and clean_stats.disagreements == 0 and clean_stats.checked == 8  # prompts reach the checker
+    checked, stats = generate(spot_check_rate=1.0)
+    assert checked == honest
+    assert stats.flagged[0] == daemon(swarm, "liar").peer_id and stats.first_disagreement_at == 1
+    assert set(stats.flagged) <= set(liars(swarm))
+
+
+def test_client_with_the_weights_decides_without_a_third_daemon(model_path, local):
+    """Only an honest daemon and a liar serve the blocks: no third witness. The client, loaded from
+    a local folder holding the blocks, computes the disputed span itself: the liar is flagged (the
+    honest daemon is not), the tokens equal local generation, and with nobody else left the client
+    checks the honest daemon's steps itself. Without the local copy the same disagreement cannot be
+    decided: both daemons are flagged and the step fails."""
+    swarm = LocalSwarm(model_path, extra_args=DAEMON_ARGS)
+    with swarm:
+        honest = swarm.start("0:6", name="honest", args=["--throughput", "1"]).peer_id
+        liar = swarm.start("0:6", name="liar", args=["--throughput", "1000"], launcher=[str(LYING_DAEMON)]).peer_id
+        reference = local.generate(PROMPT, max_new_tokens=8, do_sample=False)
+        with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs, use_dht=False,
+                                                             spot_check_rate=1.0) as model:
+            assert model.spot_checker.local is not None  # a local folder holding every block
+            with model.inference_session(max_length=32) as session:
+                assert [h.server.peer_id for h in session.route] == [liar]
+                out = model.generate(PROMPT, session=session, max_new_tokens=8, do_sample=False)
+                assert [h.server.peer_id for h in session.route] == [honest]
+            stats = model.spot_checks
+            assert stats.flagged == [liar] and stats.published == 0
+            # the verdict, then every later step of the honest daemon (nobody else is left to check it)
+            assert stats.computed_locally == 1 + 8 and stats.unchecked == 0
+        assert out.tolist() == reference.tolist()
+        with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs, use_dht=False,
+                                                             spot_check_rate=1.0) as model:
+            model.spot_checker.local = None  # as a client loaded from the Hub, without the blocks
+            with pytest.raises(Exception, match="2 daemons are flagged for wrong answers"):
+                model.generate(PROMPT, max_new_tokens=2, do_sample=False)
+            assert set(model.spot_checks.flagged) == {liar, honest}
+
+
+def test_readers_recheck_reports(swarm, model_path):
+    """Reports carry the disputed forward's inputs. A true report (the liar accused by two honest
+    witnesses) is confirmed when a reader runs them again, and the liar avoided; a framing report
+    (an honest daemon's genuine signed answer, "witnessed" by two keys of the framer that sign a
+    wrong answer: every signature verifies) is refuted on re-check, by the reader's own copy of the
+    blocks and by a daemon not involved, and the framed daemon stays in use. Without re-checking
+    the framing report is believed."""
+    liar, victim, other = (daemon(swarm, n).peer_id for n in ("liar", "honest1", "honest2"))
+    with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs, use_dht=True,
+                                                         recheck_reports=False) as model:
+        servers = dict(model.swarm._servers)  # the liar included, flagged by an earlier report or not
+        fingerprint = model.swarm.model_fingerprint
+        history = torch.randn(1, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(11))
+        inputs = CheckedInputs(history)
+        answers = {peer: model.runtime.call(signed_forward, model.swarm, Hop(servers[peer], 0, 6), from_torch(history))
+                   for peer in (liar, victim, other)}
+        digest = inputs.digest(Hop(servers[victim], 0, 6), fingerprint)
+
+        def signed(peer: str) -> SignedOutput:
+            reply = answers[peer]
+            return SignedOutput(peer_id_from_text(peer), reply.request_id, reply.hidden, reply.signature)
+
+        def puppet(output) -> SignedOutput:  # a key of the framer's, signing what it is told
+            key, request_id = ed25519_private_key(ephemeral_identity()), os.urandom(16)
+            return SignedOutput(peer_id_from_private_key(key), request_id, output, sign_response(
+                key, ResponseBinding("forward", request_id, 0, 0, 0, 6, fingerprint, digest, output.digest())))
+
+        wrong = from_torch(to_torch(answers[victim].hidden) * 1.02)
+        reporter = ed25519_private_key(ephemeral_identity())
+        expires = time.time() + MAX_EVIDENCE_TTL - 60
+        reports = [EvidenceReport(fingerprint, 0, 6, digest, signed(liar), (signed(victim), signed(other)),
+                                  peer_id_from_private_key(reporter), expires, inputs.payload()),
+                   EvidenceReport(fingerprint, 0, 6, digest, signed(victim), (puppet(wrong), puppet(wrong)),
+                                  peer_id_from_private_key(reporter), expires, inputs.payload())]
+        stored = []
+        for report in reports:
+            report.verify(now=time.time())  # both prove something on their signatures alone
+            stored.append(model.runtime.call(model.swarm.discovery.publish_evidence, encode_report(reporter, report),
+                                             report))
+        assert stored[1] > 0  # (on the liar, the DHT may keep an earlier test's report, as true as ours)
+        model.runtime.call(model.swarm.refresh)
+        assert {liar, victim} <= model.swarm.flagged()  # no re-check: the framing works
+
+    with AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.addrs) as reader:
+        verdicts = {key[0]: verdict for key, verdict in reader.swarm._rechecked.items()}
+        assert verdicts[liar] is True and verdicts[victim] is False  # on the reader's copy of the blocks
+        assert liar in reader.swarm.flagged() and victim not in reader.swarm.flagged()
+        # The same on a daemon neither accused nor witness (honest2 for the framing report).
+        reader.swarm.recheck = SpotChecker(reader.swarm, 0.0).recheck
+        reader.swarm._rechecked.clear()
+        before = daemon_counters(swarm, daemon(swarm, "honest2")).get("forward", 0.0)
+        reader.runtime.call(reader.swarm.refresh)
+        assert {key[0]: v for key, v in reader.swarm._rechecked.items()}[victim] is False
+        assert daemon_counters(swarm, daemon(swarm, "honest2")).get("forward", 0.0) == before + 1
+        assert victim in {s.peer_id for s in reader.swarm.servers()}

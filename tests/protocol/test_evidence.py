@@ -12,7 +12,9 @@ from petals_client.spotcheck import outputs_agree
 from petals_protocol.errors import BadRecord
 from petals_protocol.evidence import (
     MAX_EVIDENCE_TTL,
+    MAX_RECHECK_INPUT_SIZE,
     EvidenceReport,
+    ForwardInputs,
     SignedOutput,
     decode_report,
     encode_report,
@@ -83,6 +85,24 @@ def test_a_genuine_report_round_trips_and_verifies(keys):
     key = evidence_key(FINGERPRINT, genuine.accused_text)
     assert len(key.encode()) <= 128  # libp2p refuses longer GET_VALUE keys
     assert parse_evidence_key(key) == (FINGERPRINT, genuine.accused.peer_id)
+
+
+def test_included_inputs_are_the_bound_ones_and_bounded(keys):
+    """A report may carry the forward's inputs for re-checking: they must be exactly the inputs
+    the answers bind (their digest), and small enough; without them the report still verifies."""
+    inputs = ForwardInputs(from_torch(HISTORY))
+    recheckable = report(keys, inputs=inputs)
+    assert decode_report(encode_report(keys["reporter"], recheckable), now=NOW) == recheckable
+    assert recheckable.inputs.digest(FINGERPRINT, 0, 3) == recheckable.input_digest
+    other = report(keys, inputs=ForwardInputs(from_torch(HISTORY + 1)))
+    with pytest.raises(BadRecord, match="not the ones the answers bind"):
+        decode_report(encode_report(keys["reporter"], other), now=NOW)
+    adapted = report(keys, inputs=ForwardInputs(from_torch(HISTORY), adapter="style-a"))  # the adapter is bound too
+    with pytest.raises(BadRecord, match="not the ones the answers bind"):
+        adapted.verify(now=NOW)
+    huge = report(keys, inputs=ForwardInputs(from_torch(torch.zeros(1, MAX_RECHECK_INPUT_SIZE // 4, 1))))
+    with pytest.raises(BadRecord, match="exceed"):
+        huge.verify(now=NOW)
 
 
 @pytest.mark.parametrize("forgery", ["altered output", "accused agrees", "witnesses disagree", "same daemon twice",

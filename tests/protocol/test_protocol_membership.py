@@ -10,12 +10,14 @@ from petals_protocol.membership import (
     NotAMember,
     RevocationList,
     certificate_from_text,
+    certificate_issuer,
     certificate_to_text,
     decode_certificate,
     decode_revocations,
     issue_certificate,
     revocations_key,
     select_revocations,
+    shown_certificate,
     sign_revocations,
 )
 from petals_protocol.signing import peer_id_from_private_key
@@ -60,6 +62,41 @@ def test_certificate_round_trip_and_every_way_it_fails() -> None:
             membership.check(member, junk, NOW)
     with pytest.raises(NotAMember, match="not a membership certificate"):
         certificate_from_text("hello world")
+
+
+def test_a_shown_certificate_holds_only_for_its_peer_and_its_named_issuer() -> None:
+    """Outside a members-only swarm (allowed_peers by issuer): the blob names its issuer, whose
+    signature must verify; the member must be the peer showing it."""
+    import msgpack
+
+    from petals_protocol.messages import InfoResponse, decode_message, encode_message
+
+    issuer_key, issuer = _key()
+    _, member = _key()
+    _, other = _key()
+    blob = issue_certificate(issuer_key, member, issued_at=NOW, lifetime=3600)
+    assert certificate_issuer(blob) == issuer
+    assert shown_certificate(blob, member, NOW).owner == issuer
+    with pytest.raises(NotAMember, match="shows the certificate of"):
+        shown_certificate(blob, other, NOW)
+    with pytest.raises(NotAMember, match="expired"):
+        shown_certificate(blob, member, NOW + 3600)
+    body, signature = msgpack.unpackb(blob)
+    fields = msgpack.unpackb(body)
+    fields[1] = other  # claims another issuer, keeps the first one's signature
+    claimed = msgpack.packb([msgpack.packb(fields, use_bin_type=True), signature], use_bin_type=True)
+    assert certificate_issuer(claimed) == other
+    with pytest.raises(NotAMember, match="signature does not verify"):
+        shown_certificate(claimed, member, NOW)
+    for junk in (b"", b"x" * 5000, msgpack.packb([b"a", b"b"])):
+        with pytest.raises(NotAMember):
+            shown_certificate(junk, member, NOW)
+    # Daemons show it in their info reply (elided when they have none).
+    info = dict(peer_id=member, version="1", model_name="m", model_fingerprint="a" * 64, num_blocks=2,
+                start_block=0, end_block=2, dtype="float32", state="online", max_length=8, max_batch_size=1,
+                max_sessions=1, active_sessions=0, cache_tokens_free=8, throughput=1.0, public_name="")
+    assert decode_message(encode_message(InfoResponse(**info, certificate=blob))).certificate == blob
+    assert decode_message(encode_message(InfoResponse(**info))).certificate is None
 
 
 def test_revocation_voids_older_certificates_only_and_newest_list_wins() -> None:
