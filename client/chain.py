@@ -78,6 +78,15 @@ class WrongOutput(PetalsError):
     code = ErrorCode.INTERNAL
 
 
+class ReplayFailed(PetalsError):
+    """Replaying a hop's memory to daemon `peer` (a replacement, or the same daemon resumed) failed."""
+
+    def __init__(self, peer: str, cause: BaseException) -> None:
+        super().__init__(f"replay to {peer} failed ({type(cause).__name__}: {cause})")
+        self.peer = peer
+        self.cause = cause
+
+
 class Fault(enum.Enum):
     """How a hop failed, as the I/O layer saw it."""
 

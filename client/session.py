@@ -57,7 +57,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import trio
@@ -69,19 +71,8 @@ from petals_protocol.p2p.streams import NETWORK_ERRORS, Channel, StreamClosed
 from petals_protocol.signing import peer_id_from_text
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
-from .chain import (
-    CALLER_FAULTS,
-    IDLE_RESUME_AFTER,
-    Chain,
-    Done,
-    Expect,
-    Fault,
-    HopState,
-    Recover,
-    Send,
-    SessionFailed,
-    WrongOutput,
-)
+from .chain import (CALLER_FAULTS, IDLE_RESUME_AFTER, Chain, Done, Expect, Fault, HopState, Recover, ReplayFailed,
+                    Send, SessionFailed, WrongOutput)
 from .replies import check_reply
 from .routing import Hop, NoRoute, choose_route, describe_route
 
@@ -128,6 +119,25 @@ def fault_of(exc: BaseException) -> Fault:
     return Fault.NETWORK
 
 
+@asynccontextmanager
+async def _nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose single failure propagates as itself, not wrapped in an ExceptionGroup, so
+    that `except NETWORK_ERRORS` around it works as it reads."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+def _chain_field(name: str, doc: str) -> Any:
+    """A session attribute that is the chain's (client/chain.py) field `name`."""
+    return property(lambda self: getattr(self.chain, name), lambda self, value: setattr(self.chain, name, value),
+                    doc=doc)
+
+
 class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
@@ -143,36 +153,12 @@ class InferenceSession:
         self.position = 0
         self._channels: dict[bytes, Channel] = {}  # each hop's stream, by its session id
 
-    # The chain's state, as this class always exposed it.
-    @property
-    def hops(self) -> list[HopState]:
-        return self.chain.hops
-
-    @property
-    def push(self) -> bool:
-        """Daemon-to-daemon forwarding (see the module docstring); turned off after a pushed step timed out."""
-        return self.chain.push
-
-    @push.setter
-    def push(self, value: bool) -> None:
-        self.chain.push = value
-
-    @property
-    def prompts(self) -> torch.Tensor | None:
-        """Deep prompts [end - start, 1 or batch, K, hidden] for positions [0, K) (None: none)."""
-        return self.chain.prompts
-
-    @prompts.setter
-    def prompts(self, value: torch.Tensor | None) -> None:
-        self.chain.prompts = value
-
-    @property
-    def recoveries(self) -> int:  # failed daemons replaced
-        return self.chain.recoveries
-
-    @property
-    def resumes(self) -> int:  # hops re-opened on the same daemon after an idle close
-        return self.chain.resumes
+    # The chain's state, under the names this class always had.
+    hops = _chain_field("hops", "The hops, in order (`HopState`: daemon, session, replay memory).")
+    push = _chain_field("push", "Daemon-to-daemon forwarding (module docstring); off after a pushed step timed out.")
+    prompts = _chain_field("prompts", "Deep prompts [end - start, 1 or batch, K, hidden] for positions [0, K), or None.")
+    recoveries = _chain_field("recoveries", "Failed daemons replaced.")
+    resumes = _chain_field("resumes", "Hops re-opened on the same daemon after an idle close.")
 
     @property
     def route(self) -> list[Hop]:
@@ -270,7 +256,7 @@ class InferenceSession:
                     await channel.send(sent)
 
         outs: list[TensorPayload] = []
-        async with trio.open_nursery() as nursery:
+        async with _nursery() as nursery:
             nursery.start_soon(send_all)
             for sent in steps:
                 outs.append(self.chain.replayed(state, sent, await self._receive(Expect(state, sent)),
@@ -395,13 +381,16 @@ class InferenceSession:
 
     async def _replay(self, chain: list[HopState], chunks: list[TensorPayload]) -> None:
         """Re-run `chunks` (the failed hop's inputs, step by step) along `chain`, hop after hop,
-        each hop's steps pipelined (see _send_steps)."""
+        each hop's steps pipelined (see _send_steps). A failure names the daemon it happened on
+        (`ReplayFailed`: a replacement that hangs is banned like any hung daemon)."""
         for state in chain:
             try:
                 chunks = await self._send_steps(state, chunks)
-            except BaseException:
+            except BaseException as exc:
                 for s in chain:
                     await self._close_hop(s)
+                if isinstance(exc, NETWORK_ERRORS):
+                    raise ReplayFailed(state.hop.server.peer_id, exc) from exc
                 raise
 
     async def close(self) -> None:

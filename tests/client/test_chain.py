@@ -14,19 +14,8 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from petals_client.chain import (
-    IDLE_RESUME_AFTER,
-    Chain,
-    Done,
-    Expect,
-    Fault,
-    HopState,
-    Recover,
-    Send,
-    SessionFailed,
-    StepRun,
-    WrongOutput,
-)
+from petals_client.chain import (IDLE_RESUME_AFTER, Chain, Done, Expect, Fault, HopState, Recover, ReplayFailed, Send,
+                                 SessionFailed, StepRun, WrongOutput)
 from petals_client.routing import Hop, NoRoute, ServerInfo
 from petals_protocol.errors import BadSignature, ErrorCode, ProtocolError, RemoteError
 from petals_protocol.messages import ErrorReply, InferenceStep, StepResult
@@ -310,6 +299,8 @@ def test_no_replacement_backs_off_then_fails_naming_the_blocks() -> None:
     assert [r.delay for r in retries] == [0.2, 0.4, None]  # no wait after the last attempt
     dead = chain.replacement_failed(0, StreamClosed("12D3KooWdead", None, "refused"))
     assert dead.ban == "12D3KooWdead" and not dead.refresh
+    hung = chain.replacement_failed(0, ReplayFailed("12D3KooWhung", TimeoutError()))  # no reply while replaying
+    assert hung.ban == "12D3KooWhung"
     error = chain.no_replacement(chain.hops[1], NoRoute([(2, 4)]))
     assert isinstance(error, SessionFailed) and error.blocks == (2, 4) and "2:4" in str(error)
 

@@ -198,7 +198,17 @@ def tokens(n: int, seed: int) -> torch.Tensor:
     return torch.randn(1, n, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
-def run(main) -> None:
+def run(swarm: FakeSwarm, script) -> None:
+    """`script(session, reference)` on a session over blocks 0:6, opened and closed around it,
+    in virtual time."""
+    async def main() -> None:
+        session = InferenceSession(swarm, 0, 6, max_length=32)
+        await session.open()
+        try:
+            await script(session, Reference(6))
+        finally:
+            await session.close()
+
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
@@ -214,16 +224,13 @@ async def steps_match(session: InferenceSession, reference: Reference, plan: lis
 def test_push_through_three_daemons_sends_each_step_once_and_rolls_back() -> None:
     swarm, chain, _ = three_daemons(standby=False)
 
-    async def main() -> None:
-        session = InferenceSession(swarm, 0, 6, max_length=32)
-        await session.open()
-        await steps_match(session, Reference(6), [(5, None), (1, None), (1, None), (2, 3), (1, None)])
+    async def script(session: InferenceSession, reference: Reference) -> None:
+        await steps_match(session, reference, [(5, None), (1, None), (1, None), (2, 3), (1, None)])
         assert session.position == 6 and session.push and session.recoveries == 0
         # The prompt trimmed to the 3 tokens the rollback kept, then the two steps after it.
         assert [[c.shape[1] for c in h.chunks] for h in session.hops] == [[3, 2, 1]] * 3
-        await session.close()
 
-    run(main)
+    run(swarm, script)
     assert [d.steps_from_client for d in chain] == [5, 0, 0]  # the client sent every step to the first hop only
     assert [d.steps_pushed for d in chain] == [0, 5, 5]
     assert all(not d.sessions for d in chain)  # closed
@@ -232,18 +239,14 @@ def test_push_through_three_daemons_sends_each_step_once_and_rolls_back() -> Non
 def test_a_killed_daemon_is_banned_and_its_blocks_replayed_on_another() -> None:
     swarm, chain, spare = three_daemons()
 
-    async def main() -> None:
-        session = InferenceSession(swarm, 0, 6, max_length=32)
-        await session.open()
-        reference = Reference(6)
+    async def script(session: InferenceSession, reference: Reference) -> None:
         await steps_match(session, reference, [(5, None), (1, None), (1, None)])
         chain[1].kill()
         await steps_match(session, reference, [(1, None), (1, None)])
         assert session.recoveries == 1 and session.push  # a closed stream is no reason to stop pushing
         assert [h.server.peer_id for h in session.route] == [chain[0].peer_id, spare.peer_id, chain[2].peer_id]
-        await session.close()
 
-    run(main)
+    run(swarm, script)
     assert swarm.bans == [chain[1].peer_id]
     assert spare.steps_from_client == 4  # the three remembered chunks replayed, then the failed step resent
 
@@ -251,10 +254,7 @@ def test_a_killed_daemon_is_banned_and_its_blocks_replayed_on_another() -> None:
 def test_a_hung_pushed_hop_times_out_turns_push_off_and_is_replaced() -> None:
     swarm, chain, spare = three_daemons()
 
-    async def main() -> None:
-        session = InferenceSession(swarm, 0, 6, max_length=32)
-        await session.open()
-        reference = Reference(6)
+    async def script(session: InferenceSession, reference: Reference) -> None:
         await steps_match(session, reference, [(5, None), (1, None)])
         chain[1].mode = "hung"
         began = trio.current_time()
@@ -262,9 +262,8 @@ def test_a_hung_pushed_hop_times_out_turns_push_off_and_is_replaced() -> None:
         assert trio.current_time() - began >= swarm.step_timeout  # it waited for the hung hop
         assert session.recoveries == 1 and not session.push
         assert session.route[1].server.peer_id == spare.peer_id
-        await session.close()
 
-    run(main)
+    run(swarm, script)
     assert swarm.bans == [chain[1].peer_id]
     assert chain[2].steps_from_client == 2  # push off: the client drove the last hop itself
 
@@ -272,18 +271,14 @@ def test_a_hung_pushed_hop_times_out_turns_push_off_and_is_replaced() -> None:
 def test_a_lying_pushed_hop_gets_the_step_directly_then_is_replaced() -> None:
     swarm, chain, spare = three_daemons()
 
-    async def main() -> None:
-        session = InferenceSession(swarm, 0, 6, max_length=32)
-        await session.open()
-        reference = Reference(6)
+    async def script(session: InferenceSession, reference: Reference) -> None:
         await steps_match(session, reference, [(5, None)])
         chain[1].mode = "liar"
         await steps_match(session, reference, [(1, None), (1, None)])
         assert session.recoveries == 1 and session.push
         assert session.route[1].server.peer_id == spare.peer_id
-        await session.close()
 
-    run(main)
+    run(swarm, script)
     assert chain[1].steps_from_client == 1  # resent once directly (nobody blamed for the pushed one)
     assert swarm.bans == [chain[1].peer_id]
 
@@ -291,15 +286,29 @@ def test_a_lying_pushed_hop_gets_the_step_directly_then_is_replaced() -> None:
 def test_no_replacement_fails_naming_the_blocks_after_the_retries() -> None:
     swarm, chain, _ = three_daemons(standby=False)
 
-    async def main() -> None:
-        session = InferenceSession(swarm, 0, 6, max_length=32)
-        await session.open()
+    async def script(session: InferenceSession, reference: Reference) -> None:
         await session.step(tokens(3, 0))
         chain[2].kill()
         with pytest.raises(SessionFailed) as failed:
             await session.step(tokens(1, 1))
         assert failed.value.blocks == (4, 6)
-        await session.close()
 
-    run(main)
+    run(swarm, script)
     assert swarm.refreshes == swarm.max_retries  # each attempt found no route and re-learned the swarm
+
+
+def test_a_replacement_that_hangs_in_its_replay_is_banned_and_the_next_one_used() -> None:
+    swarm, chain, spare = three_daemons()
+    second = swarm.add(2, 4, rtt=0.9)  # the next best replacement
+    spare.mode = "hung"
+
+    async def script(session: InferenceSession, reference: Reference) -> None:
+        await steps_match(session, reference, [(5, None), (1, None)])
+        chain[1].kill()
+        await steps_match(session, reference, [(1, None), (1, None)])
+        assert session.recoveries == 1
+        assert session.route[1].server.peer_id == second.peer_id
+
+    run(swarm, script)
+    assert swarm.bans == [chain[1].peer_id, spare.peer_id]
+    assert second.steps_from_client == 3  # two chunks replayed, then the failed step
