@@ -171,6 +171,23 @@ class Recover:
 
 
 @dataclass(frozen=True)
+class Prefill:
+    """A pipelined prefill (`Chain.prefill`): `steps` go to the first hop back to back; `bases`:
+    each hop's step number before it; `position`: where the prompt starts."""
+
+    steps: list[InferenceStep]
+    bases: list[int]
+    position: int
+
+
+def _push_field(targets: list[HopState], offset: int = 0) -> tuple[PushTarget, ...] | None:
+    """`InferenceStep.push` naming `targets`, for the step `offset` steps after their next one."""
+    return tuple(PushTarget(peer_id=s.peer, addr=s.hop.server.addrs[0], session_id=s.session_id,
+                            start_block=s.hop.start, end_block=s.hop.end, step=s.step + offset)
+                 for s in targets) or None
+
+
+@dataclass(frozen=True)
 class Done:
     """The step went through every hop: `output` is the last hop's verified output."""
 
@@ -247,11 +264,46 @@ class Chain:
         state.last_active = now
         return result.hidden
 
-    def replayed(self, state: HopState, sent: InferenceStep, reply: object, now: float) -> TensorPayload:
-        """`reply` answers `sent`, a step of a replay (`replay_steps`): checked, then committed."""
+    def accept(self, state: HopState, sent: InferenceStep, reply: object, now: float) -> TensorPayload:
+        """`reply` answers `sent` on `state`'s hop: checked, then `sent`'s input committed to the hop's
+        replay memory. The hop's verified output."""
         output = self.check(state, sent, reply, now)
         state.commit(sent.hidden, sent.position)
         return output
+
+    def pushed_step(self, state: HopState, sent: InferenceStep, hidden: TensorPayload) -> InferenceStep:
+        """The step pushed hop `state` should have received for `sent` (a step to the hop before it):
+        that hop's verified output `hidden` as input (the digest its signature must bind)."""
+        return InferenceStep(session_id=state.session_id, step=state.step, position=sent.position, hidden=hidden,
+                             hypo_ids=None)
+
+    # ------------------------------------------------------------------ pipelined prefill
+    def prefill(self, chunks: list[TensorPayload], position: int, now: float) -> Prefill | None:
+        """A prompt of several `chunks` (in order, from `position`) pipelined through the chain: all
+        sent to the first hop back to back, each pushed along every hop, so daemon k computes chunk
+        i while daemon k-1 computes chunk i+1. None where the chain cannot take it so (push off,
+        a hop it cannot push to, deep prompts in range): the prompt then runs as one step."""
+        first = self.hops[0]
+        pushed = self.push_targets(0)
+        if len(chunks) < 2 or len(pushed) != len(self.hops) - 1 or self.prompts_for(first, position) is not None:
+            return None
+        steps: list[InferenceStep] = []
+        at = position
+        for i, hidden in enumerate(chunks):
+            steps.append(InferenceStep(session_id=first.session_id, step=first.step + i, position=at, hidden=hidden,
+                                       hypo_ids=None, push=_push_field(pushed, i)))
+            at += hidden.shape[1]
+        for state in self.hops:
+            state.last_sent = now
+        return Prefill(steps, [state.step for state in self.hops], position)
+
+    def abandon(self, plan: Prefill) -> None:
+        """A pipelined prefill failed: every hop back to its position, and its step number past every
+        step the prefill sent or pushed it (their late results are then stale); the prompt runs again
+        as one step, where every failure has its usual recovery."""
+        for state, base in zip(self.hops, plan.bases):
+            state.rollback(plan.position)
+            state.step = base + len(plan.steps)
 
     # ------------------------------------------------------------------ running a step
     def run(self, index: int, hidden: TensorPayload, position: int) -> StepRun:
@@ -336,11 +388,7 @@ class StepRun:
             self._round = [first, *pushed]
             self._expected = InferenceStep(
                 session_id=first.session_id, step=first.step, position=self.position, hidden=self.hidden,
-                hypo_ids=None,
-                push=tuple(PushTarget(peer_id=s.peer, addr=s.hop.server.addrs[0], session_id=s.session_id,
-                                      start_block=s.hop.start, end_block=s.hop.end, step=s.step)
-                           for s in pushed) or None,
-                prompts=prompts,
+                hypo_ids=None, push=_push_field(pushed), prompts=prompts,
             )
             self._sent = False
             self._done = 0
@@ -357,15 +405,10 @@ class StepRun:
     def received(self, reply: object, now: float) -> None:
         """The reply to the `Expect` just returned (not a stale one)."""
         assert self._expected is not None
-        state = self._round[self._done]
-        output = self.chain.check(state, self._expected, reply, now)
-        state.commit(self.hidden, self.position)
-        self.hidden = output
+        self.hidden = self.chain.accept(self._round[self._done], self._expected, reply, now)
         self._done += 1
         if self._done < len(self._round):  # a pushed hop: its input is the previous hop's verified output
-            nxt = self._round[self._done]
-            self._expected = InferenceStep(session_id=nxt.session_id, step=nxt.step, position=self.position,
-                                           hidden=output, hypo_ids=None)
+            self._expected = self.chain.pushed_step(self._round[self._done], self._expected, self.hidden)
         else:
             self.index += self._done
             self._round = []

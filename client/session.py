@@ -31,6 +31,14 @@ from that hop:
 Results left over from such a resend (a later hop answering a push that the client no longer
 waits for) are recognised by their old step number and dropped.
 
+Pipelined prefill (`prefill_chunk`, off by default): a step of more tokens than that is cut into
+chunks sent to the first hop one after another without waiting for results, each pushed along the
+whole chain, so daemon k computes chunk i while daemon k-1 computes chunk i+1. Every hop's results
+are still verified chunk by chunk in chain order, and its replay memory holds the chunks as they
+were computed. Where the chain cannot push end to end (push off, deep prompts in range, spot
+checks on), or when any part of the pipelined prefill fails, the prompt runs as one ordinary step
+(after a failure, from a rollback), with the recovery below; a hung daemon then costs two timeouts.
+
 Idle closes are not failures: daemons close connections idle for `idle_connection_timeout` and
 sessions idle for `session_idle_timeout`, freeing the cache. A hop that breaks after being quiet
 for `IDLE_RESUME_AFTER` seconds is first re-opened on the *same* daemon (no ban) and replayed;
@@ -55,10 +63,12 @@ wait is under `swarm.step_timeout`. So a session never hangs: it continues or ra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -71,8 +81,8 @@ from petals_protocol.p2p.streams import NETWORK_ERRORS, Channel, StreamClosed
 from petals_protocol.signing import peer_id_from_text
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
-from .chain import (CALLER_FAULTS, IDLE_RESUME_AFTER, Chain, Done, Expect, Fault, HopState, Recover, ReplayFailed,
-                    Send, SessionFailed, WrongOutput)
+from .chain import (CALLER_FAULTS, IDLE_RESUME_AFTER, Chain, Done, Expect, Fault, HopState, Prefill, Recover,
+                    ReplayFailed, Send, SessionFailed, WrongOutput)
 from .replies import check_reply
 from .routing import Hop, NoRoute, choose_route, describe_route
 
@@ -142,8 +152,12 @@ class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
     def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1,
-                 push: bool = True, checker: SpotChecker | None = None, active_adapter: str | None = None) -> None:
+                 push: bool = True, checker: SpotChecker | None = None, active_adapter: str | None = None,
+                 prefill_chunk: int | None = None) -> None:
         self.swarm = swarm
+        # A step of more tokens than this is pipelined in chunks of this many (module docstring;
+        # None: one step, the exact path).
+        self.prefill_chunk = prefill_chunk
         self.checker = checker  # spot checks of the hops' results (client/spotcheck.py); None: off
         self.active_adapter = active_adapter  # a LoRA adapter every hop computes with (None: none)
         self.chain = Chain(start, end, swarm.model_fingerprint, swarm.max_retries, push=push)
@@ -259,7 +273,7 @@ class InferenceSession:
         async with _nursery() as nursery:
             nursery.start_soon(send_all)
             for sent in steps:
-                outs.append(self.chain.replayed(state, sent, await self._receive(Expect(state, sent)),
+                outs.append(self.chain.accept(state, sent, await self._receive(Expect(state, sent)),
                                                 time.monotonic()))
                 window.release()
         return outs
@@ -286,11 +300,74 @@ class InferenceSession:
             raise ValueError(
                 f"session max_length {self.max_length} exceeded: {position} + {hidden.shape[1]} tokens"
             )
+        if self.prefill_chunk and self.checker is None and hidden.shape[1] > self.prefill_chunk:
+            outputs = await self._prefill(hidden, position, self.prefill_chunk)
+            if outputs is not None:
+                self.position = position + hidden.shape[1]
+                return torch.cat([to_torch(out) for out in outputs], dim=1)
         output = await self._run(0, from_torch(hidden), position)
         if self.checker is not None:
             output = await self._spot_check(output, position)
         self.position = position + output.shape[1]
         return to_torch(output)
+
+    async def _prefill(self, hidden: torch.Tensor, position: int, size: int) -> list[TensorPayload] | None:
+        """The last hop's outputs for `hidden` pipelined in chunks of `size` tokens (`Chain.prefill`),
+        or None where the chain cannot take it so, or it failed (then rolled back: the caller runs
+        the prompt as one step, with the usual recovery)."""
+        chunks = [from_torch(hidden[:, i:i + size].contiguous()) for i in range(0, hidden.shape[1], size)]
+        plan = self.chain.prefill(chunks, position, time.monotonic())
+        if plan is None:
+            return None
+        try:
+            return await self._pipelined(plan)
+        except NETWORK_ERRORS as exc:
+            log.info("pipelined prefill failed (%s: %s); running the prompt as one step", type(exc).__name__, exc)
+            self.chain.abandon(plan)
+            return None
+
+    async def _pipelined(self, plan: Prefill) -> list[TensorPayload]:
+        """Send the plan's steps to the first hop (at most MAX_REPLAY_STEPS_IN_FLIGHT ahead of its
+        results), drain every hop's stream as its results come, and accept them in chain order."""
+        hops = list(self.hops)
+        inboxes = [trio.open_memory_channel[object](math.inf) for _ in hops]
+        window = trio.Semaphore(MAX_REPLAY_STEPS_IN_FLIGHT)
+        first = self._channels[hops[0].session_id]
+
+        async def send_all() -> None:
+            try:
+                for sent in plan.steps:
+                    await window.acquire()
+                    with trio.fail_after(self.swarm.step_timeout):
+                        await first.send(sent)
+            except NETWORK_ERRORS as exc:
+                inboxes[0][0].send_nowait(exc)
+
+        async def collect(index: int, state: HopState) -> None:
+            oldest = Expect(state, replace(plan.steps[0], session_id=state.session_id, step=plan.bases[index]))
+            try:
+                for _ in plan.steps:
+                    inboxes[index][0].send_nowait(await self._receive(oldest))
+                    if index == 0:
+                        window.release()
+            except NETWORK_ERRORS as exc:
+                inboxes[index][0].send_nowait(exc)
+
+        inputs = [sent.hidden for sent in plan.steps]
+        async with _nursery() as nursery:
+            nursery.start_soon(send_all)
+            for index, state in enumerate(hops):
+                nursery.start_soon(collect, index, state)
+            for index, state in enumerate(hops):
+                outputs: list[TensorPayload] = []
+                for sent, hidden in zip(plan.steps, inputs):
+                    reply = await inboxes[index][1].receive()
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    expected = sent if index == 0 else self.chain.pushed_step(state, sent, hidden)
+                    outputs.append(self.chain.accept(state, expected, reply, time.monotonic()))
+                inputs = outputs
+        return inputs
 
     async def _spot_check(self, output: TensorPayload, position: int) -> TensorPayload:
         """Check the hops' results of the step just run (client/spotcheck.py); a hop found wrong is

@@ -351,10 +351,51 @@ def test_replay_steps_rebuild_the_memory_chunk_by_chunk() -> None:
     steps = chain.replay_steps(fresh, memory)
     assert [(s.step, s.position, s.hidden) for s in steps] == [(0, 0, memory[0]), (1, 4, memory[1]), (2, 5, memory[2])]
     for step in steps:
-        chain.replayed(fresh, step, answer(Expect(fresh, step), key=KEYS[3]), 1.0)
+        chain.accept(fresh, step, answer(Expect(fresh, step), key=KEYS[3]), 1.0)
     assert fresh.chunks == memory and (fresh.position, fresh.step, fresh.last_active) == (6, 3, 1.0)
 
 
 def test_the_state_machine_imports_no_trio() -> None:
     code = "import sys, petals_client.chain, petals_client.replies; assert 'trio' not in sys.modules, 'trio'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ pipelined prefill
+def test_prefill_plans_every_chunk_for_the_first_hop_pushed_along_the_whole_chain() -> None:
+    chain = make_chain()
+    chain.hops[2].step = 7  # hops' step numbers need not agree
+    chunks = [from_torch(X[:, :2]), from_torch(X[:, 2:])]
+    plan = chain.prefill(chunks, 3, now=1.0)
+    assert plan is not None and plan.bases == [0, 0, 7] and plan.position == 3
+    assert [(s.step, s.position, s.hidden) for s in plan.steps] == [(0, 3, chunks[0]), (1, 5, chunks[1])]
+    assert [[(t.start_block, t.step) for t in s.push] for s in plan.steps] == [[(2, 0), (4, 7)], [(2, 1), (4, 8)]]
+    assert all(h.last_sent == 1.0 for h in chain.hops)
+    # A pushed hop's result is checked against its predecessor's verified output, at its own step.
+    expected = chain.pushed_step(chain.hops[2], plan.steps[1], chunks[0])
+    assert (expected.session_id, expected.step, expected.position) == (chain.hops[2].session_id, 7, 5)
+
+
+def test_prefill_is_refused_where_the_chain_cannot_push_end_to_end() -> None:
+    chunks = [from_torch(X[:, :2]), from_torch(X[:, 2:])]
+    assert make_chain(push=False).prefill(chunks, 0, 0.0) is None
+    chain = make_chain()
+    assert chain.prefill(chunks[:1], 0, 0.0) is None  # one chunk: nothing to pipeline
+    chain.hops[2] = hop_state(2, 4, 6, addrs=False)
+    assert chain.prefill(chunks, 0, 0.0) is None
+    chain = make_chain()
+    chain.prompts = torch.zeros(6, 1, 2, 8)
+    assert chain.prefill(chunks, 0, 0.0) is None and chain.prefill(chunks, 2, 0.0) is not None
+
+
+def test_an_abandoned_prefill_rolls_back_and_leaves_its_late_results_stale() -> None:
+    chain = make_chain()
+    run_through(chain.run(0, from_torch(X[:, :3]), 0))
+    chunks = [from_torch(X[:, :2]), from_torch(X[:, 2:])]
+    plan = chain.prefill(chunks, 3, 0.0)
+    assert plan is not None
+    first = chain.hops[0]
+    chain.accept(first, plan.steps[0], answer(Expect(first, plan.steps[0])), 0.0)  # one chunk got through hop 0
+    chain.abandon(plan)
+    assert [h.position for h in chain.hops] == [3, 3, 3] and [h.step for h in chain.hops] == [3, 3, 3]
+    late = answer(Expect(first, plan.steps[1]))
+    assert Expect(first, chain.run(0, from_torch(X), 3).next(0.0).step).is_stale(late)

@@ -66,6 +66,8 @@ class FakeDaemon:
     channels: list[FakeChannel] = field(default_factory=list)
     steps_from_client: int = 0  # InferenceSteps the client sent this daemon itself
     steps_pushed: int = 0  # InferenceSteps another daemon pushed to it
+    hold: int = 0  # hold the client's steps until this many have come, then run them in order
+    held: list[tuple[InferenceStep, FakeChannel]] = field(default_factory=list)
 
     @property
     def peer(self) -> bytes:
@@ -102,22 +104,33 @@ class FakeDaemon:
                 self.steps_from_client += 1
             if self.mode == "hung":
                 return
-            session = self.sessions[msg.session_id]
-            x = to_torch(msg.hidden)
-            for i, b in enumerate(range(session.start, session.end)):
-                session.caches[i], x = block(b, session.caches[i][:, :msg.position], x)
-            output = from_torch(x)
-            signer = Ed25519PrivateKey.generate() if self.mode == "liar" else self.key
-            binding = inference_binding(msg, start_block=session.start, end_block=session.end,
-                                        model_fingerprint=FINGERPRINT, output=output)
-            await session.channel.replies_in.send(StepResult(
-                session_id=msg.session_id, step=msg.step, position=msg.position, hidden=output,
-                signature=sign_response(signer, binding)))
-            if msg.push:  # forward the output to the next daemon, as petalsd does
-                target, rest = msg.push[0], msg.push[1:]
-                await self.swarm.by_peer(target.peer_id).handle(InferenceStep(
-                    session_id=target.session_id, step=target.step, position=msg.position, hidden=output,
-                    hypo_ids=None, push=rest or None), None)
+            if channel is not None and self.hold:
+                self.held.append((msg, channel))
+                if len(self.held) < self.hold:
+                    return
+                self.hold, held, self.held = 0, self.held, []
+                for step, _ in held:
+                    await self._step(step)
+                return
+            await self._step(msg)
+
+    async def _step(self, msg: InferenceStep) -> None:
+        session = self.sessions[msg.session_id]
+        x = to_torch(msg.hidden)
+        for i, b in enumerate(range(session.start, session.end)):
+            session.caches[i], x = block(b, session.caches[i][:, :msg.position], x)
+        output = from_torch(x)
+        signer = Ed25519PrivateKey.generate() if self.mode == "liar" else self.key
+        binding = inference_binding(msg, start_block=session.start, end_block=session.end,
+                                    model_fingerprint=FINGERPRINT, output=output)
+        await session.channel.replies_in.send(StepResult(
+            session_id=msg.session_id, step=msg.step, position=msg.position, hidden=output,
+            signature=sign_response(signer, binding)))
+        if msg.push:  # forward the output to the next daemon, as petalsd does
+            target, rest = msg.push[0], msg.push[1:]
+            await self.swarm.by_peer(target.peer_id).handle(InferenceStep(
+                session_id=target.session_id, step=target.step, position=msg.position, hidden=output,
+                hypo_ids=None, push=rest or None), None)
 
 
 class FakeChannel:
@@ -312,3 +325,32 @@ def test_a_replacement_that_hangs_in_its_replay_is_banned_and_the_next_one_used(
     run(swarm, script)
     assert swarm.bans == [chain[1].peer_id, spare.peer_id]
     assert second.steps_from_client == 3  # two chunks replayed, then the failed step
+
+
+def test_pipelined_prefill_sends_every_chunk_before_any_result_and_matches() -> None:
+    swarm, chain, _ = three_daemons(standby=False)
+    chain[0].hold = 3  # answers nothing before the third chunk came: a client waiting for results would time out
+
+    async def script(session: InferenceSession, reference: Reference) -> None:
+        session.prefill_chunk = 4
+        await steps_match(session, reference, [(10, None), (1, None)])
+        assert trio.current_time() == 0.0  # no timeout, no fallback
+        assert [[c.shape[1] for c in h.chunks] for h in session.hops] == [[4, 4, 2, 1]] * 3
+
+    run(swarm, script)
+    assert [d.steps_from_client for d in chain] == [4, 0, 0]  # every chunk went to the first hop only
+    assert [d.steps_pushed for d in chain] == [0, 4, 4]
+
+
+def test_a_pipelined_prefill_that_fails_runs_the_prompt_as_one_step_with_recovery() -> None:
+    swarm, chain, spare = three_daemons()
+
+    async def script(session: InferenceSession, reference: Reference) -> None:
+        session.prefill_chunk = 4
+        chain[1].kill()
+        await steps_match(session, reference, [(10, None), (1, None)])
+        assert session.recoveries == 1 and session.route[1].server.peer_id == spare.peer_id
+        assert [[c.shape[1] for c in h.chunks] for h in session.hops] == [[10, 1]] * 3
+
+    run(swarm, script)
+    assert chain[0].steps_from_client == 3 + 2  # the chunks, then the prompt and the token as usual
