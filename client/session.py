@@ -93,8 +93,9 @@ __all__ = ["CALLER_FAULTS", "IDLE_RESUME_AFTER", "InferenceSession", "SessionFai
 
 log = logging.getLogger("petals_client.session")
 
-#: Replayed steps sent ahead of their results on one hop: enough to hide the round trip of a
-#: long link, few enough that a slow daemon's unread input stays well inside its stream buffer.
+#: Steps sent ahead of their results on one hop (a replay, a pipelined prefill): enough to hide
+#: the round trip of a long link, few enough that a slow daemon's unread input stays well inside
+#: its stream buffer.
 MAX_REPLAY_STEPS_IN_FLIGHT = 16
 
 
