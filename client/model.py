@@ -63,7 +63,8 @@ class RemoteInferenceSession:
         self.model = model
         self._session = InferenceSession(model.swarm, 0, model.num_blocks, max_length=max_length,
                                          batch_size=batch_size, push=model.push, checker=model.spot_checker,
-                                         active_adapter=model.layers.active_adapter)
+                                         active_adapter=model.layers.active_adapter,
+                                         prefill_chunk=model.prefill_chunk)
         if model.ptune is not None:  # the prefix's positions come first in every cache
             deep = model.ptune.deep_prompts()
             self._session.prompts = None if deep is None else deep.detach().to(model.client_part.head.weight.dtype)
@@ -125,6 +126,7 @@ class DistributedModelBase(nn.Module):
         self.num_blocks = client_part.num_blocks
         self.layers = RemoteSequential(runtime, swarm, 0, self.num_blocks)
         self.push = True  # daemon-to-daemon forwarding in inference sessions (from_pretrained's `push`)
+        self.prefill_chunk: int | None = None  # pipelined prefill (from_pretrained's `prefill_chunk`)
         # Concurrent sessions' heads in one matmul (from_pretrained's `batching`; client/head_batching.py)
         self.head_batcher: HeadBatcher | None = None
         # Re-computes a fraction of steps elsewhere (from_pretrained's `spot_check_rate`; client/spotcheck.py)
@@ -147,6 +149,7 @@ class DistributedModelBase(nn.Module):
         max_retries: int = 5,
         use_dht: bool = True,
         push: bool = True,
+        prefill_chunk: int | None = None,
         batching: bool = False,
         revision: str | None = None,
         token: str | bool | None = None,
@@ -172,6 +175,11 @@ class DistributedModelBase(nn.Module):
         `dtype` must match what the daemons compute in (default: the dtype they announce).
         `push`: daemons forward each step's output to the next daemon themselves (fewer network
         legs per token; client/session.py); False makes the client drive every hop.
+        `prefill_chunk`: a prompt longer than this many tokens is sent in chunks of this size, one
+        after another without waiting, each pushed along the chain, so that the daemons compute
+        different chunks at once (pipelined prefill; client/session.py). Off (None) by default; when
+        on, a prompt's outputs differ from one pass by float rounding (chunked matmuls), and with
+        spot checks on, prompts still run as one step.
         `batching`: sessions generating at the same time (from several threads) share one head
         computation per step, which also keeps them together for the daemons' `--batching`. Faster
         for many sessions, but within ~1e-6 of local `transformers` rather than bit-identical
@@ -204,6 +212,8 @@ class DistributedModelBase(nn.Module):
         """
         if not 0.0 <= spot_check_rate <= 1.0:
             raise ValueError(f"spot_check_rate must be within 0.0-1.0, got {spot_check_rate}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
@@ -266,6 +276,7 @@ class DistributedModelBase(nn.Module):
             runtime.close()
             raise
         model.push = push
+        model.prefill_chunk = prefill_chunk
         if spot_check_rate > 0.0:
             model.spot_checker = SpotChecker(
                 swarm, spot_check_rate, signer=ed25519_private_key(key_pair),

@@ -20,13 +20,14 @@ import trio
 
 from petals_protocol.errors import PetalsError, RemoteError
 from petals_protocol.messages import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
-from petals_protocol.signing import backward_binding, forward_binding, peer_id_from_text, verify_response
+from petals_protocol.signing import backward_binding, forward_binding
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from .routing import Hop, NoRoute, ServerInfo, choose_route
+from .replies import check_reply
 from .runtime import ClientRuntime
 from .session import CALLER_FAULTS, WrongOutput
-from .swarm import NETWORK_ERRORS, SwarmClient, raise_for_reply
+from .swarm import NETWORK_ERRORS, SwarmClient
 
 if TYPE_CHECKING:
     from .spotcheck import SpotChecker
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("petals_client.remote")
 
 
-async def _request(swarm: SwarmClient, server: ServerInfo, msg: Any, expected: type) -> Any:
+async def _request(swarm: SwarmClient, server: ServerInfo, msg: Any, expected: type, binding: Any) -> Any:
     with trio.fail_after(swarm.step_timeout):
         stream = await swarm.open_forward(server)
         try:
@@ -42,7 +43,7 @@ async def _request(swarm: SwarmClient, server: ServerInfo, msg: Any, expected: t
             reply = await stream.receive()
         finally:
             await stream.aclose()
-    return raise_for_reply(reply, expected, server.peer_id)
+    return check_reply(reply, expected, server.peer_id, binding)
 
 
 async def run_hop(swarm: SwarmClient, hop: Hop, hidden: TensorPayload, grad_output: TensorPayload | None = None,
@@ -55,9 +56,10 @@ async def run_hop(swarm: SwarmClient, hop: Hop, hidden: TensorPayload, grad_outp
     msg = BackwardRequest(request_id=os.urandom(16), model_fingerprint=swarm.model_fingerprint,
                           start_block=hop.start, end_block=hop.end, hidden=hidden, grad_output=grad_output,
                           prompts=prompts, active_adapter=adapter)
-    reply = await _request(swarm, hop.server, msg, BackwardResponse)
+    reply = await _request(swarm, hop.server, msg, BackwardResponse,
+                           lambda r: backward_binding(msg, r.grad_input, r.grad_prompts))
     out, grad_prompts = reply.grad_input, reply.grad_prompts
-    _verified(hop, hidden, backward_binding(msg, out, grad_prompts), out, reply.signature)
+    _same_shape(hop, hidden, out)
     expected = prompts.shape if prompts is not None else None
     if (grad_prompts.shape if grad_prompts is not None else None) != expected:
         raise PetalsError(f"daemon {hop.server.name} returned prompt gradients that do not match the prompts sent")
@@ -70,13 +72,12 @@ async def signed_forward(swarm: SwarmClient, hop: Hop, hidden: TensorPayload, *,
     msg = ForwardRequest(request_id=os.urandom(16), model_fingerprint=swarm.model_fingerprint,
                          start_block=hop.start, end_block=hop.end, hidden=hidden, prompts=prompts,
                          active_adapter=adapter)
-    reply = await _request(swarm, hop.server, msg, ForwardResponse)
-    _verified(hop, hidden, forward_binding(msg, reply.hidden), reply.hidden, reply.signature)
+    reply = await _request(swarm, hop.server, msg, ForwardResponse, lambda r: forward_binding(msg, r.hidden))
+    _same_shape(hop, hidden, reply.hidden)
     return reply
 
 
-def _verified(hop: Hop, hidden: TensorPayload, binding: Any, out: TensorPayload, signature: bytes) -> TensorPayload:
-    verify_response(peer_id_from_text(hop.server.peer_id), binding, signature)
+def _same_shape(hop: Hop, hidden: TensorPayload, out: TensorPayload) -> TensorPayload:
     if out.shape != hidden.shape:
         raise PetalsError(f"daemon {hop.server.name} returned shape {out.shape} for input {hidden.shape}")
     return out

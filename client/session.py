@@ -31,6 +31,14 @@ from that hop:
 Results left over from such a resend (a later hop answering a push that the client no longer
 waits for) are recognised by their old step number and dropped.
 
+Pipelined prefill (`prefill_chunk`, off by default): a step of more tokens than that is cut into
+chunks sent to the first hop one after another without waiting for results, each pushed along the
+whole chain, so daemon k computes chunk i while daemon k-1 computes chunk i+1. Every hop's results
+are still verified chunk by chunk in chain order, and its replay memory holds the chunks as they
+were computed. Where the chain cannot push end to end (push off, deep prompts in range, spot
+checks on), or when any part of the pipelined prefill fails, the prompt runs as one ordinary step
+(after a failure, from a rollback), with the recovery below; a hung daemon then costs two timeouts.
+
 Idle closes are not failures: daemons close connections idle for `idle_connection_timeout` and
 sessions idle for `session_idle_timeout`, freeing the cache. A hop that breaks after being quiet
 for `IDLE_RESUME_AFTER` seconds is first re-opened on the *same* daemon (no ban) and replayed;
@@ -42,6 +50,11 @@ result may be re-computed elsewhere, before the step is returned. A hop found wr
 like a failed one (never resumed on the same daemon), the hops after it are rolled back to the
 step's position (they computed on its wrong output), and the step runs again from the replacement.
 
+Layers: the chain's state and every decision above (what to send where, what a reply must be,
+what to do when a hop fails) live in client/chain.py, a sans-IO state machine that imports no trio
+and does no I/O; this module is the trio layer that performs its actions (streams, timeouts,
+backoff sleeps) and feeds the results back.
+
 Bounds: each replacement search makes at most `swarm.max_retries` attempts (backoff 0.2 s
 doubling, capped at 5 s); one step survives at most `swarm.max_retries` failures; every network
 wait is under `swarm.step_timeout`. So a session never hangs: it continues or raises
@@ -50,39 +63,39 @@ wait is under `swarm.step_timeout`. So a session never hangs: it continues or ra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import trio
 
-from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError, RemoteError
-from petals_protocol.messages import (
-    MAX_PUSH_HOPS,
-    CloseSession,
-    ErrorReply,
-    InferenceStep,
-    OpenSession,
-    PushTarget,
-    SessionOpened,
-    StepResult,
-)
+from petals_protocol.errors import ErrorCode, ProtocolError, RemoteError
+from petals_protocol.messages import CloseSession, OpenSession, SessionOpened
 from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import NETWORK_ERRORS, Channel, StreamClosed
-from petals_protocol.signing import inference_binding, peer_id_from_text, verify_response
+from petals_protocol.signing import peer_id_from_text
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
+from .chain import (CALLER_FAULTS, IDLE_RESUME_AFTER, Chain, Done, Expect, Fault, HopState, Prefill, Recover,
+                    ReplayFailed, Send, SessionFailed, WrongOutput)
+from .replies import check_reply
 from .routing import Hop, NoRoute, choose_route, describe_route
 
 if TYPE_CHECKING:
     from .spotcheck import SpotChecker
 
+__all__ = ["CALLER_FAULTS", "IDLE_RESUME_AFTER", "InferenceSession", "SessionFailed", "Swarm", "WrongOutput"]
+
 log = logging.getLogger("petals_client.session")
 
-#: Replayed steps sent ahead of their results on one hop: enough to hide the round trip of a
-#: long link, few enough that a slow daemon's unread input stays well inside its stream buffer.
+#: Steps sent ahead of their results on one hop (a replay, a pipelined prefill): enough to hide
+#: the round trip of a long link, few enough that a slow daemon's unread input stays well inside
+#: its stream buffer.
 MAX_REPLAY_STEPS_IN_FLIGHT = 16
 
 
@@ -106,101 +119,71 @@ class Swarm(Protocol):
     async def open_inference(self, hop: Hop) -> Channel: ...
 
 
-class SessionFailed(PetalsError):
-    """The session could not continue: every retry failed or no daemon is left for some blocks.
-
-    `blocks` is the range [start, end) that could not be served; the cause is chained.
-    """
-
-    code = ErrorCode.UNSUPPORTED
-
-    def __init__(self, blocks: tuple[int, int], message: str) -> None:
-        super().__init__(message)
-        self.blocks = blocks
-
-
-class WrongOutput(PetalsError):
-    """A hop's daemon answered a step wrong (found by a spot check, client/spotcheck.py); it is
-    replaced like a failed one, but never resumed."""
-
-    code = ErrorCode.INTERNAL
-
-
-#: Daemon replies that blame our request: another daemon would refuse it too, so do not retry.
-CALLER_FAULTS = frozenset({ErrorCode.TOO_LONG, ErrorCode.BAD_TENSOR, ErrorCode.BAD_REQUEST, ErrorCode.WRONG_MODEL})
-#: A hop quiet for this long whose stream then turns out closed was most likely closed by the
-#: daemon's idle timeouts (connection or session), not by a crash: during generation steps follow
-#: each other within milliseconds, and idle timeouts are seconds at the least.
-IDLE_RESUME_AFTER = 1.0
-
-
-@dataclass
-class _HopState:
-    hop: Hop
-    channel: Channel
-    session_id: bytes
-    peer: bytes  # the daemon's peer id (what its signatures verify against)
-    # Inputs this hop has consumed, in the chunks they were sent: replayed to a replacement.
-    chunks: list[torch.Tensor] = field(default_factory=list)
-    position: int = 0
-    step: int = 0
-    # time.monotonic() of the last reply (or of the open), and of the last step sent: the gap is
-    # how long the hop had been quiet when the step that failed went out.
-    last_active: float = field(default_factory=time.monotonic)
-    last_sent: float = field(default_factory=time.monotonic)
-
-
-def _check_step_reply(reply: object, state: _HopState, sent: InferenceStep, fingerprint: str) -> TensorPayload:
-    """The verified output of `state`'s hop for `sent` (the step it was sent, or for a pushed hop
-    the step the previous daemon should have sent it: its signed output as input)."""
-    if isinstance(reply, ErrorReply):
-        raise reply.to_exception(state.hop.server.peer_id)
-    if not isinstance(reply, StepResult) or reply.session_id != state.session_id or reply.step != sent.step:
-        raise ProtocolError(ErrorCode.MALFORMED, f"unexpected reply to step {sent.step}: {type(reply).__name__}")
-    binding = inference_binding(sent, start_block=state.hop.start, end_block=state.hop.end,
-                                model_fingerprint=fingerprint, output=reply.hidden)
-    verify_response(state.peer, binding, reply.signature)
-    if reply.hidden.shape != sent.hidden.shape or reply.hidden.dtype != sent.hidden.dtype:
-        raise ProtocolError(ErrorCode.BAD_TENSOR, f"reply shape {reply.hidden.shape} != sent {sent.hidden.shape}")
-    return reply.hidden
-
-
-def _looks_like_idle_close(exc: BaseException) -> bool:
-    """A stream the daemon closed (idle connection) or a session it timed out (idle session)."""
+def fault_of(exc: BaseException) -> Fault:
+    """How a hop failed, for the chain's decisions."""
     if isinstance(exc, StreamClosed):
-        return True
-    return isinstance(exc, RemoteError) and exc.code == ErrorCode.TIMEOUT
+        return Fault.CLOSED
+    if isinstance(exc, trio.TooSlowError):
+        return Fault.TIMEOUT
+    if isinstance(exc, (RemoteError, ProtocolError)):
+        return Fault.REPLY
+    return Fault.NETWORK
+
+
+@asynccontextmanager
+async def _nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose single failure propagates as itself, not wrapped in an ExceptionGroup, so
+    that `except NETWORK_ERRORS` around it works as it reads."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+def _chain_field(name: str, doc: str) -> Any:
+    """A session attribute that is the chain's (client/chain.py) field `name`."""
+    return property(lambda self: getattr(self.chain, name), lambda self, value: setattr(self.chain, name, value),
+                    doc=doc)
 
 
 class InferenceSession:
     """Step-by-step inference through the swarm; `position` tokens are in every hop's cache."""
 
     def __init__(self, swarm: Swarm, start: int, end: int, *, max_length: int, batch_size: int = 1,
-                 push: bool = True, checker: SpotChecker | None = None, active_adapter: str | None = None) -> None:
+                 push: bool = True, checker: SpotChecker | None = None, active_adapter: str | None = None,
+                 prefill_chunk: int | None = None) -> None:
         self.swarm = swarm
+        # A step of more tokens than this is pipelined in chunks of this many (module docstring;
+        # None: one step, the exact path).
+        self.prefill_chunk = prefill_chunk
         self.checker = checker  # spot checks of the hops' results (client/spotcheck.py); None: off
         self.active_adapter = active_adapter  # a LoRA adapter every hop computes with (None: none)
-        # Deep prompts [end - start, 1 or batch, K, hidden] for positions [0, K), sent with the steps
-        # that cover those positions (replays too); such steps are not pushed (a push carries none).
-        self.prompts: torch.Tensor | None = None
-        self.push = push  # daemon-to-daemon forwarding (see the module docstring)
+        self.chain = Chain(start, end, swarm.model_fingerprint, swarm.max_retries, push=push)
         self.start, self.end = start, end
         self.max_length = max_length
         self.batch_size = batch_size
         self.position = 0
-        self.hops: list[_HopState] = []
-        self.recoveries = 0  # failed daemons replaced
-        self.resumes = 0  # hops re-opened on the same daemon after an idle close
+        self._channels: dict[bytes, Channel] = {}  # each hop's stream, by its session id
+
+    # The chain's state, under the names this class always had.
+    hops = _chain_field("hops", "The hops, in order (`HopState`: daemon, session, replay memory).")
+    push = _chain_field("push", "Daemon-to-daemon forwarding (module docstring); off after a pushed step timed out.")
+    prompts = _chain_field("prompts", "Deep prompts [end - start, 1 or batch, K, hidden] for positions [0, K), or None.")
+    recoveries = _chain_field("recoveries", "Failed daemons replaced.")
+    resumes = _chain_field("resumes", "Hops re-opened on the same daemon after an idle close.")
 
     @property
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
     async def open(self) -> None:
-        self.hops = await self._open_chain(self.start, self.end)
+        self.chain.hops = await self._open_chain(self.start, self.end)
         log.info("session route: %s", describe_route(self.route))
 
-    async def _open_chain(self, start: int, end: int) -> list[_HopState]:
+    async def _open_chain(self, start: int, end: int) -> list[HopState]:
         servers = [s for s in self.swarm.servers() if self.active_adapter in (None, *s.adapters)]
         try:
             route = choose_route(servers, start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length)
@@ -211,7 +194,7 @@ class InferenceSession:
             raise
         # All hops at once: on a long link each open costs round trips, and they do not depend
         # on each other (a fresh session's time to first token pays the slowest, not the sum).
-        opened: list[_HopState | None] = [None] * len(route)
+        opened: list[HopState | None] = [None] * len(route)
         errors: list[Exception] = []
 
         async def open_one(index: int, hop: Hop) -> None:
@@ -233,7 +216,7 @@ class InferenceSession:
             raise errors[0]
         return [state for state in opened if state is not None]
 
-    async def _open_hop(self, hop: Hop) -> _HopState:
+    async def _open_hop(self, hop: Hop) -> HopState:
         session_id = os.urandom(16)
         with trio.fail_after(self.swarm.step_timeout):
             channel = await self.swarm.open_inference(hop)
@@ -247,33 +230,37 @@ class InferenceSession:
             except BaseException:
                 await channel.aclose()
                 raise
-        if isinstance(reply, ErrorReply):
+        try:
+            opened = check_reply(reply, SessionOpened, hop.server.peer_id)
+            if opened.session_id != session_id:
+                raise ProtocolError(ErrorCode.MALFORMED, "unexpected reply to open: another session id")
+        except BaseException:
             await channel.aclose()
-            raise reply.to_exception(hop.server.peer_id)
-        if not isinstance(reply, SessionOpened) or reply.session_id != session_id:
-            await channel.aclose()
-            raise ProtocolError(ErrorCode.MALFORMED, f"unexpected reply to open: {type(reply).__name__}")
-        return _HopState(hop=hop, channel=channel, session_id=session_id, peer=peer_id_from_text(hop.server.peer_id))
+            raise
+        self._channels[session_id] = channel
+        now = time.monotonic()
+        return HopState(hop=hop, session_id=session_id, peer=peer_id_from_text(hop.server.peer_id),
+                        relayed=bool(hop.server.addrs) and all(is_circuit(a) for a in hop.server.addrs),
+                        last_active=now, last_sent=now)
 
-    async def _close_hop(self, state: _HopState) -> None:
+    async def _close_hop(self, state: HopState) -> None:
+        channel = self._channels.pop(state.session_id, None)
+        if channel is None:
+            return
         with trio.move_on_after(1.0):
             try:
-                await state.channel.send(CloseSession(session_id=state.session_id))
+                await channel.send(CloseSession(session_id=state.session_id))
             except NETWORK_ERRORS:
                 pass  # the daemon is gone or the stream broke: it frees the session on its own timeout
-            await state.channel.aclose()
+            await channel.aclose()
 
-    async def _send_steps(self, state: _HopState, chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
-        """Steps for consecutive `chunks` from `position` on one hop, pipelined: the next is sent
-        before the result of the one before arrives (the daemon runs a session's steps in order),
-        so a replay costs one round trip per hop rather than one per step, and each chunk is still
-        computed as it was the first time (identical results)."""
-        steps: list[InferenceStep] = []
-        for i, hidden in enumerate(chunks):
-            steps.append(InferenceStep(session_id=state.session_id, step=state.step + i, position=position,
-                                       hidden=from_torch(hidden), hypo_ids=None,
-                                       prompts=self._prompts_for(state, position)))
-            position += hidden.shape[1]
+    async def _send_steps(self, state: HopState, chunks: list[TensorPayload]) -> list[TensorPayload]:
+        """Steps for consecutive `chunks` on one hop, pipelined: the next is sent before the result
+        of the one before arrives (the daemon runs a session's steps in order), so a replay costs
+        one round trip per hop rather than one per step, and each chunk is still computed as it
+        was the first time (identical results). Each verified step is committed to the hop."""
+        steps = self.chain.replay_steps(state, chunks)
+        channel = self._channels[state.session_id]
         window = trio.Semaphore(MAX_REPLAY_STEPS_IN_FLIGHT)
 
         async def send_all() -> None:
@@ -281,71 +268,27 @@ class InferenceSession:
                 await window.acquire()
                 state.last_sent = time.monotonic()
                 with trio.fail_after(self.swarm.step_timeout):
-                    await state.channel.send(sent)
+                    await channel.send(sent)
 
-        outs: list[torch.Tensor] = []
-        async with trio.open_nursery() as nursery:
+        outs: list[TensorPayload] = []
+        async with _nursery() as nursery:
             nursery.start_soon(send_all)
             for sent in steps:
-                outs.append(to_torch(await self._receive_result(state, sent)))
+                outs.append(self.chain.accept(state, sent, await self._receive(Expect(state, sent)),
+                                                time.monotonic()))
                 window.release()
-        state.step += len(steps)
         return outs
 
-    async def _receive_result(self, state: _HopState, expected: InferenceStep) -> TensorPayload:
-        """`state`'s verified result for `expected`, within step_timeout. Results of earlier steps
-        (answers to pushes the client stopped waiting for) are dropped."""
+    async def _receive(self, expect: Expect) -> object:
+        """The reply `expect` waits for, within step_timeout (stale results dropped)."""
+        channel = self._channels[expect.hop.session_id]
         with trio.fail_after(self.swarm.step_timeout):
             while True:
-                reply = await state.channel.receive()
-                if isinstance(reply, StepResult) and reply.session_id == state.session_id \
-                        and reply.step < expected.step:
-                    log.debug("dropped a stale result of step %d from %s", reply.step, state.hop.server.name)
-                    continue
-                break
-        out = _check_step_reply(reply, state, expected, self.swarm.model_fingerprint)
-        state.last_active = time.monotonic()
-        return out
-
-    def _push_targets(self, index: int) -> list[_HopState]:
-        """The hops after `index` that hop `index` may push to: consecutive ones with a dialable
-        address, on another daemon than the one before (a daemon does not push to itself)."""
-        if not self.push:
-            return []
-        targets: list[_HopState] = []
-        for before, state in zip(self.hops[index:], self.hops[index + 1:index + 1 + MAX_PUSH_HOPS]):
-            if not state.hop.server.addrs or state.hop.server.peer_id == before.hop.server.peer_id:
-                break
-            targets.append(state)
-        return targets
-
-    def _prompts_for(self, state: _HopState, position: int) -> TensorPayload | None:
-        """The hop's blocks' deep prompts, for a step at `position` that reaches into the prefix."""
-        if self.prompts is None or position >= self.prompts.shape[2]:
-            return None
-        return from_torch(self.prompts[state.hop.start - self.start:state.hop.end - self.start].contiguous())
-
-    def _rollback(self, state: _HopState, position: int) -> None:
-        """Trim the remembered chunks to `position` tokens (the daemon crops its cache likewise)."""
-        if position == state.position:
-            return  # the usual decode step: nothing to trim (and no walk over every chunk)
-        kept: list[torch.Tensor] = []
-        total = 0
-        for chunk in state.chunks:
-            if total >= position:
-                break
-            take = min(chunk.shape[1], position - total)
-            kept.append(chunk[:, :take])
-            total += take
-        state.chunks = kept
-        state.position = position
-
-    def _commit(self, state: _HopState, hidden: torch.Tensor, position: int) -> None:
-        """A hop consumed `hidden` at `position`: remember it for replay."""
-        self._rollback(state, position)
-        state.chunks.append(hidden)
-        state.position = position + hidden.shape[1]
-        state.step += 1
+                reply = await channel.receive()
+                if not expect.is_stale(reply):
+                    return reply
+                log.debug("dropped a stale result of step %d from %s", reply.step,  # type: ignore[attr-defined]
+                          expect.hop.hop.server.name)
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run `hidden` [B, T, H] through every hop, continuing after `position` tokens
@@ -358,13 +301,76 @@ class InferenceSession:
             raise ValueError(
                 f"session max_length {self.max_length} exceeded: {position} + {hidden.shape[1]} tokens"
             )
-        hidden = await self._run(0, hidden, position)
+        if self.prefill_chunk and self.checker is None and hidden.shape[1] > self.prefill_chunk:
+            outputs = await self._prefill(hidden, position, self.prefill_chunk)
+            if outputs is not None:
+                self.position = position + hidden.shape[1]
+                return torch.cat([to_torch(out) for out in outputs], dim=1)
+        output = await self._run(0, from_torch(hidden), position)
         if self.checker is not None:
-            hidden = await self._spot_check(hidden, position)
-        self.position = position + hidden.shape[1]
-        return hidden
+            output = await self._spot_check(output, position)
+        self.position = position + output.shape[1]
+        return to_torch(output)
 
-    async def _spot_check(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def _prefill(self, hidden: torch.Tensor, position: int, size: int) -> list[TensorPayload] | None:
+        """The last hop's outputs for `hidden` pipelined in chunks of `size` tokens (`Chain.prefill`),
+        or None where the chain cannot take it so, or it failed (then rolled back: the caller runs
+        the prompt as one step, with the usual recovery)."""
+        chunks = [from_torch(hidden[:, i:i + size].contiguous()) for i in range(0, hidden.shape[1], size)]
+        plan = self.chain.prefill(chunks, position, time.monotonic())
+        if plan is None:
+            return None
+        try:
+            return await self._pipelined(plan)
+        except NETWORK_ERRORS as exc:
+            log.info("pipelined prefill failed (%s: %s); running the prompt as one step", type(exc).__name__, exc)
+            self.chain.abandon(plan)
+            return None
+
+    async def _pipelined(self, plan: Prefill) -> list[TensorPayload]:
+        """Send the plan's steps to the first hop (at most MAX_REPLAY_STEPS_IN_FLIGHT ahead of its
+        results), drain every hop's stream as its results come, and accept them in chain order."""
+        hops = list(self.hops)
+        inboxes = [trio.open_memory_channel[object](math.inf) for _ in hops]
+        window = trio.Semaphore(MAX_REPLAY_STEPS_IN_FLIGHT)
+        first = self._channels[hops[0].session_id]
+
+        async def send_all() -> None:
+            try:
+                for sent in plan.steps:
+                    await window.acquire()
+                    with trio.fail_after(self.swarm.step_timeout):
+                        await first.send(sent)
+            except NETWORK_ERRORS as exc:
+                inboxes[0][0].send_nowait(exc)
+
+        async def collect(index: int, state: HopState) -> None:
+            oldest = Expect(state, replace(plan.steps[0], session_id=state.session_id, step=plan.bases[index]))
+            try:
+                for _ in plan.steps:
+                    inboxes[index][0].send_nowait(await self._receive(oldest))
+                    if index == 0:
+                        window.release()
+            except NETWORK_ERRORS as exc:
+                inboxes[index][0].send_nowait(exc)
+
+        inputs = [sent.hidden for sent in plan.steps]
+        async with _nursery() as nursery:
+            nursery.start_soon(send_all)
+            for index, state in enumerate(hops):
+                nursery.start_soon(collect, index, state)
+            for index, state in enumerate(hops):
+                outputs: list[TensorPayload] = []
+                for sent, hidden in zip(plan.steps, inputs):
+                    reply = await inboxes[index][1].receive()
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    expected = sent if index == 0 else self.chain.pushed_step(state, sent, hidden)
+                    outputs.append(self.chain.accept(state, expected, reply, time.monotonic()))
+                inputs = outputs
+        return inputs
+
+    async def _spot_check(self, output: TensorPayload, position: int) -> TensorPayload:
         """Check the hops' results of the step just run (client/spotcheck.py); a hop found wrong is
         replaced, the hops from it on are rolled back to `position`, and the step is run again from it."""
         assert self.checker is not None
@@ -374,149 +380,100 @@ class InferenceSession:
             if not self.checker.choose():
                 index += 1
                 continue
-            step_input = state.chunks[-1]
-            output = self.hops[index + 1].chunks[-1] if index + 1 < len(self.hops) else hidden
+            result = self.hops[index + 1].chunks[-1] if index + 1 < len(self.hops) else output
+            history = torch.cat([to_torch(chunk) for chunk in state.chunks], dim=1)
             try:
                 prompts = None if self.prompts is None else \
                     self.prompts[state.hop.start - self.start:state.hop.end - self.start]  # the whole prefix, as at position 0
-                await self.checker.check(state.hop, torch.cat(state.chunks, dim=1), output, prompts=prompts,
-                                         adapter=self.active_adapter)
+                await self.checker.check(state.hop, history, to_torch(result), prompts=prompts, adapter=self.active_adapter)
             except WrongOutput as exc:
-                for later in self.hops[index:]:
-                    self._rollback(later, position)
-                await self._recover(index, exc, position)
-                hidden = await self._run(index, step_input, position)
+                step_input = self.chain.wrong_output(index, position)
+                await self._recover(self.chain.recovery(index, exc, Fault.REPLY, position))
+                output = await self._run(index, step_input, position)
                 continue  # check the replacement's result too
             index += 1
-        return hidden
+        return output
 
-    async def _run(self, index: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Run `hidden` through the hops from `index` on, recovering failed ones; the last output."""
-        failures = 0
-        while index < len(self.hops):
-            first = self.hops[index]
-            prompts = self._prompts_for(first, position)
-            pushed = self._push_targets(index) if prompts is None else []
-            payload = from_torch(hidden)
-            expected = InferenceStep(
-                session_id=first.session_id, step=first.step, position=position, hidden=payload, hypo_ids=None,
-                push=tuple(PushTarget(peer_id=s.peer, addr=s.hop.server.addrs[0], session_id=s.session_id,
-                                      start_block=s.hop.start, end_block=s.hop.end, step=s.step)
-                           for s in pushed) or None,
-                prompts=prompts,
-            )
-            now = time.monotonic()
-            for state in (first, *pushed):
-                state.last_sent = now
-            done = 0  # hops of this round whose results are verified and committed
+    async def _run(self, index: int, hidden: TensorPayload, position: int) -> TensorPayload:
+        """Run `hidden` through the hops from `index` on, performing the chain's actions."""
+        run = self.chain.run(index, hidden, position)
+        while True:
+            action = run.next(time.monotonic())
+            if isinstance(action, Done):
+                return action.output
+            if isinstance(action, Recover):
+                await self._recover(action)
+                continue
             try:
-                with trio.fail_after(self.swarm.step_timeout):
-                    await first.channel.send(expected)
-                for state in (first, *pushed):
-                    if done:  # a pushed hop: its input is the previous hop's verified output
-                        expected = InferenceStep(session_id=state.session_id, step=state.step, position=position,
-                                                 hidden=payload, hypo_ids=None)
-                    payload = await self._receive_result(state, expected)
-                    self._commit(state, hidden, position)
-                    hidden = to_torch(payload)
-                    done += 1
+                if isinstance(action, Send):
+                    with trio.fail_after(self.swarm.step_timeout):
+                        await self._channels[action.hop.session_id].send(action.step)
+                    run.sent()
+                else:
+                    run.received(await self._receive(action), time.monotonic())
             except NETWORK_ERRORS as exc:
-                failed = index + done
-                failures += 1
-                state = self.hops[failed]
-                if failures > self.swarm.max_retries:
-                    raise SessionFailed((state.hop.start, state.hop.end),
-                                        f"blocks {state.hop.start}:{state.hop.end}: the step failed {failures} "
-                                        f"times in a row (last: {exc})") from exc
-                index = failed
-                if done and isinstance(exc, (RemoteError, ProtocolError)) and not isinstance(exc, StreamClosed):
-                    # Maybe the previous daemon pushed a wrong input: resend to this hop ourselves.
-                    log.info("pushed step to %s for blocks %d:%d failed (%s); sending it directly",
-                             state.hop.server.name, state.hop.start, state.hop.end, exc)
-                    continue
-                if done and isinstance(exc, trio.TooSlowError) and self.push:
-                    log.warning("no result from %s for blocks %d:%d on a pushed step; push is off for the rest "
-                                "of this session", state.hop.server.name, state.hop.start, state.hop.end)
-                    self.push = False
-                await self._recover(failed, exc, position)
-                continue  # retry the same hop index: now a replacement (possibly several hops)
-            index += done
-        return hidden
+                run.failed(exc, fault_of(exc))
 
-    async def _recover(self, index: int, exc: BaseException, position: int) -> None:
-        """Replace hop `index` after `exc`: resume on the same daemon after an idle close, else
-        ban it and find a chain for exactly its blocks; the replacement gets the hop's inputs replayed."""
-        failed = self.hops[index]
-        self._rollback(failed, position)  # replay only what the step builds on
-        if isinstance(exc, RemoteError) and exc.code in CALLER_FAULTS:
-            raise exc
-        idle_for = failed.last_sent - failed.last_active
+    async def _recover(self, action: Recover) -> None:
+        """Replace a failed hop as the chain decided: resume on the same daemon, else ban it and
+        find a chain for exactly its blocks; the replacement gets the hop's inputs replayed."""
+        failed, exc = action.failed, action.exc
         await self._close_hop(failed)
-        # A daemon reached through a relay may be fine while its relay is gone: try it through its
-        # other addresses (relays) before giving up on it, as after an idle close.
-        relayed = bool(failed.hop.server.addrs) and all(is_circuit(a) for a in failed.hop.server.addrs)
-        if not isinstance(exc, WrongOutput) and ((_looks_like_idle_close(exc) and idle_for >= IDLE_RESUME_AFTER)
-                                                 or relayed):
+        if action.resume:
             log.info("daemon %s closed blocks %d:%d (%s, %.1f s idle%s); re-opening and replaying %d tokens",
-                     failed.hop.server.name, failed.hop.start, failed.hop.end, exc, idle_for,
-                     ", relayed" if relayed else "", failed.position)
+                     failed.hop.server.name, failed.hop.start, failed.hop.end, exc, action.idle_for,
+                     ", relayed" if failed.relayed else "", failed.position)
             try:
                 resumed = [await self._open_hop(failed.hop)]
                 await self._replay(resumed, failed.chunks)
             except NETWORK_ERRORS as resume_exc:
                 exc = resume_exc  # gone for real: fall through to ban and reroute
             else:
-                self.hops[index:index + 1] = resumed
-                self.resumes += 1
+                self.chain.replaced(action.index, resumed, resumed=True)
                 return
         log.warning("daemon %s failed on blocks %d:%d (%s: %s); rerouting", failed.hop.server.name,
                     failed.hop.start, failed.hop.end, type(exc).__name__, exc)
         self.swarm.ban(failed.hop.server.peer_id)
-        self.recoveries += 1
-        self.hops[index:index + 1] = await self._replacement(failed)
+        self.chain.replaced(action.index, await self._replacement(failed), resumed=False)
 
-    async def _replacement(self, failed: _HopState) -> list[_HopState]:
+    async def _replacement(self, failed: HopState) -> list[HopState]:
         """A chain for the failed hop's blocks with its inputs replayed, within max_retries attempts."""
-        start, end = failed.hop.start, failed.hop.end
         began = time.monotonic()
         last_error: BaseException | None = None
         for attempt in range(self.swarm.max_retries):
             try:
-                replacement = await self._open_chain(start, end)
+                replacement = await self._open_chain(failed.hop.start, failed.hop.end)
                 await self._replay(replacement, failed.chunks)
             except NETWORK_ERRORS as retry_exc:
                 last_error = retry_exc
-                bad = getattr(retry_exc, "peer", None)
-                if isinstance(bad, str) and bad:
-                    self.swarm.ban(bad)
-                if isinstance(retry_exc, NoRoute):
+                retry = self.chain.replacement_failed(attempt, retry_exc)
+                if retry.ban is not None:
+                    self.swarm.ban(retry.ban)
+                if retry.refresh:
                     await self.swarm.refresh()  # maybe a daemon came (back) up meanwhile
-                if attempt + 1 < self.swarm.max_retries:
-                    await trio.sleep(min(0.2 * 2**attempt, 5.0))
+                if retry.delay is not None:
+                    await trio.sleep(retry.delay)
                 continue
-            log.info("recovered blocks %d:%d via %s in %.3f s (replayed %d tokens)", start, end,
+            log.info("recovered blocks %d:%d via %s in %.3f s (replayed %d tokens)", failed.hop.start, failed.hop.end,
                      describe_route([h.hop for h in replacement]), time.monotonic() - began, failed.position)
             return replacement
-        raise SessionFailed(
-            (start, end),
-            f"blocks {start}:{end} could not be served after {self.swarm.max_retries} attempts: {last_error}",
-        ) from last_error
+        raise self.chain.no_replacement(failed, last_error) from last_error
 
-    async def _replay(self, chain: list[_HopState], chunks: list[torch.Tensor]) -> None:
+    async def _replay(self, chain: list[HopState], chunks: list[TensorPayload]) -> None:
         """Re-run `chunks` (the failed hop's inputs, step by step) along `chain`, hop after hop,
-        each hop's steps pipelined (see _send_steps)."""
+        each hop's steps pipelined (see _send_steps). A failure names the daemon it happened on
+        (`ReplayFailed`: a replacement that hangs is banned like any hung daemon)."""
         for state in chain:
             try:
-                outs = await self._send_steps(state, chunks, 0)
-            except BaseException:
+                chunks = await self._send_steps(state, chunks)
+            except BaseException as exc:
                 for s in chain:
                     await self._close_hop(s)
+                if isinstance(exc, NETWORK_ERRORS):
+                    raise ReplayFailed(state.hop.server.peer_id, exc) from exc
                 raise
-            state.chunks.extend(chunks)
-            state.position = sum(chunk.shape[1] for chunk in chunks)
-            chunks = outs
 
     async def close(self) -> None:
         for state in self.hops:
             await self._close_hop(state)
-        self.hops = []
+        self.chain.hops = []

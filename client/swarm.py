@@ -28,7 +28,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from petals_protocol.errors import ErrorCode, PetalsError, ProtocolError
+from petals_protocol.errors import PetalsError
 from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
 from petals_protocol.evidence import EvidenceReport
@@ -290,11 +290,3 @@ class SwarmClient:
             await connect_any(self.host, server.addrs)
         return await open_stream(self.host, ID.from_base58(server.peer_id), protocol, nursery=self.nursery)
 
-
-def raise_for_reply(reply: object, expected: type, peer: str) -> Any:
-    """Turn an ErrorReply into RemoteError and anything unexpected into a ProtocolError."""
-    if isinstance(reply, ErrorReply):
-        raise reply.to_exception(peer)
-    if not isinstance(reply, expected):
-        raise ProtocolError(ErrorCode.MALFORMED, f"expected {expected.__name__}, got {type(reply).__name__}")
-    return reply

@@ -122,6 +122,27 @@ def test_per_token_time_push_on_vs_off(model_path, swarm):
           f"({', '.join(f'{x:.2f}' for x in off)})")
 
 
+def test_pipelined_prefill_matches_one_pass(model_path, local, swarm):
+    """`prefill_chunk`: a long prompt sent in chunks, pipelined along the pushing daemons, gives
+    the tokens of one pass and logits within float rounding of it (the difference is printed)."""
+    prompt = torch.randint(0, local.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    with connect(model_path, swarm, prefill_chunk=8) as chunked, connect(model_path, swarm) as whole:
+        logits = []
+        for model in (chunked, whole):
+            with model.inference_session(max_length=64) as session, torch.inference_mode():
+                logits.append(model.client_part.logits(session.step(model.client_part.embed(prompt))))
+                inner = session._session
+                assert inner.push and session.recoveries == 0
+                chunks = [[c.shape[1] for c in h.chunks] for h in inner.hops]
+                assert chunks == ([[8] * 5] * 3 if model is chunked else [[40]] * 3)
+        diff = float((logits[0] - logits[1]).abs().max())
+        print(f"\npipelined prefill, 40 tokens in chunks of 8 over 3 daemons: logits max abs diff vs one pass "
+              f"{diff:.3g} (max abs logit {float(logits[1].abs().max()):.3g})")
+        assert diff < 1e-4
+        expected = local.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert chunked.generate(prompt, max_new_tokens=12, do_sample=False).tolist() == expected.tolist()
+
+
 # Last: it kills a daemon of the module's swarm.
 def test_daemon_killed_mid_generation_with_push(model_path, local, swarm):
     swarm.start("2:4", initial_peers=swarm.addrs[:1], wait=True)  # the stand-by for the middle hop
