@@ -129,14 +129,16 @@ def count_daemon_jobs(counters: WorkCounters) -> None:
     """Count the daemon's compute jobs (each: into the worker thread and back)."""
     from petalsd.compute import ComputeWorker
 
-    ComputeWorker._submit = counters.counting_async(ComputeWorker._submit, "crossings.compute_job", 2)  # type: ignore[method-assign]
+    submit = counters.counting_async(ComputeWorker._submit, "crossings.compute_job", 2)
+    ComputeWorker._submit = submit  # type: ignore[method-assign]
 
 
 def count_client_calls(counters: WorkCounters) -> None:
     """Count the client's calls from the user's thread into its loop (each: there and back)."""
     from petals_client.runtime import ClientRuntime
 
-    ClientRuntime.call = counters.counting(ClientRuntime.call, lambda r, *a: [("crossings.lane", 2)])  # type: ignore[method-assign]
+    call = counters.counting(ClientRuntime.call, lambda r, *a: [("crossings.lane", 2)])
+    ClientRuntime.call = call  # type: ignore[method-assign]
 
 
 def dump_on_signal(counters: WorkCounters, folder: Path) -> None:
