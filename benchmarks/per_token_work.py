@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.measure import process_cpu_seconds
 from benchmarks.work_counters import COUNTS_DIR_ENV, WorkCounters, count_client_calls, install
 
 #: Rows of the report: (label, counter keys summed). Per decode token, per party.
@@ -41,6 +42,7 @@ ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("Ed25519 verify", ("ed25519.verify",)),
     ("bytes encoded (step, result)", ("encode_bytes.step", "encode_bytes.result")),
     ("other messages encoded + decoded", ()),  # filled in by `_other_messages`
+    ("process CPU, ms", ()),  # filled in from `cpu_us` (user + system, from /proc; noisy, unlike the counts)
 ]
 
 
@@ -60,6 +62,7 @@ def per_token(before: dict[str, int], short: dict[str, int], long: dict[str, int
 def rows_of(counts: dict[str, float]) -> dict[str, float]:
     out = {label: sum(counts.get(k, 0.0) for k in keys) for label, keys in ROWS if keys}
     out["other messages encoded + decoded"] = _other_messages(counts)
+    out["process CPU, ms"] = counts.get("cpu_us", 0.0) / 1000
     return out
 
 
@@ -81,7 +84,10 @@ class Parties:
             if time.monotonic() > deadline:
                 raise RuntimeError("a daemon did not write its counters within 30 s")
             time.sleep(0.05)
-        return [self.client.snapshot(), *(json.loads(p.read_text()) for p in paths)]
+        counts = [self.client.snapshot(), *(json.loads(p.read_text()) for p in paths)]
+        for pid, party in zip([os.getpid(), *(d.pid for d in self.daemons)], counts):
+            party["cpu_us"] = round(process_cpu_seconds(pid) * 1e6)
+        return counts
 
 
 def format_table(names: list[str], results: list[dict[str, float]]) -> str:
@@ -90,6 +96,43 @@ def format_table(names: list[str], results: list[dict[str, float]]) -> str:
     for label, _ in ROWS:
         lines.append(f"{label:<{width}}  " + "  ".join(f"{r.get(label, 0.0):>8.2f}" for r in results))
     return "\n".join(lines)
+
+
+def encode_costs(sizes: tuple[int, ...] = (1024, 4096, 2 << 20)) -> list[str]:
+    """What a pushing daemon spends encoding one output into its two messages (the push and the
+    answer), packed once and joined in (`encode_message`) against the whole map packed per message
+    (how it was encoded before). A fresh output each time, as the compute thread makes one per
+    step; median and 10th percentile, the two ways alternating."""
+    import msgpack
+
+    from petals_protocol.messages import InferenceStep, PushTarget, StepResult, _fields_to_wire, encode_message
+    from petals_protocol.tensors import TensorPayload
+
+    def whole_map(msg: Any) -> bytes:
+        return msgpack.packb({"t": msg.TAG, **_fields_to_wire(msg)}, use_bin_type=True)
+
+    sid = os.urandom(16)
+    target = PushTarget(peer_id=b"\x00\x24" + b"p" * 36, addr="/ip4/127.0.0.1/tcp/1/p2p/" + "1" * 52,
+                        session_id=sid, start_block=2, end_block=4, step=3)
+    lines = []
+    for nbytes in sizes:
+        times: dict[str, list[float]] = {"whole map per message": [], "packed once, joined": []}
+        for i in range(4000 if nbytes < 1 << 16 else 400):
+            way = list(times)[i % 2]
+            data = os.urandom(16) + bytes(nbytes - 16)
+            began = time.perf_counter()
+            output = TensorPayload("float32", (1, 1, nbytes // 4), data)
+            if way == "packed once, joined":
+                output.packed()  # on the compute thread (petalsd/batching.py)
+            encode = whole_map if way == "whole map per message" else encode_message
+            encode(InferenceStep(session_id=sid, step=1, position=3, hidden=output, hypo_ids=None, push=(target,)))
+            encode(StepResult(session_id=sid, step=1, position=3, hidden=output, signature=b"s" * 64))
+            times[way].append(time.perf_counter() - began)
+        for way, values in times.items():
+            values.sort()
+            lines.append(f"{nbytes:>8} B output, {way:<22}: median {values[len(values) // 2] * 1e6:7.1f} us, "
+                         f"p10 {values[len(values) // 10] * 1e6:7.1f} us")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,11 +145,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the per-token counts here")
     parser.add_argument("--echo-daemons", action="store_true")
+    parser.add_argument("--encode-costs", action="store_true",
+                        help="only time encoding one output into a push and an answer, in this process")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.encode_costs:
+        print("\n".join(encode_costs()))
+        return 0
     counters = install()  # before anything imports the counted functions
     import torch
 
