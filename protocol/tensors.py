@@ -76,14 +76,15 @@ class TensorPayload:
         into every message that carries this payload instead of packing the data again."""
         if self._packed is None:
             wire = self.to_wire()
-            if len(self.data) < _JOIN_DATA_FROM:
+            data = wire["data"]
+            if len(data) < _JOIN_DATA_FROM or next(reversed(wire)) != "data":
                 packed = msgpack.packb(wire, use_bin_type=True)
             else:  # msgpack's packer grows its buffer by copying as a large `data` goes in: pack the
                 # map with empty data (its last entry; an empty bin is 0xc4 0x00), then join the
                 # real bin header and the data after it (one copy, the same bytes)
                 wire["data"] = b""
                 head = msgpack.packb(wire, use_bin_type=True)
-                packed = b"".join((head[:-2], _bin_header(len(self.data)), self.data))
+                packed = b"".join((head[:-2], _bin_header(len(data)), data))
             object.__setattr__(self, "_packed", packed)
         assert self._packed is not None
         return self._packed
