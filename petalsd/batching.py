@@ -39,7 +39,7 @@ import trio
 from petals_protocol.models.batched import DecodeItem, batched_decode, can_batch, check_item
 from petals_protocol.models.gathering import GatherPolicy
 from petals_protocol.models.span import SpanCache, SpanUsageError
-from petals_protocol.tensors import TensorPayload, from_torch
+from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
 from .adapters import run_with
 from .compute import ComputeWorker
@@ -67,17 +67,31 @@ def prepare_cache(cache: SpanCache, position: int | None, hypo_ids: torch.Tensor
         cache.reorder(hypo_ids)
 
 
-def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor, start: int | None, end: int | None,
-                    position: int | None, hypo_ids: torch.Tensor | None,
+def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor | TensorPayload, start: int | None,
+                    end: int | None, position: int | None, hypo_ids: torch.Tensor | None,
                     prompts: torch.Tensor | None = None) -> TensorPayload:
     """The per-session path (worker thread): one session's step through ``Span.forward``, its
-    output serialized there too (off the event loop, like a batch's outputs)."""
+    input made a tensor and its output serialized there too (off the event loop, like a batch's)."""
+    hidden = as_tensor(hidden, span.device)
     prepare_cache(cache, position, hypo_ids)
     try:
-        return from_torch(span.forward(hidden, cache, start, end, prompts))
+        return serialized(from_torch(span.forward(hidden, cache, start, end, prompts)))
     except Exception:
         restore_cache(cache)
         raise
+
+
+def as_tensor(hidden: torch.Tensor | TensorPayload, device: Any) -> torch.Tensor:
+    """(Worker thread.) A step's input as a tensor: one received from a peer is still its wire
+    payload until here, so that a large prefill is not copied on the event loop."""
+    return to_torch(hidden, device=device) if isinstance(hidden, TensorPayload) else hidden
+
+
+def serialized(output: TensorPayload) -> TensorPayload:
+    """(Worker thread.) Pack a step's output into msgpack here, once: the handler sends these same
+    bytes to the next daemon (push) and to the client, and the event loop only splices them."""
+    output.packed()
+    return output
 
 
 def restore_cache(cache: SpanCache) -> None:
@@ -92,7 +106,7 @@ class _Step:
     """One queued decode step and, once a batch ran it, its outcome."""
 
     cache: SpanCache
-    hidden: torch.Tensor
+    hidden: torch.Tensor | TensorPayload  # a tensor once the worker has taken the step
     start: int | None
     end: int | None
     position: int | None
@@ -131,15 +145,18 @@ class Batcher:
         self.batches = 0  # batched forwards run (two steps or more)
         self.batched_steps = 0  # steps that ran inside one of them
 
-    async def step(self, cache: SpanCache, hidden: torch.Tensor, start: int | None = None, end: int | None = None,
+    async def step(self, cache: SpanCache, hidden: torch.Tensor | TensorPayload, start: int | None = None,
+                   end: int | None = None,
                    *, position: int | None = None, hypo_ids: torch.Tensor | None = None,
                    prompts: torch.Tensor | None = None, adapter: str | None = None,
                    peer: str = "") -> TensorPayload:
         """Run one step of the session owning ``cache`` (of ``peer``: its turn among peers' jobs),
         with deep ``prompts`` and LoRA ``adapter`` if given (such steps run alone: a batched forward
-        uses the base weights and no prompts); return its output hidden states."""
+        uses the base weights and no prompts); return its output hidden states. ``hidden`` may be
+        the wire payload a peer sent: it becomes a tensor on the worker thread."""
         tokens = int(hidden.shape[0] * hidden.shape[1])
-        batchable = self.config.enabled and prompts is None and adapter is None and can_batch(self.span, hidden, cache)
+        batchable = self.config.enabled and prompts is None and adapter is None and can_batch(
+            self.span, hidden if isinstance(hidden, torch.Tensor) else torch.empty(hidden.shape, device="meta"), cache)
         if batchable:
             now = time.monotonic()
             self._policy.arrived(cache, now)
@@ -247,6 +264,7 @@ class Batcher:
         groups: dict[tuple[int, int], list[_Step]] = {}
         for step in batch:
             try:
+                step.hidden = as_tensor(step.hidden, self.span.device)
                 prepare_cache(step.cache, step.position, step.hypo_ids)
                 self._check_range(step)
                 step.hidden = check_item(self.span, DecodeItem(step.hidden, step.cache))
@@ -264,7 +282,7 @@ class Batcher:
                     self.batches += 1  # only the worker thread (capacity 1) writes these
                     self.batched_steps += len(group)
                     for step, out in zip(group, outputs, strict=True):
-                        step.result = from_torch(out)
+                        step.result = serialized(from_torch(out))
             except Exception as exc:  # routed to every caller of the group, raised there
                 for step in group:
                     restore_cache(step.cache)

@@ -7,9 +7,9 @@ nothing sensible can follow); the daemon keeps serving everyone else.
 
 Inference: a client's stream is one session. The first message opens it (KV-cache room reserved
 up front, or "busy"), then each `InferenceStep` runs the span on the session's cache in the compute
-thread (which also signs the result) and comes back signed. The session ends with `CloseSession`,
-a closed stream, or after `session_idle_timeout` seconds without a step; every exit path returns
-its cache budget.
+thread (where its input becomes a tensor and its output wire bytes, once) and comes back signed.
+The session ends with `CloseSession`, a closed stream, or after `session_idle_timeout` seconds
+without a step; every exit path returns its cache budget.
 
 Daemon-to-daemon forwarding (petalsd/forwarding.py): a step with `push` is also sent on to the
 next daemon. An inference stream whose first message is an `InferenceStep` (not `OpenSession`) is
@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import trio
@@ -73,6 +74,9 @@ from .limits import PeerGate
 from .sessions import Session, SessionRefused, SessionTable
 
 log = logging.getLogger("petalsd.handlers")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -175,8 +179,9 @@ def _check_adapter(ctx: ServingContext, name: str | None) -> None:
                                              f"{', '.join(ctx.adapters) or 'none'})")
 
 
-def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str) -> torch.Tensor:
-    """Validate a hidden-state payload against what this span computes, then make it a tensor."""
+def _check_hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str) -> None:
+    """Validate a hidden-state payload against what this span computes (dtype and shape only: it
+    becomes a tensor on the compute thread, petalsd/batching.py for steps, `_on_worker` for requests)."""
     if payload.dtype != ctx.dtype_name:
         raise _refuse(ErrorCode.BAD_TENSOR, f"{what} has dtype {payload.dtype}; this daemon computes in {ctx.dtype_name}")
     shape = payload.shape
@@ -188,7 +193,6 @@ def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None,
     if shape[0] > ctx.limits.max_batch_size or shape[1] > ctx.limits.max_length:
         raise _refuse(ErrorCode.TOO_LONG, f"{what} {list(shape)} exceeds max batch {ctx.limits.max_batch_size} "
                                           f"or max length {ctx.limits.max_length}")
-    return to_torch(payload, device=ctx.span.device)
 
 
 def _finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -267,12 +271,13 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     if msg.session_id != session.session_id:
         raise _refuse(ErrorCode.UNKNOWN_SESSION, f"this stream holds session {session.session_id.hex()}, "
                                                  f"not {msg.session_id.hex()}")
-    hidden = _hidden(ctx, msg.hidden, session.batch_size, "hidden states")
+    _check_hidden(ctx, msg.hidden, session.batch_size, "hidden states")
+    tokens = msg.hidden.shape[1]
     length = session.cache.length
     if msg.position > length:
         raise _refuse(ErrorCode.BAD_REQUEST, f"position {msg.position} is past the {length} cached tokens")
-    if msg.position + hidden.shape[1] > session.max_length:
-        raise _refuse(ErrorCode.TOO_LONG, f"{msg.position} + {hidden.shape[1]} tokens exceeds the session's "
+    if msg.position + tokens > session.max_length:
+        raise _refuse(ErrorCode.TOO_LONG, f"{msg.position} + {tokens} tokens exceeds the session's "
                                           f"max_length {session.max_length}")
     if msg.push is not None and msg.push[0].start_block != session.end:
         raise _refuse(ErrorCode.BAD_REQUEST, f"push starts at block {msg.push[0].start_block}, but this "
@@ -285,12 +290,12 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
             raise _refuse(ErrorCode.BAD_TENSOR, f"hypo_ids must be int64 [{session.batch_size}] in range")
     prompts = _prompts(ctx, msg.prompts, session.batch_size, session.end - session.start)
     with ctx.gate.job(session.peer):
-        payload = await ctx.batcher.step(session.cache, hidden, session.start, session.end, position=msg.position,
+        payload = await ctx.batcher.step(session.cache, msg.hidden, session.start, session.end, position=msg.position,
                                          hypo_ids=hypo_ids, prompts=prompts, adapter=session.adapter,
                                          peer=session.peer)
     session.steps += 1
     session.last_step = msg.step
-    session.tokens += hidden.shape[1]
+    session.tokens += tokens
     session.last_active = time.monotonic()
     ctx.stats["steps"] += 1
     return payload
@@ -491,37 +496,57 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
 
 # --------------------------------------------------------------------------- forward / backward
 
+def _on_worker(make: Callable[[], Generator[None, None, T]], serialize: Callable[[T], R]) -> Generator[None, None, R]:
+    """A span's block-by-block computation whose tensor work all happens on the compute thread:
+    `make` (converting the request's payloads, then calling the span) runs in the first piece,
+    `serialize` (the result to wire payloads) in the last."""
+    return serialize((yield from make()))
+
+
+def _tensor(ctx: ServingContext, payload: TensorPayload, what: str) -> torch.Tensor:
+    """(Compute thread.) A checked training input as a tensor of finite numbers."""
+    return _finite(to_torch(payload, device=ctx.span.device), what)
+
+
 async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> ForwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
-    prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
+    _check_hidden(ctx, msg.hidden, None, "hidden states")
+    batch, tokens = msg.hidden.shape[0], msg.hidden.shape[1]
+    prompts = _prompts(ctx, msg.prompts, batch, msg.end_block - msg.start_block)
     _check_adapter(ctx, msg.active_adapter)
-    activations = ctx.span.activation_bytes(hidden.shape[0], hidden.shape[1], msg.start_block, msg.end_block)
+    activations = ctx.span.activation_bytes(batch, tokens, msg.start_block, msg.end_block)
     with ctx.gate.job(peer), ctx.sessions.budget.lend(activations, "this forward"):
-        blocks = ctx.span.forward_blocks(hidden, msg.start_block, msg.end_block, prompts)
-        out = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
-                                         tokens=hidden.shape[0] * hidden.shape[1], peer=peer)
-    payload = from_torch(out)
+        blocks = _on_worker(lambda: ctx.span.forward_blocks(_tensor(ctx, msg.hidden, "hidden states"),
+                                                            msg.start_block, msg.end_block, prompts), from_torch)
+        payload = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
+                                             tokens=batch * tokens, peer=peer)
     binding = forward_binding(msg, payload)
     ctx.stats["forward"] += 1
     return ForwardResponse(request_id=msg.request_id, hidden=payload, signature=sign_response(ctx.signer, binding))
 
 
+def _grads(grads: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[TensorPayload, TensorPayload | None]:
+    grad, grad_prompts = grads
+    return from_torch(grad), (from_torch(grad_prompts) if grad_prompts is not None else None)
+
+
 async def _backward(ctx: ServingContext, msg: BackwardRequest, peer: str) -> BackwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
-    grad_output = _finite(_hidden(ctx, msg.grad_output, hidden.shape[0], "grad_output"), "grad_output")
-    if grad_output.shape != hidden.shape:
-        raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(grad_output.shape)} != hidden {list(hidden.shape)}")
-    prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
+    _check_hidden(ctx, msg.hidden, None, "hidden states")
+    _check_hidden(ctx, msg.grad_output, msg.hidden.shape[0], "grad_output")
+    if msg.grad_output.shape != msg.hidden.shape:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"grad_output {list(msg.grad_output.shape)} != hidden "
+                                            f"{list(msg.hidden.shape)}")
+    batch, tokens = msg.hidden.shape[0], msg.hidden.shape[1]
+    prompts = _prompts(ctx, msg.prompts, batch, msg.end_block - msg.start_block)
     _check_adapter(ctx, msg.active_adapter)
-    activations = ctx.span.activation_bytes(hidden.shape[0], hidden.shape[1], msg.start_block, msg.end_block, grad=True)
+    activations = ctx.span.activation_bytes(batch, tokens, msg.start_block, msg.end_block, grad=True)
     with ctx.gate.job(peer), ctx.sessions.budget.lend(activations, "this backward"):
-        blocks = ctx.span.backward_blocks(hidden, grad_output, msg.start_block, msg.end_block, prompts)
-        grad, grad_prompts = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
-                                                        grad=True, peer=peer)
-    payload = from_torch(grad)
-    prompts_payload = from_torch(grad_prompts) if grad_prompts is not None else None
+        blocks = _on_worker(lambda: ctx.span.backward_blocks(_tensor(ctx, msg.hidden, "hidden states"),
+                                                             _tensor(ctx, msg.grad_output, "grad_output"),
+                                                             msg.start_block, msg.end_block, prompts), _grads)
+        payload, prompts_payload = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
+                                                              grad=True, peer=peer)
     binding = backward_binding(msg, payload, prompts_payload)
     ctx.stats["backward"] += 1
     return BackwardResponse(request_id=msg.request_id, grad_input=payload, signature=sign_response(ctx.signer, binding),

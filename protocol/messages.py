@@ -567,10 +567,43 @@ _BY_TAG: dict[str, type[_Message]] = {cls.TAG: cls for cls in MESSAGE_TYPES}
 
 
 def encode_message(msg: Message) -> bytes:
-    """The msgpack payload of one frame (pass it to `encode_frame`)."""
+    """The msgpack payload of one frame (pass it to `encode_frame`).
+
+    A tensor's data is not packed again here: its payload's `packed()` bytes are joined after the
+    message's other entries (a map's entries may come in any order; the tag stays first), so an
+    output sent in two messages (a pushing daemon's, to the next daemon and to the client) is
+    serialized once, and a large one is never copied through msgpack's growing buffer."""
     if type(msg) not in MESSAGE_TYPES:
         raise TypeError(f"not a message: {_type_name(msg)}")
-    return msgpack.packb({_TAG_KEY: msg.TAG, **_fields_to_wire(msg)}, use_bin_type=True)
+    plain: dict[str, Any] = {_TAG_KEY: msg.TAG}
+    tensors: list[tuple[str, TensorPayload]] = []
+    for name, spec in _specs_of(type(msg)):
+        value = getattr(msg, name)
+        if type(value) is TensorPayload:
+            tensors.append((name, value))
+        elif value is not None or not _elidable(spec):
+            plain[name] = spec.to_wire(value)
+    head = msgpack.packb(plain, use_bin_type=True)
+    if not tensors:
+        return head
+    parts = [_map_header(len(plain) + len(tensors)), head[len(_map_header(len(plain))):]]
+    for name, value in tensors:
+        parts += (_packed_key(name), value.packed())
+    return b"".join(parts)
+
+
+@cache
+def _packed_key(name: str) -> bytes:
+    return msgpack.packb(name, use_bin_type=True)
+
+
+def _map_header(n: int) -> bytes:
+    """The msgpack map header for `n` entries (fixmap, map16 or map32)."""
+    if n <= 15:
+        return bytes((0x80 | n,))
+    if n <= 0xFFFF:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
 
 
 #: Bytes of a payload's start that always hold its tag (map header, "t", a tag of <= 31 chars).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -34,6 +34,8 @@ MAX_RANK = 8
 MAX_ELEMENTS = 2**28
 _WIRE_KEYS = frozenset({"dtype", "shape", "data"})
 _DIGEST_DOMAIN = b"petals/tensor/1\n"
+# Data from this size on is joined after its msgpack header rather than packed (`packed()`).
+_JOIN_DATA_FROM = 1 << 16
 
 
 def _type_name(value: object) -> str:
@@ -47,6 +49,12 @@ class TensorPayload:
     dtype: str
     shape: tuple[int, ...]
     data: bytes
+    # Worked out once per payload, on first use (`data` is immutable): a pushing daemon's output
+    # goes into two messages (to the next daemon and to the client) and its digest into the
+    # signature; a client checks one hop's output digest, then the same payload as the next hop's
+    # input. Not part of equality, hashing or the constructor.
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _validate(self.dtype, self.shape, self.data, max_elements=None)
@@ -62,6 +70,24 @@ class TensorPayload:
     def to_wire(self) -> dict[str, Any]:
         """The msgpack-able form: {"dtype": str, "shape": [int, ...], "data": bytes}."""
         return {"dtype": self.dtype, "shape": list(self.shape), "data": self.data}
+
+    def packed(self) -> bytes:
+        """The msgpack encoding of `to_wire()`, made once: `encode_message` splices these bytes
+        into every message that carries this payload instead of packing the data again."""
+        if self._packed is None:
+            wire = self.to_wire()
+            data = wire["data"]
+            if len(data) < _JOIN_DATA_FROM or next(reversed(wire)) != "data":
+                packed = msgpack.packb(wire, use_bin_type=True)
+            else:  # msgpack's packer grows its buffer by copying as a large `data` goes in: pack the
+                # map with empty data (its last entry; an empty bin is 0xc4 0x00), then join the
+                # real bin header and the data after it (one copy, the same bytes)
+                wire["data"] = b""
+                head = msgpack.packb(wire, use_bin_type=True)
+                packed = b"".join((head[:-2], _bin_header(len(data)), data))
+            object.__setattr__(self, "_packed", packed)
+        assert self._packed is not None
+        return self._packed
 
     @classmethod
     def from_wire(cls, obj: object, *, max_elements: int = MAX_ELEMENTS) -> TensorPayload:
@@ -81,12 +107,25 @@ class TensorPayload:
         return cls(obj["dtype"], shape, obj["data"])
 
     def digest(self) -> bytes:
-        """SHA-256 over a canonical encoding of dtype, shape and data (what signatures bind to)."""
-        h = hashlib.sha256(_DIGEST_DOMAIN)
-        # msgpack of [dtype, shape] is self-delimiting, so header and data cannot be confused.
-        h.update(msgpack.packb([self.dtype, list(self.shape)], use_bin_type=True))
-        h.update(self.data)
-        return h.digest()
+        """SHA-256 over a canonical encoding of dtype, shape and data (what signatures bind to);
+        computed once per payload (the bytes are those of this payload, whoever built it)."""
+        if self._digest is None:
+            h = hashlib.sha256(_DIGEST_DOMAIN)
+            # msgpack of [dtype, shape] is self-delimiting, so header and data cannot be confused.
+            h.update(msgpack.packb([self.dtype, list(self.shape)], use_bin_type=True))
+            h.update(self.data)
+            object.__setattr__(self, "_digest", h.digest())
+        assert self._digest is not None
+        return self._digest
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin header for `n` bytes (bin8, bin16 or bin32)."""
+    if n < 0x100:
+        return bytes((0xC4, n))
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def _validate(dtype: object, shape: object, data: object, *, max_elements: int | None) -> None:
