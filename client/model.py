@@ -41,6 +41,7 @@ from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ed25519_private_key, ephemeral_identity, load_or_create_identity, peer_id_bytes
+from petals_protocol.tensors import as_activation_dtype, codec_dtype
 
 from . import generation
 from .head_batching import HeadBatcher
@@ -124,6 +125,10 @@ class DistributedModelBase(nn.Module):
         self.num_blocks = client_part.num_blocks
         self.layers = RemoteSequential(runtime, swarm, 0, self.num_blocks)
         self.push = True  # daemon-to-daemon forwarding in inference sessions (from_pretrained's `push`)
+        # Activation codec of inference steps (from_pretrained's `compression`; tensors.CODECS), and
+        # whether one-token decode steps use it too (else only multi-token steps: prefill).
+        self.compression = "none"
+        self.compress_decode = False
         # Concurrent sessions' heads in one matmul (from_pretrained's `batching`; client/head_batching.py)
         self.head_batcher: HeadBatcher | None = None
         # Re-computes a fraction of steps elsewhere (from_pretrained's `spot_check_rate`; client/spotcheck.py)
@@ -159,6 +164,8 @@ class DistributedModelBase(nn.Module):
         pre_seq_len: int = 0,
         micro_batch_size: int | None = None,
         active_adapter: str | None = None,
+        compression: str = "none",
+        compress_decode: bool = False,
         **head_options: Any,
     ) -> Any:
         """Load the client's part of the model at `path` and find daemons for the rest.
@@ -183,6 +190,9 @@ class DistributedModelBase(nn.Module):
         step, so no token computed from a wrong answer is returned. Off by default: a check is a
         stateless forward over the whole history, so its cost grows with the session's length
         (BENCHMARKS.md has the measured cost).
+        `compression` ("none", "fp16", "bf16"): hidden states of a multi-token step (prefill) travel
+        client -> daemons -> client in that dtype, half the bytes of float32 on slow links, rounded
+        (so not exact: "none", the default, is); `compress_decode` applies it to one-token steps too.
         `allowed_peers` / `blocked_peers` (peer ids): use only / never these daemons, for routing,
         recovery and spot checks alike; a route they leave uncovered fails naming the blocks.
 
@@ -198,6 +208,7 @@ class DistributedModelBase(nn.Module):
             # and prompts, or it would find honest daemons wrong.
             raise ValueError("spot checks (spot_check_rate) do not combine with active_adapter or "
                              "tuning_mode='deep_ptune' yet")
+        codec_dtype(compression)  # refuses an unknown codec before any connection is made
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
@@ -266,6 +277,7 @@ class DistributedModelBase(nn.Module):
             runtime.close()
             raise
         model.push = push
+        model.compression, model.compress_decode = compression, compress_decode
         if spot_check_rate > 0.0:
             model.spot_checker = SpotChecker(
                 swarm, spot_check_rate, signer=ed25519_private_key(key_pair),
@@ -361,11 +373,18 @@ class DistributedModelForCausalLM(DistributedModelBase):
             if self.ptune is not None and session.position == 0:  # the prefix goes first, once
                 prefix = self.ptune.prefix(ids.shape[0]).to(self.get_input_embeddings().weight.dtype)
                 hidden = torch.cat([self.client_part.after_embeddings(prefix), hidden], dim=1)
-            out = session.step(hidden)
+            out = session.step(self._on_the_wire(hidden)).to(hidden.dtype)
             session.fed += ids.shape[1]
             last = out[:, -1:, :]
             logits = self.head_batcher(session, last) if self.head_batcher else self.client_part.logits(last)
             return logits[:, -1, :]
+
+    def _on_the_wire(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` in the dtype an inference step sends it in (the `compression` codec's, if any)."""
+        dtype = codec_dtype(self.compression)
+        if dtype is None or (hidden.shape[1] == 1 and not self.compress_decode):
+            return hidden
+        return as_activation_dtype(hidden, dtype)
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  session: RemoteInferenceSession | None = None, streamer: generation.Streamer | None = None,

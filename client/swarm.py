@@ -13,6 +13,7 @@ daemon outside them is never probed, routed through, recovered to or asked for a
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -162,6 +163,7 @@ class SwarmClient:
             if not peer or self.permitted(peer):
                 targets.setdefault(addr, ())
         found: dict[str, ServerInfo] = {}
+        legs = {record.peer_id: record.next_rtts for record in self.records}  # routing's daemon-to-daemon legs
 
         async def probe(target: str, addrs: tuple[str, ...]) -> None:
             if not target.startswith("/"):
@@ -170,7 +172,7 @@ class SwarmClient:
                 target = addrs[0]
             info = await self._info(target, addrs)
             if info is not None:
-                found[info.peer_id] = info
+                found[info.peer_id] = dataclasses.replace(info, next_rtts=legs.get(info.peer_id, ()))
 
         async with trio.open_nursery() as nursery:
             if self.discovery is not None:  # beside the probes: a DHT walk can wait on a hung peer

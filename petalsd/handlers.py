@@ -59,7 +59,7 @@ from petals_protocol.signing import (
     peer_id_from_text,
     sign_response,
 )
-from petals_protocol.tensors import TensorPayload, from_torch, to_torch
+from petals_protocol.tensors import ACTIVATION_DTYPES, TensorPayload, encode_as, from_torch, recode, to_torch
 
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
@@ -172,10 +172,15 @@ def _check_adapter(ctx: ServingContext, name: str | None) -> None:
                                              f"{', '.join(ctx.adapters) or 'none'})")
 
 
-def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str) -> torch.Tensor:
-    """Validate a hidden-state payload against what this span computes, then make it a tensor."""
-    if payload.dtype != ctx.dtype_name:
-        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} has dtype {payload.dtype}; this daemon computes in {ctx.dtype_name}")
+def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str,
+            codecs: bool = False) -> torch.Tensor:
+    """Validate a hidden-state payload against what this span computes, then make it a tensor of
+    the span's dtype. With `codecs`, any activation dtype is accepted (compressed activations,
+    tensors.CODECS); the caller answers in the dtype the request came in."""
+    accepted = ACTIVATION_DTYPES if codecs else (ctx.dtype_name,)
+    if payload.dtype not in accepted:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} has dtype {payload.dtype}; this daemon computes in {ctx.dtype_name}"
+                                            + (f" and accepts {', '.join(accepted)}" if codecs else ""))
     shape = payload.shape
     if len(shape) != 3 or shape[2] != ctx.span.hidden_size or shape[1] < 1 or shape[0] < 1:
         raise _refuse(ErrorCode.BAD_TENSOR,
@@ -185,7 +190,7 @@ def _hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None,
     if shape[0] > ctx.limits.max_batch_size or shape[1] > ctx.limits.max_length:
         raise _refuse(ErrorCode.TOO_LONG, f"{what} {list(shape)} exceeds max batch {ctx.limits.max_batch_size} "
                                           f"or max length {ctx.limits.max_length}")
-    return to_torch(payload, device=ctx.span.device)
+    return to_torch(payload, device=ctx.span.device).to(ctx.span.dtype)
 
 
 def _finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -264,7 +269,7 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     if msg.session_id != session.session_id:
         raise _refuse(ErrorCode.UNKNOWN_SESSION, f"this stream holds session {session.session_id.hex()}, "
                                                  f"not {msg.session_id.hex()}")
-    hidden = _hidden(ctx, msg.hidden, session.batch_size, "hidden states")
+    hidden = _hidden(ctx, msg.hidden, session.batch_size, "hidden states", codecs=True)
     length = session.cache.length
     if msg.position > length:
         raise _refuse(ErrorCode.BAD_REQUEST, f"position {msg.position} is past the {length} cached tokens")
@@ -290,6 +295,8 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     session.tokens += hidden.shape[1]
     session.last_active = time.monotonic()
     ctx.stats["steps"] += 1
+    if payload.dtype != msg.hidden.dtype:  # a compressed step is answered (and pushed on) compressed
+        payload = await ctx.worker.run(recode, payload, msg.hidden.dtype)
     return payload
 
 
@@ -490,7 +497,7 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
 
 async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> ForwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states"), "hidden states")
+    hidden = _finite(_hidden(ctx, msg.hidden, None, "hidden states", codecs=True), "hidden states")
     prompts = _prompts(ctx, msg.prompts, hidden.shape[0], msg.end_block - msg.start_block)
     _check_adapter(ctx, msg.active_adapter)
     activations = ctx.span.activation_bytes(hidden.shape[0], hidden.shape[1], msg.start_block, msg.end_block)
@@ -498,7 +505,7 @@ async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> Forwa
         blocks = ctx.span.forward_blocks(hidden, msg.start_block, msg.end_block, prompts)
         out = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
                                          tokens=hidden.shape[0] * hidden.shape[1], peer=peer)
-    payload = from_torch(out)
+    payload = encode_as(out, msg.hidden.dtype)  # the request's dtype: compressed in, compressed out
     binding = forward_binding(msg, payload)
     ctx.stats["forward"] += 1
     return ForwardResponse(request_id=msg.request_id, hidden=payload, signature=sign_response(ctx.signer, binding))
