@@ -1,0 +1,50 @@
+"""NextDaemons: which daemons a daemon measures (those serving the block after its span, a bounded
+few) and what it publishes (the median of its recent samples). The measuring itself runs against
+real daemons in tests/integration/test_next_legs.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from petals_protocol.records import MAX_NEXT_RTTS
+
+from petalsd.neighbours import SAMPLES, NextDaemons
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "protocol"))
+from protocol_samples import sample_record  # noqa: E402
+
+
+def record(seed: int, start: int, end: int, **changes):
+    base = sample_record(time.time(), seed=bytes([seed]) * 32)
+    return dataclasses.replace(base, start_block=start, end_block=end, **changes)
+
+
+def test_measures_only_online_daemons_serving_the_next_block_and_at_most_a_few():
+    me = record(1, 0, 4)
+    nexts = [record(10 + i, 4, 8, throughput=float(i + 1)) for i in range(MAX_NEXT_RTTS + 3)]
+    others = [me, record(2, 0, 4), record(3, 5, 8), record(4, 2, 4), record(5, 4, 8, state="offline"),
+              record(6, 4, 8, expires_at=time.time() - 1)]
+    daemons = NextDaemons(host=None, peer_id=me.peer_id, period=1.0)  # type: ignore[arg-type]
+    daemons.learn(others + nexts, span_end=4)
+    # The fastest announced first when there are more than it measures.
+    assert set(daemons._targets) == {r.peer_id for r in nexts[-MAX_NEXT_RTTS:]}
+    assert all(addr.endswith("/p2p/" + nexts[-1].peer_id_text) for addr in daemons._targets[nexts[-1].peer_id])
+    daemons.learn(others, span_end=8)  # our span ends the model: nobody after it
+    assert daemons._targets == {}
+
+
+def test_publishes_the_median_of_recent_samples_and_forgets_departed_daemons():
+    me, a, b = record(1, 0, 4), record(2, 4, 8), record(3, 4, 6)
+    daemons = NextDaemons(host=None, peer_id=me.peer_id, period=1.0)  # type: ignore[arg-type]
+    assert daemons.measured() is None
+    daemons.learn([a, b], span_end=4)
+    assert daemons._new_targets.is_set()  # new daemons are measured at once, not a period later
+    for rtt in (0.9, 0.02, 0.03, 0.04):  # one slow sample early on, then it settles
+        daemons._samples.setdefault(a.peer_id, deque(maxlen=SAMPLES)).append(rtt)
+    assert daemons.measured() == ((a.peer_id, 0.03),)
+    daemons.learn([b], span_end=4)  # `a` left (or moved): no stale leg is published
+    assert daemons.measured() is None
