@@ -24,11 +24,12 @@ import trio
 from libp2p.peer.id import ID
 
 from petals_protocol.errors import ErrorCode, ProtocolError
-from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
-from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
+from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL
+from petals_protocol.messages import ErrorReply, InfoResponse
 from petals_protocol.evidence import EvidenceReport
 from petals_protocol.signing import peer_id_to_text
 from petals_protocol.p2p.host import connect_any
+from petals_protocol.p2p.info import timed_info
 from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import NETWORK_ERRORS, FramedStream, open_stream
 
@@ -125,15 +126,7 @@ class SwarmClient:
             with trio.fail_after(self.connect_timeout):
                 if not addrs:
                     addrs = (addr_or_peer,)
-                peer_id = await connect_any(self.host, addrs)  # direct first, then through relays
-                begin = time.perf_counter()
-                stream = await open_stream(self.host, peer_id, INFO_PROTOCOL, nursery=self.nursery)
-                try:
-                    await stream.send(InfoRequest())
-                    reply = await stream.receive()
-                    rtt = time.perf_counter() - begin
-                finally:
-                    await stream.aclose()
+                peer_id, reply, rtt = await timed_info(self.host, addrs, nursery=self.nursery)
         except NETWORK_ERRORS as exc:
             log.info("no answer from %s: %s", addr_or_peer, exc)
             return None

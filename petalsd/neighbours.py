@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.abc import IHost
 
-from petals_protocol.ids import INFO_PROTOCOL
-from petals_protocol.messages import InfoRequest, InfoResponse
-from petals_protocol.p2p.host import connect_any
-from petals_protocol.p2p.streams import NETWORK_ERRORS, open_stream
+from petals_protocol.messages import InfoResponse
+from petals_protocol.p2p.info import timed_info
+from petals_protocol.p2p.streams import NETWORK_ERRORS
 from petals_protocol.records import MAX_NEXT_RTTS, MAX_RTT, ServerRecord
 
 __all__ = ["NextDaemons", "SAMPLES"]
@@ -89,16 +88,8 @@ class NextDaemons:
         client measures it; None (logged) if the daemon does not answer in time."""
         try:
             with trio.fail_after(self.timeout):
-                peer = await connect_any(self.host, addrs)
                 async with trio.open_nursery() as nursery:
-                    begin = time.perf_counter()
-                    stream = await open_stream(self.host, peer, INFO_PROTOCOL, nursery=nursery)
-                    try:
-                        await stream.send(InfoRequest())
-                        reply = await stream.receive()
-                        rtt = time.perf_counter() - begin
-                    finally:
-                        await stream.aclose()
+                    _, reply, rtt = await timed_info(self.host, addrs, nursery=nursery)
         except NETWORK_ERRORS as exc:
             log.info("round trip to %s not measured: %s: %s", addrs[0] if addrs else "?", type(exc).__name__, exc)
             return None
