@@ -24,7 +24,9 @@ It prints, each against its bound where there is one:
 - time to first token of a fresh session (opening the chain included);
 - the relayed daemon's extra per-token cost (the chain through `home` vs through the public d-last);
 - tokens/s of `--sessions` concurrent users vs one;
-- the stall after SIGKILL of the middle daemon (the gap at the kill less the median gap).
+- the stall after SIGKILL of the middle daemon (the gap at the kill less the median gap);
+- the round trips each daemon measured to the next span's daemons (routing's daemon-to-daemon
+  legs, from their records) against the configured two delays.
 """
 from __future__ import annotations
 
@@ -187,6 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["relayed"] = {"relayed_median_s": median(swarm["relayed_s"]), "direct_median_s": median(swarm["direct_s"]),
                              "extra_s": median(swarm["relayed_s"]) - median(swarm["direct_s"]),
                              "tokens_match": swarm.get("relayed_tokens_match")}
+    if swarm.get("next_legs_s"):
+        result["next_legs_s"] = swarm["next_legs_s"]
     rec = swarm.get("recovery")
     if rec:
         result["recovery"] = {**rec, "stall_s": rec["gap_after_kill_s"] - rec["median_gap_s"]}
@@ -231,6 +235,11 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"SIGKILL of the middle daemon: gap {rc['gap_after_kill_s'] * ms:.0f} ms vs median "
                      f"{rc['median_gap_s'] * ms:.0f} ms: stall {rc['stall_s'] * ms:.0f} ms, recoveries {rc['recoveries']}, "
                      f"tokens match: {rc['tokens_match']}")
+    if r.get("next_legs_s"):
+        legs = "; ".join(f"{a} -> {b} {rtt * ms:.1f}" for a, nexts in sorted(r["next_legs_s"].items())
+                         for b, rtt in sorted(nexts.items()))
+        lines.append(f"round trips the daemons measured to the next span's daemons (ms; {2 * cfg['delay'] * ms:.0f} "
+                     f"configured): {legs}")
     return "\n".join(lines)
 
 

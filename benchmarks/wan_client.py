@@ -5,7 +5,8 @@ Measures, through the swarm only (local figures are the parent's), and prints on
 session already open; also with fp16-compressed activations), time to first token of a fresh session (opening the chain included),
 the relayed daemon's extra cost (generations through the natted daemon and through a public one
 for the same blocks, interleaved), 8 users' aggregate tokens/s against one session's, and the
-recovery after SIGKILL of the daemon serving the middle of the chain.
+recovery after SIGKILL of the daemon serving the middle of the chain, and the round trips the
+daemons measured to the next span's daemons (their records' next_rtts, which routing uses).
 """
 from __future__ import annotations
 
@@ -149,6 +150,10 @@ def main() -> None:
                     "gap_after_kill_s": gaps[at - 1], "median_gap_s": median(gaps),
                     "tokens_match": out[0].tolist() == result["tokens"],
                 }
+        model.runtime.call(model.swarm.refresh)  # the daemons' records as they are now
+        names = {s.peer_id: s.name for s in model.swarm.servers()}
+        result["next_legs_s"] = {s.name: {names.get(peer, peer[-8:]): rtt for peer, rtt in s.next_rtts}
+                                 for s in model.swarm.servers()}
     result["decode_median_s"] = median(result["decode_s"])
     result["prefill_median_s"] = median(result["prefill_s"])
     result["prefill_fp16_median_s"] = median(result["prefill_fp16_s"])
