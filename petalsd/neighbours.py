@@ -6,14 +6,18 @@ measures it, the way a client measures its own round trips (an info request on a
 connection), and publishes the results in its signed record (`ServerRecord.next_rtts`), where
 client routing reads them (client/routing.py).
 
-Cheap and bounded: at most MAX_NEXT_RTTS daemons, one info request each per period, one at a time;
-a round trip is the median of the last few samples, so one slow sample on a busy machine does not
-move the route. Daemons that stop serving the next block are forgotten at the next `learn`.
+Cheap and bounded: at most MAX_NEXT_RTTS daemons, one info request each per period, one at a time.
+A request shares the connection (one TCP stream) with the pushes to that daemon, so a sample taken
+while a prefill's activations are in flight waits behind them, and one taken while either daemon's
+loop is busy waits for it: the published round trip is the smallest of the last few samples (as
+TCP and BBR estimate a path's delay), the link's own latency rather than the load of the moment
+(the WAN lab measured samples of 4-8 times the configured round trip on a 10 Mbit/s link during
+prefills; figures in BENCHMARKS.md). Daemons that stop serving the next block are forgotten at the
+next `learn`.
 """
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,8 +35,8 @@ __all__ = ["NextDaemons", "SAMPLES"]
 
 log = logging.getLogger("petalsd.neighbours")
 
-#: Round-trip samples kept per daemon (their median is published).
-SAMPLES = 3
+#: Round-trip samples kept per daemon (their minimum is published).
+SAMPLES = 5
 
 
 @dataclass
@@ -64,8 +68,8 @@ class NextDaemons:
             self._new_targets.set()  # measure them now, not a period later
 
     def measured(self) -> tuple[tuple[bytes, float], ...] | None:
-        """(peer id, median round trip in seconds) of the daemons measured so far; None if none."""
-        pairs = tuple((peer, min(statistics.median(s), MAX_RTT)) for peer, s in self._samples.items() if s)
+        """(peer id, smallest recent round trip in seconds) of the daemons measured so far; None if none."""
+        pairs = tuple((peer, min(*s, MAX_RTT)) for peer, s in self._samples.items() if s)
         return pairs or None
 
     async def run(self) -> None:

@@ -37,14 +37,18 @@ def test_measures_only_online_daemons_serving_the_next_block_and_at_most_a_few()
     assert daemons._targets == {}
 
 
-def test_publishes_the_median_of_recent_samples_and_forgets_departed_daemons():
+def test_publishes_the_smallest_recent_sample_and_forgets_departed_daemons():
     me, a, b = record(1, 0, 4), record(2, 4, 8), record(3, 4, 6)
     daemons = NextDaemons(host=None, peer_id=me.peer_id, period=1.0)  # type: ignore[arg-type]
     assert daemons.measured() is None
     daemons.learn([a, b], span_end=4)
     assert daemons._new_targets.is_set()  # new daemons are measured at once, not a period later
-    for rtt in (0.9, 0.02, 0.03, 0.04):  # one slow sample early on, then it settles
-        daemons._samples.setdefault(a.peer_id, deque(maxlen=SAMPLES)).append(rtt)
+    samples = daemons._samples.setdefault(a.peer_id, deque(maxlen=SAMPLES))
+    samples.append(0.01)  # an old sample, about to leave the window
+    for rtt in (0.4, 0.03, 0.3, 0.2)[:SAMPLES - 1]:  # most behind a prefill's bytes, one on a quiet link
+        samples.append(rtt)
+    assert daemons.measured() == ((a.peer_id, 0.01),)
+    samples.append(0.5)  # the oldest leaves: the quiet sample is what is published
     assert daemons.measured() == ((a.peer_id, 0.03),)
     daemons.learn([b], span_end=4)  # `a` left (or moved): no stale leg is published
     assert daemons.measured() is None
