@@ -3,43 +3,21 @@ and then exact; with fp16 or bf16 the prefill's hidden states travel in half the
 the client's frames) with logits close to local (the measured difference is printed, run with -s)."""
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from petals_client import AutoDistributedModelForCausalLM
 from petals_client.localswarm import LocalSwarm
 from petals_protocol.p2p.streams import FramedStream
 
-from swarmlib import make_endless_model, start_swarm
+from test_push import local, model_path, swarm  # noqa: F401  (the same 3-daemon swarm, 0:2 2:4 4:6)
 
 pytestmark = pytest.mark.integration
 
 PROMPT = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(5))
 NEW_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return make_endless_model(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def local(model_path):
-    return AutoModelForCausalLM.from_pretrained(model_path)
-
-
-@pytest.fixture(scope="module")
-def swarm(model_path) -> Iterator[LocalSwarm]:
-    swarm = start_swarm(model_path, ["0:2", "2:4", "4:6"])
-    yield swarm
-    for daemon in swarm.daemons:
-        daemon.signal(signal.SIGKILL)
-    swarm.stop()
 
 
 class FrameBytes:
