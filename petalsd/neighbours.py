@@ -11,9 +11,8 @@ A request shares the connection (one TCP stream) with the pushes to that daemon,
 while a prefill's activations are in flight waits behind them, and one taken while either daemon's
 loop is busy waits for it: the published round trip is the smallest of the last few samples (as
 TCP and BBR estimate a path's delay), the link's own latency rather than the load of the moment
-(the WAN lab measured samples of 4-8 times the configured round trip on a 10 Mbit/s link during
-prefills; figures in BENCHMARKS.md). Daemons that stop serving the next block are forgotten at the
-next `learn`.
+(the WAN lab's medians were several times the configured round trip on a slow link; figures in
+BENCHMARKS.md). Daemons that stop serving the next block are forgotten at the next `learn`.
 """
 from __future__ import annotations
 
