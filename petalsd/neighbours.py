@@ -2,8 +2,8 @@
 
 With push forwarding a step's output goes from this daemon straight to the next one: the leg the
 client cannot measure, and on a WAN the one that decides which chain is fastest. So a daemon
-measures it, the way a client measures its own round trips (an info request on an open
-connection), and publishes the results in its signed record (`ServerRecord.next_rtts`), where
+measures it, the way a client measures its own round trips (an info request on an open stream:
+protocol/p2p/info.py), and publishes the results in its signed record (`ServerRecord.next_rtts`), where
 client routing reads them (client/routing.py).
 
 Cheap and bounded: at most MAX_NEXT_RTTS daemons, one info request each per period, one at a time.
@@ -87,8 +87,8 @@ class NextDaemons:
                 await self._new_targets.wait()
 
     async def measure(self, addrs: tuple[str, ...]) -> float | None:
-        """One info request's round trip on an open connection (dialled first if need be), as a
-        client measures it; None (logged) if the daemon does not answer in time."""
+        """One info request's round trip (the daemon dialled first if need be), as a client
+        measures it; None (logged) if the daemon does not answer in time."""
         try:
             with trio.fail_after(self.timeout):
                 async with trio.open_nursery() as nursery:
