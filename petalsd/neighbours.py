@@ -73,27 +73,37 @@ class NextDaemons:
 
     async def run(self) -> None:
         """Measure every target once per period, forever."""
-        while True:
-            self._new_targets = trio.Event()
-            first = False
-            for peer, addrs in list(self._targets.items()):
-                rtt = await self.measure(addrs)
-                if rtt is not None and peer in self._targets:
-                    first |= peer not in self._samples
-                    self._samples.setdefault(peer, deque(maxlen=SAMPLES)).append(max(rtt, 1e-6))
-            if first:
-                self.on_first()
-            with trio.move_on_after(self.period):
-                await self._new_targets.wait()
+        async with trio.open_nursery() as nursery:  # where the info streams' pumps run
+            while True:
+                await self._measure_all(nursery)
+                with trio.move_on_after(self.period):
+                    await self._new_targets.wait()
 
-    async def measure(self, addrs: tuple[str, ...]) -> float | None:
+    async def _measure_all(self, nursery: trio.Nursery) -> None:
+        self._new_targets = trio.Event()
+        first = False
+        for peer, addrs in list(self._targets.items()):
+            rtt = await self.measure(addrs, nursery)
+            if rtt is not None and peer in self._targets:
+                first |= peer not in self._samples
+                self._samples.setdefault(peer, deque(maxlen=SAMPLES)).append(max(rtt, 1e-6))
+        if first:
+            self.on_first()
+
+    async def measure(self, addrs: tuple[str, ...], nursery: trio.Nursery) -> float | None:
         """One info request's round trip (the daemon dialled first if need be), as a client
-        measures it; None (logged) if the daemon does not answer in time."""
+        measures it; None (logged) if the daemon does not answer in time. Never raises for the
+        peer's sake: a dead, hung or misbehaving next daemon must not take this one down. The
+        stream's pump runs in `nursery` (the caller's, long-lived): inside a nursery of its own, a
+        failure would come out wrapped in an exception group, past the handlers below."""
+        where = addrs[0] if addrs else "?"
         try:
             with trio.fail_after(self.timeout):
-                async with trio.open_nursery() as nursery:
-                    _, reply, rtt = await timed_info(self.host, addrs, nursery=nursery)
+                _, reply, rtt = await timed_info(self.host, addrs, nursery=nursery)
         except NETWORK_ERRORS as exc:
-            log.info("round trip to %s not measured: %s: %s", addrs[0] if addrs else "?", type(exc).__name__, exc)
+            log.info("round trip to %s not measured: %s: %s", where, type(exc).__name__, exc)
+            return None
+        except Exception as exc:  # libp2p raises more than its documented types; log and go on
+            log.warning("round trip to %s not measured: %s: %s", where, type(exc).__name__, exc)
             return None
         return rtt if isinstance(reply, InfoResponse) else None

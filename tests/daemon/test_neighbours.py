@@ -15,7 +15,7 @@ from petals_protocol.records import MAX_NEXT_RTTS
 from petalsd.neighbours import SAMPLES, NextDaemons
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "protocol"))
-from protocol_samples import sample_record  # noqa: E402
+from protocol_samples import sample_messages, sample_record  # noqa: E402
 
 
 def record(seed: int, start: int, end: int, **changes):
@@ -52,3 +52,51 @@ def test_publishes_the_smallest_recent_sample_and_forgets_departed_daemons():
     assert daemons.measured() == ((a.peer_id, 0.03),)
     daemons.learn([b], span_end=4)  # `a` left (or moved): no stale leg is published
     assert daemons.measured() is None
+
+
+def test_a_next_daemon_that_fails_the_measurement_does_not_take_this_one_down():
+    """Measuring with real hosts: an answer, a peer that closes the info stream unanswered, and
+    an address nobody listens on. The failures are None samples, never exceptions (an exception
+    here would end the daemon's nursery)."""
+    import trio
+    from libp2p.custom_types import TProtocol
+
+    from petals_protocol.ids import INFO_PROTOCOL
+    from petals_protocol.messages import InfoRequest
+    from petals_protocol.p2p.host import listen_multiaddrs, make_host, running_host
+    from petals_protocol.p2p.identity import ephemeral_identity
+    from petals_protocol.p2p.streams import open_framed
+
+    from petals_protocol.messages import InfoResponse
+
+    info = next(m for m in sample_messages() if isinstance(m, InfoResponse))
+    results: dict[str, object] = {}
+
+    async def answering(stream) -> None:
+        async with open_framed(stream) as channel:
+            async for msg in channel:
+                assert isinstance(msg, InfoRequest)
+                await channel.send(info)
+
+    async def hanging_up(stream) -> None:
+        await stream.reset()
+
+    async def main() -> None:
+        good, rude, me = (make_host(ephemeral_identity()) for _ in range(3))
+        good.set_stream_handler(TProtocol(INFO_PROTOCOL), answering)
+        rude.set_stream_handler(TProtocol(INFO_PROTOCOL), hanging_up)
+        listen = ["/ip4/127.0.0.1/tcp/0"]
+        with trio.fail_after(60):
+            async with running_host(good, listen), running_host(rude, listen), running_host(me, listen), \
+                    trio.open_nursery() as nursery:
+                daemons = NextDaemons(host=me, peer_id=b"me", period=1.0, timeout=5.0)
+                results["good"] = await daemons.measure((listen_multiaddrs(good)[0],), nursery)
+                results["rude"] = await daemons.measure((listen_multiaddrs(rude)[0],), nursery)
+                stranger = make_host(ephemeral_identity()).get_id()  # never started
+                closed = f"/ip4/127.0.0.1/tcp/1/p2p/{stranger}"  # nobody listens on port 1
+                results["nobody"] = await daemons.measure((closed,), nursery)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert isinstance(results["good"], float) and 0 < results["good"] < 5.0, results
+    assert results["rude"] is None and results["nobody"] is None, results
