@@ -59,7 +59,7 @@ from petals_protocol.signing import (
     peer_id_from_text,
     sign_response,
 )
-from petals_protocol.tensors import ACTIVATION_DTYPES, TensorPayload, encode_as, from_torch, recode, to_torch
+from petals_protocol.tensors import ACTIVATION_DTYPES, TensorPayload, as_activation_dtype, from_torch, recode, to_torch
 
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
@@ -505,7 +505,7 @@ async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> Forwa
         blocks = ctx.span.forward_blocks(hidden, msg.start_block, msg.end_block, prompts)
         out = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
                                          tokens=hidden.shape[0] * hidden.shape[1], peer=peer)
-    payload = encode_as(out, msg.hidden.dtype)  # the request's dtype: compressed in, compressed out
+    payload = from_torch(as_activation_dtype(out, msg.hidden.dtype))  # the request's dtype: compressed in, out
     binding = forward_binding(msg, payload)
     ctx.stats["forward"] += 1
     return ForwardResponse(request_id=msg.request_id, hidden=payload, signature=sign_response(ctx.signer, binding))
