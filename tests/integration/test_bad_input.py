@@ -575,7 +575,8 @@ def test_forward_requests_past_the_limits(llama_path, llama_swarm, limited, fing
         cases = [
             ("batch over max_batch_size", forward(hidden_payload(3, 2, HIDDEN)), ErrorCode.TOO_LONG),
             ("tokens over max_length", forward(hidden_payload(1, 257, HIDDEN)), ErrorCode.TOO_LONG),
-            ("wrong dtype", forward(hidden_payload(1, 2, HIDDEN, dtype=torch.bfloat16)), ErrorCode.BAD_TENSOR),
+            # (bfloat16 / float16 hidden states are compressed activations, accepted and answered in kind)
+            ("wrong dtype", forward(TensorPayload("int64", (1, 2, HIDDEN), bytes(16 * HIDDEN))), ErrorCode.BAD_TENSOR),
             ("wrong hidden size", forward(hidden_payload(1, 2, 2 * HIDDEN)), ErrorCode.BAD_TENSOR),
             ("wrong model", forward(hidden, model="0" * 64), ErrorCode.WRONG_MODEL),
             ("span not served", forward(hidden, start=5, end=7), ErrorCode.BAD_REQUEST),
