@@ -19,11 +19,14 @@ It prints, each against its bound where there is one:
 - per-token time vs compute (local per-token time) + the one-way delays along the chain
   (client -> d0 -> ... -> last -> client: daemons + 1 legs, push forwarding) + the activations'
   bytes over each leg / rate;
-- prefill of `--prefill-tokens` vs local prefill + the same delays + that prompt's bytes per leg;
+- prefill of `--prefill-tokens` vs local prefill + the same delays + that prompt's bytes per leg,
+  and the same with fp16-compressed activations (`compression="fp16"`: half the bytes per leg);
 - time to first token of a fresh session (opening the chain included);
 - the relayed daemon's extra per-token cost (the chain through `home` vs through the public d-last);
 - tokens/s of `--sessions` concurrent users vs one;
-- the stall after SIGKILL of the middle daemon (the gap at the kill less the median gap).
+- the stall after SIGKILL of the middle daemon (the gap at the kill less the median gap);
+- the round trips each daemon measured to the next span's daemons (routing's daemon-to-daemon
+  legs, from their records) against the configured two delays.
 """
 from __future__ import annotations
 
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "--long-prompt", json.dumps(long_prompt[0].tolist()), "--new-tokens", str(args.new_tokens),
                    "--repeats", str(args.repeats), "--sessions", str(args.sessions),
                    "--pids", json.dumps({d.peer_id: d.pid for d in daemons.values()}),
-                   "--kill-after", str(args.new_tokens // 2), "--replay-window", str(args.replay_window)]
+                   "--kill-after", str(args.new_tokens // 2 if args.kill else 0),
+                   "--replay-window", str(args.replay_window)]
             if args.nat:
                 cmd += ["--relayed", daemons["home"].peer_id, daemons[f"d{args.daemons - 1}"].peer_id]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
@@ -153,6 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     activation = shape.hidden_size * 4  # fp32 activations: bytes per token on each leg
     decode_bound = bound(median(decode_l), legs, args.delay, activation, args.rate)
     prefill_bound = bound(median(prefill_l), legs, args.delay, activation * args.prefill_tokens, args.rate)
+    # fp16 activations: half the bytes per leg (the compute is the same float32 compute)
+    fp16_bound = bound(median(prefill_l), legs, args.delay, activation * args.prefill_tokens // 2, args.rate)
     result: dict[str, Any] = {
         "benchmark": "wan", "schema": 1, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [Path(sys.executable).name, "-m", "benchmarks.wan", *sys.argv[1:]],
@@ -167,17 +173,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "ratio_to_bound": swarm["decode_median_s"] / decode_bound["total_s"],
                    "tokens_match": swarm["tokens"] == local_tokens},
         "prefill": {"tokens": args.prefill_tokens, "swarm_median_s": swarm["prefill_median_s"],
-                    "bound": prefill_bound, "ratio_to_bound": swarm["prefill_median_s"] / prefill_bound["total_s"]},
+                    "bound": prefill_bound, "ratio_to_bound": swarm["prefill_median_s"] / prefill_bound["total_s"],
+                    "window_waits": swarm.get("prefill_window_waits")},
+        "prefill_fp16": {"swarm_median_s": swarm["prefill_fp16_median_s"], "bound": fp16_bound,
+                         "ratio_to_bound": swarm["prefill_fp16_median_s"] / fp16_bound["total_s"],
+                         "window_waits": swarm.get("prefill_fp16_window_waits")},
         "ttft_median_s": swarm["ttft_median_s"],
-        "concurrency": {"sessions": args.sessions, "single_median": median(swarm["single_tokens_per_s"]),
-                        "aggregate_median": median(swarm["aggregate_tokens_per_s"])},
         "swarm": swarm,
         "client_log_tail": done.stderr[-4000:],
     }
+    if args.sessions:
+        result["concurrency"] = {"sessions": args.sessions, "single_median": median(swarm["single_tokens_per_s"]),
+                                 "aggregate_median": median(swarm["aggregate_tokens_per_s"])}
     if args.nat:
         result["relayed"] = {"relayed_median_s": median(swarm["relayed_s"]), "direct_median_s": median(swarm["direct_s"]),
                              "extra_s": median(swarm["relayed_s"]) - median(swarm["direct_s"]),
                              "tokens_match": swarm.get("relayed_tokens_match")}
+    if swarm.get("next_legs_s"):
+        result["next_legs_s"] = swarm["next_legs_s"]
     rec = swarm.get("recovery")
     if rec:
         result["recovery"] = {**rec, "stall_s": rec["gap_after_kill_s"] - rec["median_gap_s"]}
@@ -186,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_report(r: dict[str, Any]) -> str:
     ms = 1e3
-    d, p, m, c = r["decode"], r["prefill"], r["machine"], r["concurrency"]
+    d, p, m = r["decode"], r["prefill"], r["machine"]
 
     def parts(b: dict[str, float]) -> str:
         return (f"bound {b['total_s'] * ms:.1f} ms = compute {b['compute_s'] * ms:.1f} + delays {b['delays_s'] * ms:.1f}"
@@ -203,11 +216,16 @@ def format_report(r: dict[str, Any]) -> str:
         f"decode:  swarm {d['swarm_median_s'] * ms:.1f} ms/token, {parts(d['bound'])}: "
         f"{d['ratio_to_bound']:.3f}x the bound; tokens match local: {d['tokens_match']}",
         f"prefill: {p['tokens']} tokens swarm {p['swarm_median_s'] * ms:.0f} ms, {parts(p['bound'])}: "
-        f"{p['ratio_to_bound']:.3f}x the bound",
+        f"{p['ratio_to_bound']:.3f}x the bound; the client's writes waited for the yamux window "
+        f"{p['window_waits']} times",
+        f"prefill, fp16 activations (--compression fp16): {r['prefill_fp16']['swarm_median_s'] * ms:.0f} ms, "
+        f"{parts(r['prefill_fp16']['bound'])}: {r['prefill_fp16']['ratio_to_bound']:.3f}x the bound",
         f"time to first token (fresh session, chain opened): {r['ttft_median_s'] * ms:.0f} ms",
-        f"concurrency: 1 session {c['single_median']:.2f} tok/s, {c['sessions']} sessions {c['aggregate_median']:.2f} "
-        f"tok/s aggregate ({c['aggregate_median'] / c['single_median']:.2f}x)",
     ]
+    if "concurrency" in r:
+        c = r["concurrency"]
+        lines.append(f"concurrency: 1 session {c['single_median']:.2f} tok/s, {c['sessions']} sessions "
+                     f"{c['aggregate_median']:.2f} tok/s aggregate ({c['aggregate_median'] / c['single_median']:.2f}x)")
     if "relayed" in r:
         rl = r["relayed"]
         lines.append(f"relayed daemon: {rl['relayed_median_s'] * ms:.1f} ms/token vs direct {rl['direct_median_s'] * ms:.1f}"
@@ -217,6 +235,11 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"SIGKILL of the middle daemon: gap {rc['gap_after_kill_s'] * ms:.0f} ms vs median "
                      f"{rc['median_gap_s'] * ms:.0f} ms: stall {rc['stall_s'] * ms:.0f} ms, recoveries {rc['recoveries']}, "
                      f"tokens match: {rc['tokens_match']}")
+    if r.get("next_legs_s"):
+        legs = "; ".join(f"{a} -> {b} {rtt * ms:.1f}" for a, nexts in sorted(r["next_legs_s"].items())
+                         for b, rtt in sorted(nexts.items()))
+        lines.append(f"round trips the daemons measured to the next span's daemons (ms; {2 * cfg['delay'] * ms:.0f} "
+                     f"configured): {legs}")
     return "\n".join(lines)
 
 
@@ -228,7 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--sessions", type=int, default=8, help="concurrent users")
+    p.add_argument("--sessions", type=int, default=8, help="concurrent users (0: skip that phase)")
+    p.add_argument("--kill", action=argparse.BooleanOptionalAction, default=True,
+                   help="SIGKILL the middle daemon mid-generation and measure the recovery")
     p.add_argument("--daemon-threads", type=int, default=1, help="torch threads per daemon (--num-threads)")
     p.add_argument("--delay", type=float, default=0.025, help="one-way delay between any two hosts, seconds")
     p.add_argument("--jitter", type=float, default=0.001, help="uniform +- around the delay, seconds")

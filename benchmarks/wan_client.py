@@ -2,10 +2,11 @@
 
 Measures, through the swarm only (local figures are the parent's), and prints one line
 `RESULT {json}`: decode seconds per token, prefill (time to the first token of a long prompt,
-session already open), time to first token of a fresh session (opening the chain included),
+session already open; also with fp16-compressed activations), time to first token of a fresh session (opening the chain included),
 the relayed daemon's extra cost (generations through the natted daemon and through a public one
 for the same blocks, interleaved), 8 users' aggregate tokens/s against one session's, and the
-recovery after SIGKILL of the daemon serving the middle of the chain.
+recovery after SIGKILL of the daemon serving the middle of the chain, and the round trips the
+daemons measured to the next span's daemons (their records' next_rtts, which routing uses).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from petals_client import AutoDistributedModelForCausalLM
 from petals_client import session as session_module
+from petals_protocol.p2p.compat import send_window_waits
 
 from .measure import TokenClock, median
 from .swarm_vs_local import _concurrent_tokens_per_s, greedy_options
@@ -30,9 +32,14 @@ def _route(session: Any) -> list[dict[str, Any]]:
     return [{"peer_id": h.server.peer_id, "name": h.server.name, "blocks": [h.start, h.end]} for h in session.route]
 
 
-def _generate(model: Any, ids: torch.Tensor, new_tokens: int, clock: TokenClock) -> tuple[list[int], list]:
+def _generate(model: Any, ids: torch.Tensor, new_tokens: int, clock: TokenClock,
+              window_waits: list[int] | None = None) -> tuple[list[int], list]:
+    """Greedy tokens and the route; `window_waits` gets how often the client's writes to the first
+    daemon waited for its yamux receive window (a prefill bound by the window, not the link)."""
     with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
         out = model.generate(ids, session=session, streamer=clock, **greedy_options(new_tokens))
+        if window_waits is not None:
+            window_waits.append(send_window_waits(session._session.hops[0].channel.stream))
         return out[0].tolist(), _route(session)
 
 
@@ -57,7 +64,7 @@ def main() -> None:
     p.add_argument("--long-prompt", required=True, help="prefill prompt, token ids as JSON")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--sessions", type=int, default=8, help="concurrent users (0: skip that phase)")
     p.add_argument("--relayed", nargs=2, metavar=("NATTED", "PUBLIC"), help="peer ids serving the same blocks")
     p.add_argument("--pids", default="{}", help="peer id -> pid, JSON (for the SIGKILL)")
     p.add_argument("--kill-after", type=int, default=0, help="SIGKILL the middle daemon after this many tokens")
@@ -86,9 +93,12 @@ def main() -> None:
             result["decode_s"].append(clock.per_token_s)
             result["routes"].append(route)
             result["tokens"] = tokens
-            clock = TokenClock()
-            _generate(model, long_prompt, 2, clock)
-            result["prefill_s"].append(clock.first_token_s)
+            for codec, key in (("none", "prefill"), ("fp16", "prefill_fp16")):  # interleaved: same load
+                model.compression = codec
+                clock = TokenClock()
+                _generate(model, long_prompt, 2, clock, result.setdefault(f"{key}_window_waits", []))
+                result.setdefault(f"{key}_s", []).append(clock.first_token_s)
+            model.compression = "none"
             clock, called = TokenClock(), time.perf_counter()
             _generate(model, prompt, 2, clock)  # a fresh session: opening the chain counts
             result["ttft_s"].append(clock.stamps[1] - called)
@@ -110,15 +120,16 @@ def main() -> None:
             model.swarm.ban(natted)
 
         print("PARTIAL " + json.dumps(result), flush=True)  # what is measured so far, should a phase fail
-        single, aggregate = [], []
-        prompts = [torch.roll(prompt, i, dims=1) for i in range(args.sessions)]  # distinct, same tokens
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            model.generate(prompt, **greedy_options(args.new_tokens))
-            single.append(args.new_tokens / (time.perf_counter() - t0))
-            aggregate.append(_concurrent_tokens_per_s(model, prompts, args.new_tokens))
-        result["single_tokens_per_s"], result["aggregate_tokens_per_s"] = single, aggregate
-        print("PARTIAL " + json.dumps(result), flush=True)
+        if args.sessions:
+            single, aggregate = [], []
+            prompts = [torch.roll(prompt, i, dims=1) for i in range(args.sessions)]  # distinct, same tokens
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                model.generate(prompt, **greedy_options(args.new_tokens))
+                single.append(args.new_tokens / (time.perf_counter() - t0))
+                aggregate.append(_concurrent_tokens_per_s(model, prompts, args.new_tokens))
+            result["single_tokens_per_s"], result["aggregate_tokens_per_s"] = single, aggregate
+            print("PARTIAL " + json.dumps(result), flush=True)
 
         if args.kill_after:
             with model.inference_session(max_length=prompt.shape[1] + args.new_tokens) as session:
@@ -139,8 +150,13 @@ def main() -> None:
                     "gap_after_kill_s": gaps[at - 1], "median_gap_s": median(gaps),
                     "tokens_match": out[0].tolist() == result["tokens"],
                 }
+        model.runtime.call(model.swarm.refresh)  # the daemons' records as they are now
+        names = {s.peer_id: s.name for s in model.swarm.servers()}
+        result["next_legs_s"] = {s.name: {names.get(peer, peer[-8:]): rtt for peer, rtt in s.next_rtts}
+                                 for s in model.swarm.servers()}
     result["decode_median_s"] = median(result["decode_s"])
     result["prefill_median_s"] = median(result["prefill_s"])
+    result["prefill_fp16_median_s"] = median(result["prefill_fp16_s"])
     result["ttft_median_s"] = median(result["ttft_s"])
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -43,7 +43,8 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, revision=args.revision)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                          swarm_key=args.swarm_key, revision=args.revision,
-                                                         **membership_kwargs(args), **trust_kwargs(args)) as lm:
+                                                         **membership_kwargs(args), **trust_kwargs(args),
+                                                         **_compression_options(args)) as lm:
         if args.show_route:
             print(f"route: {lm.route()}", file=sys.stderr)
         ids = torch.tensor([tokenizer.encode(args.prompt)])
@@ -82,7 +83,8 @@ def _chat(args: argparse.Namespace) -> int:
     require_chat_template(tokenizer)  # before joining the swarm
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                          swarm_key=args.swarm_key, revision=args.revision,
-                                                         **membership_kwargs(args), **trust_kwargs(args)) as lm:
+                                                         **membership_kwargs(args), **trust_kwargs(args),
+                                                         **_compression_options(args)) as lm:
         chat_loop(lm, tokenizer, sys.stdin, sys.stdout, system=args.system, max_length=args.max_length,
                   **_sampling(args))
     return EXIT_OK
@@ -124,6 +126,11 @@ def _member(args: argparse.Namespace) -> int:
         args.parser.error("member revoke needs --initial-peers MULTIADDR... (the list is stored in the swarm's DHT)")
     return members.revoke(Path(args.owner_key), args.peer_id, initial_peers=args.initial_peers,
                           members_only=not args.open_swarm)
+
+
+def _compression_options(args: argparse.Namespace) -> dict[str, object]:
+    """from_pretrained's keyword arguments for --compression / --compress-decode."""
+    return {"compression": args.compression, "compress_decode": args.compress_decode}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -169,6 +176,13 @@ def _add_peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm-key", metavar="FILE", help="pre-shared key file of a private swarm")
 
 
+def _add_compression(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compression", choices=("none", "fp16", "bf16"), default="none",
+                        help="send prompts' hidden states in this dtype (half the bytes on slow links; "
+                             "rounded, so not exact)")
+    parser.add_argument("--compress-decode", action="store_true", help="--compression for one-token steps too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = _Help
     parser = _Parser(prog="petals", description="Run language models over a swarm of petalsd daemons.",
@@ -201,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_membership_options(gen)
     _add_sampling(gen, max_new_tokens=64)
     add_trust_options(gen)
+    _add_compression(gen)
     gen.add_argument("--show-route", action="store_true", help="print which daemons serve which blocks")
     gen.add_argument("--prompt", dest="prompt_option", metavar="TEXT", help="the text to continue (or give it last, "
                      "as a positional argument)")
@@ -215,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-length", type=int, default=2048, metavar="N", help="most tokens of the conversation")
     _add_sampling(chat, max_new_tokens=512)
     add_trust_options(chat)
+    _add_compression(chat)
     chat.set_defaults(func=_chat)
 
     swarm = add("swarm", "which blocks are served by whom")

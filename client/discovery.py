@@ -29,6 +29,7 @@ from petals_protocol.p2p.dht import (
 from petals_protocol.p2p.host import parse_peer_multiaddr
 from petals_protocol.p2p.relay import relay_peer_of
 from petals_protocol.records import ServerRecord
+from petals_protocol.signing import peer_id_to_text
 
 #: Seconds between reads of a members-only swarm's revocation list (a daemon's default record period).
 MEMBERSHIP_PERIOD = 30.0
@@ -56,6 +57,7 @@ class FoundServer:
     seq: int = 0
     reachability: str | None = None  # what the daemon learnt (petalsd/reachability.py); None: not said
     relays: tuple[str, ...] = ()  # peer ids of the relays its relayed addresses go through
+    next_rtts: tuple[tuple[str, float], ...] = ()  # (peer id, seconds) it measured to the next span's daemons
 
     @classmethod
     def from_record(cls, record: ServerRecord) -> FoundServer:
@@ -75,6 +77,7 @@ class FoundServer:
             seq=record.seq,
             reachability=record.reachability,
             relays=tuple(dict.fromkeys(r for a in record.addrs if (r := relay_peer_of(a)))),
+            next_rtts=tuple((peer_id_to_text(p), rtt) for p, rtt in record.next_rtts or ()),
         )
 
     @property

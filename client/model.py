@@ -41,6 +41,7 @@ from petals_protocol.models.digests import default_cache_dir
 from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.p2p.host import load_swarm_key, make_host, running_host
 from petals_protocol.p2p.identity import ed25519_private_key
+from petals_protocol.tensors import as_activation_dtype, codec_dtype
 
 from . import generation
 from .head_batching import HeadBatcher
@@ -127,6 +128,10 @@ class DistributedModelBase(nn.Module):
         self.layers = RemoteSequential(runtime, swarm, 0, self.num_blocks)
         self.push = True  # daemon-to-daemon forwarding in inference sessions (from_pretrained's `push`)
         self.prefill_chunk: int | None = None  # pipelined prefill (from_pretrained's `prefill_chunk`)
+        # Activation codec of inference steps (from_pretrained's `compression`; tensors.CODECS), and
+        # whether one-token decode steps use it too (else only multi-token steps: prefill).
+        self.compression = "none"
+        self.compress_decode = False
         # Concurrent sessions' heads in one matmul (from_pretrained's `batching`; client/head_batching.py)
         self.head_batcher: HeadBatcher | None = None
         # Re-computes a fraction of steps elsewhere (from_pretrained's `spot_check_rate`; client/spotcheck.py)
@@ -164,6 +169,8 @@ class DistributedModelBase(nn.Module):
         pre_seq_len: int = 0,
         micro_batch_size: int | None = None,
         active_adapter: str | None = None,
+        compression: str = "none",
+        compress_decode: bool = False,
         **head_options: Any,
     ) -> Any:
         """Load the client's part of the model at `path` and find daemons for the rest.
@@ -200,6 +207,9 @@ class DistributedModelBase(nn.Module):
         accused nor witness) and ignore the report if the accused answer is right. On by default:
         a signature proves who answered, not who was right, and one forward per new report (they
         are rare) is cheap next to avoiding an honest daemon that colluding witnesses framed.
+        `compression` ("none", "fp16", "bf16"): hidden states of a multi-token step (prefill) travel
+        client -> daemons -> client in that dtype, half the bytes of float32 on slow links, rounded
+        (so not exact: "none", the default, is); `compress_decode` applies it to one-token steps too.
         `allowed_peers` / `blocked_peers` (peer ids): use only / never these daemons, for routing,
         recovery and spot checks alike; a route they leave uncovered fails naming the blocks. An
         allowed entry may be a certificate issuer's peer id: daemons showing its valid, unrevoked
@@ -214,6 +224,7 @@ class DistributedModelBase(nn.Module):
             raise ValueError(f"spot_check_rate must be within 0.0-1.0, got {spot_check_rate}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
+        codec_dtype(compression)  # refuses an unknown codec before any connection is made
         if not initial_peers:
             raise ValueError("initial_peers is empty: give at least one daemon's multiaddr (/ip4/.../p2p/...)")
         checkpoint = Checkpoint(path, revision=revision, token=token, cache_dir=default_cache_dir())
@@ -277,6 +288,7 @@ class DistributedModelBase(nn.Module):
             raise
         model.push = push
         model.prefill_chunk = prefill_chunk
+        model.compression, model.compress_decode = compression, compress_decode
         if spot_check_rate > 0.0:
             model.spot_checker = SpotChecker(
                 swarm, spot_check_rate, signer=ed25519_private_key(key_pair),
@@ -374,11 +386,18 @@ class DistributedModelForCausalLM(DistributedModelBase):
             if self.ptune is not None and session.position == 0:  # the prefix goes first, once
                 prefix = self.ptune.prefix(ids.shape[0]).to(self.get_input_embeddings().weight.dtype)
                 hidden = torch.cat([self.client_part.after_embeddings(prefix), hidden], dim=1)
-            out = session.step(hidden)
+            out = session.step(self._on_the_wire(hidden)).to(hidden.dtype)
             session.fed += ids.shape[1]
             last = out[:, -1:, :]
             logits = self.head_batcher(session, last) if self.head_batcher else self.client_part.logits(last)
             return logits[:, -1, :]
+
+    def _on_the_wire(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` in the dtype an inference step sends it in (the `compression` codec's, if any)."""
+        dtype = codec_dtype(self.compression)
+        if dtype is None or (hidden.shape[1] == 1 and not self.compress_decode):
+            return hidden
+        return as_activation_dtype(hidden, dtype)
 
     def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  session: RemoteInferenceSession | None = None, streamer: generation.Streamer | None = None,

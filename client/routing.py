@@ -1,12 +1,16 @@
 """Choosing a chain of daemons that covers a range of blocks at the lowest expected step time.
 
-The cost of using daemon `s` for blocks [a, s.end) is its round-trip time plus its compute time,
-(s.end - a) / s.throughput, where throughput is what the daemon announced (block-steps per
-second for one decode step). With that linear cost, riding a daemon to the end of its span is
-never worse than leaving it early, so the graph only needs the block boundaries as nodes and one
-edge per (boundary, daemon covering it): Dijkstra over it is exact and cheap
-(O(E log V) with E <= servers x boundaries). Daemons without room for the session's cache get a
-large penalty rather than being excluded, so a full swarm still yields a (slow) route.
+The cost of using daemon `s` for blocks [a, s.end) is the latency of reaching it plus its compute
+time, (s.end - a) / s.throughput, where throughput is what the daemon announced (block-steps per
+second for one decode step). The first hop is reached from the client: its latency is the round
+trip the client measured. With push forwarding a later hop is reached from the previous daemon,
+a leg the client cannot measure: when the previous daemon's record gives a round trip it
+measured to `s` (`next_rtts`, petalsd/neighbours.py), that is the latency, else the client's own
+round trip to `s` stands in for it. With that linear cost, riding a daemon to the end of its span
+is never worse than leaving it early, so the graph only needs (block boundary, daemon that got
+there) as nodes and one edge per daemon covering the boundary: Dijkstra over it is exact and
+cheap (O(E log V) with E <= servers^2 x boundaries). Daemons without room for the session's cache
+get a large penalty rather than being excluded, so a full swarm still yields a (slow) route.
 """
 from __future__ import annotations
 
@@ -45,10 +49,17 @@ class ServerInfo:
     max_length: int = 0  # most tokens one session may hold on this daemon (0: not known)
     max_batch_size: int = 0  # most sequences per request (0: not known)
     adapters: tuple[str, ...] = ()  # LoRA adapters a client may select on this daemon
+    # (peer id, seconds): round trips this daemon measured to daemons serving the block after its
+    # span, from its record (ServerRecord.next_rtts)
+    next_rtts: tuple[tuple[str, float], ...] = ()
 
     @property
     def name(self) -> str:
         return self.public_name or self.peer_id[-8:]
+
+    def next_rtt(self, peer_id: str) -> float | None:
+        """The round trip this daemon measured to `peer_id`, if it did."""
+        return next((rtt for peer, rtt in self.next_rtts if peer == peer_id), None)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class NoRoute(PetalsError):
 class _Entry:
     cost: float
     block: int
+    last: str  # peer id of the daemon that reached `block` ("" at the start: the client)
     path: list[Hop] = field(compare=False)
 
 
@@ -98,8 +110,13 @@ def uncovered_blocks(servers: Iterable[ServerInfo], start: int, end: int) -> lis
     return gaps
 
 
-def hop_cost(server: ServerInfo, start: int, end: int, cache_tokens_needed: int) -> float:
-    rtt = server.rtt if server.rtt is not None else DEFAULT_RTT
+def hop_cost(server: ServerInfo, start: int, end: int, cache_tokens_needed: int,
+             previous: ServerInfo | None = None) -> float:
+    """Expected seconds of blocks [start, end) on `server`, reached from `previous` (None: from
+    the client, or with push off, where the client drives every hop)."""
+    rtt = previous.next_rtt(server.peer_id) if previous is not None else None
+    if rtt is None:
+        rtt = server.rtt if server.rtt is not None else DEFAULT_RTT
     compute = (end - start) / max(server.throughput, 1e-6)
     penalty = NO_CACHE_PENALTY if server.cache_tokens_free < cache_tokens_needed else 0.0
     if server.using_relay:
@@ -114,30 +131,33 @@ def choose_route(
     *,
     banned: frozenset[str] | set[str] = frozenset(),
     cache_tokens_needed: int = 0,
+    push: bool = True,
 ) -> list[Hop]:
-    """The cheapest chain of hops covering [start, end), or NoRoute naming the gaps."""
+    """The cheapest chain of hops covering [start, end), or NoRoute naming the gaps. `push`:
+    daemons forward to each other, so the legs they measured between them count."""
     usable = [
         s for s in servers
         if s.peer_id not in banned and s.state == "online" and s.start < end and s.end > start
     ]
     if start >= end:
         return []
-    best: dict[int, float] = {start: 0.0}
-    queue = [_Entry(0.0, start, [])]
+    best: dict[tuple[int, str], float] = {(start, ""): 0.0}
+    queue = [_Entry(0.0, start, "", [])]
     while queue:
         entry = heapq.heappop(queue)
         if entry.block == end:
             return entry.path
-        if entry.cost > best.get(entry.block, float("inf")):
+        if entry.cost > best.get((entry.block, entry.last), float("inf")):
             continue
+        previous = entry.path[-1].server if push and entry.path else None
         for s in usable:
             if not (s.start <= entry.block < s.end):
                 continue
             stop = min(s.end, end)
-            cost = entry.cost + hop_cost(s, entry.block, stop, cache_tokens_needed)
-            if cost < best.get(stop, float("inf")):
-                best[stop] = cost
-                heapq.heappush(queue, _Entry(cost, stop, [*entry.path, Hop(s, entry.block, stop)]))
+            cost = entry.cost + hop_cost(s, entry.block, stop, cache_tokens_needed, previous)
+            if cost < best.get((stop, s.peer_id), float("inf")):
+                best[(stop, s.peer_id)] = cost
+                heapq.heappush(queue, _Entry(cost, stop, s.peer_id, [*entry.path, Hop(s, entry.block, stop)]))
     gaps = uncovered_blocks(usable, start, end)
     all_gaps = uncovered_blocks(servers, start, end)
     detail = ""

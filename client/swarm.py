@@ -19,6 +19,7 @@ which carries no user data), to see its certificate; a blocked daemon is never c
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,8 +30,8 @@ import trio
 from libp2p.peer.id import ID
 
 from petals_protocol.errors import PetalsError
-from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL, INFO_PROTOCOL
-from petals_protocol.messages import ErrorReply, InfoRequest, InfoResponse
+from petals_protocol.ids import FORWARD_PROTOCOL, INFERENCE_PROTOCOL
+from petals_protocol.messages import ErrorReply, InfoResponse
 from petals_protocol.evidence import EvidenceReport
 from petals_protocol.membership import (
     MembershipCertificate,
@@ -42,6 +43,7 @@ from petals_protocol.membership import (
 from petals_protocol.p2p.dht import find_revocations
 from petals_protocol.signing import peer_id_from_text, peer_id_to_text
 from petals_protocol.p2p.host import connect_any
+from petals_protocol.p2p.info import timed_info
 from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import NETWORK_ERRORS, FramedStream, open_stream
 
@@ -54,8 +56,9 @@ BAN_BASE_SECONDS = 15.0
 BAN_MAX_SECONDS = 300.0
 #: A daemon proven wrong is not used again for a day (as long as a published report is believed).
 FLAG_SECONDS = 24 * 3600.0
-#: Info round trips per probe; the fastest is the daemon's round-trip time (the first one also
-#: pays for opening the stream).
+#: Timed info round trips per probe (protocol/p2p/info.timed_info); the fastest is the daemon's
+#: round-trip time, so that one sample's scheduling delay on a busy machine does not outweigh the
+#: differences routing weighs (a relayed hop's penalty, a nearer daemon).
 RTT_SAMPLES = 3
 
 
@@ -158,23 +161,7 @@ class SwarmClient:
             with trio.fail_after(self.connect_timeout):
                 if not addrs:
                     addrs = (addr_or_peer,)
-                peer_id = await connect_any(self.host, addrs)  # direct first, then through relays
-                stream = await open_stream(self.host, peer_id, INFO_PROTOCOL, nursery=self.nursery)
-                try:
-                    # Routing compares these round trips (a relayed hop must lose to a direct one by
-                    # its penalty, not by one sample's scheduling delay on a busy machine), so take
-                    # the fastest of a few on the open stream: the minimum filters queueing noise.
-                    samples: list[float] = []
-                    for _ in range(RTT_SAMPLES):
-                        begin = time.perf_counter()
-                        await stream.send(InfoRequest())
-                        reply = await stream.receive()
-                        samples.append(time.perf_counter() - begin)
-                        if isinstance(reply, ErrorReply) or not isinstance(reply, InfoResponse):
-                            break
-                    rtt = min(samples)
-                finally:
-                    await stream.aclose()
+                peer_id, reply, rtt = await timed_info(self.host, addrs, nursery=self.nursery, samples=RTT_SAMPLES)
         except NETWORK_ERRORS as exc:
             log.info("no answer from %s: %s", addr_or_peer, exc)
             return None
@@ -209,6 +196,7 @@ class SwarmClient:
 
         async def read_evidence(peer_ids: list[str]) -> None:
             reports.extend(await self.discovery.find_evidence(self.model_fingerprint, peer_ids))
+        legs = {record.peer_id: record.next_rtts for record in self.records}  # routing's daemon-to-daemon legs
 
         async def probe(target: str, addrs: tuple[str, ...]) -> None:
             if not target.startswith("/"):
@@ -217,7 +205,7 @@ class SwarmClient:
                 target = addrs[0]
             info = await self._info(target, addrs)
             if info is not None:
-                found[info.peer_id] = info
+                found[info.peer_id] = dataclasses.replace(info, next_rtts=legs.get(info.peer_id, ()))
 
         async with trio.open_nursery() as nursery:
             if self.discovery is not None:  # beside the probes: a DHT walk can wait on a hung peer

@@ -72,7 +72,7 @@ def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor | TensorPa
                     prompts: torch.Tensor | None = None) -> TensorPayload:
     """The per-session path (worker thread): one session's step through ``Span.forward``, its
     input made a tensor and its output serialized there too (off the event loop, like a batch's)."""
-    hidden = as_tensor(hidden, span.device)
+    hidden = as_tensor(hidden, span)
     prepare_cache(cache, position, hypo_ids)
     try:
         return serialized(from_torch(span.forward(hidden, cache, start, end, prompts)))
@@ -81,10 +81,13 @@ def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor | TensorPa
         raise
 
 
-def as_tensor(hidden: torch.Tensor | TensorPayload, device: Any) -> torch.Tensor:
-    """(Worker thread.) A step's input as a tensor: one received from a peer is still its wire
-    payload until here, so that a large prefill is not copied on the event loop."""
-    return to_torch(hidden, device=device) if isinstance(hidden, TensorPayload) else hidden
+def as_tensor(hidden: torch.Tensor | TensorPayload, span: Any) -> torch.Tensor:
+    """(Worker thread.) A step's input as a tensor in the span's dtype: one received from a peer is
+    still its wire payload until here, so that a large prefill is not copied on the event loop (and
+    a compressed one, tensors.CODECS, is widened here too)."""
+    if isinstance(hidden, TensorPayload):
+        return to_torch(hidden, device=span.device).to(span.dtype)
+    return hidden
 
 
 def serialized(output: TensorPayload) -> TensorPayload:
@@ -264,7 +267,7 @@ class Batcher:
         groups: dict[tuple[int, int], list[_Step]] = {}
         for step in batch:
             try:
-                step.hidden = as_tensor(step.hidden, self.span.device)
+                step.hidden = as_tensor(step.hidden, self.span)
                 prepare_cache(step.cache, step.position, step.hypo_ids)
                 self._check_range(step)
                 step.hidden = check_item(self.span, DecodeItem(step.hidden, step.cache))

@@ -77,6 +77,7 @@ from .limits import LimitExceeded, PeerGate, ResourceLimits
 from .forwarding import Forwarder
 from .handlers import Limits, ServingContext, serve_inference, serve_info, serve_stateless
 from .notify import Notifier
+from .neighbours import NextDaemons
 from .placement import choose_span, default_num_blocks, should_move
 from .reachability import DIALBACK_PROTOCOL, DialbackServer, NatTraversal
 from .sessions import CacheBudget, SessionTable
@@ -171,6 +172,7 @@ class Daemon:
     host: Any = None
     addrs: list[str] | None = None
     announcer: Announcer | None = None
+    next_daemons: NextDaemons | None = None  # round trips to the next span's daemons, for the record
     serving_shards: set[str] = field(default_factory=set)  # the shards of the loaded span (disk eviction)
     banning: Banning | None = None
     nat: NatTraversal | None = None
@@ -389,6 +391,7 @@ class Daemon:
             reachability=self.nat.reachability if self.nat is not None else None,
             clients=tuple(peer_id_from_text(p) for p in self.config.own_clients) or None,
             adapters=ctx.adapters or None,
+            next_rtts=self.next_daemons.measured() if self.next_daemons is not None else None,
         )
 
     def announce_addrs(self) -> list[str]:
@@ -494,6 +497,8 @@ class Daemon:
                 records = await find_model_records(dht, self.fingerprint)
                 self.ctx.forwarder.learn(records)
                 self.contributors.learn(records)
+                if self.next_daemons is not None:
+                    self.next_daemons.learn(records, self.ctx.span.end)
             await trio.sleep(MEMBERS_PERIOD)
 
     # ------------------------------------------------------------------ serving
@@ -612,6 +617,9 @@ class Daemon:
             nursery.start_soon(self.announcer.run)
             if self.blocks is None:
                 nursery.start_soon(self._rebalance, dht, self.announcer)
+            self.next_daemons = NextDaemons(host, self.peer_id_bytes, period=MEMBERS_PERIOD,
+                                            on_first=self.announcer.request_announce)
+            nursery.start_soon(self.next_daemons.run)
             nursery.start_soon(self._learn_members, dht)
             log.info("ready peer=%s blocks=%d:%d addrs=%s control=%s", self.peer_id, span.start, span.end,
                      " ".join(self.addrs), control or "off")

@@ -60,7 +60,7 @@ from petals_protocol.signing import (
     peer_id_from_text,
     sign_response,
 )
-from petals_protocol.tensors import TensorPayload, from_torch, to_torch
+from petals_protocol.tensors import ACTIVATION_DTYPES, TensorPayload, as_activation_dtype, from_torch, recode, to_torch
 
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
@@ -179,11 +179,16 @@ def _check_adapter(ctx: ServingContext, name: str | None) -> None:
                                              f"{', '.join(ctx.adapters) or 'none'})")
 
 
-def _check_hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str) -> None:
+def _check_hidden(ctx: ServingContext, payload: TensorPayload, batch_size: int | None, what: str,
+                  codecs: bool = False) -> None:
     """Validate a hidden-state payload against what this span computes (dtype and shape only: it
-    becomes a tensor on the compute thread, petalsd/batching.py for steps, `_on_worker` for requests)."""
-    if payload.dtype != ctx.dtype_name:
-        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} has dtype {payload.dtype}; this daemon computes in {ctx.dtype_name}")
+    becomes a tensor of the span's dtype on the compute thread, petalsd/batching.py for steps,
+    `_tensor` for requests). With `codecs`, any activation dtype is accepted (compressed
+    activations, tensors.CODECS); the caller answers in the dtype the request came in."""
+    accepted = ACTIVATION_DTYPES if codecs else (ctx.dtype_name,)
+    if payload.dtype not in accepted:
+        raise _refuse(ErrorCode.BAD_TENSOR, f"{what} has dtype {payload.dtype}; this daemon computes in {ctx.dtype_name}"
+                                            + (f" and accepts {', '.join(accepted)}" if codecs else ""))
     shape = payload.shape
     if len(shape) != 3 or shape[2] != ctx.span.hidden_size or shape[1] < 1 or shape[0] < 1:
         raise _refuse(ErrorCode.BAD_TENSOR,
@@ -271,7 +276,7 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     if msg.session_id != session.session_id:
         raise _refuse(ErrorCode.UNKNOWN_SESSION, f"this stream holds session {session.session_id.hex()}, "
                                                  f"not {msg.session_id.hex()}")
-    _check_hidden(ctx, msg.hidden, session.batch_size, "hidden states")
+    _check_hidden(ctx, msg.hidden, session.batch_size, "hidden states", codecs=True)
     tokens = msg.hidden.shape[1]
     length = session.cache.length
     if msg.position > length:
@@ -298,6 +303,8 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     session.tokens += tokens
     session.last_active = time.monotonic()
     ctx.stats["steps"] += 1
+    if payload.dtype != msg.hidden.dtype:  # a compressed step is answered (and pushed on) compressed
+        payload = await ctx.worker.run(recode, payload, msg.hidden.dtype)
     return payload
 
 
@@ -504,20 +511,22 @@ def _on_worker(make: Callable[[], Generator[None, None, T]], serialize: Callable
 
 
 def _tensor(ctx: ServingContext, payload: TensorPayload, what: str) -> torch.Tensor:
-    """(Compute thread.) A checked training input as a tensor of finite numbers."""
-    return _finite(to_torch(payload, device=ctx.span.device), what)
+    """(Compute thread.) A checked request input as a tensor of finite numbers in the span's dtype."""
+    return _finite(to_torch(payload, device=ctx.span.device).to(ctx.span.dtype), what)
 
 
 async def _forward(ctx: ServingContext, msg: ForwardRequest, peer: str) -> ForwardResponse:
     _check_span(ctx, msg.model_fingerprint, msg.start_block, msg.end_block)
-    _check_hidden(ctx, msg.hidden, None, "hidden states")
+    _check_hidden(ctx, msg.hidden, None, "hidden states", codecs=True)
     batch, tokens = msg.hidden.shape[0], msg.hidden.shape[1]
     prompts = _prompts(ctx, msg.prompts, batch, msg.end_block - msg.start_block)
     _check_adapter(ctx, msg.active_adapter)
     activations = ctx.span.activation_bytes(batch, tokens, msg.start_block, msg.end_block)
     with ctx.gate.job(peer), ctx.sessions.budget.lend(activations, "this forward"):
         blocks = _on_worker(lambda: ctx.span.forward_blocks(_tensor(ctx, msg.hidden, "hidden states"),
-                                                            msg.start_block, msg.end_block, prompts), from_torch)
+                                                            msg.start_block, msg.end_block, prompts),
+                            # the request's dtype: compressed in, compressed out
+                            lambda out: from_torch(as_activation_dtype(out, msg.hidden.dtype)))
         payload = await ctx.worker.run_steps(steps_with(ctx.span, msg.active_adapter, blocks),
                                              tokens=batch * tokens, peer=peer)
     binding = forward_binding(msg, payload)

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_TTL",
     "MAX_ADDRS",
     "MAX_ADDR_LENGTH",
+    "MAX_NEXT_RTTS",
     "RECORD_NAMESPACE",
     "MODEL_INDEX_NAMESPACE",
     "REACHABILITY",
@@ -74,6 +75,10 @@ _RECORD_DOMAIN = b"petals/record/1\n"
 REACHABILITY = ("public", "private", "unknown")
 #: Client peer ids one record may name as its operator's own (`clients`).
 MAX_RECORD_CLIENTS = 4
+#: Daemons after its span one record may give a measured round trip to (`next_rtts`).
+MAX_NEXT_RTTS = 8
+#: A round trip longer than this is not a usable leg (and is refused in a record).
+MAX_RTT = 60.0
 
 
 class _Bool(_Spec):
@@ -116,6 +121,33 @@ class _PeerIds(_Tuple):
         return None
 
 
+class _NextRtts(_Tuple):
+    """(peer id, round-trip seconds) pairs, a few, each peer once; [peer id, seconds] on the wire."""
+
+    def to_wire(self, value: tuple[tuple[bytes, float], ...]) -> Any:
+        return [list(pair) for pair in value]
+
+    def from_wire(self, raw: Any) -> Any:
+        if not isinstance(raw, (list, tuple)):
+            return raw
+        return tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in raw)
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not tuple or len(value) > MAX_NEXT_RTTS:
+            return f"must be a tuple of at most {MAX_NEXT_RTTS} (peer id, seconds) pairs"
+        for pair in value:
+            if type(pair) is not tuple or len(pair) != 2:
+                return "entries must be (peer id, seconds) pairs"
+            peer, rtt = pair
+            if type(peer) is not bytes or not 0 < len(peer) <= MAX_PEER_ID_SIZE:
+                return f"peer ids must be at most {MAX_PEER_ID_SIZE} bytes"
+            if type(rtt) is not float or not 0.0 < rtt <= MAX_RTT:
+                return f"round trips must be floats in (0, {MAX_RTT:.0f}] seconds"
+        if len({peer for peer, _ in value}) != len(value):
+            return "names a peer twice"
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerRecord:
     """What a daemon announces for one model.
@@ -126,6 +158,9 @@ class ServerRecord:
     `seq`: increases with every record the daemon signs (a restart must not reuse lower values:
     use e.g. the unix time in milliseconds). `using_relay`: `addrs` are `/p2p-circuit` addresses
     through relays; `reachability`: whether others can dial it directly ("public" ones also relay).
+    `next_rtts`: round trips the daemon measured to daemons serving the block right after its span
+    (petalsd/neighbours.py): with push forwarding, its outputs travel those legs, which the client
+    cannot measure (client/routing.py).
     """
 
     peer_id: bytes = _f(_Bytes(1, MAX_PEER_ID_SIZE))
@@ -149,6 +184,8 @@ class ServerRecord:
     clients: tuple[bytes, ...] | None = _opt(_PeerIds(), elidable=True)
     # LoRA adapters clients may select (petalsd --adapters); elided when none.
     adapters: tuple[str, ...] | None = _opt(_Names(), elidable=True)
+    # Measured round trips to the next span's daemons; elided when none (older records lack it).
+    next_rtts: tuple[tuple[bytes, float], ...] | None = _opt(_NextRtts(), elidable=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, BadRecord)

@@ -24,7 +24,10 @@ from .errors import BadTensor
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
-__all__ = ["DTYPES", "MAX_RANK", "MAX_ELEMENTS", "TensorPayload", "from_torch", "to_torch"]
+__all__ = [
+    "DTYPES", "MAX_RANK", "MAX_ELEMENTS", "TensorPayload", "from_torch", "to_torch",
+    "CODECS", "ACTIVATION_DTYPES", "codec_dtype", "as_activation_dtype", "encode_as", "recode",
+]
 
 # dtype name -> bytes per element. Everything else (float64, complex, quantized...) is refused.
 DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
@@ -202,3 +205,46 @@ def to_torch(payload: TensorPayload, device: str | torch.device = "cpu") -> torc
     # bytearray: frombuffer over immutable bytes would give a read-only tensor (and a warning).
     flat = torch.frombuffer(bytearray(payload.data), dtype=dtype)
     return flat.reshape(payload.shape).to(device)
+
+
+# ------------------------------------------------------------------------ activation codecs
+# On a slow link a prefill's hidden states cost more in transfer than in compute. A sender may
+# compress them by sending them in a narrower float dtype; the receiver computes in its own dtype
+# and answers in the dtype the request came in, so the whole chain stays in the codec and every
+# signature binds the bytes actually sent. "none" (the default everywhere) keeps them exact.
+
+#: Activation codec name -> the dtype hidden states travel in (None: the sender's own dtype).
+CODECS: dict[str, str | None] = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
+#: Dtypes a daemon accepts hidden states in, whatever it computes in (float32 and the codecs').
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+_FLOAT16_MAX = 65504.0
+
+
+def codec_dtype(codec: str) -> str | None:
+    """The wire dtype of an activation codec (None for "none"); ValueError naming the choices."""
+    if codec not in CODECS:
+        raise ValueError(f"compression {codec!r} is not one of {', '.join(CODECS)}")
+    return CODECS[codec]
+
+
+def as_activation_dtype(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`tensor` in float dtype `dtype` (rounded when narrower). float16 saturates at its largest
+    finite value instead of turning an outlier activation into inf."""
+    if dtype not in ACTIVATION_DTYPES:
+        raise BadTensor(f"activations cannot travel as {dtype!r} (one of {', '.join(ACTIVATION_DTYPES)})")
+    target = _torch_dtypes()[dtype]
+    if tensor.dtype == target:
+        return tensor
+    if dtype == "float16":
+        tensor = tensor.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
+    return tensor.to(target)
+
+
+def encode_as(tensor: torch.Tensor, dtype: str) -> TensorPayload:
+    """`tensor` as a payload of float dtype `dtype` (see `as_activation_dtype`)."""
+    return from_torch(as_activation_dtype(tensor, dtype))
+
+
+def recode(payload: TensorPayload, dtype: str) -> TensorPayload:
+    """The payload's values in float dtype `dtype` (the payload itself when it already is)."""
+    return payload if payload.dtype == dtype else encode_as(to_torch(payload), dtype)

@@ -1,4 +1,6 @@
 """Route choice: cheapest chain, bans, cache room, clear errors naming the gaps."""
+from dataclasses import replace
+
 import pytest
 
 from petals_client.routing import NoRoute, ServerInfo, choose_route, describe_route, uncovered_blocks
@@ -74,3 +76,25 @@ def test_a_direct_daemon_wins_over_a_relayed_one_that_measured_a_little_faster()
     assert names(choose_route([relayed, direct], 0, 6)) == [("direct", 0, 6)]
     much_faster = dataclasses.replace(relayed, rtt=0.001, throughput=1000.0)
     assert names(choose_route([much_faster, direct], 0, 6)) == [("relayed", 0, 6)]
+
+
+def test_daemon_measured_next_leg_decides_between_equal_client_rtts():
+    """With push, a step goes a -> b daemon to daemon: the leg `a` measured (its record's
+    next_rtts) counts, not the client's round trip to b, which is the same for both chains here."""
+    b, b2 = server("b", 4, 8, rtt=0.05), server("b2", 4, 8, rtt=0.05)
+    slow_next = replace(server("a", 0, 4, rtt=0.05), next_rtts=(("peer-b", 0.2), ("peer-b2", 0.15)))
+    fast_next = replace(server("a2", 0, 4, rtt=0.05), next_rtts=(("peer-b", 0.01),))
+    assert names(choose_route([slow_next, fast_next, b, b2], 0, 8)) == [("a2", 0, 4), ("b", 4, 8)]
+    # Each first hop picks its own best next daemon: without a2, a's shorter leg (to b2) wins.
+    assert names(choose_route([slow_next, b, b2], 0, 8)) == [("a", 0, 4), ("b2", 4, 8)]
+    # The client drives every hop without push: daemon-to-daemon legs do not matter, and the
+    # first daemon of the list wins the tie.
+    assert names(choose_route([slow_next, fast_next, b, b2], 0, 8, push=False))[0] == ("a", 0, 4)
+
+
+def test_unmeasured_legs_fall_back_to_the_client_rtt():
+    """A record without next_rtts (an older daemon) or without this peer: the client's round trip."""
+    a = replace(server("a", 0, 4), next_rtts=(("peer-other", 0.001),))
+    near, far = server("near", 4, 8, rtt=0.01), server("far", 4, 8, rtt=0.3)
+    assert names(choose_route([a, far, near], 0, 8)) == [("a", 0, 4), ("near", 4, 8)]
+

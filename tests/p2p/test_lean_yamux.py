@@ -261,3 +261,36 @@ def test_other_muxers_and_plain_objects_are_left_alone() -> None:
 
     make_lean(NotAStream())  # no yamux under it: nothing to do, no error
     make_lean(object())
+
+
+def test_send_window_waits_counts_writes_that_waited_for_the_peer_window() -> None:
+    """A write larger than the window the peer granted must wait for its WINDOW_UPDATE: the
+    counter the WAN benchmark reads to tell a window-bound transfer from a link-bound one."""
+    from petals_protocol.p2p.compat import send_window_waits
+
+    result: dict[str, int] = {}
+    sink = TProtocol("/test/slow-sink/1")
+
+    async def slow_sink(stream: INetStream) -> None:
+        """Reads only after a pause, as a far or busy peer does: the writer runs out of window."""
+        make_lean(stream)
+        await trio.sleep(0.3)
+        got = 0
+        while got < result["size"]:
+            got += len(await stream.read(65536))
+        await stream.write(b"done")
+
+    async def body(client: IHost, server: IHost) -> None:
+        server.set_stream_handler(sink, slow_sink)
+        stream = await client.new_stream(server.get_id(), [sink])
+        make_lean(stream)
+        result["fresh"] = send_window_waits(stream)
+        result["size"] = 2 * stream.muxed_stream.send_window + 1  # type: ignore[attr-defined]
+        await stream.write(os.urandom(result["size"]))
+        assert await stream.read(4) == b"done"
+        result["after"] = send_window_waits(stream)
+        await stream.close()
+
+    _with_pair(body)
+    assert result["fresh"] == 0 and result["after"] > 0, result
+    assert send_window_waits(object()) == 0

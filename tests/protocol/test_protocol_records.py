@@ -246,3 +246,27 @@ def test_reachability_is_optional_on_the_wire() -> None:
     bad = body_of(blob) | {"reachability": "sideways"}
     with pytest.raises(BadRecord):
         decode_record(resign(bad), now=NOW)
+
+
+def test_next_rtts_are_optional_bounded_and_signed() -> None:
+    """`next_rtts` (round trips to the next span's daemons): absent in older records, which stay
+    valid; when present, signed like every field, bounded in count and range."""
+    from petals_protocol.records import MAX_NEXT_RTTS
+
+    assert RECORD.next_rtts is None
+    assert "next_rtts" not in body_of(encode_record(KEY, RECORD))
+    other = peer_id_from_private_key(OTHER)
+    measured = dataclasses.replace(RECORD, next_rtts=((other, 0.0123),))
+    blob = encode_record(KEY, measured)
+    assert decode_record(blob, now=NOW) == measured
+    assert body_of(blob)["next_rtts"] == [[other, 0.0123]]
+    with pytest.raises(BadRecord):  # signed: a relay cannot shorten a leg to attract traffic
+        decode_record(resign(body_of(blob) | {"next_rtts": [[other, 0.001]]}, key=OTHER), now=NOW)
+    for bad in ([[other, 0.0]], [[other, 61.0]], [[other, float("nan")]], [[other, 1]], [[b"", 0.1]],
+                [[other, 0.1], [other, 0.2]], [[other]], [[bytes([i]) * 8, 0.1] for i in range(MAX_NEXT_RTTS + 1)]):
+        with pytest.raises(BadRecord):
+            decode_record(resign(body_of(blob) | {"next_rtts": bad}), now=NOW)
+    full = tuple((bytes([i]) * 38, 59.0) for i in range(MAX_NEXT_RTTS))
+    long_addrs = tuple("/dns4/" + "a" * 240 + f"{i:02d}" for i in range(MAX_ADDRS))
+    big = dataclasses.replace(RECORD, addrs=long_addrs, public_name="p" * 256, model_name="m" * 256, next_rtts=full)
+    assert decode_record(encode_record(KEY, big), now=NOW) == big  # still fits the record size limit

@@ -135,3 +135,26 @@ def test_from_torch_handles_strided_views_and_refuses_other_dtypes() -> None:
 def test_little_endian_layout() -> None:
     payload = from_torch(torch.tensor([1, 256], dtype=torch.int32))
     assert payload.data == b"\x01\x00\x00\x00\x00\x01\x00\x00"
+
+
+def test_activation_codecs() -> None:
+    """Compressed activations: fp16/bf16 halve the bytes, recode keeps a payload already in the
+    dtype, float16 saturates instead of overflowing to inf, only float dtypes are codecs."""
+    from petals_protocol.tensors import codec_dtype, encode_as, recode
+
+    assert [codec_dtype(c) for c in ("none", "fp16", "bf16")] == [None, "float16", "bfloat16"]
+    with pytest.raises(ValueError, match="fp8"):
+        codec_dtype("fp8")
+    tensor = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    exact = from_torch(tensor)
+    assert recode(exact, "float32") is exact
+    for dtype, tolerance in (("float16", 1e-3), ("bfloat16", 1e-2)):
+        packed = recode(exact, dtype)
+        assert packed.dtype == dtype and packed.nbytes * 2 == exact.nbytes
+        assert float((to_torch(packed).float() - tensor).abs().max()) < tolerance
+        assert packed.digest() != exact.digest()  # a signature binds the bytes that were sent
+        assert to_torch(recode(packed, "float32")).dtype == torch.float32
+    big = to_torch(encode_as(torch.tensor([1e6, -1e6, 1.0]), "float16"))
+    assert big.tolist() == [65504.0, -65504.0, 1.0]
+    with pytest.raises(BadTensor):
+        encode_as(tensor, "int64")

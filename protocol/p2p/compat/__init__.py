@@ -51,6 +51,16 @@ def make_lean(stream: object) -> None:
         lean(stream)
 
 
+def send_window_waits(stream: object) -> int:
+    """Writes on this libp2p stream that waited for the peer's yamux window (compat/yamux.py);
+    0 on the stock path, where it is not read."""
+    if INTERNALS:
+        from .yamux import send_window_waits as waits
+
+        return waits(stream)
+    return 0
+
+
 # ------------------------------------------------------------------------------------ the DHT
 
 async def store_at_peer(dht: Any, peer: Any, key: bytes, blob: bytes, record: Any) -> bool:

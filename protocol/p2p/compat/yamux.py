@@ -75,7 +75,7 @@ from libp2p.stream_muxer.yamux.yamux import _yamux_data_read_timeout as yamux_da
 
 from ..locking import Eager
 
-__all__ = ["make_lean"]
+__all__ = ["make_lean", "send_window_waits"]
 
 logger = logging.getLogger(__name__)
 
@@ -401,3 +401,11 @@ def make_lean(stream: object) -> None:
         _eager(rw_lock, name)
     if isinstance(muxed.conn, Yamux):
         _lean_connection(muxed.conn)
+
+
+def send_window_waits(stream: object) -> int:
+    """How many times writes on a libp2p stream found the peer's receive window used up and had to
+    wait for a WINDOW_UPDATE (py-libp2p counts them on every yamux stream): the evidence that a
+    transfer was bound by the window rather than the link. 0 for other muxers."""
+    muxed = getattr(stream, "muxed_stream", None)
+    return int(getattr(muxed, "_zero_window_waits", 0)) if isinstance(muxed, YamuxStream) else 0
