@@ -162,7 +162,7 @@ async def _route(swarm: SwarmClient, start: int, end: int, adapter: str | None =
         avoid = set(busy or ())
         while avoid:  # give up avoiding the busy daemons of the blocks nobody else serves
             try:
-                route = choose_route(servers, start, end, banned=swarm.banned() | avoid)
+                route = choose_route(servers, start, end, banned=swarm.banned() | avoid, push=False)
             except NoRoute as exc:
                 gaps = exc.uncovered
                 by_peer = {s.peer_id: s for s in servers}
@@ -174,7 +174,8 @@ async def _route(swarm: SwarmClient, start: int, end: int, adapter: str | None =
                 busy.update(h.server.peer_id for h in route)
                 return route
         try:
-            route = choose_route(servers, start, end, banned=swarm.banned())
+            # the client drives every hop of a stateless request: no daemon-to-daemon legs
+            route = choose_route(servers, start, end, banned=swarm.banned(), push=False)
         except NoRoute:
             if attempt:
                 raise

@@ -186,7 +186,8 @@ class InferenceSession:
     async def _open_chain(self, start: int, end: int) -> list[HopState]:
         servers = [s for s in self.swarm.servers() if self.active_adapter in (None, *s.adapters)]
         try:
-            route = choose_route(servers, start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length)
+            route = choose_route(servers, start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length,
+                                 push=self.push)
         except NoRoute as exc:
             restrictions = self.swarm.route_restrictions()
             if restrictions:  # say why daemons the user may know of were not used
