@@ -39,9 +39,10 @@ import torch
 from petals_client.localswarm import DaemonProcess, LocalSwarm
 
 from .measure import machine_info, median
-from .shapes import SHAPES, default_cache_dir, ensure_model, split_blocks
+from .shapes import SHAPES, ensure_model, split_blocks
 from .swarm_vs_local import random_prompt
 from .wan import bound, local_reference, probe_one_way
+from .wan import parse_args as wan_parse_args
 from .wan import LinkConfig, ensure_tools, wan_lab  # the lab, as benchmarks/wan.py imports it
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,8 +126,8 @@ def start_petals_server(lab: Any, python: str, model: Path, folder: Path, host: 
                                 start_new_session=True), log
 
 
-def first_maddr(server: subprocess.Popen[bytes], log: Path, timeout: float = 300.0) -> str:
-    """The first Petals server's full multiaddress, from its log (`Running a server on [...]`)."""
+def server_maddr(server: subprocess.Popen[bytes], log: Path, timeout: float = 300.0) -> str:
+    """A Petals server's full multiaddress, from its log (`Running a server on [...]`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = MADDR_RE.search(log.read_text(errors="replace"))
@@ -135,7 +136,7 @@ def first_maddr(server: subprocess.Popen[bytes], log: Path, timeout: float = 300
         if server.poll() is not None:
             break
         time.sleep(0.5)
-    raise RuntimeError(f"Petals' first server did not start:\n{log.read_text(errors='replace')[-4000:]}")
+    raise RuntimeError(f"A Petals server did not start:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def run_petals(lab: Any, python: str, model: Path, folder: Path, spans: list[tuple[int, int]],
@@ -143,11 +144,15 @@ def run_petals(lab: Any, python: str, model: Path, folder: Path, spans: list[tup
     servers: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
         servers.append(start_petals_server(lab, python, model, folder, "d0", spans[0], None))
-        peer = first_maddr(*servers[0])
+        first = server_maddr(*servers[0])
         for i, span in enumerate(spans[1:], start=1):
-            servers.append(start_petals_server(lab, python, model, folder, f"d{i}", span, peer))
+            servers.append(start_petals_server(lab, python, model, folder, f"d{i}", span, first))
+        # every server as an initial peer: given only the first, the client's p2pd found no address
+        # for the others in the lab ("routing: not found") and retried for minutes
+        peers = [first, *(server_maddr(*server) for server in servers[1:])]
         try:
-            result = run_client(lab, python, "benchmarks.wan_petals_client", ["--peer", peer, "--dht-prefix", DHT_PREFIX, *client_args], "Petals'")
+            result = run_client(lab, python, "benchmarks.wan_petals_client",
+                                ["--peers", *peers, "--dht-prefix", DHT_PREFIX, *client_args], "Petals'")
         except RuntimeError as exc:
             logs = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for _, log in servers)
             raise RuntimeError(f"{exc}\n{logs}") from None
@@ -197,7 +202,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load = {"start": os.getloadavg()[0]}
         ours = run_ours(lab, path, folder, spans, client_args) if "ours" in args.systems else None
         load["between"] = os.getloadavg()[0]
-        petals = run_petals(lab, args.petals_python, path, folder, spans, client_args) if "petals" in args.systems else None
+        petals, petals_error = None, None
+        try:  # our figures stand even if Petals fails in the lab
+            petals = run_petals(lab, args.petals_python, path, folder, spans, client_args) if "petals" in args.systems else None
+        except RuntimeError as exc:
+            petals_error = str(exc)
         load["end"] = os.getloadavg()[0]
     more_decode, more_prefill, _ = local_reference(local, prompt, long_prompt, args.new_tokens, args.repeats)
     decode_l += more_decode
@@ -227,6 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "link": {"configured_one_way_s": args.delay, "probe_median_s": median(one_way), "emulator": lab.stats},
         "local": {"decode_s": decode_l, "prefill_s": prefill_l},
         **{name: figures(name, measured) for name, measured in (("ours", ours), ("petals", petals)) if measured},
+        **({"petals_error": petals_error} if petals_error else {}),
     }
 
 
@@ -257,6 +267,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"{f['prefill_ratio']:.2f}x; time to first token {f['ttft_median_s'] * ms:.0f} ms; tokens match local: "
             f"{f['tokens_match']}",
         ]
+    if "petals_error" in r:
+        lines.append(f"Petals failed: {r['petals_error'][:3000]}")
     if "ours" in r and "petals" in r:
         lines.append(f"Petals / petalsd: decode {r['petals']['decode_median_s'] / r['ours']['decode_median_s']:.2f}x, "
                  f"prefill {r['petals']['prefill_median_s'] / r['ours']['prefill_median_s']:.2f}x")
@@ -264,27 +276,16 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.wan_petals", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.wan_petals", description=__doc__.split("\n\n")[0],
+        epilog="The lab's and the model's options are benchmarks.wan's: --model-size, --daemons, --repeats, "
+               "--new-tokens, --prompt-tokens, --prefill-tokens, --delay, --jitter, --loss, --rate, --mtu, "
+               "--cache-dir, --json (its NAT, spare, sessions and SIGKILL options do not apply here).")
     p.add_argument("--petals-python", required=True, help="a Python whose environment has Petals (see BENCHMARKS.md)")
     p.add_argument("--systems", nargs="+", choices=["ours", "petals"], default=["ours", "petals"],
                    help="which swarms to run (both by default; one alone to check a setup)")
-    p.add_argument("--model-size", choices=sorted(SHAPES), default="6.8m")
-    p.add_argument("--daemons", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--delay", type=float, default=0.025, help="one-way delay between any two hosts, seconds")
-    p.add_argument("--jitter", type=float, default=0.001, help="uniform +- around the delay, seconds")
-    p.add_argument("--loss", type=float, default=0.001, help="probability a packet is dropped")
-    p.add_argument("--rate", type=float, default=100e6, help="each host's uplink, bits/s")
-    p.add_argument("--mtu", type=int, default=1500)
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    if args.new_tokens < 4 or args.daemons < 2:
-        p.error("--new-tokens must be at least 4 and --daemons at least 2")
-    return args
+    own, rest = p.parse_known_args(argv)
+    return argparse.Namespace(**vars(wan_parse_args(rest)), **vars(own))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ def wait_for_blocks(model: Any, timeout: float) -> list[dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
-    p.add_argument("--peer", required=True, help="the first Petals server's multiaddress")
+    p.add_argument("--peers", nargs="+", required=True, help="Petals servers' multiaddresses")
     p.add_argument("--dht-prefix", required=True, help="the servers' --dht_prefix")
     p.add_argument("--prompt", required=True, help="short prompt, token ids as JSON")
     p.add_argument("--long-prompt", required=True, help="prefill prompt, token ids as JSON")
@@ -65,7 +65,7 @@ def main() -> None:
     prompt, long_prompt = torch.tensor([json.loads(args.prompt)]), torch.tensor([json.loads(args.long_prompt)])
     result: dict[str, Any] = {"decode_s": [], "prefill_s": [], "ttft_s": []}
     began = time.perf_counter()
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[args.peer],
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.peers,
                                                             dht_prefix=args.dht_prefix,
                                                             torch_dtype=torch.float32)
     result["route"] = wait_for_blocks(model, args.ready_timeout)
@@ -81,9 +81,7 @@ def main() -> None:
         clock, called = TokenClock(), time.perf_counter()
         _generate(model, prompt, 2, clock)  # a fresh session: opening it counts
         result["ttft_s"].append(clock.stamps[1] - called)
-    result["decode_median_s"] = median(result["decode_s"])
-    result["prefill_median_s"] = median(result["prefill_s"])
-    result["ttft_median_s"] = median(result["ttft_s"])
+    result.update({f"{key}_median_s": median(result[f"{key}_s"]) for key in ("decode", "prefill", "ttft")})
     print("RESULT " + json.dumps(result), flush=True)
 
 
