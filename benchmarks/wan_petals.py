@@ -78,7 +78,8 @@ def check_petals(python: str) -> str:
     except OSError as exc:
         raise SystemExit(MISSING_PETALS.format(python=python, why=exc)) from None
     if done.returncode != 0:
-        raise SystemExit(MISSING_PETALS.format(python=python, why=done.stderr.strip().splitlines()[-1:]))
+        why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise SystemExit(MISSING_PETALS.format(python=python, why=why))
     return done.stdout.strip()
 
 
