@@ -7,6 +7,7 @@ streams to the daemons) is kept out of the per-token figure.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -123,3 +124,11 @@ def machine_info(local_threads: int, daemon_threads: int) -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def print_and_save(report: str, record: dict, path: Path | None) -> None:
+    """A benchmark's ending: its report on stdout, and its full record as JSON where asked."""
+    print(report)
+    if path is not None:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")

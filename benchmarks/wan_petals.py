@@ -38,7 +38,7 @@ import torch
 
 from petals_client.localswarm import DaemonProcess, LocalSwarm
 
-from .measure import machine_info, median
+from .measure import machine_info, median, print_and_save
 from .shapes import SHAPES, ensure_model, split_blocks
 from .swarm_vs_local import random_prompt
 from .wan import bound, local_reference, probe_one_way
@@ -292,10 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print(format_report(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    print_and_save(format_report(result), result, args.json)
     return 0
 
 
