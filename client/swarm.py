@@ -58,8 +58,9 @@ BAN_MAX_SECONDS = 300.0
 FLAG_SECONDS = 24 * 3600.0
 #: Timed info round trips per probe (protocol/p2p/info.timed_info); the fastest is the daemon's
 #: round-trip time, so that one sample's scheduling delay on a busy machine does not outweigh the
-#: differences routing weighs (a relayed hop's penalty, a nearer daemon).
-RTT_SAMPLES = 3
+#: differences routing weighs (a relayed hop's penalty, a nearer daemon). Each sample costs a round
+#: trip when the swarm is probed (start, recovery), so few.
+RTT_SAMPLES = 2
 
 
 @dataclass
