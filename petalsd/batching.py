@@ -39,7 +39,7 @@ import trio
 from petals_protocol.models.batched import DecodeItem, batched_decode, can_batch, check_item
 from petals_protocol.models.gathering import GatherPolicy
 from petals_protocol.models.span import SpanCache, SpanUsageError
-from petals_protocol.tensors import TensorPayload, from_torch, to_torch
+from petals_protocol.tensors import TensorPayload, as_activation_dtype, from_torch, to_torch
 
 from .adapters import run_with
 from .compute import ComputeWorker
@@ -71,11 +71,13 @@ def run_single_step(span: Any, cache: SpanCache, hidden: torch.Tensor | TensorPa
                     end: int | None, position: int | None, hypo_ids: torch.Tensor | None,
                     prompts: torch.Tensor | None = None) -> TensorPayload:
     """The per-session path (worker thread): one session's step through ``Span.forward``, its
-    input made a tensor and its output serialized there too (off the event loop, like a batch's)."""
+    input made a tensor and its output serialized there too (off the event loop, like a batch's),
+    in the dtype its input came in (a compressed step is answered compressed, tensors.CODECS)."""
+    reply_dtype = hidden.dtype if isinstance(hidden, TensorPayload) else None
     hidden = as_tensor(hidden, span)
     prepare_cache(cache, position, hypo_ids)
     try:
-        return serialized(from_torch(span.forward(hidden, cache, start, end, prompts)))
+        return reply(span.forward(hidden, cache, start, end, prompts), reply_dtype)
     except Exception:
         restore_cache(cache)
         raise
@@ -88,6 +90,12 @@ def as_tensor(hidden: torch.Tensor | TensorPayload, span: Any) -> torch.Tensor:
     if isinstance(hidden, TensorPayload):
         return to_torch(hidden, device=span.device).to(span.dtype)
     return hidden
+
+
+def reply(output: torch.Tensor, dtype: str | None) -> TensorPayload:
+    """(Worker thread.) A step's output as the payload sent on: in `dtype` (its input's on the wire),
+    packed once."""
+    return serialized(from_torch(output if dtype is None else as_activation_dtype(output, dtype)))
 
 
 def serialized(output: TensorPayload) -> TensorPayload:
@@ -114,6 +122,7 @@ class _Step:
     end: int | None
     position: int | None
     hypo_ids: torch.Tensor | None
+    reply_dtype: str | None = None  # the dtype its input came in, on the wire (None: a tensor given)
     done: trio.Event = field(default_factory=trio.Event)
     # Cancelled when the step's result is delivered: its task stops waiting (for the gather window
     # or for a worker turn of its own, which would only find the step taken) and returns at once.
@@ -172,7 +181,8 @@ class Batcher:
             return await self.worker.run(run_with, self.span, adapter, run_single_step, self.span, cache, hidden,
                                          start, end, position, hypo_ids, prompts, tokens=tokens, peer=peer)
         self._token = trio.lowlevel.current_trio_token()
-        step = _Step(cache, hidden, start, end, position, hypo_ids)
+        step = _Step(cache, hidden, start, end, position, hypo_ids,
+                     reply_dtype=hidden.dtype if isinstance(hidden, TensorPayload) else None)
         self._enqueue(step)
         try:
             with step.waiting:
@@ -279,13 +289,13 @@ class Batcher:
             try:
                 if len(group) == 1:  # a lone step takes the exact per-session path (cache already prepared)
                     (step,) = group
-                    step.result = run_single_step(self.span, step.cache, step.hidden, None, None, None, None)
+                    step.result = reply(self.span.forward(step.hidden, step.cache), step.reply_dtype)
                 else:
                     outputs = batched_decode(self.span, [DecodeItem(s.hidden, s.cache) for s in group])
                     self.batches += 1  # only the worker thread (capacity 1) writes these
                     self.batched_steps += len(group)
                     for step, out in zip(group, outputs, strict=True):
-                        step.result = serialized(from_torch(out))
+                        step.result = reply(out, step.reply_dtype)
             except Exception as exc:  # routed to every caller of the group, raised there
                 for step in group:
                     restore_cache(step.cache)

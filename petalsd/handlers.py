@@ -60,7 +60,7 @@ from petals_protocol.signing import (
     peer_id_from_text,
     sign_response,
 )
-from petals_protocol.tensors import ACTIVATION_DTYPES, TensorPayload, as_activation_dtype, from_torch, recode, to_torch
+from petals_protocol.tensors import ACTIVATION_DTYPES, TensorPayload, as_activation_dtype, from_torch, to_torch
 
 from petals_protocol.p2p.budget import ByteBudget
 from petals_protocol.p2p.locking import held
@@ -303,9 +303,7 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     session.tokens += tokens
     session.last_active = time.monotonic()
     ctx.stats["steps"] += 1
-    if payload.dtype != msg.hidden.dtype:  # a compressed step is answered (and pushed on) compressed
-        payload = await ctx.worker.run(recode, payload, msg.hidden.dtype)
-    return payload
+    return payload  # in the step's own dtype: a compressed step is answered (and pushed on) compressed
 
 
 async def _forward_output(ctx: ServingContext, owned: _Owned, msg: InferenceStep, output: TensorPayload) -> None:
