@@ -41,6 +41,11 @@ class TokenClock:
         return self.stamps[1] - self.stamps[0]
 
     @property
+    def gaps_s(self) -> list[float]:
+        """Seconds between consecutive new tokens (decode steps; the prefill's token excluded)."""
+        return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
+
+    @property
     def per_token_s(self) -> float:
         """Mean seconds per token after the first (decode steps only, prefill excluded)."""
         if len(self.stamps) < 3:

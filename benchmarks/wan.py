@@ -103,6 +103,17 @@ def bound(local_s: float, legs: int, delay: float, bytes_per_leg: int, rate: flo
             "total_s": local_s + legs * delay + legs * bytes_per_leg * 8 / rate}
 
 
+def gap_summary(gaps: list[float], decode_bound: dict[str, float]) -> dict[str, float]:
+    """How the decode steps spread: a step that waited for a TCP retransmission (a lost packet is
+    resent after a timeout of at least 200 ms on Linux) shows as a gap far above the median; the
+    per-token figure is the mean, so a few such steps move it."""
+    ordered = sorted(gaps) or [float("nan")]
+    slow = [g for g in gaps if g > decode_bound["total_s"] + 0.1]
+    return {"steps": len(gaps), "median_s": median(gaps), "p90_s": ordered[int(0.9 * (len(ordered) - 1))],
+            "max_s": ordered[-1], "over_bound_plus_100ms": len(slow),
+            "mean_without_those_s": statistics.fmean([g for g in gaps if g not in slow]) if len(slow) < len(gaps) else float("nan")}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -170,6 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "emulator": lab.stats},
         "local": {"decode_s": decode_l, "prefill_s": prefill_l},
         "decode": {"swarm_median_s": swarm["decode_median_s"], "bound": decode_bound,
+                   "gaps": gap_summary([g for run in swarm.get("decode_gaps_s", []) for g in run], decode_bound),
                    "ratio_to_bound": swarm["decode_median_s"] / decode_bound["total_s"],
                    "tokens_match": swarm["tokens"] == local_tokens},
         "prefill": {"tokens": args.prefill_tokens, "swarm_median_s": swarm["prefill_median_s"],
@@ -215,6 +227,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_average_1m']:.2f} -> {m['load_average_1m_end']:.2f}",
         f"decode:  swarm {d['swarm_median_s'] * ms:.1f} ms/token, {parts(d['bound'])}: "
         f"{d['ratio_to_bound']:.3f}x the bound; tokens match local: {d['tokens_match']}",
+        f"decode steps: {d['gaps']['steps']}, gap median {d['gaps']['median_s'] * ms:.1f} ms "
+        f"({d['gaps']['median_s'] / d['bound']['total_s']:.3f}x the bound), p90 {d['gaps']['p90_s'] * ms:.1f}, max "
+        f"{d['gaps']['max_s'] * ms:.1f}; {d['gaps']['over_bound_plus_100ms']} over the bound + 100 ms (a lost packet's "
+        f"retransmission), mean without them {d['gaps']['mean_without_those_s'] * ms:.1f} ms",
         f"prefill: {p['tokens']} tokens swarm {p['swarm_median_s'] * ms:.0f} ms, {parts(p['bound'])}: "
         f"{p['ratio_to_bound']:.3f}x the bound; the client's writes waited for the yamux window "
         f"{p['window_waits']} times",

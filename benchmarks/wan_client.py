@@ -39,7 +39,7 @@ def _generate(model: Any, ids: torch.Tensor, new_tokens: int, clock: TokenClock,
     with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
         out = model.generate(ids, session=session, streamer=clock, **greedy_options(new_tokens))
         if window_waits is not None:
-            window_waits.append(send_window_waits(session._session.hops[0].channel.stream))
+            window_waits.append(send_window_waits(session._session.channel(0).stream))
         return out[0].tolist(), _route(session)
 
 
@@ -91,6 +91,7 @@ def main() -> None:
             clock = TokenClock()
             tokens, route = _generate(model, prompt, args.new_tokens, clock)
             result["decode_s"].append(clock.per_token_s)
+            result.setdefault("decode_gaps_s", []).append(clock.gaps_s)
             result["routes"].append(route)
             result["tokens"] = tokens
             for codec, key in (("none", "prefill"), ("fp16", "prefill_fp16")):  # interleaved: same load
@@ -143,7 +144,7 @@ def main() -> None:
 
                 clock = KillingClock(args.kill_after, kill_middle)
                 out = model.generate(prompt, session=session, streamer=clock, **greedy_options(args.new_tokens))
-                gaps = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]
+                gaps = clock.gaps_s
                 at = args.kill_after  # gaps[at - 1] is the step right after the kill
                 result["recovery"] = {
                     "killed": killed, "route_after": _route(session), "recoveries": session.recoveries,

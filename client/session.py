@@ -179,6 +179,10 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
+    def channel(self, index: int) -> Channel:
+        """The open channel to hop `index` (benchmarks read its stream's flow-control counters)."""
+        return self._channels[self.hops[index].session_id]
+
     async def open(self) -> None:
         self.chain.hops = await self._open_chain(self.start, self.end)
         log.info("session route: %s", describe_route(self.route))
