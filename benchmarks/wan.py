@@ -114,6 +114,19 @@ def gap_summary(gaps: list[float], decode_bound: dict[str, float]) -> dict[str, 
             "mean_without_those_s": statistics.fmean([g for g in gaps if g not in slow]) if len(slow) < len(gaps) else float("nan")}
 
 
+def split_summary(splits: list[dict[str, Any]], legs: int) -> dict[str, Any]:
+    """The decode generations' split of a token (wan_client.StepSplit), averaged over them."""
+    if not splits:
+        return {}
+    names = sorted({name for s in splits for name in s["daemons"]})
+    daemons = {name: {phase: statistics.fmean(s["daemons"][name][phase] for s in splits if name in s["daemons"])
+                      for phase in ("to_output", "sent_on", "answered")} for name in names}
+    network = statistics.fmean(s["network_s"] for s in splits)
+    return {"generations": len(splits), "per_token_s": statistics.fmean(s["per_token_s"] for s in splits),
+            "client_s": statistics.fmean(s["client_s"] for s in splits), "daemons": daemons,
+            "network_s": network, "per_leg_s": network / legs}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -144,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "--long-prompt", json.dumps(long_prompt[0].tolist()), "--new-tokens", str(args.new_tokens),
                    "--repeats", str(args.repeats), "--sessions", str(args.sessions),
                    "--pids", json.dumps({d.peer_id: d.pid for d in daemons.values()}),
+                   "--controls", json.dumps({name: str(folder / f"{name}.sock") for name in daemons}),
                    "--kill-after", str(args.new_tokens // 2 if args.kill else 0),
                    "--replay-window", str(args.replay_window)]
             if args.nat:
@@ -190,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_fp16": {"swarm_median_s": swarm["prefill_fp16_median_s"], "bound": fp16_bound,
                          "ratio_to_bound": swarm["prefill_fp16_median_s"] / fp16_bound["total_s"],
                          "window_waits": swarm.get("prefill_fp16_window_waits")},
+        "decode_split": split_summary(swarm.get("split", []), legs),
         "ttft_median_s": swarm["ttft_median_s"],
         "swarm": swarm,
         "client_log_tail": done.stderr[-4000:],
@@ -231,6 +246,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"({d['gaps']['median_s'] / d['bound']['total_s']:.3f}x the bound), p90 {d['gaps']['p90_s'] * ms:.1f}, max "
         f"{d['gaps']['max_s'] * ms:.1f}; {d['gaps']['over_bound_plus_100ms']} over the bound + 100 ms (a lost packet's "
         f"retransmission), mean without them {d['gaps']['mean_without_those_s'] * ms:.1f} ms",
+        *split_lines(r),
         f"prefill: {p['tokens']} tokens swarm {p['swarm_median_s'] * ms:.0f} ms, {parts(p['bound'])}: "
         f"{p['ratio_to_bound']:.3f}x the bound; the client's writes waited for the yamux window "
         f"{p['window_waits']} times",
@@ -257,6 +273,21 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"round trips the daemons measured to the next span's daemons (ms; {2 * cfg['delay'] * ms:.0f} "
                      f"configured): {legs}")
     return "\n".join(lines)
+
+
+def split_lines(r: dict[str, Any]) -> list[str]:
+    sp = r.get("decode_split")
+    if not sp:
+        return []
+    ms = 1e3
+    daemons = ", ".join(f"{name} {(d['to_output'] + d['sent_on']) * ms:.1f} ({d['to_output'] * ms:.1f} to its output + "
+                        f"{d['sent_on'] * ms:.1f} sending it on)" for name, d in sp["daemons"].items())
+    on_path = sum(d["to_output"] + d["sent_on"] for d in sp["daemons"].values())
+    return [f"decode, where a token's {sp['per_token_s'] * ms:.1f} ms went (mean of {sp['generations']} generations): "
+            f"client {sp['client_s'] * ms:.1f} (head, sampling, embeddings, generate's loop; local compute of the whole "
+            f"model {r['decode']['bound']['compute_s'] * ms:.1f}) + daemons {on_path * ms:.1f}: {daemons} + network "
+            f"{sp['network_s'] * ms:.1f} over {r['config']['daemons'] + 1} legs ({sp['per_leg_s'] * ms:.2f} per leg: delay, "
+            f"emulator, TCP, Noise, yamux, framing; probes: {r['link']['probe_median_s'] * ms:.2f} one way)"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

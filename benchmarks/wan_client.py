@@ -15,14 +15,16 @@ import json
 import logging
 import os
 import signal
+import statistics
 import time
 from typing import Any
 
 import torch
 
-from petals_client import AutoDistributedModelForCausalLM
+from petals_client import AutoDistributedModelForCausalLM, ctl
 from petals_client import session as session_module
 from petals_protocol.p2p.compat import send_window_waits
+from petalsd.step_times import PHASES
 
 from .measure import TokenClock, median
 from .swarm_vs_local import _concurrent_tokens_per_s, greedy_options
@@ -33,14 +35,62 @@ def _route(session: Any) -> list[dict[str, Any]]:
 
 
 def _generate(model: Any, ids: torch.Tensor, new_tokens: int, clock: TokenClock,
-              window_waits: list[int] | None = None) -> tuple[list[int], list]:
+              window_waits: list[int] | None = None, split: StepSplit | None = None) -> tuple[list[int], list]:
     """Greedy tokens and the route; `window_waits` gets how often the client's writes to the first
-    daemon waited for its yamux receive window (a prefill bound by the window, not the link)."""
+    daemon waited for its yamux receive window (a prefill bound by the window, not the link);
+    `split` times the decode steps (see StepSplit)."""
     with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
+        if split is not None:
+            split.watch(session)
         out = model.generate(ids, session=session, streamer=clock, **greedy_options(new_tokens))
         if window_waits is not None:
             window_waits.append(send_window_waits(session._session.channel(0).stream))
         return out[0].tolist(), _route(session)
+
+
+class StepSplit:
+    """Where a decode token's time goes: the client's own work (head, sampling, embeddings,
+    generate's loop) is the token's time less the time inside the session's steps; each daemon's
+    part is what its step-time counters (petalsd/step_times.py, read from its control socket before
+    and after) gained per step; what is left of a step is the network: the legs and the message
+    path at both ends of each (TCP, Noise, yamux, framing)."""
+
+    def __init__(self, controls: dict[str, str]) -> None:
+        self.controls = controls  # daemon name -> control socket path
+        self.in_step: list[float] = []
+        self.before: dict[str, dict[str, float]] | None = None  # read once the prompt's step is done
+
+    def _counters(self) -> dict[str, dict[str, float]]:
+        return {name: ctl.metrics(path) for name, path in self.controls.items()}
+
+    def watch(self, session: Any) -> None:
+        step = session.step
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            out = step(*args, **kwargs)
+            if self.before is not None:  # the prompt's step (the first) is prefill, not decode
+                self.in_step.append(time.perf_counter() - began)
+            else:
+                self.before = self._counters()
+            return out
+
+        session.step = timed  # this session only: generate calls session.step for every token
+
+    def result(self, per_token_s: float) -> dict[str, Any]:
+        assert self.before is not None and self.in_step, "no decode step was timed"
+        after = self._counters()
+        daemons = {}
+        for name, now in after.items():
+            was = self.before[name]
+            steps = now["petalsd_timed_steps_total"] - was["petalsd_timed_steps_total"]
+            if steps:
+                daemons[name] = {"steps": steps, **{phase: (now[key] - was[key]) / steps for phase in PHASES
+                                                    if (key := f'petalsd_step_seconds_total{{phase="{phase}"}}')}}
+        in_step = statistics.fmean(self.in_step)
+        on_path = sum(d["to_output"] + d["sent_on"] for d in daemons.values())
+        return {"per_token_s": per_token_s, "in_step_s": in_step, "client_s": per_token_s - in_step,
+                "daemons": daemons, "network_s": in_step - on_path}
 
 
 class KillingClock(TokenClock):
@@ -67,6 +117,7 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=8, help="concurrent users (0: skip that phase)")
     p.add_argument("--relayed", nargs=2, metavar=("NATTED", "PUBLIC"), help="peer ids serving the same blocks")
     p.add_argument("--pids", default="{}", help="peer id -> pid, JSON (for the SIGKILL)")
+    p.add_argument("--controls", default="{}", help="daemon name -> control socket, JSON (for the step split)")
     p.add_argument("--kill-after", type=int, default=0, help="SIGKILL the middle daemon after this many tokens")
     p.add_argument("--step-timeout", type=float, default=120.0, help="generous: the lab's machine may be loaded")
     p.add_argument("--replay-window", type=int, default=0,
@@ -88,8 +139,9 @@ def main() -> None:
             model.swarm.ban(args.relayed[0])  # the direct chain for everything but the relayed figure
         _generate(model, prompt, 2, TokenClock())  # warm-up: connections, allocators
         for _ in range(args.repeats):
-            clock = TokenClock()
-            tokens, route = _generate(model, prompt, args.new_tokens, clock)
+            clock, split = TokenClock(), StepSplit(json.loads(args.controls))
+            tokens, route = _generate(model, prompt, args.new_tokens, clock, split=split)
+            result.setdefault("split", []).append(split.result(clock.per_token_s))
             result["decode_s"].append(clock.per_token_s)
             result.setdefault("decode_gaps_s", []).append(clock.gaps_s)
             result["routes"].append(route)

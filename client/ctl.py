@@ -148,6 +148,15 @@ def request(path: str, method: str, target: str) -> tuple[int, str, bytes]:
         conn.close()
 
 
+def metrics(path: str) -> dict[str, float]:
+    """The daemon's /v1/metrics as {'name' or 'name{labels}': value} (Prometheus text, as written)."""
+    status, _, body = request(path, "GET", "/v1/metrics")
+    if status != 200:
+        raise CtlError(f"{path}: /v1/metrics answered {status}: {body.decode(errors='replace')[:200]}")
+    samples = (line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Execute `petals ctl`; 0 on success, 1 when the daemon answered with an error or could
     not be reached (the reason printed as one line on stderr)."""

@@ -100,6 +100,11 @@ class DaemonControl:
                    ctx.forwarder.pushes_sent if ctx.forwarder else 0),
             Metric("petalsd_push_writes_total", "counter", "Stream writes that carried them (a batch's "
                    "pushes share one).", ctx.forwarder.push_writes if ctx.forwarder else 0),
+            Metric("petalsd_timed_steps_total", "counter", "Inference steps that produced an output (the count "
+                   "behind petalsd_step_seconds_total).", ctx.step_times.steps),
+            *(Metric("petalsd_step_seconds_total", "counter", "Seconds inference steps spent here, by phase "
+                     "(petalsd/step_times.py).", seconds, {"phase": phase})
+              for phase, seconds in ctx.step_times.seconds.items()),
             Metric("petalsd_uptime_seconds", "gauge", "Seconds since start.", time.time() - self.daemon.started_at),
         ]
 

@@ -72,6 +72,7 @@ from .compute import ComputeWorker
 from .forwarding import Forwarder, LinkActivity, PushRefused
 from .limits import PeerGate
 from .sessions import Session, SessionRefused, SessionTable
+from .step_times import StepTimes
 
 log = logging.getLogger("petalsd.handlers")
 
@@ -121,6 +122,8 @@ class ServingContext:
     adapters: tuple[str, ...] = ()
     # This daemon's membership certificate blob, shown in info replies (--member-certificate)
     certificate: bytes | None = None
+    # Where inference steps spend their time here (petalsd/step_times.py; control API metrics)
+    step_times: StepTimes = field(default_factory=StepTimes)
 
     def link_activity(self) -> list[LinkActivity]:
         """Push traffic in both directions, shaped like sessions (peer, steps), so that the idle
@@ -333,6 +336,7 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
     client's stream; with `push`, the output goes to the next daemon first (the critical path),
     before it is even signed for the client."""
     sid = owned.session.session_id.hex()[:12]
+    arrived = time.monotonic()
     async with held(owned.lock):
         if ctx.owners.get(owned.session.session_id) is not owned:  # closed while this step waited for the lock
             return
@@ -351,9 +355,13 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
             await owned.channel.send(error_reply(exc, f"the step failed in the daemon ({type(exc).__name__}: {exc})",
                                                  session_id=msg.session_id))
             return
+        output_ready = time.monotonic()
         if msg.push is not None:
             await _forward_output(ctx, owned, msg, output)
+        sent_on = time.monotonic()
         await owned.channel.send(_signed_result(ctx, owned.session, msg, output))
+        answered = time.monotonic()
+        ctx.step_times.add(arrived, output_ready, sent_on if msg.push is not None else answered, answered)
 
 
 async def _receive_within(channel: Channel, seconds: float) -> object | None:

@@ -71,6 +71,7 @@ from ..membership import REVOCATIONS_NAMESPACE, decode_revocations, revocations_
 from ..signing import peer_id_from_text, peer_id_to_text
 from . import compat
 from .host import DialError, connect
+from .negotiate import new_stream
 
 __all__ = [
     "INDEX_EPOCH_SECONDS",
@@ -235,7 +236,7 @@ class ServerOnlyRoutingTable(RoutingTable):
         is_server = False
         with trio.move_on_after(RPC_TIMEOUT):
             try:
-                stream = await self.host.new_stream(peer_id, [KAD_PROTOCOL])
+                stream = await new_stream(self.host, peer_id, KAD_PROTOCOL)
             except Exception as exc:  # libp2p raises assorted types for "not supported"/"no route"
                 log.debug("peer %s is not a DHT server: %s", peer_id, exc)
             else:

@@ -35,6 +35,7 @@ from multiaddr import Multiaddr
 
 from ..errors import PetalsError
 from ..framing import FrameDecoder, encode_frame
+from .negotiate import new_stream
 from .relay import protect_outbound
 
 __all__ = ["PUNCH_PROTOCOL", "PunchError", "PunchService", "punch_tcp"]
@@ -150,7 +151,7 @@ class PunchService:
         port = _free_port()
         try:
             with trio.fail_after(PUNCH_TIMEOUT + 5):
-                stream = await self.host.new_stream(peer, [PUNCH_PROTOCOL])
+                stream = await new_stream(self.host, peer, PUNCH_PROTOCOL)
                 try:
                     await _write(stream, ip, port)
                     theirs = await _read(stream)

@@ -43,6 +43,8 @@ from libp2p.security.pnet.protector import new_protected_conn
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from .negotiate import new_stream
+
 __all__ = [
     "CIRCUIT",
     "HOP_PROTOCOL",
@@ -333,7 +335,7 @@ class Reservations:
         try:
             with trio.fail_after(self.dial_timeout):
                 relay_id = await connect(self.host, addr, timeout=self.dial_timeout)
-                stream = await self.host.new_stream(relay_id, [HOP_PROTOCOL])
+                stream = await new_stream(self.host, relay_id, HOP_PROTOCOL)
                 try:
                     ok = await transport.reserve(stream, relay_id, nursery)
                 finally:

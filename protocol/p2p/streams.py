@@ -42,6 +42,7 @@ from ..framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, e
 from .budget import ByteBudget
 from .locking import held
 from .compat import make_lean
+from .negotiate import new_stream
 from ..messages import TAG_PREFIX_SIZE, Message, decode_message, encode_message, peek_tag
 
 #: `admit(length, tag)`: judges a large frame from its header and tag (None: not a message's
@@ -462,7 +463,7 @@ async def open_stream(
     """
     with trio.move_on_after(timeout) as scope:
         try:
-            stream = await host.new_stream(peer_id, [TProtocol(protocol)])
+            stream = await new_stream(host, peer_id, protocol)
         except Exception as exc:  # dial and multistream-select failures come in many libp2p types
             raise StreamOpenError(str(peer_id), protocol, _reason(exc, "failed")) from exc
     if scope.cancelled_caught:

@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from petals_client.ctl import request as control_request
+from petals_client.ctl import metrics
 from petals_client.localswarm import DaemonProcess, LocalSwarm
 from petals_protocol.models.synthetic import make_random_checkpoint
 
@@ -44,11 +43,8 @@ def make_endless_model(root: Path) -> Path:
 def daemon_counters(swarm: LocalSwarm, daemon: DaemonProcess) -> dict[str, float]:
     """A daemon's own counters from its /v1/metrics: requests served by kind ("steps", "forward",
     ...) and "tokens", every token it ran through its blocks for anyone."""
-    status, _, body = control_request(str(swarm.workdir / f"{daemon.name}.sock"), "GET", "/v1/metrics")
-    assert status == 200, body
-    text = body.decode() if isinstance(body, bytes) else body
-    counts = {m.group(1): float(m.group(2))
-              for m in re.finditer(r'^petalsd_requests_total\{kind="(\w+)"\} ([0-9.e+]+)$', text, re.M)}
-    tokens = re.search(r"^petalsd_tokens_total ([0-9.e+]+)$", text, re.M)
-    counts["tokens"] = float(tokens.group(1)) if tokens else 0.0
+    samples = metrics(str(swarm.workdir / f"{daemon.name}.sock"))
+    counts = {name.removeprefix('petalsd_requests_total{kind="').removesuffix('"}'): value
+              for name, value in samples.items() if name.startswith("petalsd_requests_total{")}
+    counts["tokens"] = samples.get("petalsd_tokens_total", 0.0)
     return counts

@@ -10,13 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from petals_client import AutoDistributedModelForCausalLM
 from petals_client import ctl
+from petalsd.step_times import PHASES
 
 pytestmark = pytest.mark.integration
-
-
-def _metrics(sock) -> dict[str, str]:
-    _, _, body = ctl.request(str(sock), "GET", "/v1/metrics")
-    return dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#"))
 
 
 def _generate_concurrently(model, prompts: list[torch.Tensor]) -> list:
@@ -45,7 +41,7 @@ def test_concurrent_sessions_batched_match_local(llama_path, swarm_factory, tmp_
     with AutoDistributedModelForCausalLM.from_pretrained(llama_path, initial_peers=swarm.addrs) as model:
         results = _generate_concurrently(model, prompts)
     assert results == [r.tolist() for r in refs]
-    metrics = _metrics(sock)
+    metrics = ctl.metrics(str(sock))
     assert float(metrics["petalsd_batched_steps_total"]) > 0, "no decode step was batched"
     print(f"\nbatched forwards: {metrics['petalsd_batches_total']}, steps inside them: "
           f"{metrics['petalsd_batched_steps_total']}")
@@ -68,8 +64,13 @@ def test_client_head_batching_with_batching_daemons_matches_local(llama_path, sw
         batches, requests = model.head_batcher.batches, model.head_batcher.batched_requests
     assert results == [r.tolist() for r in refs]
     assert batches > 0, "no head call was shared between sessions"
-    metrics = _metrics(sock)
+    metrics = ctl.metrics(str(sock))
     pushes, writes = float(metrics["petalsd_pushes_total"]), float(metrics["petalsd_push_writes_total"])
     assert pushes >= len(prompts) * 23 and writes < pushes, (pushes, writes)  # pushes of a batch shared writes
+    # Where its steps' time went (petalsd/step_times.py): every step is timed, in every phase
+    # (computing, pushing the output on, answering the client).
+    assert metrics["petalsd_timed_steps_total"] == metrics['petalsd_requests_total{kind="steps"}'] > 0
+    phases = {phase: metrics[f'petalsd_step_seconds_total{{phase="{phase}"}}'] for phase in PHASES}
+    assert all(seconds > 0 for seconds in phases.values()), phases
     print(f"\nshared head calls: {batches}, session steps inside them: {requests}; "
           f"pushes {pushes:.0f} in {writes:.0f} writes")

@@ -218,6 +218,12 @@ def test_unsupported_protocol_is_a_stream_open_error(remote_peer, run_client: Ca
         with pytest.raises(StreamOpenError) as caught:
             await open_stream(host, peer, "/petals-test/nobody-serves-this/1", nursery=nursery, timeout=5)
         assert caught.value.peer == str(peer)
+        assert "does not serve /petals-test/nobody-serves-this/1" in str(caught.value)
+        # The refused stream was reset, the connection stays usable
+        framed = await open_stream(host, peer, ECHO, nursery=nursery)
+        await framed.send(InfoRequest())
+        assert await framed.receive() == InfoRequest()
+        await framed.close()
 
     run_client(remote_peer.addr, body)
 
