@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,34 @@ def probe_one_way(lab: WanLab, src: str, dst: str, count: int = 200) -> list[flo
                     "0.005", "200"], check=True, timeout=60)
     out, _ = receiver.communicate(timeout=30)
     return [d for _, d in json.loads(out)]
+
+
+@dataclass
+class IdleClock(TokenClock):
+    """A TokenClock that idles `idle_s` after each token, as every machine of a chain does while a
+    token crosses the network: its per-token time less the idle is the compute of a machine that
+    waits between tokens (caches, TLBs and branch predictors gone cold; on this VM a span's decode
+    step is slower after 100 ms asleep than back to back: BENCHMARKS.md)."""
+
+    idle_s: float = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        super().put(value)
+        time.sleep(self.idle_s)
+
+    @property
+    def per_token_s(self) -> float:
+        return super().per_token_s - self.idle_s
+
+
+def local_idle_decode(model: Any, prompt: torch.Tensor, new_tokens: int, repeats: int, idle_s: float) -> list[float]:
+    """The local model's per-token compute with `idle_s` of idleness before each token."""
+    out = []
+    for _ in range(repeats):
+        clock = IdleClock(idle_s=idle_s)
+        model.generate(prompt, streamer=clock, **greedy_options(new_tokens))
+        out.append(clock.per_token_s)
+    return out
 
 
 def local_reference(model: Any, prompt: torch.Tensor, long_prompt: torch.Tensor, new_tokens: int,
@@ -177,10 +206,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     more_decode, more_prefill, _ = local_reference(local, prompt, long_prompt, args.new_tokens, args.repeats)
     decode_l += more_decode
     prefill_l += more_prefill
-
     legs = args.daemons + 1
+    idle_l = local_idle_decode(local, prompt, args.new_tokens, args.repeats, legs * args.delay)
+
     activation = shape.hidden_size * 4  # fp32 activations: bytes per token on each leg
     decode_bound = bound(median(decode_l), legs, args.delay, activation, args.rate)
+    # The same bound with the compute of a machine idle between tokens, as each machine of a chain is
+    idle_bound = bound(median(idle_l), legs, args.delay, activation, args.rate)
     prefill_bound = bound(median(prefill_l), legs, args.delay, activation * args.prefill_tokens, args.rate)
     # fp16 activations: half the bytes per leg (the compute is the same float32 compute)
     fp16_bound = bound(median(prefill_l), legs, args.delay, activation * args.prefill_tokens // 2, args.rate)
@@ -193,11 +225,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "link": {"configured_one_way_s": args.delay, "probe_median_s": statistics.median(one_way),
                  "probe_p90_s": sorted(one_way)[int(0.9 * (len(one_way) - 1))], "probes": len(one_way),
                  "emulator": lab.stats},
-        "local": {"decode_s": decode_l, "prefill_s": prefill_l},
+        "local": {"decode_s": decode_l, "prefill_s": prefill_l, "decode_idle_between_tokens_s": idle_l},
         "decode": {"swarm_median_s": swarm["decode_median_s"], "bound": decode_bound,
                    "gaps": gap_summary([g for run in swarm.get("decode_gaps_s", []) for g in run], decode_bound),
                    "ratio_to_bound": swarm["decode_median_s"] / decode_bound["total_s"],
-                   "tokens_match": swarm["tokens"] == local_tokens},
+                   "tokens_match": swarm["tokens"] == local_tokens, "bound_idle_compute": idle_bound,
+                   "ratio_to_bound_idle_compute": swarm["decode_median_s"] / idle_bound["total_s"]},
         "prefill": {"tokens": args.prefill_tokens, "swarm_median_s": swarm["prefill_median_s"],
                     "bound": prefill_bound, "ratio_to_bound": swarm["prefill_median_s"] / prefill_bound["total_s"],
                     "window_waits": swarm.get("prefill_window_waits")},
@@ -242,6 +275,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_average_1m']:.2f} -> {m['load_average_1m_end']:.2f}",
         f"decode:  swarm {d['swarm_median_s'] * ms:.1f} ms/token, {parts(d['bound'])}: "
         f"{d['ratio_to_bound']:.3f}x the bound; tokens match local: {d['tokens_match']}",
+        f"decode vs the bound with the compute of a local model idle {cfg['daemons'] + 1} x {cfg['delay'] * ms:.0f} ms "
+        f"before each token (as every machine of the chain is): {parts(d['bound_idle_compute'])}: "
+        f"{d['ratio_to_bound_idle_compute']:.3f}x",
         f"decode steps: {d['gaps']['steps']}, gap median {d['gaps']['median_s'] * ms:.1f} ms "
         f"({d['gaps']['median_s'] / d['bound']['total_s']:.3f}x the bound), p90 {d['gaps']['p90_s'] * ms:.1f}, max "
         f"{d['gaps']['max_s'] * ms:.1f}; {d['gaps']['over_bound_plus_100ms']} over the bound + 100 ms (a lost packet's "

@@ -42,7 +42,7 @@ from ..framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, e
 from .budget import ByteBudget
 from .locking import held
 from .compat import make_lean
-from .negotiate import new_stream
+from .negotiate import Answers, NegotiationFailed, new_stream
 from ..messages import TAG_PREFIX_SIZE, Message, decode_message, encode_message, peek_tag
 
 #: `admit(length, tag)`: judges a large frame from its header and tag (None: not a message's
@@ -150,6 +150,7 @@ class FramedStream:
         max_buffered_frames: int = DEFAULT_MAX_BUFFERED_FRAMES,
         budget: ByteBudget | None = None,
         admit: Admit | None = None,
+        answers: Answers | None = None,
     ) -> None:
         make_lean(stream)  # far fewer scheduler passes per message in yamux (see compat/yamux.py)
         self.stream = stream
@@ -175,6 +176,9 @@ class FramedStream:
         self._admit = admit
         self._frames_read = 0
         self._admitted = -1  # index of the last frame `admit` passed
+        # A stream opened without waiting for multistream-select (negotiate.py): the peer's
+        # answers come in front of its first frame.
+        self._answers = answers
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -208,7 +212,19 @@ class FramedStream:
             except StreamEOF:
                 data = b""
             except _STREAM_GONE as exc:
-                return self._closed_error(_reason(exc, "reset or connection lost"), cause=exc)
+                if self._answers is not None:  # a peer refusing the protocol resets after its "na"
+                    data = b""
+                else:
+                    return self._closed_error(_reason(exc, "reset or connection lost"), cause=exc)
+            if self._answers is not None:
+                ended = not data
+                try:
+                    data = self._negotiated(data)
+                except NegotiationFailed as exc:
+                    self._poisoned = True
+                    return StreamOpenError(self._budget_peer, self.protocol or "?", str(exc))
+                if data is None or (not data and not ended):
+                    continue  # the answers are not all in yet, or nothing came behind them
             try:
                 if not data:
                     decoder.eof()  # raises MalformedMessage if the peer stopped mid-frame
@@ -229,6 +245,17 @@ class FramedStream:
                 return exc
             if not data:
                 return self._ending()
+
+    def _negotiated(self, data: bytes) -> bytes | None:
+        """`data` less the peer's multistream answers in front of it (None: still reading them)."""
+        assert self._answers is not None
+        if not data:
+            self._answers.eof()
+            return data
+        rest = self._answers.feed(data)
+        if rest is not None:
+            self._answers = None
+        return rest
 
     def _charge(self, nbytes: int) -> None:
         if self._budget is None:
@@ -459,16 +486,20 @@ async def open_stream(
     """Open a `protocol` stream to `peer_id` (dialing a known address if not connected) and start
     its pump in `nursery`, which must outlive the stream. Close it with `await framed.close()`.
 
-    Raises StreamOpenError on failure or after `timeout` seconds.
+    The stream is usable at once: the protocol is proposed without waiting for the peer's answer
+    (negotiate.py), so the first message goes out in the same round trip. Raises StreamOpenError
+    if the dial fails or after `timeout` seconds; a peer that refuses the protocol makes the
+    first `receive()` raise StreamOpenError.
     """
     with trio.move_on_after(timeout) as scope:
         try:
-            stream = await new_stream(host, peer_id, protocol)
-        except Exception as exc:  # dial and multistream-select failures come in many libp2p types
+            stream = await new_stream(host, peer_id, protocol, lazy=True)
+        except Exception as exc:  # dial failures come in many libp2p types
             raise StreamOpenError(str(peer_id), protocol, _reason(exc, "failed")) from exc
     if scope.cancelled_caught:
         raise StreamOpenError(str(peer_id), protocol, f"timed out after {timeout:g} s")
-    framed = FramedStream(stream, max_frame_size=max_frame_size, max_buffered_frames=max_buffered_frames)
+    framed = FramedStream(stream, max_frame_size=max_frame_size, max_buffered_frames=max_buffered_frames,
+                          answers=Answers(peer_id, protocol))
     await nursery.start(framed.pump)
     return framed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -215,8 +216,14 @@ def test_killed_peer_is_noticed_promptly(fresh_peer, run_client: Callable[..., N
 
 def test_unsupported_protocol_is_a_stream_open_error(remote_peer, run_client: Callable[..., None]) -> None:
     async def body(host: IHost, peer: ID, nursery: trio.Nursery) -> None:
+        # Opened without waiting for the peer's answer (negotiate.py): the refusal comes with the
+        # first receive, whatever was sent meanwhile
+        refused = await open_stream(host, peer, "/petals-test/nobody-serves-this/1", nursery=nursery, timeout=5)
+        with contextlib.suppress(StreamClosed):
+            await refused.send(InfoRequest())
         with pytest.raises(StreamOpenError) as caught:
-            await open_stream(host, peer, "/petals-test/nobody-serves-this/1", nursery=nursery, timeout=5)
+            await refused.receive()
+        await refused.close()
         assert caught.value.peer == str(peer)
         assert "does not serve /petals-test/nobody-serves-this/1" in str(caught.value)
         # The refused stream was reset, the connection stays usable
