@@ -249,8 +249,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["relayed"] = {"relayed_median_s": median(swarm["relayed_s"]), "direct_median_s": median(swarm["direct_s"]),
                              "extra_s": median(swarm["relayed_s"]) - median(swarm["direct_s"]),
                              "tokens_match": swarm.get("relayed_tokens_match")}
-    if swarm.get("next_legs_s"):
-        result["next_legs_s"] = swarm["next_legs_s"]
+    if swarm.get("next_legs_s"):  # a daemon gone by then (the SIGKILL) is named by its peer id's end
+        named = {d.peer_id[-8:]: name for name, d in daemons.items()}
+        result["next_legs_s"] = {a: {named.get(b, b): rtt for b, rtt in nexts.items()}
+                                 for a, nexts in swarm["next_legs_s"].items()}
     rec = swarm.get("recovery")
     if rec:
         result["recovery"] = {**rec, "stall_s": rec["gap_after_kill_s"] - rec["median_gap_s"]}
@@ -311,19 +313,30 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def split_lines(r: dict[str, Any]) -> list[str]:
-    sp = r.get("decode_split")
-    if not sp:
-        return []
+def _daemon_parts(daemons: dict[str, dict[str, float]]) -> tuple[float, str]:
     ms = 1e3
-    daemons = ", ".join(f"{name} {(d['to_output'] + d['sent_on']) * ms:.1f} ({d['to_output'] * ms:.1f} to its output + "
-                        f"{d['sent_on'] * ms:.1f} sending it on)" for name, d in sp["daemons"].items())
-    on_path = sum(d["to_output"] + d["sent_on"] for d in sp["daemons"].values())
-    return [f"decode, where a token's {sp['per_token_s'] * ms:.1f} ms went (mean of {sp['generations']} generations): "
+    on_path = sum(d["to_output"] + d["sent_on"] for d in daemons.values())
+    return on_path, ", ".join(f"{name} {(d['to_output'] + d['sent_on']) * ms:.1f} ({d['to_output'] * ms:.1f} to its "
+                              f"output + {d['sent_on'] * ms:.1f} sending it on)" for name, d in daemons.items())
+
+
+def split_lines(r: dict[str, Any]) -> list[str]:
+    ms, legs = 1e3, r["config"]["daemons"] + 1
+    lines = []
+    sp = r.get("decode_split")
+    if sp:
+        on_path, daemons = _daemon_parts(sp["daemons"])
+        lines.append(
+            f"decode, where a token's {sp['per_token_s'] * ms:.1f} ms went (mean of {sp['generations']} generations): "
             f"client {sp['client_s'] * ms:.1f} (head, sampling, embeddings, generate's loop; local compute of the whole "
             f"model {r['decode']['bound']['compute_s'] * ms:.1f}) + daemons {on_path * ms:.1f}: {daemons} + network "
-            f"{sp['network_s'] * ms:.1f} over {r['config']['daemons'] + 1} legs ({sp['per_leg_s'] * ms:.2f} per leg: delay, "
-            f"emulator, TCP, Noise, yamux, framing; probes: {r['link']['probe_median_s'] * ms:.2f} one way)"]
+            f"{sp['network_s'] * ms:.1f} over {legs} legs ({sp['per_leg_s'] * ms:.2f} per leg: delay, emulator, TCP, "
+            f"Noise, yamux, framing; probes: {r['link']['probe_median_s'] * ms:.2f} one way)")
+    for i, split in enumerate(r["swarm"].get("prefill_split", []), 1):
+        on_path, daemons = _daemon_parts(split["daemons"])
+        lines.append(f"prefill {i} (in order), {split['per_token_s'] * ms:.0f} ms: client {split['client_s'] * ms:.0f} + "
+                     f"daemons {on_path * ms:.0f}: {daemons} + network {split['network_s'] * ms:.0f} over {legs} legs")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

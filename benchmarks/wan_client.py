@@ -38,7 +38,7 @@ def _generate(model: Any, ids: torch.Tensor, new_tokens: int, clock: TokenClock,
               window_waits: list[int] | None = None, split: StepSplit | None = None) -> tuple[list[int], list]:
     """Greedy tokens and the route; `window_waits` gets how often the client's writes to the first
     daemon waited for its yamux receive window (a prefill bound by the window, not the link);
-    `split` times the decode steps (see StepSplit)."""
+    `split` times the steps (see StepSplit)."""
     with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
         if split is not None:
             split.watch(session)
@@ -49,27 +49,36 @@ def _generate(model: Any, ids: torch.Tensor, new_tokens: int, clock: TokenClock,
 
 
 class StepSplit:
-    """Where a decode token's time goes: the client's own work (head, sampling, embeddings,
-    generate's loop) is the token's time less the time inside the session's steps; each daemon's
-    part is what its step-time counters (petalsd/step_times.py, read from its control socket before
-    and after) gained per step; what is left of a step is the network: the legs and the message
-    path at both ends of each (TCP, Noise, yamux, framing)."""
+    """Where a step's time goes: each daemon's part is what its step-time counters
+    (petalsd/step_times.py, read from its control socket before and after) gained per step; what
+    is left of the time inside the session's steps is the network: the legs and the message path
+    at both ends of each (TCP, Noise, yamux, framing). For decode (`prompt=False`: every step after
+    the prompt's) the client's own work (head, sampling, embeddings, generate's loop) is the token's
+    time less the time inside the steps; `prompt=True` splits the prompt's step alone (a prefill)."""
 
-    def __init__(self, controls: dict[str, str]) -> None:
+    def __init__(self, controls: dict[str, str], *, prompt: bool = False) -> None:
         self.controls = controls  # daemon name -> control socket path
+        self.prompt = prompt
         self.in_step: list[float] = []
-        self.before: dict[str, dict[str, float]] | None = None  # read once the prompt's step is done
+        self.before: dict[str, dict[str, float]] | None = None
+        self.calls = 0
 
     def _counters(self) -> dict[str, dict[str, float]]:
         return {name: ctl.metrics(path) for name, path in self.controls.items()}
 
     def watch(self, session: Any) -> None:
+        """Time `session`'s steps. Counters are read outside the measured windows: before the
+        generation for a prompt (its only step: generate one token), right after the prompt's step
+        for decode (before the first token is stamped)."""
         step = session.step
+        if self.prompt:
+            self.before = self._counters()
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
             began = time.perf_counter()
             out = step(*args, **kwargs)
-            if self.before is not None:  # the prompt's step (the first) is prefill, not decode
+            if self.prompt or self.calls > 1:
                 self.in_step.append(time.perf_counter() - began)
             else:
                 self.before = self._counters()
@@ -78,7 +87,8 @@ class StepSplit:
         session.step = timed  # this session only: generate calls session.step for every token
 
     def result(self, per_token_s: float) -> dict[str, Any]:
-        assert self.before is not None and self.in_step, "no decode step was timed"
+        assert self.before is not None and self.in_step, "no step was timed"
+        assert not self.prompt or self.calls == 1, "a prompt's split needs a generation of one token"
         after = self._counters()
         daemons = {}
         for name, now in after.items():
@@ -149,8 +159,10 @@ def main() -> None:
             for codec, key in (("none", "prefill"), ("fp16", "prefill_fp16")):  # interleaved: same load
                 model.compression = codec
                 clock = TokenClock()
-                _generate(model, long_prompt, 2, clock, result.setdefault(f"{key}_window_waits", []))
+                split = StepSplit(json.loads(args.controls), prompt=True)
+                _generate(model, long_prompt, 1, clock, result.setdefault(f"{key}_window_waits", []), split)
                 result.setdefault(f"{key}_s", []).append(clock.first_token_s)
+                result.setdefault(f"{key}_split", []).append(split.result(clock.first_token_s))
             model.compression = "none"
             clock, called = TokenClock(), time.perf_counter()
             _generate(model, prompt, 2, clock)  # a fresh session: opening the chain counts

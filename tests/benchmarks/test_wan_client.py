@@ -4,7 +4,7 @@ benchmarks/wan.py needs root and network namespaces and takes minutes, so nothin
 when the client library changed under it (it once read a field that a refactor had removed). Here
 it runs against two real daemons on 127.0.0.1 with a tiny model: every phase it measures on the
 WAN (decode with the split of a token's time, prefill exact and fp16, a fresh session) produces
-sane figures, and the split adds up.
+sane figures, and the splits of a decode token and of a prefill add up.
 """
 from __future__ import annotations
 
@@ -63,3 +63,10 @@ def test_wan_client_measures_every_phase_and_splits_a_token(tmp_path: Path) -> N
     assert math.isclose(split["client_s"] + split["in_step_s"], split["per_token_s"], rel_tol=1e-9)
     assert math.isclose(on_path + split["network_s"], split["in_step_s"], rel_tol=1e-9)
     assert 0 < on_path < split["in_step_s"] and split["client_s"] > 0
+
+    for key in ("prefill_split", "prefill_fp16_split"):  # the prompt's step alone, split the same way
+        (prefill,) = result[key]
+        assert set(prefill["daemons"]) == set(daemons)
+        assert all(d["steps"] == 1 and d["to_output"] > 0 and d["sent_on"] > 0 for d in prefill["daemons"].values())
+        assert math.isclose(prefill["client_s"] + prefill["in_step_s"], prefill["per_token_s"], rel_tol=1e-9)
+        assert 0 < prefill["network_s"] < prefill["in_step_s"]
