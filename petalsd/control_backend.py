@@ -100,6 +100,8 @@ class DaemonControl:
                    ctx.forwarder.pushes_sent if ctx.forwarder else 0),
             Metric("petalsd_push_writes_total", "counter", "Stream writes that carried them (a batch's "
                    "pushes share one).", ctx.forwarder.push_writes if ctx.forwarder else 0),
+            Metric("petalsd_pushes_landed_total", "counter", "Large pushes (prefills) the next daemon confirmed "
+                   "whole; the client was answered after each.", ctx.forwarder.pushes_landed if ctx.forwarder else 0),
             Metric("petalsd_timed_steps_total", "counter", "Inference steps that produced an output (the count "
                    "behind petalsd_step_seconds_total).", ctx.step_times.steps),
             *(Metric("petalsd_step_seconds_total", "counter", "Seconds inference steps spent here, by phase "

@@ -50,7 +50,7 @@ from libp2p.peer.id import ID
 
 from petals_protocol.errors import PetalsError
 from petals_protocol.ids import INFERENCE_PROTOCOL
-from petals_protocol.messages import ErrorReply, InferenceStep, PushTarget
+from petals_protocol.messages import PUSH_LANDED_FROM, ErrorReply, InferenceStep, PushLanded, PushTarget
 from petals_protocol.p2p.host import connect, parse_peer_multiaddr
 from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import FramedStream, open_stream
@@ -75,6 +75,13 @@ PUSH_COALESCE_MAX = 64
 PUSH_WRITE_TIMEOUT = 1.0
 #: A push target without a fitting swarm record is refused for this long without a new lookup.
 NON_MEMBER_TTL = 30.0
+#: The longest a daemon holds its answer to a client after pushing a large step (a prefill), waiting
+#: for the next daemon's PushLanded (messages.PushLanded: the answer would share the uplink with the
+#: push): past it, the answer goes anyway.
+PUSH_LANDED_WAIT = 2.0
+#: Large pushes of one link waiting for PushLanded at once (a next daemon that never sends it
+#: costs each of them PUSH_LANDED_WAIT, and no memory beyond this)
+LANDING_MAX = 256
 
 #: `members(peer)`: that daemon's current record in this model's swarm (a DHT lookup), or None.
 Membership = Callable[[str], Awaitable[ServerRecord | None]]
@@ -116,6 +123,8 @@ class _Link:
     last_push: float = field(default_factory=trio.current_time)
     broken: bool = False  # a write failed or was cut: reset the stream instead of closing it
     record: ServerRecord | None = None  # the peer's swarm record, once looked up (before dialling)
+    # Large pushes waiting for the next daemon's PushLanded, by (its session id, step)
+    landing: dict[tuple[bytes, int], trio.Event] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,15 +146,17 @@ class Forwarder:
     direct_path: Callable[[ID], Awaitable[None]] | None = None
     pushes_sent: int = 0  # steps written to next daemons
     push_writes: int = 0  # stream writes that carried them (fewer when a batch's pushes coalesce)
+    pushes_landed: int = 0  # large pushes the next daemon confirmed (PushLanded)
 
     def activity(self) -> list[LinkActivity]:
         """One entry per open link: pushes count as activity on the connection to that peer."""
         return [link.activity for link in self._links.values()]
 
-    async def push(self, target: PushTarget, msg: InferenceStep) -> None:
+    async def push(self, target: PushTarget, msg: InferenceStep) -> trio.Event | None:
         """Send `msg` to the daemon `target` names; returns once it is written (or queued while the
         link opens, or dropped: delivery failures are logged, never raised; bounded by
-        PUSH_WRITE_TIMEOUT). PushRefused for a bad target."""
+        PUSH_WRITE_TIMEOUT). PushRefused for a bad target. For a push of `PUSH_LANDED_FROM` bytes
+        or more, an event set when the next daemon says it arrived whole (or the link ends)."""
         peer = peer_id_to_text(target.peer_id)
         dialled = self._peer_of_addr(target.addr)
         if dialled != peer:
@@ -162,6 +173,11 @@ class Forwarder:
             raise PushRefused(f"push target {peer} does not serve block {target.start_block} (its record: "
                               f"blocks {link.record.start_block}:{link.record.end_block}, {link.record.state})")
         link.last_push = trio.current_time()
+        landed = None
+        if len(msg.hidden.data) >= PUSH_LANDED_FROM:
+            if len(link.landing) >= LANDING_MAX:  # a next daemon that never confirms: stop waiting on it
+                self._release_landing(link)
+            landed = link.landing[(msg.session_id, msg.step)] = trio.Event()
         if link.stream is None or link.writes or link.queue.statistics().current_buffer_used:
             # A write is under way (the steps of a batch finish together): queue behind it, and
             # the writer sends everything queued meanwhile in one write.
@@ -169,7 +185,7 @@ class Forwarder:
             if link.stream is not None:
                 with trio.move_on_after(PUSH_WRITE_TIMEOUT):
                     await written.wait()
-            return
+            return landed
         link.writes += 1  # the link is idle: write at once (no task switch on a lone session's path)
         try:
             with trio.fail_after(PUSH_WRITE_TIMEOUT):
@@ -183,6 +199,7 @@ class Forwarder:
             self._forget(link)
         finally:
             link.writes -= 1
+        return landed
 
     def _peer_of_addr(self, addr: str) -> str:
         """The peer id a push address dials. Parsing a multiaddr is slow enough to show on the critical
@@ -206,6 +223,8 @@ class Forwarder:
             log.warning("push queue to peer=%s is full (%d); dropped a step of session %s", link.peer,
                         self.queue_size, push.msg.session_id.hex()[:12])
             push.written.set()
+            if (landed := link.landing.pop((push.msg.session_id, push.msg.step), None)) is not None:
+                landed.set()
         return push.written
 
     def _open_link(self, peer: str, block: int) -> _Link:
@@ -257,11 +276,19 @@ class Forwarder:
                           f"({failure})")
 
     def _forget(self, link: _Link) -> None:
-        """Take the link out of the pool and end its task (idempotent)."""
+        """Take the link out of the pool and end its task (idempotent); nobody waits for a
+        PushLanded that cannot come any more."""
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
         link.queue.close()
         link.scope.cancel()
+        self._release_landing(link)
+
+    @staticmethod
+    def _release_landing(link: _Link) -> None:
+        for landed in link.landing.values():
+            landed.set()
+        link.landing.clear()
 
     async def _run_link(self, link: _Link, block: int, queue: trio.MemoryReceiveChannel[_Push]) -> None:
         """The link's task: open the stream, then write what is queued until the link is idle or
@@ -277,7 +304,7 @@ class Forwarder:
                 log.info("push link open peer=%s", link.peer)
                 link.stream = stream
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_replies, stream, link.peer, link.scope)
+                    nursery.start_soon(self._read_replies, stream, link)
                     nursery.start_soon(self._close_when_idle, link)
                     try:
                         await self._write_pushes(stream, link, queue)
@@ -322,19 +349,25 @@ class Forwarder:
             self.pushes_sent += len(batch)
             self.push_writes += 1
 
-    @staticmethod
-    async def _read_replies(stream: FramedStream, peer: str, link_scope: trio.CancelScope) -> None:
-        """Drain what the next daemon answers on this stream: only errors (its results go to the
-        client), e.g. an unknown session after the client replaced it. Logged, nothing else.
-        When the stream ends, the whole link ends (`link_scope`)."""
+    async def _read_replies(self, stream: FramedStream, link: _Link) -> None:
+        """Drain what the next daemon answers on this stream: PushLanded for large pushes (which
+        releases their pushers' answers to their clients), and errors (its results go to the
+        client), e.g. an unknown session after the client replaced it: logged, nothing else.
+        When the stream ends, the whole link ends."""
+        peer = link.peer
         while True:
             try:
                 reply = await stream.receive()
             except PetalsError as exc:
                 log.info("push link to peer=%s ended: %s", peer, exc)
-                link_scope.cancel()
+                link.scope.cancel()
                 return
-            if isinstance(reply, ErrorReply):
+            if isinstance(reply, PushLanded):
+                landed = link.landing.pop((reply.session_id, reply.step), None)
+                if landed is not None:
+                    landed.set()
+                    self.pushes_landed += 1
+            elif isinstance(reply, ErrorReply):
                 log.info("push refused by peer=%s: %s %s", peer, reply.code.value, reply.message[:200])
             else:
                 log.info("unexpected %s from peer=%s on a push link", type(reply).__name__, peer)

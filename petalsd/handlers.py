@@ -16,7 +16,9 @@ next daemon. An inference stream whose first message is an `InferenceStep` (not 
 such a *push stream* from a previous daemon: each step on it must name a session open here, runs
 exactly like a step from the client, and its result (or error) is sent on the *client's* stream
 of that session, the session's owner. A push stream can only run steps: it cannot open or close
-sessions, and nothing it causes is answered to it except "unknown session" or a bad message.
+sessions, and nothing it causes is answered to it except "unknown session", a bad message, and
+`PushLanded` once a large pushed step (a prefill) has arrived: the pushing daemon answers its own
+client only then, so that its answer does not share its uplink with the push.
 
 Why accepting steps from another peer is safe: the session id is 16 random bytes the client chose
 and sent only over Noise-encrypted streams, to this daemon and to the daemons before it in the
@@ -29,6 +31,7 @@ chain and is caught), and it treats any result it did not ask for as an error.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Generator
@@ -40,6 +43,7 @@ import trio
 
 from petals_protocol.errors import BadTensor, ErrorCode, MalformedMessage, PetalsError
 from petals_protocol.messages import (
+    PUSH_LANDED_FROM,
     BackwardRequest,
     BackwardResponse,
     CloseSession,
@@ -49,6 +53,7 @@ from petals_protocol.messages import (
     InfoRequest,
     InfoResponse,
     OpenSession,
+    PushLanded,
     SessionOpened,
     StepResult,
     error_reply,
@@ -69,7 +74,7 @@ from petals_protocol.p2p.streams import Channel, StreamClosed
 from .adapters import steps_with
 from .batching import Batcher
 from .compute import ComputeWorker
-from .forwarding import Forwarder, LinkActivity, PushRefused
+from .forwarding import PUSH_LANDED_WAIT, Forwarder, LinkActivity, PushRefused
 from .limits import PeerGate
 from .sessions import Session, SessionRefused, SessionTable
 from .step_times import StepTimes
@@ -309,26 +314,29 @@ async def _step(ctx: ServingContext, session: Session, msg: InferenceStep) -> Te
     return payload  # in the step's own dtype: a compressed step is answered (and pushed on) compressed
 
 
-async def _forward_output(ctx: ServingContext, owned: _Owned, msg: InferenceStep, output: TensorPayload) -> None:
-    """Send the step on to the next daemon named in `msg.push` (best effort, bounded in time)."""
+async def _forward_output(ctx: ServingContext, owned: _Owned, msg: InferenceStep,
+                          output: TensorPayload) -> trio.Event | None:
+    """Send the step on to the next daemon named in `msg.push` (best effort, bounded in time); for
+    a large output, an event set once it has landed there (Forwarder.push)."""
     assert msg.push is not None
     if ctx.forwarder is None:
         log.warning("step of session %s asks to push, but forwarding is off here", msg.session_id.hex()[:12])
-        return
+        return None
     target, rest = msg.push[0], msg.push[1:]
     if target.peer_id not in owned.push_targets:
         cap = ctx.gate.limits.max_push_targets_per_session
         if len(owned.push_targets) >= cap:
             log.info("push of session %s not forwarded: it already pushed to %d daemons, the most allowed",
                      msg.session_id.hex()[:12], cap)
-            return
+            return None
         owned.push_targets.add(target.peer_id)
     onward = InferenceStep(session_id=target.session_id, step=target.step, position=msg.position,
                            hidden=output, hypo_ids=msg.hypo_ids, push=rest or None)
     try:  # returns once the push is written: the client is answered after (the critical path first)
-        await ctx.forwarder.push(target, onward)
+        return await ctx.forwarder.push(target, onward)
     except PushRefused as exc:
         log.info("push of session %s not forwarded: %s", msg.session_id.hex()[:12], exc)
+        return None
 
 
 async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep, via: str | None) -> None:
@@ -356,9 +364,11 @@ async def _run_owned_step(ctx: ServingContext, owned: _Owned, msg: InferenceStep
                                                  session_id=msg.session_id))
             return
         output_ready = time.monotonic()
-        if msg.push is not None:
-            await _forward_output(ctx, owned, msg, output)
+        landed = await _forward_output(ctx, owned, msg, output) if msg.push is not None else None
         sent_on = time.monotonic()
+        if landed is not None:  # a prefill: answer once the push is across (messages.PushLanded)
+            with trio.move_on_after(PUSH_LANDED_WAIT):
+                await landed.wait()
         await owned.channel.send(_signed_result(ctx, owned.session, msg, output))
         answered = time.monotonic()
         ctx.step_times.add(arrived, output_ready, sent_on if msg.push is not None else answered, answered)
@@ -488,6 +498,9 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
                                                    session_id=msg.session_id))
                 else:
                     activity.steps += 1
+                    if len(msg.hidden.data) >= PUSH_LANDED_FROM:  # the pusher answers its client after this
+                        with contextlib.suppress(PetalsError):
+                            await channel.send(PushLanded(session_id=msg.session_id, step=msg.step))
                     await in_flight.acquire_on_behalf_of(msg)
                     # A session has one step in flight at a time (its client waits for the results).
                     nursery.start_soon(run, owned, msg)

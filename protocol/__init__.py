@@ -57,7 +57,9 @@ from .messages import (
     InfoRequest,
     InfoResponse,
     Message,
+    PUSH_LANDED_FROM,
     OpenSession,
+    PushLanded,
     SessionOpened,
     StepResult,
     decode_message,
@@ -114,7 +116,7 @@ __all__ = [
     # messages
     "ID_SIZE", "SIGNATURE_SIZE", "MAX_PEER_ID_SIZE", "MAX_NAME_LENGTH", "MAX_ERROR_MESSAGE_LENGTH",
     "MAX_UINT", "SERVER_STATES", "InfoRequest", "InfoResponse", "OpenSession", "SessionOpened",
-    "InferenceStep", "StepResult", "CloseSession", "ForwardRequest", "ForwardResponse",
+    "InferenceStep", "StepResult", "PushLanded", "PUSH_LANDED_FROM", "CloseSession", "ForwardRequest", "ForwardResponse",
     "BackwardRequest", "BackwardResponse", "ErrorReply", "Message", "MESSAGE_TYPES",
     "encode_message", "decode_message", "error_reply",
     # signing

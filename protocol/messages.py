@@ -473,6 +473,24 @@ class StepResult(_Message):
     signature: bytes = _f(_SIGNATURE)
 
 
+#: Pushed steps whose hidden states are at least this many bytes are confirmed with `PushLanded`.
+PUSH_LANDED_FROM = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PushLanded(_Message):
+    """A daemon's word on a push stream that a pushed step of at least `PUSH_LANDED_FROM` bytes of
+    hidden states (a prefill) has arrived whole (`session_id`, `step`: the step as pushed, i.e. the
+    receiving daemon's session). The pushing daemon answers its client with the same bytes only
+    then: sent together, the answer and the push share the pusher's uplink and the push, which is
+    the chain's critical path, crosses at part of the rate (pushed decode steps are small and not
+    confirmed)."""
+
+    TAG: ClassVar[str] = "landed"
+    session_id: bytes = _f(_ID)
+    step: int = _f(_UInt())
+
+
 @dataclass(frozen=True, slots=True)
 class CloseSession(_Message):
     TAG: ClassVar[str] = "close"
@@ -553,6 +571,7 @@ Message = (
     | SessionOpened
     | InferenceStep
     | StepResult
+    | PushLanded
     | CloseSession
     | ForwardRequest
     | ForwardResponse

@@ -17,9 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from petals_client import AutoDistributedModelForCausalLM
+from petals_client.ctl import metrics
 from petals_client.localswarm import LocalSwarm
+from petals_protocol.messages import PUSH_LANDED_FROM
+from petalsd.forwarding import PUSH_LANDED_WAIT
 
-from swarmlib import make_model, start_swarm
+from swarmlib import DAEMON_ARGS, make_model, start_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +144,46 @@ def test_pipelined_prefill_matches_one_pass(model_path, local, swarm):
         assert diff < 1e-4
         expected = local.generate(prompt, max_new_tokens=12, do_sample=False)
         assert chunked.generate(prompt, max_new_tokens=12, do_sample=False).tolist() == expected.tolist()
+
+
+LONG_PROMPT = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(7))  # 75 KiB of hidden states
+
+
+def _landed(swarm: LocalSwarm) -> list[float]:
+    return [metrics(str(swarm.workdir / f"{d.name}.sock"))["petalsd_pushes_landed_total"] for d in swarm.daemons]
+
+
+def test_a_prefill_is_answered_once_its_push_has_landed(model_path, local, swarm):
+    """A pushed prefill (hidden states of PUSH_LANDED_FROM bytes or more) is confirmed by the next
+    daemon (PushLanded) before the pusher answers its client; decode steps are not."""
+    assert LONG_PROMPT.shape[1] * 64 * 4 >= PUSH_LANDED_FROM
+    before = _landed(swarm)
+    expected = local.generate(LONG_PROMPT, max_new_tokens=6, do_sample=False)
+    with connect(model_path, swarm) as model:
+        assert model.generate(LONG_PROMPT, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+    landed = [b - a for a, b in zip(before, _landed(swarm))]
+    assert landed == [1, 1, 0], landed  # the two pushing daemons, once each: the prompt's step
+
+
+def test_a_prefill_push_never_confirmed_is_answered_after_the_wait(model_path, local, tmp_path):
+    """The next daemon never confirms (an older release, a lost answer): the pusher answers its
+    client after PUSH_LANDED_WAIT anyway, and the generation is exact."""
+    swarm = LocalSwarm(model_path, workdir=tmp_path, extra_args=DAEMON_ARGS)
+    try:
+        first = swarm.start("0:3")
+        swarm.start("3:6", launcher=[str(Path(__file__).with_name("mute_landing_daemon.py"))])
+        expected = local.generate(LONG_PROMPT, max_new_tokens=4, do_sample=False)
+        with connect(model_path, swarm) as model, model.inference_session(max_length=320) as session:
+            began = time.monotonic()
+            out = model.generate(LONG_PROMPT, session=session, max_new_tokens=4, do_sample=False)
+            took = time.monotonic() - began
+            assert session._session.push and session.recoveries == 0
+        assert out.tolist() == expected.tolist()
+        assert took >= PUSH_LANDED_WAIT  # the first hop's answer waited for a confirmation that never came
+        assert _landed(swarm) == [0, 0]
+        assert first.process.poll() is None
+    finally:
+        swarm.stop()
 
 
 # Last: it kills a daemon of the module's swarm.
