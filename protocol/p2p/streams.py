@@ -25,6 +25,7 @@ yamux frame per 64 KiB, each Noise-encrypted); on receive one copy out of the de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -41,7 +42,7 @@ from ..errors import ErrorCode, PetalsError, ProtocolError
 from ..framing import DEFAULT_MAX_FRAME_SIZE, FRAME_HEADER_SIZE, FrameDecoder, encode_frame
 from .budget import ByteBudget
 from .locking import held
-from .compat import make_lean
+from .compat import make_lean, open_receive_window
 from .negotiate import Answers, NegotiationFailed, new_stream
 from ..messages import TAG_PREFIX_SIZE, Message, decode_message, encode_message, peek_tag
 
@@ -196,6 +197,8 @@ class FramedStream:
                 self._pump_scope = scope
                 task_status.started()
                 async with self._frames_in:
+                    with contextlib.suppress(*_STREAM_GONE):  # a dead stream: the reads below say so
+                        await open_receive_window(self.stream)
                     self._end = await self._read_frames()
         finally:
             self._pump_done = True

@@ -16,6 +16,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from petals_protocol.p2p.host import connect, listen_multiaddrs, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
 from petals_protocol.p2p.locking import Eager
+from petals_protocol.p2p.compat import INITIAL_RECEIVE_WINDOW, send_window_waits
 from petals_protocol.p2p.compat.yamux import _tcp_stream, make_lean
 from petals_protocol.p2p.streams import open_framed, open_stream
 
@@ -238,6 +239,27 @@ def test_the_tcp_locks_are_found_with_and_without_a_swarm_key(psk: bytes | None,
             assert (stock_bodies["reads"] == 0) == (psk is None), stock_bodies
 
     _with_pair(body, psk=psk)
+
+
+def test_both_sides_of_a_framed_stream_start_with_the_initial_receive_window() -> None:
+    """The side that opened a stream reads multistream's answers itself (negotiate.py), so stock
+    yamux would leave its receive window at 256 KiB: a large first reply would then wait a round
+    trip per window on a long link. Both sides get INITIAL_RECEIVE_WINDOW at once instead."""
+    async def body(client: IHost, server: IHost) -> None:
+        async with trio.open_nursery() as nursery:
+            framed = await open_stream(client, server.get_id(), FRAMED_ECHO, nursery=nursery)
+            await framed.send_frame(b"ping")
+            assert await framed.receive_frame() == b"ping"
+            muxed = framed.stream.muxed_stream  # type: ignore[attr-defined]
+            assert muxed.target_recv_window == INITIAL_RECEIVE_WINDOW  # our side's credit to the server
+            assert muxed.send_window >= INITIAL_RECEIVE_WINDOW - 64  # the server's credit to us
+            big = os.urandom(3 * 2**20)  # under either window: crosses without waiting for an update
+            await framed.send_frame(big)
+            assert await framed.receive_frame() == big
+            assert send_window_waits(framed.stream) == 0
+            await framed.close()
+
+    _with_pair(body)
 
 
 def test_a_reply_followed_by_a_reset_reaches_the_reader_first() -> None:

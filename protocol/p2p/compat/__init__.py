@@ -51,6 +51,20 @@ def make_lean(stream: object) -> None:
         lean(stream)
 
 
+#: Receive window every framed stream starts with (compat/yamux.py, `open_receive_window`): what
+#: the stock path reaches on the side that accepts a stream, given to both sides.
+INITIAL_RECEIVE_WINDOW = 4 * 2**20
+
+
+async def open_receive_window(stream: object) -> None:
+    """The stream's yamux receive window opened to INITIAL_RECEIVE_WINDOW at once (compat/yamux.py);
+    on the stock path the window grows only as reads come."""
+    if INTERNALS:
+        from .yamux import open_receive_window as open_window
+
+        await open_window(stream, INITIAL_RECEIVE_WINDOW)
+
+
 def send_window_waits(stream: object) -> int:
     """Writes on this libp2p stream that waited for the peer's yamux window (compat/yamux.py);
     0 on the stock path, where it is not read."""

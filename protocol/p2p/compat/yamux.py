@@ -403,6 +403,27 @@ def make_lean(stream: object) -> None:
         _lean_connection(muxed.conn)
 
 
+async def open_receive_window(stream: object, size: int) -> None:
+    """Credit the peer at once with `size` bytes of receive window on this stream (if it has less).
+
+    Stock py-libp2p starts a yamux stream at 256 KiB and doubles the window only as reads come
+    (one doubling per window update within four round trips). The side that accepts a stream reads
+    multistream-select's messages through that stock path and so starts with megabytes; the side
+    that opened it reads the answers itself (negotiate.py) and would stay at 256 KiB, so a large
+    first reply (a prefill's hidden states, to a client) would wait a round trip for each window's
+    worth on a long link."""
+    muxed = getattr(stream, "muxed_stream", None)
+    if not isinstance(muxed, YamuxStream):
+        return
+    async with muxed.window_lock:
+        grow = size - muxed.target_recv_window
+        if grow <= 0:
+            return
+        muxed.target_recv_window = size
+        muxed.recv_window += grow
+    await muxed.send_window_update(grow)  # outside the lock, as py-libp2p requires
+
+
 def send_window_waits(stream: object) -> int:
     """How many times writes on a libp2p stream found the peer's receive window used up and had to
     wait for a WINDOW_UPDATE (py-libp2p counts them on every yamux stream): the evidence that a
