@@ -334,6 +334,7 @@ def test_a_flood_on_four_streams_does_not_slow_an_honest_session(target, fingerp
     quiet_times: list[float] = []
     flood_times: list[float] = []
     grown = 0
+    bans_before = target.status()["peer_use"]["bans"]
     for _ in range(ROUNDS):
         times, quiet_out = run_raw(lambda client: _timed_steps(client, target.addr, fingerprint))
         quiet_times += times
@@ -346,8 +347,9 @@ def test_a_flood_on_four_streams_does_not_slow_an_honest_session(target, fingerp
     ratio = statistics.median(flood_times) / statistics.median(quiet_times)
     print(f"flood {mode}: median per-token {statistics.median(quiet_times) * 1e3:.2f} ms quiet, "
           f"{statistics.median(flood_times) * 1e3:.2f} ms flooded, ratio {ratio:.2f}x; RSS +{grown / 2**20:.0f} MiB")
-    log = list(target.swarm.daemons[0].log)
-    assert sum("cut off for" in line for line in log) >= ROUNDS, "a flooding peer was never cut off"
+    # Counted by the daemon (its log keeps only the last lines, and a flood fills it fast)
+    bans = target.status()["peer_use"]["bans"] - bans_before
+    assert bans >= ROUNDS, f"flooding peers were cut off {bans} times in {ROUNDS} rounds"
     assert ratio <= 2.0, f"per-token median {ratio:.2f}x slower under the flood"
     assert grown < 256 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB under the flood"
     assert run_raw(lambda client: client.info(target.addr)).state == "online"
