@@ -119,7 +119,8 @@ def bound_peer_queries(dht: Any, timeout: float, *, skip: Callable[[Any], bool],
             return []
         with trio.move_on_after(timeout):
             return await query(peer, target_key)
-        log.info("DHT peer %s did not answer within %g s: left out of lookups for a while", peer, timeout)
+        if not skip(peer):  # walks running side by side may each have been waiting on it
+            log.info("DHT peer %s did not answer within %g s: left out of lookups for a while", peer, timeout)
         on_timeout(peer)
         return []
 
