@@ -48,14 +48,11 @@ class Lab:
         """A public daemon still running (a test kills one of the relays)."""
         return next(d.addrs for d in (self.a, self.c) if d.process.poll() is None)
 
-    def client(self, tokens: int, *extra: str, direct: bool = False, timeout: float = 300) -> dict:
-        """nat_client.py's result; with `direct`, it first dials B directly, at its own address and
-        its router's (the router drops the dial: that attempt lasts its whole timeout)."""
-        port = self.b.addrs[0].split("/tcp/")[1].split("/")[0]
-        dials = ["--direct", *self.b.addrs, f"/ip4/{ROUTER_IPS['home']}/tcp/{port}/p2p/{self.b.peer_id}"] if direct else []
+    def client(self, tokens: int, *extra: str, timeout: float = 300) -> dict:
         cmd = [*self.lab.prefix("pub"), sys.executable, str(CLIENT), "--model", str(self.model),
                "--peer", self.live_peer()[0], "--prompt", json.dumps(PROMPT), "--tokens", str(tokens),
-               *dials, *extra]
+               "--direct", *self.b.addrs, f"/ip4/{ROUTER_IPS['home']}/tcp/{self.b.addrs[0].split('/tcp/')[1].split('/')[0]}/p2p/{self.b.peer_id}",
+               *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         assert done.returncode == 0 and lines, f"client failed ({done.returncode}):\n{done.stderr[-12000:]}"
@@ -108,7 +105,7 @@ def local_tokens(nat_swarm: Lab):
 
 
 def test_natted_daemon_serves_through_relays_token_exact(nat_swarm: Lab, local_tokens) -> None:
-    result = nat_swarm.client(30, direct=True)
+    result = nat_swarm.client(30)
     b = nat_swarm.b.peer_id
     # Nobody on the public side can dial B: neither its own address nor its router's.
     assert result["direct_dial"] and all(v.startswith("failed") for v in result["direct_dial"].values()), \
