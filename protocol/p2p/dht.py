@@ -110,6 +110,10 @@ INDEX_SHARDS = 4
 #: One DHT RPC (dial + request + answer). A loopback RPC takes milliseconds, a WAN one a few RTTs;
 #: 5 s bounds how long one dead peer can hold up a lookup (libp2p's own QUERY_TIMEOUT is 10 s).
 RPC_TIMEOUT = 5.0
+#: A peer that let a lookup's query to it time out is left out of lookups for this long: one
+#: daemon behind NAT (in others' routing tables, but undialable) then costs a node one RPC_TIMEOUT
+#: per this period instead of one per lookup stage (walk, then the RPC to each peer it found).
+UNRESPONSIVE_SECONDS = 60.0
 #: Verdicts of "is this peer a DHT server" probes, kept this long and for this many peers.
 _VERDICT_TTL = 600.0
 _MAX_VERDICTS = 4096
@@ -271,6 +275,18 @@ class PetalsDHT(KadDHT):
         self.routing_table = table
         self.peer_routing.routing_table = table
         self.server_table = table
+        self.unresponsive: OrderedDict[ID, float] = OrderedDict()  # peer -> when a query to it timed out
+
+    def silent(self, peer_id: ID) -> bool:
+        """Whether a lookup's query to `peer_id` timed out within UNRESPONSIVE_SECONDS."""
+        since = self.unresponsive.get(peer_id)
+        return since is not None and time.monotonic() - since < UNRESPONSIVE_SECONDS
+
+    def note_silent(self, peer_id: ID) -> None:
+        self.unresponsive[peer_id] = time.monotonic()
+        self.unresponsive.move_to_end(peer_id)
+        while len(self.unresponsive) > _MAX_VERDICTS:
+            self.unresponsive.popitem(last=False)
 
 
 class _DropKadNegotiationFailures(logging.Filter):
@@ -319,6 +335,7 @@ async def start_dht(
     dht = PetalsDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, clock=clock)
     dht.server_table.attach(nursery)
     compat.bound_value_store(dht)
+    compat.bound_peer_queries(dht, RPC_TIMEOUT, skip=dht.silent, on_timeout=dht.note_silent)
     compat.diversify_providers(dht, lambda peer_id: connection_group(host, peer_id), admit_provider)
     await nursery.start(_run_service, dht)
 
@@ -354,14 +371,16 @@ async def start_dht(
 # ---------------------------------------------------------------------------------- values
 
 
-async def _closest_peers(dht: KadDHT, key: bytes) -> list[ID]:
+async def _closest_peers(dht: PetalsDHT, key: bytes) -> list[ID]:
+    """The walk's closest peers, less ourselves and the peers it found silent (asking them again
+    would wait RPC_TIMEOUT once more)."""
     with trio.move_on_after(6 * RPC_TIMEOUT):
         peers = await dht.peer_routing.find_closest_peers_network(key)
-        return [p for p in peers if p != dht.local_peer_id]
+        return [p for p in peers if p != dht.local_peer_id and not dht.silent(p)]
     return []
 
 
-async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
+async def put_record(dht: PetalsDHT, key: str, blob: bytes) -> int:
     """Validate `blob`, keep it locally (servers) and store it at the k closest peers.
 
     Returns how many *remote* peers acknowledged storing it (a peer that already holds a newer or
@@ -393,7 +412,8 @@ async def put_record(dht: KadDHT, key: str, blob: bytes) -> int:
     # walk can spend RPC_TIMEOUT on each unresponsive peer it meets, and an OFFLINE announcement at
     # shutdown must not wait for that. Peers the walk adds get the record when it ends.
     async with trio.open_nursery() as nursery:
-        known = [p for p in dht.routing_table.find_local_closest_peers(key_bytes) if p != dht.local_peer_id]
+        known = [p for p in dht.routing_table.find_local_closest_peers(key_bytes)
+                 if p != dht.local_peer_id and not dht.silent(p)]
         for peer in known:
             nursery.start_soon(store, peer)
         for peer in await _closest_peers(dht, key_bytes):

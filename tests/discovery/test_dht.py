@@ -215,3 +215,44 @@ def test_validator_select_prefers_higher_seq_and_skips_invalid() -> None:
     assert validator.select(key, [expired, old]) == 1
     with pytest.raises(BadRecord):
         validator.select(key, [expired])
+
+
+def test_a_silent_dht_server_costs_one_rpc_timeout_then_lookups_skip_it() -> None:
+    """A DHT server others list but nobody can reach (a daemon behind NAT, known to its relay):
+    the first lookup that meets it waits RPC_TIMEOUT for it, not the whole walk's bound, and the
+    lookups after it leave it out, still finding every record."""
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    from petals_protocol.p2p.dht import RPC_TIMEOUT, KAD_PROTOCOL
+    from petals_protocol.p2p.identity import ephemeral_identity
+
+    async def hold(stream: trio.SocketStream) -> None:  # accepts the TCP connection, never answers
+        await trio.sleep_forever()
+
+    async def body() -> None:
+        async with swarm(2) as sw:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            sw.nursery.start_soon(trio.serve_listeners, hold, listeners)
+            silent = ID.from_pubkey(ephemeral_identity().public_key)
+            first = sw.servers[0]
+            store = first.host.get_peerstore()
+            store.add_addrs(silent, [Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")], 3600)
+            store.add_protocols(silent, [str(KAD_PROTOCOL)])  # as identify says of a NATed daemon
+            assert await first.dht.routing_table.add_peer(silent)
+            author = sw.servers[1]
+            blob = encode_record(author.signer, make_record(author))
+            await put_record(author.dht, key_of(author), blob)
+
+            began = trio.current_time()
+            client = await sw.add(server=False)  # its first walk meets the silent peer
+            joined = trio.current_time() - began
+            assert client.dht.silent(silent)
+            assert joined < 2 * RPC_TIMEOUT, joined  # the walk's own bound is 4 x RPC_TIMEOUT
+
+            began = trio.current_time()
+            assert await get_fresh(client.dht, key_of(author)) == [blob]
+            assert trio.current_time() - began < RPC_TIMEOUT  # not asked again
+
+    run(body)

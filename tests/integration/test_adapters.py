@@ -171,8 +171,9 @@ def test_spot_checks_use_only_daemons_serving_the_adapter(llama_path, adapters):
     expected = merged(llama_path, folder).generate(IDS, max_new_tokens=6, do_sample=False)
     swarm = LocalSwarm(llama_path, extra_args=DAEMON_ARGS)
     with swarm:
-        with_adapter = [swarm.start("0:6", name=f"a{i}", args=["--adapters", str(folder)]) for i in (1, 2)]
-        plain = swarm.start("0:6", name="plain", args=["--throughput", "1000"])
+        with_adapter = [swarm.start("0:6", name=f"a{i}", args=["--adapters", str(folder)], wait=i == 1) for i in (1, 2)]
+        plain = swarm.start("0:6", name="plain", args=["--throughput", "1000"], wait=False)
+        swarm.wait_all()  # a2 and plain join through a1 together
         options = dict(active_adapter=folder.name, use_dht=False)
         with AutoDistributedModelForCausalLM.from_pretrained(llama_path, initial_peers=swarm.addrs,
                                                              spot_check_rate=1.0, **options) as model:

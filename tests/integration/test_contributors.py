@@ -29,12 +29,19 @@ def _status(sock: Path) -> dict:
     return json.loads(ctl.request(str(sock), "GET", "/v1/status")[2])
 
 
-def _client(model: Path, addr: str, *args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, str(CLIENT), str(model), addr, *args], stdout=subprocess.PIPE,
+def _spawn(model: Path, addr: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(CLIENT), str(model), addr, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=CLIENT.parent)
+
+
+def _ready(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready", f"client exited {proc.poll()}"
     return proc
+
+
+def _client(model: Path, addr: str, *args: str) -> subprocess.Popen[str]:
+    return _ready(_spawn(model, addr, *args))
 
 
 def _latency(proc: subprocess.Popen[str]) -> dict:
@@ -54,10 +61,12 @@ def test_a_client_that_also_serves_is_served_first_under_load(tmp_path: Path) ->
     swarm = LocalSwarm(model, workdir=work, extra_args=DAEMON_ARGS, echo=bool(os.environ.get("PETALS_TEST_ECHO")))
     procs: list[subprocess.Popen[str]] = []
     with swarm:
-        busy = swarm.start("0:6", name="busy")
         # The contributor's daemon: it serves the swarm, and its record names the contributor's
-        # client. Its announced throughput is tiny so that routes go through `busy`.
+        # client. Its announced throughput is tiny so that routes go through `busy`. It starts
+        # first, so that `busy` finds its record in its first look at the swarm's records (the
+        # next one is a records period later).
         swarm.start("0:6", name="helper", args=["--throughput", "0.01", "--own-clients", contributor])
+        busy = swarm.start("0:6", name="busy")
         deadline = time.monotonic() + 60
         while contributor not in _status(work / "busy.sock")["contributors"]["peers"]:
             assert time.monotonic() < deadline, _status(work / "busy.sock")["contributors"]
@@ -65,8 +74,13 @@ def test_a_client_that_also_serves_is_served_first_under_load(tmp_path: Path) ->
         try:
             idle = {"contributor": _latency(_client(model, busy.addrs[0], "--identity", str(contributor_key))),
                     "consumer": _latency(_client(model, busy.addrs[0]))}
-            procs += [_client(model, busy.addrs[0], "--loop") for _ in range(CONSUMERS)]
-            time.sleep(3)  # the consumers' sessions are stepping
+            procs += [_spawn(model, busy.addrs[0], "--loop") for _ in range(CONSUMERS)]
+            for proc in procs:
+                _ready(proc)
+            deadline = time.monotonic() + 60
+            while _status(work / "busy.sock")["sessions"] < CONSUMERS:  # the consumers' sessions are stepping
+                assert time.monotonic() < deadline, _status(work / "busy.sock")["sessions"]
+                time.sleep(0.1)
             before = _status(work / "busy.sock")["contributors"]["served_first"]
             pair = [_client(model, busy.addrs[0], "--identity", str(contributor_key)),
                     _client(model, busy.addrs[0])]

@@ -89,12 +89,13 @@ def test_members_only_swarm(tmp_path, llama_path) -> None:
         assert "refused" in str(foreign.value)
 
         # A daemon without a certificate of this owner cannot join: it exits with the reason.
+        # (Both start at once: neither waits on the other.)
         outsider = swarm.start("0:3", name="outsider", wait=False, args=[*member])
-        assert outsider.process.wait(60) != 0
-        assert any("membership certificate" in line for line in outsider.log), list(outsider.log)[-5:]
         stranger = swarm.start("0:3", name="stranger", wait=False,
                                args=["--swarm-owner", _peer(other_key), "--member-certificate",
                                      str(work / "stranger.cert")])
+        assert outsider.process.wait(60) != 0
+        assert any("membership certificate" in line for line in outsider.log), list(outsider.log)[-5:]
         assert stranger.process.wait(60) != 0
         assert any("refused" in line for line in stranger.log), list(stranger.log)[-5:]
 

@@ -62,8 +62,9 @@ def swarm(model_path):
     swarm = LocalSwarm(model_path, extra_args=DAEMON_ARGS)
     try:
         swarm.start("0:6", name="honest1", args=["--throughput", "1"])
-        swarm.start("0:6", name="liar", args=["--throughput", "1000"], launcher=[str(LYING_DAEMON)])
-        swarm.start("0:6", name="honest2", args=["--throughput", "1"])
+        swarm.start("0:6", name="liar", args=["--throughput", "1000"], launcher=[str(LYING_DAEMON)], wait=False)
+        swarm.start("0:6", name="honest2", args=["--throughput", "1"], wait=False)
+        swarm.wait_all()  # the two that join through honest1 start together
         yield swarm
     finally:
         swarm.stop()
