@@ -18,7 +18,11 @@ in this process with one torch thread, as each daemon does, before and after the
 It prints, each against its bound where there is one:
 - per-token time vs compute (local per-token time) + the one-way delays along the chain
   (client -> d0 -> ... -> last -> client: daemons + 1 legs, push forwarding) + the activations'
-  bytes over each leg / rate;
+  bytes over each leg / rate; the same bound with the compute of the local model idle for the
+  chain's delays before each token (`IdleClock`: as every machine of the chain is); the decode
+  steps' spread; and where a token's time went: the client's own work, each daemon's part of the
+  critical path (its step-time counters, petalsd/step_times.py, read over its control socket) and
+  the network (benchmarks/wan_client.py, `StepSplit`); each exact prefill split the same way;
 - prefill of `--prefill-tokens` vs local prefill + the same delays + that prompt's bytes per leg,
   and the same with fp16-compressed activations (`compression="fp16"`: half the bytes per leg);
 - time to first token of a fresh session (opening the chain included);
