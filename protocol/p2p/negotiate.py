@@ -18,9 +18,11 @@ Two ways to use it:
   from `Answers` as NegotiationFailed.
 
 Everything used here is py-libp2p's public API (the network's unnegotiated `new_stream`, the
-multistream communicator, its constants and length-prefix encoding, `set_protocol`).
+multistream communicator, its constants and varint length prefixes, `set_protocol`).
 """
 from __future__ import annotations
+
+from typing import NoReturn
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -29,6 +31,7 @@ from libp2p.peer.id import ID
 from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID, PROTOCOL_NOT_FOUND_MSG
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.utils import encode_delim
+from libp2p.utils.varint import decode_varint_with_size
 
 #: Longest multistream answer accepted (protocol ids are short; anything longer is not an answer).
 MAX_ANSWER = 1024
@@ -73,32 +76,24 @@ class Answers:
         rest, self._buffer = self._buffer, b""
         return rest
 
-    def eof(self) -> None:
-        """The stream ended: the answers, if both came, say why; else it ended mid-negotiation."""
-        if len(self._answers) == 2:
-            return
-        if len(self._answers) == 1 and self._answers[0] == MULTISELECT_PROTOCOL_ID:
+    def eof(self) -> NoReturn:
+        """The stream ended before both answers: say how far the negotiation got."""
+        if self._answers == [MULTISELECT_PROTOCOL_ID]:
             raise NegotiationFailed(f"peer {self.peer} closed the stream before answering {self.protocol}")
         raise NegotiationFailed(f"peer {self.peer} closed the stream during multistream negotiation")
 
     def _next(self) -> str | None:
-        length, shift, i = 0, 0, 0
-        while True:
-            if i >= len(self._buffer):
-                return None
-            byte = self._buffer[i]
-            length |= (byte & 0x7F) << shift
-            i += 1
-            if not byte & 0x80:
-                break
-            shift += 7
-            if shift > 28:
-                raise NegotiationFailed(f"peer {self.peer} sent a bad multistream length")
-        if length == 0 or length > MAX_ANSWER:
+        # An answer of MAX_ANSWER bytes or fewer has a length of at most two bytes.
+        length, size = decode_varint_with_size(self._buffer[:3])
+        if size == 0 or (self._buffer[size - 1] & 0x80 and size < 3):
+            return None  # its length is not all in yet
+        if self._buffer[size - 1] & 0x80:
+            raise NegotiationFailed(f"peer {self.peer} sent a bad multistream length")
+        if not 0 < length <= MAX_ANSWER:
             raise NegotiationFailed(f"peer {self.peer} sent a multistream message of {length} bytes")
-        if len(self._buffer) < i + length:
+        if len(self._buffer) < size + length:
             return None
-        message, self._buffer = self._buffer[i:i + length], self._buffer[i + length:]
+        message, self._buffer = self._buffer[size:size + length], self._buffer[size + length:]
         if not message.endswith(b"\n"):
             raise NegotiationFailed(f"peer {self.peer} sent a multistream message without its newline")
         return message[:-1].decode(errors="replace")

@@ -177,9 +177,7 @@ class FramedStream:
         self._admit = admit
         self._frames_read = 0
         self._admitted = -1  # index of the last frame `admit` passed
-        # A stream opened without waiting for multistream-select (negotiate.py): the peer's
-        # answers come in front of its first frame.
-        self._answers = answers
+        self._answers = answers  # set: the stream was opened without waiting (`_read_answers`)
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -209,25 +207,23 @@ class FramedStream:
     async def _read_frames(self) -> PetalsError:
         """The pump's loop; returns why it ended (cancellation propagates out of it)."""
         decoder = self._decoder
-        while True:
+        pending = b""  # bytes read before the loop (behind the multistream answers)
+        if self._answers is not None:
             try:
-                data = await self.stream.read(_READ_CHUNK)
-            except StreamEOF:
-                data = b""
-            except _STREAM_GONE as exc:
-                if self._answers is not None:  # a peer refusing the protocol resets after its "na"
-                    data = b""
-                else:
-                    return self._closed_error(_reason(exc, "reset or connection lost"), cause=exc)
-            if self._answers is not None:
-                ended = not data
+                pending = await self._read_answers(self._answers)
+            except NegotiationFailed as exc:
+                self._poisoned = True
+                return StreamOpenError(self._budget_peer, self.protocol or "?", str(exc))
+        while True:
+            if pending:
+                data, pending = pending, b""
+            else:
                 try:
-                    data = self._negotiated(data)
-                except NegotiationFailed as exc:
-                    self._poisoned = True
-                    return StreamOpenError(self._budget_peer, self.protocol or "?", str(exc))
-                if data is None or (not data and not ended):
-                    continue  # the answers are not all in yet, or nothing came behind them
+                    data = await self.stream.read(_READ_CHUNK)
+                except StreamEOF:
+                    data = b""
+                except _STREAM_GONE as exc:
+                    return self._closed_error(_reason(exc, "reset or connection lost"), cause=exc)
             try:
                 if not data:
                     decoder.eof()  # raises MalformedMessage if the peer stopped mid-frame
@@ -249,16 +245,20 @@ class FramedStream:
             if not data:
                 return self._ending()
 
-    def _negotiated(self, data: bytes) -> bytes | None:
-        """`data` less the peer's multistream answers in front of it (None: still reading them)."""
-        assert self._answers is not None
-        if not data:
-            self._answers.eof()
-            return data
-        rest = self._answers.feed(data)
-        if rest is not None:
-            self._answers = None
-        return rest
+    async def _read_answers(self, answers: Answers) -> bytes:
+        """A stream opened without waiting (negotiate.py): the peer's multistream answers come in
+        front of its first frame. Returns the bytes read behind them; NegotiationFailed if it
+        refused the protocol or the stream ended first (a refusing peer resets after its "na")."""
+        while True:
+            try:
+                data = await self.stream.read(_READ_CHUNK)
+            except (StreamEOF, *_STREAM_GONE):
+                data = b""
+            if not data:
+                answers.eof()
+            rest = answers.feed(data)
+            if rest is not None:
+                return rest
 
     def _charge(self, nbytes: int) -> None:
         if self._budget is None:
