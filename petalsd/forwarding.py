@@ -50,7 +50,7 @@ from libp2p.peer.id import ID
 
 from petals_protocol.errors import PetalsError
 from petals_protocol.ids import INFERENCE_PROTOCOL
-from petals_protocol.messages import PUSH_LANDED_FROM, ErrorReply, InferenceStep, PushLanded, PushTarget
+from petals_protocol.messages import ErrorReply, InferenceStep, PushLanded, PushTarget, confirms_landing
 from petals_protocol.p2p.host import connect, parse_peer_multiaddr
 from petals_protocol.p2p.relay import is_circuit
 from petals_protocol.p2p.streams import FramedStream, open_stream
@@ -155,8 +155,8 @@ class Forwarder:
     async def push(self, target: PushTarget, msg: InferenceStep) -> trio.Event | None:
         """Send `msg` to the daemon `target` names; returns once it is written (or queued while the
         link opens, or dropped: delivery failures are logged, never raised; bounded by
-        PUSH_WRITE_TIMEOUT). PushRefused for a bad target. For a push of `PUSH_LANDED_FROM` bytes
-        or more, an event set when the next daemon says it arrived whole (or the link ends)."""
+        PUSH_WRITE_TIMEOUT). PushRefused for a bad target. For a push the next daemon confirms
+        (`confirms_landing`), an event set when the next daemon says it arrived whole (or the link ends)."""
         peer = peer_id_to_text(target.peer_id)
         dialled = self._peer_of_addr(target.addr)
         if dialled != peer:
@@ -174,7 +174,7 @@ class Forwarder:
                               f"blocks {link.record.start_block}:{link.record.end_block}, {link.record.state})")
         link.last_push = trio.current_time()
         landed = None
-        if len(msg.hidden.data) >= PUSH_LANDED_FROM:
+        if confirms_landing(msg):
             if len(link.landing) >= LANDING_MAX:  # a next daemon that never confirms: stop waiting on it
                 self._release_landing(link)
             landed = link.landing[(msg.session_id, msg.step)] = trio.Event()

@@ -43,7 +43,6 @@ import trio
 
 from petals_protocol.errors import BadTensor, ErrorCode, MalformedMessage, PetalsError
 from petals_protocol.messages import (
-    PUSH_LANDED_FROM,
     BackwardRequest,
     BackwardResponse,
     CloseSession,
@@ -56,6 +55,7 @@ from petals_protocol.messages import (
     PushLanded,
     SessionOpened,
     StepResult,
+    confirms_landing,
     error_reply,
 )
 from petals_protocol.signing import (
@@ -498,7 +498,7 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
                                                    session_id=msg.session_id))
                 else:
                     activity.steps += 1
-                    if len(msg.hidden.data) >= PUSH_LANDED_FROM:  # the pusher answers its client after this
+                    if confirms_landing(msg):  # the pusher answers its client after this
                         with contextlib.suppress(PetalsError):
                             await channel.send(PushLanded(session_id=msg.session_id, step=msg.step))
                     await in_flight.acquire_on_behalf_of(msg)

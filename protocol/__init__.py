@@ -62,6 +62,7 @@ from .messages import (
     PushLanded,
     SessionOpened,
     StepResult,
+    confirms_landing,
     decode_message,
     encode_message,
     error_reply,
@@ -116,7 +117,7 @@ __all__ = [
     # messages
     "ID_SIZE", "SIGNATURE_SIZE", "MAX_PEER_ID_SIZE", "MAX_NAME_LENGTH", "MAX_ERROR_MESSAGE_LENGTH",
     "MAX_UINT", "SERVER_STATES", "InfoRequest", "InfoResponse", "OpenSession", "SessionOpened",
-    "InferenceStep", "StepResult", "PushLanded", "PUSH_LANDED_FROM", "CloseSession", "ForwardRequest", "ForwardResponse",
+    "InferenceStep", "StepResult", "PushLanded", "PUSH_LANDED_FROM", "confirms_landing", "CloseSession", "ForwardRequest", "ForwardResponse",
     "BackwardRequest", "BackwardResponse", "ErrorReply", "Message", "MESSAGE_TYPES",
     "encode_message", "decode_message", "error_reply",
     # signing

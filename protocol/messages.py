@@ -491,6 +491,12 @@ class PushLanded(_Message):
     step: int = _f(_UInt())
 
 
+def confirms_landing(step: InferenceStep) -> bool:
+    """Whether a pushed step is confirmed with `PushLanded`: the rule both daemons of a push apply
+    (the pusher waits for what the receiver sends)."""
+    return len(step.hidden.data) >= PUSH_LANDED_FROM
+
+
 @dataclass(frozen=True, slots=True)
 class CloseSession(_Message):
     TAG: ClassVar[str] = "close"
