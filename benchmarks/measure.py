@@ -53,6 +53,12 @@ class TokenClock:
         return (self.stamps[-1] - self.stamps[1]) / (len(self.stamps) - 2)
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank `q` quantile (0.9: the p90) of `values`; nan for none."""
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))] if ordered else float("nan")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

@@ -48,8 +48,9 @@ from typing import Any
 import torch
 
 from petals_client.localswarm import DaemonProcess, LocalSwarm
+from petalsd.step_times import PHASES
 
-from .measure import TokenClock, machine_info, median, print_and_save
+from .measure import TokenClock, machine_info, median, percentile, print_and_save
 from .shapes import SHAPES, default_cache_dir, ensure_model, split_blocks
 from .swarm_vs_local import greedy_options, random_prompt
 
@@ -140,10 +141,9 @@ def gap_summary(gaps: list[float], decode_bound: dict[str, float]) -> dict[str, 
     """How the decode steps spread: a step that waited for a TCP retransmission (a lost packet is
     resent after a timeout of at least 200 ms on Linux) shows as a gap far above the median; the
     per-token figure is the mean, so a few such steps move it."""
-    ordered = sorted(gaps) or [float("nan")]
     slow = [g for g in gaps if g > decode_bound["total_s"] + 0.1]
-    return {"steps": len(gaps), "median_s": median(gaps), "p90_s": ordered[int(0.9 * (len(ordered) - 1))],
-            "max_s": ordered[-1], "over_bound_plus_100ms": len(slow),
+    return {"steps": len(gaps), "median_s": median(gaps), "p90_s": percentile(gaps, 0.9),
+            "max_s": max(gaps, default=float("nan")), "over_bound_plus_100ms": len(slow),
             "mean_without_those_s": statistics.fmean([g for g in gaps if g not in slow]) if len(slow) < len(gaps) else float("nan")}
 
 
@@ -153,7 +153,7 @@ def split_summary(splits: list[dict[str, Any]], legs: int) -> dict[str, Any]:
         return {}
     names = sorted({name for s in splits for name in s["daemons"]})
     daemons = {name: {phase: statistics.fmean(s["daemons"][name][phase] for s in splits if name in s["daemons"])
-                      for phase in ("to_output", "sent_on", "answered")} for name in names}
+                      for phase in PHASES} for name in names}
     network = statistics.fmean(s["network_s"] for s in splits)
     return {"generations": len(splits), "per_token_s": statistics.fmean(s["per_token_s"] for s in splits),
             "client_s": statistics.fmean(s["client_s"] for s in splits), "daemons": daemons,
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "spans": [f"{a}:{b}" for a, b in spans],
         "machine": {**machine, "load_average_1m_end": os.getloadavg()[0]},
         "link": {"configured_one_way_s": args.delay, "probe_median_s": statistics.median(one_way),
-                 "probe_p90_s": sorted(one_way)[int(0.9 * (len(one_way) - 1))], "probes": len(one_way),
+                 "probe_p90_s": percentile(one_way, 0.9), "probes": len(one_way),
                  "emulator": lab.stats},
         "local": {"decode_s": decode_l, "prefill_s": prefill_l, "decode_idle_between_tokens_s": idle_l},
         "decode": {"swarm_median_s": swarm["decode_median_s"], "bound": decode_bound,
