@@ -43,6 +43,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 import trio
 from libp2p.abc import IHost
@@ -180,6 +181,28 @@ class EvidenceValidator(Validator):
 # ------------------------------------------------------------------------------ routing table
 
 
+T = TypeVar("T")
+
+
+class _Recent(Generic[T]):
+    """A value per peer, believed for `ttl` seconds; at most `_MAX_VERDICTS` peers, the least
+    recently set dropped first."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._items: OrderedDict[ID, tuple[T, float]] = OrderedDict()
+
+    def get(self, peer_id: ID) -> T | None:
+        item = self._items.get(peer_id)
+        return item[0] if item is not None and time.monotonic() - item[1] < self.ttl else None
+
+    def put(self, peer_id: ID, value: T) -> None:
+        self._items[peer_id] = (value, time.monotonic())
+        self._items.move_to_end(peer_id)
+        while len(self._items) > _MAX_VERDICTS:
+            self._items.popitem(last=False)
+
+
 class ServerOnlyRoutingTable(RoutingTable):
     """A routing table that admits only peers known to serve the KAD protocol.
 
@@ -193,7 +216,7 @@ class ServerOnlyRoutingTable(RoutingTable):
     def __init__(self, local_id: ID, host: IHost) -> None:
         super().__init__(local_id, host)
         self._nursery: trio.Nursery | None = None
-        self._verdicts: OrderedDict[ID, tuple[bool, float]] = OrderedDict()
+        self._verdicts: _Recent[bool] = _Recent(_VERDICT_TTL)
         self._probing: set[ID] = set()
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -230,10 +253,7 @@ class ServerOnlyRoutingTable(RoutingTable):
             protocols = []
         if protocols and str(KAD_PROTOCOL) in protocols:
             return True  # identify says so; a peer that lacks it in identify may still be probed
-        cached = self._verdicts.get(peer_id)
-        if cached is not None and time.monotonic() - cached[1] < _VERDICT_TTL:
-            return cached[0]
-        return None
+        return self._verdicts.get(peer_id)
 
     async def _probe(self, peer_id: ID) -> bool:
         """Open (and close) a KAD stream: multistream-select tells whether the peer serves KAD."""
@@ -246,10 +266,7 @@ class ServerOnlyRoutingTable(RoutingTable):
             else:
                 is_server = True
                 await stream.close()
-        self._verdicts[peer_id] = (is_server, time.monotonic())
-        self._verdicts.move_to_end(peer_id)
-        while len(self._verdicts) > _MAX_VERDICTS:
-            self._verdicts.popitem(last=False)
+        self._verdicts.put(peer_id, is_server)
         return is_server
 
     async def _probe_and_add(self, peer_id: ID) -> None:
@@ -275,18 +292,14 @@ class PetalsDHT(KadDHT):
         self.routing_table = table
         self.peer_routing.routing_table = table
         self.server_table = table
-        self.unresponsive: OrderedDict[ID, float] = OrderedDict()  # peer -> when a query to it timed out
+        self.unresponsive: _Recent[bool] = _Recent(UNRESPONSIVE_SECONDS)  # peers a lookup's query timed out on
 
     def silent(self, peer_id: ID) -> bool:
         """Whether a lookup's query to `peer_id` timed out within UNRESPONSIVE_SECONDS."""
-        since = self.unresponsive.get(peer_id)
-        return since is not None and time.monotonic() - since < UNRESPONSIVE_SECONDS
+        return self.unresponsive.get(peer_id) is not None
 
     def note_silent(self, peer_id: ID) -> None:
-        self.unresponsive[peer_id] = time.monotonic()
-        self.unresponsive.move_to_end(peer_id)
-        while len(self.unresponsive) > _MAX_VERDICTS:
-            self.unresponsive.popitem(last=False)
+        self.unresponsive.put(peer_id, True)
 
 
 class _DropKadNegotiationFailures(logging.Filter):
