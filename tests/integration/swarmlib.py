@@ -5,8 +5,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from petals_client import remote
 from petals_client.ctl import metrics
 from petals_client.localswarm import DaemonProcess, LocalSwarm
 from petals_protocol.models.synthetic import make_random_checkpoint
@@ -48,3 +51,29 @@ def daemon_counters(swarm: LocalSwarm, daemon: DaemonProcess) -> dict[str, float
               for name, value in samples.items() if name.startswith("petalsd_requests_total{")}
     counts["tokens"] = samples.get("petalsd_tokens_total", 0.0)
     return counts
+
+
+@dataclass
+class KillWhenRouted:
+    """Kills the daemon that a stateless request (forward, backward) routes through for the hop
+    starting at `start`, right after the client chose it and before the request leaves: a route
+    predicted by the test could differ, since the RTTs it weighs are re-measured all the time."""
+
+    kill: Callable[[str], None]  # peer id -> that daemon dead (waited for)
+    start: int
+    armed: bool = True
+    killed: list[str] = field(default_factory=list)
+
+    def install(self, monkeypatch) -> "KillWhenRouted":
+        choose = remote.choose_route
+
+        def choose_then_kill(*args, **kwargs):
+            route = choose(*args, **kwargs)
+            if self.armed and not self.killed:
+                peer = next(h.server.peer_id for h in route if h.start == self.start)
+                self.kill(peer)
+                self.killed.append(peer)
+            return route
+
+        monkeypatch.setattr(remote, "choose_route", choose_then_kill)
+        return self

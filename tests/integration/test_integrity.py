@@ -103,7 +103,9 @@ class RogueDaemon:
 
 
 def test_forged_activations_are_rejected_and_routed_around(llama_path, swarm_factory):
-    swarm = swarm_factory(llama_path, ["0:3", "3:6"])
+    # Honest daemons announce 1 block-step/s, so the rogue's claim wins the first route whatever
+    # the loopback RTTs measured this time (they decide it otherwise, and they are noise).
+    swarm = swarm_factory(llama_path, ["0:3", "3:6"], ["--throughput", "1"])
     rogue = RogueDaemon(llama_path, num_blocks=6)
     try:
         ref = AutoModelForCausalLM.from_pretrained(llama_path).generate(PROMPT, max_new_tokens=16, do_sample=False)

@@ -28,7 +28,6 @@ from transformers import AutoModelForCausalLM
 from petals_client import AutoDistributedModelForCausalLM
 from petals_client.ctl import request as control_request
 from petals_client.localswarm import DaemonProcess, LocalSwarm
-from petals_client.routing import choose_route
 from petals_client.session import SessionFailed
 from petals_protocol.messages import InfoRequest
 from petals_protocol.p2p.host import connect, listen_multiaddrs, make_host, running_host
@@ -36,7 +35,7 @@ from petals_protocol.p2p.identity import ephemeral_identity
 from petals_protocol.p2p.streams import open_framed, open_stream
 from petalsd.idle import IdleConnections
 
-from swarmlib import make_model, start_swarm
+from swarmlib import KillWhenRouted, make_model, start_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -224,19 +223,23 @@ def test_multi_turn_session_survives_kills_between_and_during_turns(pool, model_
     report("multi-turn 2:4 SIGKILL", streamer)
 
 
-def test_stateless_forward_retries_on_another_daemon(pool, model_path):
+def test_stateless_forward_retries_on_another_daemon(pool, model_path, monkeypatch):
     pool.ensure_two("2:4")
     with connect_client(model_path, pool.addrs()) as model:
         hidden = model.client_part.embed(PROMPT)
         with torch.no_grad():
             logits = model(PROMPT).logits
             middle = model.layers[2:4](hidden)
-        used = choose_route(model.swarm.servers(), 0, 6, banned=model.swarm.banned())
-        pool.hurt_daemon(pool.daemon_of(used[1].server.peer_id), signal.SIGKILL)
+        def kill(peer_id: str) -> None:
+            daemon = pool.daemon_of(peer_id)
+            pool.hurt_daemon(daemon, signal.SIGKILL)
+            daemon.process.wait()
+
+        killed = KillWhenRouted(kill, start=2).install(monkeypatch).killed
         with torch.no_grad():
             assert torch.equal(model(PROMPT).logits, logits)
             assert torch.equal(model.layers[2:4](hidden), middle)
-        assert model.swarm.banned() == {used[1].server.peer_id}
+        assert len(killed) == 1 and model.swarm.banned() == {killed[0]}
 
 
 def test_no_replacement_fails_fast_naming_the_blocks(pool, model_path):

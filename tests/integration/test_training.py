@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from petals_client import AutoDistributedModelForCausalLM
 from petals_client.remote import _route
 from petals_client.routing import ServerInfo, choose_route
-from swarmlib import start_swarm
+from swarmlib import KillWhenRouted, start_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -92,22 +92,29 @@ def test_micro_batches_go_to_different_daemons_serving_the_same_blocks():
     assert [h.server.peer_id for h in third] == [h.server.peer_id for h in choose_route(servers, 0, 6)]
 
 
-def test_a_daemon_killed_during_backward_is_retried_elsewhere(llama_path, swarm_factory):
+def test_a_daemon_killed_during_backward_is_retried_elsewhere(llama_path, swarm_factory, monkeypatch):
     swarm = swarm_factory(llama_path, ["0:3", "3:6", "3:6"])
     ref, _ = local_step(llama_path, input_ids=IDS[:, :1])
     x_ref = ref.get_input_embeddings()(IDS).detach().requires_grad_(True)
     ref(inputs_embeds=x_ref, labels=IDS).loss.backward()
     with AutoDistributedModelForCausalLM.from_pretrained(llama_path, initial_peers=swarm.addrs, max_retries=3,
                                                          step_timeout=20.0) as model:
-        route = choose_route(model.swarm.servers(), 0, 6)
-        victim = next(d for d in swarm.daemons if d.peer_id == route[1].server.peer_id)
+        victims = {d.peer_id: d for d in swarm.daemons}
+
+        def kill(peer_id: str) -> None:
+            victims[peer_id].signal(signal.SIGKILL)
+            victims[peer_id].process.wait(10)
+
+        killing = KillWhenRouted(kill, start=3, armed=False).install(monkeypatch)
         x = model.get_input_embeddings()(IDS).detach().requires_grad_(True)
         hidden = model.layers(model.client_part.after_embeddings(x))
-        # Runs when backward reaches the remote blocks, just before their backward requests leave.
-        hidden.register_hook(lambda grad: victim.signal(signal.SIGKILL))
+        # Runs when backward reaches the remote blocks: the 3:6 daemon it routes through then dies.
+        hidden.register_hook(lambda grad: setattr(killing, "armed", True))
         logits = model.client_part.logits(hidden)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1))
         loss.backward()
+        assert len(killing.killed) == 1
+        victim = victims[killing.killed[0]]
         assert victim.process.wait(10) == -signal.SIGKILL
         assert victim.peer_id in model.swarm.banned()
         assert (x.grad - x_ref.grad).abs().max().item() <= 1e-5
