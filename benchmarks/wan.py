@@ -91,14 +91,17 @@ class IdleClock(TokenClock):
         return super().per_token_s - self.idle_s
 
 
+def timed_decode(model: Any, prompt: torch.Tensor, new_tokens: int, clock: TokenClock) -> list[int]:
+    """One greedy generation of `new_tokens` timed by `clock`; its tokens."""
+    return model.generate(prompt, streamer=clock, **greedy_options(new_tokens))[0].tolist()
+
+
 def local_idle_decode(model: Any, prompt: torch.Tensor, new_tokens: int, repeats: int, idle_s: float) -> list[float]:
     """The local model's per-token compute with `idle_s` of idleness before each token."""
-    out = []
-    for _ in range(repeats):
-        clock = IdleClock(idle_s=idle_s)
-        model.generate(prompt, streamer=clock, **greedy_options(new_tokens))
-        out.append(clock.per_token_s)
-    return out
+    clocks = [IdleClock(idle_s=idle_s) for _ in range(repeats)]
+    for clock in clocks:
+        timed_decode(model, prompt, new_tokens, clock)
+    return [clock.per_token_s for clock in clocks]
 
 
 def local_reference(model: Any, prompt: torch.Tensor, long_prompt: torch.Tensor, new_tokens: int,
@@ -106,10 +109,10 @@ def local_reference(model: Any, prompt: torch.Tensor, long_prompt: torch.Tensor,
     decode, prefill, tokens = [], [], []
     for _ in range(repeats):
         clock = TokenClock()
-        tokens = model.generate(prompt, streamer=clock, **greedy_options(new_tokens))[0].tolist()
+        tokens = timed_decode(model, prompt, new_tokens, clock)
         decode.append(clock.per_token_s)
         clock = TokenClock()
-        model.generate(long_prompt, streamer=clock, **greedy_options(2))
+        timed_decode(model, long_prompt, 2, clock)
         prefill.append(clock.first_token_s)
     return decode, prefill, tokens
 

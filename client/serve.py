@@ -26,6 +26,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from petals_protocol.heap import settle_heap
+
 from .completion import CompletionJob, run_completion
 from .health import render_page, swarm_snapshot
 from .openai_api import Generations, build_app
@@ -177,6 +179,7 @@ def run_server(options: ServeOptions, out: TextIO | None = None) -> int:
     tokenizer = load_tokenizer(options.model)
     with AutoDistributedModelForCausalLM.from_pretrained(options.model, initial_peers=list(options.initial_peers),
                                                          swarm_key=options.swarm_key, **options.trust) as model:
+        settle_heap()  # a long-running server: no full garbage collections through the model's objects
         try:
             trio.run(_serve, model, tokenizer, options, out or sys.stdout)
         except BaseExceptionGroup as group:  # nurseries wrap a failed bind (port in use, bad address)

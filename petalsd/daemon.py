@@ -39,6 +39,7 @@ from petals_protocol.models.fingerprint import model_fingerprint
 from petals_protocol.models.source import HubRepo
 from petals_protocol.models.span import Span, block_bytes, load_span, span_shards
 from petals_protocol.p2p.host import listen_multiaddrs, load_swarm_key, make_host, running_host
+from petals_protocol.heap import settle_heap
 from petals_protocol.localpaths import default_control_socket
 from petals_protocol.threads import set_torch_threads
 from petals_protocol.p2p.identity import (
@@ -524,6 +525,7 @@ class Daemon:
         throughput = measure_throughput(span) if self.config.throughput == "auto" else float(self.config.throughput)
         log.info("loaded peer=%s blocks=%d:%d weights=%.1f MiB throughput=%.1f block-steps/s", self.peer_id,
                  start, end, span.weight_bytes / 2**20, throughput)
+        log.info("heap peer=%s: %d objects frozen, out of full garbage collections", self.peer_id, settle_heap())
         return span, throughput
 
     def _make_room(self, keep: set[str]) -> None:

@@ -6,6 +6,7 @@ full local model does, and the fingerprint binds everyone to the same commit.
 """
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -218,7 +219,14 @@ def test_unknown_models_and_files_are_named(full, tmp_path, offline):
         load_span(checkpoint, 0, 1)
 
 
-def test_moving_to_other_blocks_fetches_them_and_evicts_the_old_ones(full, tmp_path, offline):
+@pytest.fixture
+def unfrozen_after():
+    """Daemon.load settles the heap (gc.freeze) of the process it runs in, here pytest's own."""
+    yield
+    gc.unfreeze()
+
+
+def test_moving_to_other_blocks_fetches_them_and_evicts_the_old_ones(full, tmp_path, offline, unfrozen_after):
     """What a rebalancing move does (Daemon.load, before the new span is announced): the new span's
     shards are fetched and checked, and with max_disk_space the shards only the old span used go."""
     from petalsd.config import DaemonConfig
