@@ -39,6 +39,13 @@ were computed. Where the chain cannot push end to end (push off, deep prompts in
 checks on), or when any part of the pipelined prefill fails, the prompt runs as one ordinary step
 (after a failure, from a rollback), with the recovery below; a hung daemon then costs two timeouts.
 
+Opening: a hop's OpenSession is sent without waiting for its answer, all hops at once, and the
+first step follows on the first hop's stream right behind it; each hop's `SessionOpened` is read in
+front of its first result. A fresh session's first token so costs no round trip of its own (a
+daemon holds a pushed step that overtakes its session's open, petalsd/handlers.py). A refused
+open fails that hop's first step like any error reply: recovered from, or raised where every
+daemon would refuse the same (`CALLER_FAULTS`).
+
 Idle closes are not failures: daemons close connections idle for `idle_connection_timeout` and
 sessions idle for `session_idle_timeout`, freeing the cache. A hop that breaks after being quiet
 for `IDLE_RESUME_AFTER` seconds is first re-opened on the *same* daemon (no ban) and replayed;
@@ -167,6 +174,7 @@ class InferenceSession:
         self.batch_size = batch_size
         self.position = 0
         self._channels: dict[bytes, Channel] = {}  # each hop's stream, by its session id
+        self._opening: set[bytes] = set()  # sessions whose answer to OpenSession is still unread
 
     # The chain's state, under the names this class always had.
     hops = _chain_field("hops", "The hops, in order (`HopState`: daemon, session, replay memory).")
@@ -222,6 +230,10 @@ class InferenceSession:
         return [state for state in opened if state is not None]
 
     async def _open_hop(self, hop: Hop) -> HopState:
+        """Send the hop's OpenSession without waiting for its answer: the first step follows on the
+        same stream at once, and the answer is read in front of that step's result (`_receive`).
+        A fresh session's first token so costs no round trip of its own; a refusal fails that step
+        on this hop, and the chain recovers from it (or raises it, when every daemon would refuse)."""
         session_id = os.urandom(16)
         with trio.fail_after(self.swarm.step_timeout):
             channel = await self.swarm.open_inference(hop)
@@ -231,24 +243,18 @@ class InferenceSession:
                     start_block=hop.start, end_block=hop.end, max_length=self.max_length,
                     batch_size=self.batch_size, active_adapter=self.active_adapter,
                 ))
-                reply = await channel.receive()
             except BaseException:
                 await channel.aclose()
                 raise
-        try:
-            opened = check_reply(reply, SessionOpened, hop.server.peer_id)
-            if opened.session_id != session_id:
-                raise ProtocolError(ErrorCode.MALFORMED, "unexpected reply to open: another session id")
-        except BaseException:
-            await channel.aclose()
-            raise
         self._channels[session_id] = channel
+        self._opening.add(session_id)
         now = time.monotonic()
         return HopState(hop=hop, session_id=session_id, peer=peer_id_from_text(hop.server.peer_id),
                         relayed=bool(hop.server.addrs) and all(is_circuit(a) for a in hop.server.addrs),
                         last_active=now, last_sent=now)
 
     async def _close_hop(self, state: HopState) -> None:
+        self._opening.discard(state.session_id)
         channel = self._channels.pop(state.session_id, None)
         if channel is None:
             return
@@ -285,9 +291,16 @@ class InferenceSession:
         return outs
 
     async def _receive(self, expect: Expect) -> object:
-        """The reply `expect` waits for, within step_timeout (stale results dropped)."""
-        channel = self._channels[expect.hop.session_id]
+        """The reply `expect` waits for, within step_timeout (stale results dropped), after the
+        hop's answer to its OpenSession if that is still unread."""
+        session_id = expect.hop.session_id
+        channel = self._channels[session_id]
         with trio.fail_after(self.swarm.step_timeout):
+            if session_id in self._opening:
+                self._opening.discard(session_id)
+                opened = check_reply(await channel.receive(), SessionOpened, expect.hop.hop.server.peer_id)
+                if opened.session_id != session_id:
+                    raise ProtocolError(ErrorCode.MALFORMED, "unexpected reply to open: another session id")
             while True:
                 reply = await channel.receive()
                 if not expect.is_stale(reply):

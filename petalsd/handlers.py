@@ -13,8 +13,9 @@ without a step; every exit path returns its cache budget.
 
 Daemon-to-daemon forwarding (petalsd/forwarding.py): a step with `push` is also sent on to the
 next daemon. An inference stream whose first message is an `InferenceStep` (not `OpenSession`) is
-such a *push stream* from a previous daemon: each step on it must name a session open here, runs
-exactly like a step from the client, and its result (or error) is sent on the *client's* stream
+such a *push stream* from a previous daemon: each step on it must name a session open here (or
+about to be: a push may overtake the client's OpenSession, and waits up to `PUSH_OPEN_WAIT` for
+it), runs exactly like a step from the client, and its result (or error) is sent on the *client's* stream
 of that session, the session's owner. A push stream can only run steps: it cannot open or close
 sessions, and nothing it causes is answered to it except "unknown session", a bad message, and
 `PushLanded` once a large pushed step (a prefill) has arrived: the pushing daemon answers its own
@@ -123,6 +124,8 @@ class ServingContext:
     owners: dict[bytes, _Owned] = field(default_factory=dict)
     # Steps received on push streams, by the pushing peer (connection activity for the sweeper).
     push_streams: dict[str, LinkActivity] = field(default_factory=dict)
+    # Pushed steps waiting for their session to open here, by session id (`_owner_once_open`).
+    awaited_opens: dict[bytes, trio.Event] = field(default_factory=dict)
     # LoRA adapters requests may select (`active_adapter`; petalsd/adapters.py)
     adapters: tuple[str, ...] = ()
     # This daemon's membership certificate blob, shown in info replies (--member-certificate)
@@ -171,6 +174,35 @@ class _Owned:
 
 def _refuse(code: ErrorCode, message: str) -> SessionRefused:
     return SessionRefused(code, message)
+
+
+#: How long a pushed step waits for its session to open here. A client sends OpenSession to every
+#: hop at once and its first step right behind the first hop's, so a push can overtake the open
+#: of a later hop (the open waits for the compute thread, or its path is slower); this bounds
+#: what a push naming a session that never opens holds its push stream for.
+PUSH_OPEN_WAIT = 2.0
+
+
+def _opens_settled(ctx: ServingContext, session_id: bytes) -> None:
+    """A session's open ended here (opened or refused): wake the pushed step waiting for it."""
+    event = ctx.awaited_opens.pop(session_id, None)
+    if event is not None:
+        event.set()
+
+
+async def _owner_once_open(ctx: ServingContext, session_id: bytes) -> _Owned | None:
+    """The session's owner, after waiting up to PUSH_OPEN_WAIT for it to open if it is not open
+    yet; None if it is not open by then. The caller's stream waits too, which keeps a session's
+    pushed steps in order (they come on one push stream)."""
+    owned = ctx.owners.get(session_id)
+    if owned is not None:
+        return owned
+    event = ctx.awaited_opens.setdefault(session_id, trio.Event())
+    with trio.move_on_after(PUSH_OPEN_WAIT):
+        await event.wait()
+    if ctx.awaited_opens.get(session_id) is event:
+        del ctx.awaited_opens[session_id]
+    return ctx.owners.get(session_id)
 
 
 def _check_span(ctx: ServingContext, fingerprint: str, start: int, end: int) -> None:
@@ -394,7 +426,7 @@ async def serve_inference(ctx: ServingContext, channel: Channel) -> None:
     first = await _receive_within(channel, ctx.limits.session_idle_timeout)
     if first is None:
         return
-    if isinstance(first, InferenceStep) and first.session_id in ctx.owners:
+    if isinstance(first, InferenceStep) and await _owner_once_open(ctx, first.session_id) is not None:
         await _serve_push_stream(ctx, channel, first)
     elif isinstance(first, OpenSession):
         await _serve_session(ctx, channel, first)
@@ -420,11 +452,13 @@ async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSessi
     try:
         session = await _open(ctx, first, channel.peer_id or "?")
     except PetalsError as exc:
+        _opens_settled(ctx, first.session_id)
         log.info("refused session peer=%s session=%s: %s", channel.peer_id, first.session_id.hex()[:12], exc)
         await channel.send(error_reply(exc, session_id=first.session_id))
         return
     owned = _Owned(session, channel)
     ctx.owners[session.session_id] = owned
+    _opens_settled(ctx, session.session_id)
     sid = session.session_id.hex()[:12]
     try:
         log.info("session open peer=%s session=%s blocks=%d:%d max_length=%d batch=%d", channel.peer_id,
@@ -493,7 +527,7 @@ async def _serve_push_stream(ctx: ServingContext, channel: Channel, first: Infer
                 if not isinstance(msg, InferenceStep):
                     await channel.send(error_reply(ErrorCode.BAD_REQUEST,
                                                    f"{type(msg).__name__} is not valid on a push stream"))
-                elif (owned := ctx.owners.get(msg.session_id)) is None:
+                elif (owned := await _owner_once_open(ctx, msg.session_id)) is None:
                     await channel.send(error_reply(ErrorCode.UNKNOWN_SESSION, f"no open session {msg.session_id.hex()}",
                                                    session_id=msg.session_id))
                 else:

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from petals_client.routing import Hop, ServerInfo
 from petals_client.session import InferenceSession, SessionFailed
-from petals_protocol.messages import CloseSession, InferenceStep, OpenSession, SessionOpened, StepResult
+from petals_protocol.errors import ErrorCode
+from petals_protocol.messages import CloseSession, InferenceStep, OpenSession, SessionOpened, StepResult, error_reply
 from petals_protocol.p2p.streams import StreamClosed
 from petals_protocol.signing import inference_binding, peer_id_from_private_key, peer_id_to_text, sign_response
 from petals_protocol.tensors import from_torch, to_torch
@@ -60,7 +61,7 @@ class FakeDaemon:
     start: int
     end: int
     rtt: float
-    mode: str = "ok"  # ok | dead | hung (never answers) | liar (signs with another key)
+    mode: str = "ok"  # ok | dead | hung (never answers) | liar (signs with another key) | full (refuses opens)
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     sessions: dict[bytes, FakeSession] = field(default_factory=dict)
     channels: list[FakeChannel] = field(default_factory=list)
@@ -90,7 +91,17 @@ class FakeDaemon:
     async def handle(self, msg: object, channel: FakeChannel | None) -> None:
         if self.mode == "dead":
             return  # a push to a dead daemon is lost (its pusher's own reply is not affected)
-        if isinstance(msg, OpenSession):
+        if isinstance(msg, OpenSession) and self.mode == "full":
+            assert channel is not None
+            await channel.replies_in.send(error_reply(ErrorCode.BUSY, "no room", session_id=msg.session_id))
+        elif isinstance(msg, InferenceStep) and msg.session_id not in self.sessions:
+            if channel is None:
+                self.steps_pushed += 1  # (answered to its pusher, which does not listen here)
+            else:
+                self.steps_from_client += 1
+                await channel.replies_in.send(error_reply(ErrorCode.UNKNOWN_SESSION, "no such session",
+                                                          session_id=msg.session_id))
+        elif isinstance(msg, OpenSession):
             assert channel is not None
             self.sessions[msg.session_id] = FakeSession(channel, msg.start_block, msg.end_block,
                                                         [torch.zeros(1, 0, HIDDEN)] * (msg.end_block - msg.start_block))
@@ -247,6 +258,23 @@ def test_push_through_three_daemons_sends_each_step_once_and_rolls_back() -> Non
     assert [d.steps_from_client for d in chain] == [5, 0, 0]  # the client sent every step to the first hop only
     assert [d.steps_pushed for d in chain] == [0, 5, 5]
     assert all(not d.sessions for d in chain)  # closed
+
+
+def test_a_hop_that_refuses_the_open_fails_its_first_step_and_is_replaced() -> None:
+    """Opens are not waited for: the refusal is read in front of the hop's first result, and the
+    chain recovers from it as from any error reply of a pushed hop."""
+    swarm, chain, spare = three_daemons()
+    chain[1].mode = "full"
+
+    async def script(session: InferenceSession, reference: Reference) -> None:
+        assert [h.server.peer_id for h in session.route] == [d.peer_id for d in chain]  # opened without waiting
+        await steps_match(session, reference, [(5, None), (1, None), (1, None)])
+        assert session.recoveries == 1 and session.push
+        assert [h.server.peer_id for h in session.route] == [chain[0].peer_id, spare.peer_id, chain[2].peer_id]
+
+    run(swarm, script)
+    assert swarm.bans == [chain[1].peer_id]
+    assert chain[1].steps_pushed == 1 and chain[1].steps_from_client == 1  # pushed, failed, then sent directly
 
 
 def test_a_killed_daemon_is_banned_and_its_blocks_replayed_on_another() -> None:

@@ -14,14 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
 from transformers import AutoModelForCausalLM
 
 from petals_client import AutoDistributedModelForCausalLM
 from petals_client.ctl import metrics
 from petals_client.localswarm import LocalSwarm
-from petals_protocol.messages import PUSH_LANDED_FROM
+from petals_protocol.errors import ErrorCode
+from petals_protocol.ids import INFERENCE_PROTOCOL
+from petals_protocol.messages import (PUSH_LANDED_FROM, CloseSession, ErrorReply, InferenceStep, OpenSession,
+                                      SessionOpened, StepResult)
+from petals_protocol.models.fingerprint import model_fingerprint
+from petals_protocol.models.span import load_span
+from petals_protocol.tensors import to_torch
 from petalsd.forwarding import PUSH_LANDED_WAIT
+from petalsd.handlers import PUSH_OPEN_WAIT
 
+from rawclient import RawClient, hidden_payload, new_id, receive, run_raw
 from swarmlib import DAEMON_ARGS, make_model, start_swarm
 
 pytestmark = pytest.mark.integration
@@ -214,3 +223,62 @@ def test_daemon_killed_mid_generation_with_push(model_path, local, swarm):
         assert session.route[1].server.peer_id in standby
         assert session._session.push  # a closed stream is not a reason to stop pushing
     assert out.tolist() == expected.tolist()
+
+
+def test_a_push_that_overtakes_its_sessions_open_waits_for_it(model_path, swarm):
+    """Clients send OpenSession to every hop and their first step right behind the first hop's, so
+    a push may reach a daemon before the session's open: it waits for it (PUSH_OPEN_WAIT) and runs
+    exactly; a push for a session that never opens, or whose open is refused, gets UNKNOWN_SESSION
+    and the push stream goes on serving."""
+    fingerprint = model_fingerprint(model_path)
+    middle = next(d for d in swarm.daemons if d.process.poll() is None and d.args[d.args.index("--blocks") + 1] == "2:4")
+    chunks = [hidden_payload(1, 3, 64, seed=1), hidden_payload(1, 1, 64, seed=2)]
+    span = load_span(model_path, 2, 4, dtype=torch.float32)
+    cache = span.new_cache(1, 16)
+    with torch.inference_mode():
+        expected = [span.forward(to_torch(chunk), cache) for chunk in chunks]
+
+    def open_msg(max_length: int = 16) -> OpenSession:
+        return OpenSession(session_id=new_id(), model_fingerprint=fingerprint, start_block=2, end_block=4,
+                           max_length=max_length, batch_size=1)
+
+    def step(session_id: bytes, index: int, position: int) -> InferenceStep:
+        return InferenceStep(session_id=session_id, step=index, position=position, hidden=chunks[index], hypo_ids=None)
+
+    async def body(client: RawClient) -> None:
+        addr = middle.addrs[0]
+        opened = open_msg()
+        pusher = await client.open(addr, INFERENCE_PROTOCOL)
+        await pusher.send(step(opened.session_id, 0, 0))  # the push stream's first message, before the open
+        await trio.sleep(0.3)
+        owner = await client.open(addr, INFERENCE_PROTOCOL)
+        await owner.send(opened)
+        assert isinstance(await receive(owner), SessionOpened)
+        result = await receive(owner)  # the pushed step is answered to the session's owner
+        assert isinstance(result, StepResult) and result.step == 0
+        assert torch.equal(to_torch(result.hidden), expected[0])
+
+        began = time.monotonic()
+        await pusher.send(step(new_id(), 1, 3))  # a session that never opens
+        reply = await receive(pusher)
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNKNOWN_SESSION, reply
+        assert time.monotonic() - began >= PUSH_OPEN_WAIT - 0.1
+
+        refused = open_msg(max_length=10**9)
+        began = time.monotonic()
+        await pusher.send(step(refused.session_id, 1, 3))
+        await trio.sleep(0.2)
+        other = await client.open(addr, INFERENCE_PROTOCOL)
+        await other.send(refused)
+        assert (await receive(other)).code == ErrorCode.TOO_LONG
+        reply = await receive(pusher)
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNKNOWN_SESSION, reply
+        assert time.monotonic() - began < PUSH_OPEN_WAIT  # the refusal ended the wait
+
+        await pusher.send(step(opened.session_id, 1, 3))  # the push stream still serves the open session
+        result = await receive(owner)
+        assert isinstance(result, StepResult) and result.step == 1
+        assert torch.equal(to_torch(result.hidden), expected[1])
+        await owner.send(CloseSession(session_id=opened.session_id))
+
+    run_raw(body)
