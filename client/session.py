@@ -42,9 +42,11 @@ checks on), or when any part of the pipelined prefill fails, the prompt runs as 
 Opening: a hop's OpenSession is sent without waiting for its answer, all hops at once, and the
 first step follows on the first hop's stream right behind it; each hop's `SessionOpened` is read in
 front of its first result. A fresh session's first token so costs no round trip of its own (a
-daemon holds a pushed step that overtakes its session's open, petalsd/handlers.py). A refused
-open fails that hop's first step like any error reply: recovered from, or raised where every
-daemon would refuse the same (`CALLER_FAULTS`).
+daemon holds a pushed step that overtakes its session's open, petalsd/handlers.py). A refusal
+(busy, too long, wrong model) ends that first step with the daemon's error, as an open that was
+waited for did, and the session with it: it is the caller's to see, not a hop failure to recover
+from. Hops opened during recovery wait for their answer, so a refusal there moves on to the next
+candidate.
 
 Idle closes are not failures: daemons close connections idle for `idle_connection_timeout` and
 sessions idle for `session_idle_timeout`, freeing the cache. A hop that breaks after being quiet
@@ -104,6 +106,15 @@ log = logging.getLogger("petals_client.session")
 #: the round trip of a long link, few enough that a slow daemon's unread input stays well inside
 #: its stream buffer.
 MAX_REPLAY_STEPS_IN_FLIGHT = 16
+
+
+class OpenRefused(Exception):
+    """A daemon refused the session's first open (read in front of the first step's result). Not a
+    hop failure to recover from: the session fails with `error`, as if the open had been waited for."""
+
+    def __init__(self, error: RemoteError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Swarm(Protocol):
@@ -175,6 +186,7 @@ class InferenceSession:
         self.position = 0
         self._channels: dict[bytes, Channel] = {}  # each hop's stream, by its session id
         self._opening: set[bytes] = set()  # sessions whose answer to OpenSession is still unread
+        self._refused: RemoteError | None = None  # a daemon refused the first open: the session is unusable
 
     # The chain's state, under the names this class always had.
     hops = _chain_field("hops", "The hops, in order (`HopState`: daemon, session, replay memory).")
@@ -192,10 +204,12 @@ class InferenceSession:
         return self._channels[self.hops[index].session_id]
 
     async def open(self) -> None:
-        self.chain.hops = await self._open_chain(self.start, self.end)
+        """Choose the route and send every hop its OpenSession, without waiting for the answers
+        (module docstring, "Opening")."""
+        self.chain.hops = await self._open_chain(self.start, self.end, wait=False)
         log.info("session route: %s", describe_route(self.route))
 
-    async def _open_chain(self, start: int, end: int) -> list[HopState]:
+    async def _open_chain(self, start: int, end: int, *, wait: bool = True) -> list[HopState]:
         servers = [s for s in self.swarm.servers() if self.active_adapter in (None, *s.adapters)]
         try:
             route = choose_route(servers, start, end, banned=self.swarm.banned(), cache_tokens_needed=self.max_length,
@@ -212,7 +226,7 @@ class InferenceSession:
 
         async def open_one(index: int, hop: Hop) -> None:
             try:
-                opened[index] = await self._open_hop(hop)
+                opened[index] = await self._open_hop(hop, wait=wait)
             except Exception as exc:  # noqa: BLE001 - the first is raised below, after closing the others
                 errors.append(exc)
 
@@ -229,11 +243,10 @@ class InferenceSession:
             raise errors[0]
         return [state for state in opened if state is not None]
 
-    async def _open_hop(self, hop: Hop) -> HopState:
-        """Send the hop's OpenSession without waiting for its answer: the first step follows on the
-        same stream at once, and the answer is read in front of that step's result (`_receive`).
-        A fresh session's first token so costs no round trip of its own; a refusal fails that step
-        on this hop, and the chain recovers from it (or raises it, when every daemon would refuse)."""
+    async def _open_hop(self, hop: Hop, *, wait: bool = True) -> HopState:
+        """Open the hop's session. `wait=False` (a session's first open): send OpenSession only; the
+        first step follows on the same stream at once and the answer is read in front of its
+        result (`_receive`)."""
         session_id = os.urandom(16)
         with trio.fail_after(self.swarm.step_timeout):
             channel = await self.swarm.open_inference(hop)
@@ -243,11 +256,14 @@ class InferenceSession:
                     start_block=hop.start, end_block=hop.end, max_length=self.max_length,
                     batch_size=self.batch_size, active_adapter=self.active_adapter,
                 ))
+                if wait:
+                    self._check_opened(hop, session_id, await channel.receive())
             except BaseException:
                 await channel.aclose()
                 raise
         self._channels[session_id] = channel
-        self._opening.add(session_id)
+        if not wait:
+            self._opening.add(session_id)
         now = time.monotonic()
         return HopState(hop=hop, session_id=session_id, peer=peer_id_from_text(hop.server.peer_id),
                         relayed=bool(hop.server.addrs) and all(is_circuit(a) for a in hop.server.addrs),
@@ -290,17 +306,25 @@ class InferenceSession:
                 window.release()
         return outs
 
+    @staticmethod
+    def _check_opened(hop: Hop, session_id: bytes, reply: object) -> None:
+        opened = check_reply(reply, SessionOpened, hop.server.peer_id)
+        if opened.session_id != session_id:
+            raise ProtocolError(ErrorCode.MALFORMED, "unexpected reply to open: another session id")
+
     async def _receive(self, expect: Expect) -> object:
         """The reply `expect` waits for, within step_timeout (stale results dropped), after the
-        hop's answer to its OpenSession if that is still unread."""
+        hop's answer to its OpenSession if that is still unread (`OpenRefused` if it refused)."""
         session_id = expect.hop.session_id
         channel = self._channels[session_id]
         with trio.fail_after(self.swarm.step_timeout):
             if session_id in self._opening:
                 self._opening.discard(session_id)
-                opened = check_reply(await channel.receive(), SessionOpened, expect.hop.hop.server.peer_id)
-                if opened.session_id != session_id:
-                    raise ProtocolError(ErrorCode.MALFORMED, "unexpected reply to open: another session id")
+                reply = await channel.receive()
+                try:
+                    self._check_opened(expect.hop.hop, session_id, reply)
+                except RemoteError as exc:
+                    raise OpenRefused(exc) from exc
             while True:
                 reply = await channel.receive()
                 if not expect.is_stale(reply):
@@ -311,6 +335,15 @@ class InferenceSession:
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run `hidden` [B, T, H] through every hop, continuing after `position` tokens
         (default: after everything so far; smaller values roll back). Returns the last hop's output."""
+        if self._refused is not None:
+            raise self._refused
+        try:
+            return await self._step(hidden, position)
+        except OpenRefused as refused:
+            self._refused = refused.error
+            raise refused.error from None
+
+    async def _step(self, hidden: torch.Tensor, position: int | None) -> torch.Tensor:
         if position is None:
             position = self.position
         if not 0 <= position <= self.position:
@@ -369,7 +402,7 @@ class InferenceSession:
                     inboxes[index][0].send_nowait(await self._receive(oldest))
                     if index == 0:
                         window.release()
-            except NETWORK_ERRORS as exc:
+            except (*NETWORK_ERRORS, OpenRefused) as exc:  # raised below, in chain order
                 inboxes[index][0].send_nowait(exc)
 
         inputs = [sent.hidden for sent in plan.steps]

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from petals_client.routing import Hop, ServerInfo
 from petals_client.session import InferenceSession, SessionFailed
-from petals_protocol.errors import ErrorCode
+from petals_protocol.errors import ErrorCode, RemoteError
 from petals_protocol.messages import CloseSession, InferenceStep, OpenSession, SessionOpened, StepResult, error_reply
 from petals_protocol.p2p.streams import StreamClosed
 from petals_protocol.signing import inference_binding, peer_id_from_private_key, peer_id_to_text, sign_response
@@ -260,21 +260,26 @@ def test_push_through_three_daemons_sends_each_step_once_and_rolls_back() -> Non
     assert all(not d.sessions for d in chain)  # closed
 
 
-def test_a_hop_that_refuses_the_open_fails_its_first_step_and_is_replaced() -> None:
-    """Opens are not waited for: the refusal is read in front of the hop's first result, and the
-    chain recovers from it as from any error reply of a pushed hop."""
-    swarm, chain, spare = three_daemons()
+def test_a_refused_first_open_fails_the_first_step_with_the_daemons_error() -> None:
+    """Opens are not waited for: a refusal (here: busy) is read in front of the hop's first result
+    and raised as the daemon's error, as a waited-for open raised it; nobody is banned, nothing is
+    rerouted, and the session stays failed."""
+    swarm, chain, _spare = three_daemons()
     chain[1].mode = "full"
 
     async def script(session: InferenceSession, reference: Reference) -> None:
         assert [h.server.peer_id for h in session.route] == [d.peer_id for d in chain]  # opened without waiting
-        await steps_match(session, reference, [(5, None), (1, None), (1, None)])
-        assert session.recoveries == 1 and session.push
-        assert [h.server.peer_id for h in session.route] == [chain[0].peer_id, spare.peer_id, chain[2].peer_id]
+        with pytest.raises(RemoteError) as refused:
+            await session.step(tokens(5, 0))
+        assert refused.value.code is ErrorCode.BUSY and refused.value.peer == chain[1].peer_id
+        with pytest.raises(RemoteError) as again:
+            await session.step(tokens(1, 1))
+        assert again.value is refused.value
+        assert session.recoveries == 0
 
     run(swarm, script)
-    assert swarm.bans == [chain[1].peer_id]
-    assert chain[1].steps_pushed == 1 and chain[1].steps_from_client == 1  # pushed, failed, then sent directly
+    assert swarm.bans == []
+    assert chain[0].steps_from_client == 1 and chain[1].steps_pushed == 1 and chain[1].steps_from_client == 0
 
 
 def test_a_killed_daemon_is_banned_and_its_blocks_replayed_on_another() -> None:
