@@ -33,6 +33,7 @@ class DaemonProcess:
     name: str
     args: list[str]
     process: subprocess.Popen[str]
+    blocks: str | None = None  # the `--blocks` it was started with (None: it chose them)
     addrs: list[str] = field(default_factory=list)
     log: deque[str] = field(default_factory=lambda: deque(maxlen=400))
     ready: threading.Event = field(default_factory=threading.Event)
@@ -127,7 +128,7 @@ class LocalSwarm:
         env = {**base, **(env or {})}
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-        daemon = DaemonProcess(name=name, args=cmd, process=process, echo=self.echo)
+        daemon = DaemonProcess(name=name, args=cmd, process=process, blocks=blocks, echo=self.echo)
         threading.Thread(target=daemon._read_stderr, name=f"{name}-stderr", daemon=True).start()
         self.daemons.append(daemon)
         if wait:

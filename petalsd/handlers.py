@@ -184,7 +184,7 @@ PUSH_OPEN_WAIT = 2.0
 
 
 def _opens_settled(ctx: ServingContext, session_id: bytes) -> None:
-    """A session's open ended here (opened or refused): wake the pushed step waiting for it."""
+    """A session's open ended here (opened, refused or failed): wake the pushed step waiting for it."""
     event = ctx.awaited_opens.pop(session_id, None)
     if event is not None:
         event.set()
@@ -451,14 +451,14 @@ async def _receive_step(channel: Channel, session: Session, idle_timeout: float)
 async def _serve_session(ctx: ServingContext, channel: Channel, first: OpenSession) -> None:
     try:
         session = await _open(ctx, first, channel.peer_id or "?")
+        owned = _Owned(session, channel)
+        ctx.owners[session.session_id] = owned
     except PetalsError as exc:
-        _opens_settled(ctx, first.session_id)
         log.info("refused session peer=%s session=%s: %s", channel.peer_id, first.session_id.hex()[:12], exc)
         await channel.send(error_reply(exc, session_id=first.session_id))
         return
-    owned = _Owned(session, channel)
-    ctx.owners[session.session_id] = owned
-    _opens_settled(ctx, session.session_id)
+    finally:  # opened, refused or failed: a push waiting for this open stops waiting
+        _opens_settled(ctx, first.session_id)
     sid = session.session_id.hex()[:12]
     try:
         log.info("session open peer=%s session=%s blocks=%d:%d max_length=%d batch=%d", channel.peer_id,

@@ -1,12 +1,11 @@
 """The garbage collector settled once a process has loaded its model, for steady step times.
 
-Importing torch and transformers and loading a span leaves a few hundred thousand long-lived
-Python objects. CPython's full (generation 2) collection walks all of them; it runs whenever a
-quarter as many objects again have been promoted since the last one, which serving a session
-reaches every few seconds (frames, messages, trio tasks). On the 2-core test VM each full
-collection of a 271M daemon stopped its event loop and compute hand-overs for 115-165 ms, so a
-step that met one waited that long: clusters of slow tokens in a chain (BENCHMARKS.md, "Garbage
-collection pauses").
+Importing torch and transformers and loading a span leaves a great many long-lived Python
+objects. CPython's full (generation 2) collection walks all of them; it runs whenever a quarter
+as many objects again have been promoted since the last one, which a busy daemon reaches every
+few seconds (frames, messages, trio tasks). Each such collection stops the daemon's event loop
+and compute hand-overs, and a step that meets one waits as long (figures: BENCHMARKS.md,
+"Garbage collection pauses").
 
 `settle_heap()` collects what loading left behind and then freezes everything still alive
 (`gc.freeze`): later full collections skip those objects and only walk what was allocated

@@ -231,7 +231,7 @@ def test_a_push_that_overtakes_its_sessions_open_waits_for_it(model_path, swarm)
     exactly; a push for a session that never opens, or whose open is refused, gets UNKNOWN_SESSION
     and the push stream goes on serving."""
     fingerprint = model_fingerprint(model_path)
-    middle = next(d for d in swarm.daemons if d.process.poll() is None and d.args[d.args.index("--blocks") + 1] == "2:4")
+    middle = next(d for d in swarm.daemons if d.process.poll() is None and d.blocks == "2:4")
     chunks = [hidden_payload(1, 3, 64, seed=1), hidden_payload(1, 1, 64, seed=2)]
     span = load_span(model_path, 2, 4, dtype=torch.float32)
     cache = span.new_cache(1, 16)

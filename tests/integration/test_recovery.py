@@ -76,7 +76,7 @@ class Pool:
         return [d for d in self.swarm.daemons if d not in self.hurt and d.process.poll() is None]
 
     def serving(self, blocks: str) -> list[DaemonProcess]:
-        return [d for d in self.live() if f"--blocks {blocks}" in " ".join(d.args)]
+        return [d for d in self.live() if d.blocks == blocks]
 
     def addrs(self) -> list[str]:
         return [d.addrs[0] for d in self.live()]
