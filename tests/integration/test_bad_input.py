@@ -189,7 +189,6 @@ class HonestSession:
     def run(self) -> None:
         try:
             with self.model.inference_session(max_length=HONEST_MAX_LENGTH) as session:
-                self.opened.set()
                 context = PROMPT[:, :0]
                 new = PROMPT
                 while True:
@@ -200,6 +199,9 @@ class HonestSession:
                         ref = self.local.generate(full, max_new_tokens=self.TOKENS_PER_TURN, do_sample=False)
                     assert out.tolist() == ref[:, context.shape[1]:].tolist(), f"turn {self.turns} diverged"
                     self.turns += 1
+                    # Open at the daemon now: its answer to OpenSession came before the first result
+                    # (entering inference_session only sends the open), so tests may count its slot.
+                    self.opened.set()
                     context = ref
                     new = torch.tensor([[7, 11 + self.turns]])
                     room = HONEST_MAX_LENGTH - context.shape[1] - new.shape[1] - self.TOKENS_PER_TURN
