@@ -12,7 +12,9 @@ emulator against its configured one-way delay with probe packets, then starts:
   reachable only through a relay (the public daemons are relays);
 
 and the client (benchmarks/wan_client.py) on its own host. Every host pair is one emulated link
-(`--delay` one way, `--jitter`, `--loss`, and each host's uplink `--rate`). The local model runs
+(`--delay` one way, `--jitter`, `--loss`, and each host's uplink `--rate`); every host's TCP runs
+the machine's congestion control unless `--congestion-control` names another (a network namespace
+may only pick one of net.ipv4.tcp_allowed_congestion_control). The local model runs
 in this process with one torch thread, as each daemon does, before and after the swarm's run.
 
 It prints, each against its bound where there is one:
@@ -23,6 +25,10 @@ It prints, each against its bound where there is one:
   steps' spread; and where a token's time went: the client's own work, each daemon's part of the
   critical path (its step-time counters, petalsd/step_times.py, read over its control socket) and
   the network (benchmarks/wan_client.py, `StepSplit`); each exact prefill split the same way;
+  and the same decode steps split on the wire, from the emulator's packet trace
+  (benchmarks/packet_split.py): each leg's time in the emulator and each host's dwell between the
+  packet it got and the packet it sent on, which takes the network's lump apart into the link and
+  our message path;
 - prefill of `--prefill-tokens` vs local prefill + the same delays + that prompt's bytes per leg,
   and the same with fp16-compressed activations (`compression="fp16"`: half the bytes per leg);
 - time to first token of a fresh session (opening the chain included);
@@ -50,13 +56,14 @@ import torch
 from petals_client.localswarm import DaemonProcess, LocalSwarm
 from petalsd.step_times import PHASES
 
+from . import packet_split
 from .measure import TokenClock, machine_info, median, percentile, print_and_save
 from .shapes import SHAPES, default_cache_dir, ensure_model, split_blocks
 from .swarm_vs_local import greedy_options, random_prompt
 
 SYSTEM_TESTS = Path(__file__).resolve().parent.parent / "tests" / "system"
 sys.path.insert(0, str(SYSTEM_TESTS))  # the namespace lab lives beside the system tests that use it
-from natlab import ensure_tools  # noqa: E402
+from natlab import LabError, ensure_tools  # noqa: E402
 from wanlab import LinkConfig, WanLab, wan_lab  # noqa: E402
 
 PROBE = SYSTEM_TESTS / "udp_probe.py"
@@ -89,6 +96,11 @@ class IdleClock(TokenClock):
     @property
     def per_token_s(self) -> float:
         return super().per_token_s - self.idle_s
+
+
+def machine_congestion_control() -> str:
+    """The TCP congestion control new network namespaces start with (the lab's hosts, by default)."""
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
 
 
 def timed_decode(model: Any, prompt: torch.Tensor, new_tokens: int, clock: TokenClock) -> list[int]:
@@ -182,7 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hosts = ["client", *(f"d{i}" for i in range(args.daemons)), "spare"]
     daemon_args = ["--num-threads", str(args.daemon_threads), "--log-level", "info", "--throughput", "100"]
     decode_l, prefill_l, local_tokens = local_reference(local, prompt, long_prompt, args.new_tokens, args.repeats)
-    with wan_lab(f"wb{os.getpid() % 10000}", hosts, natted=["home"] if args.nat else [], link=link) as lab:
+    with wan_lab(f"wb{os.getpid() % 10000}", hosts, natted=["home"] if args.nat else [], link=link,
+                 trace_packets=True, congestion_control=args.congestion_control) as lab:
         one_way = probe_one_way(lab, "client", "d0")
         folder = Path(lab._folder.name)  # type: ignore[union-attr]
         swarms: list[LocalSwarm] = []
@@ -213,6 +226,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     more_decode, more_prefill, _ = local_reference(local, prompt, long_prompt, args.new_tokens, args.repeats)
     decode_l += more_decode
     prefill_l += more_prefill
+    # A natted host's packets cross the WAN with its router's address: named for the router ("homer")
+    wire = packet_split.split(lab.packets, {lab.ip(h): h for h in lab.wan_hosts()}, "client",
+                              [s["windows"] for s in swarm.get("split", [])], min_bytes=shape.hidden_size * 4)
+    lab.packets = []
     legs = args.daemons + 1
     idle_l = local_idle_decode(local, prompt, args.new_tokens, args.repeats, legs * args.delay)
 
@@ -231,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {**machine, "load_average_1m_end": os.getloadavg()[0]},
         "link": {"configured_one_way_s": args.delay, "probe_median_s": statistics.median(one_way),
                  "probe_p90_s": percentile(one_way, 0.9), "probes": len(one_way),
+                 "congestion_control": args.congestion_control or machine_congestion_control(),
                  "emulator": lab.stats},
         "local": {"decode_s": decode_l, "prefill_s": prefill_l, "decode_idle_between_tokens_s": idle_l},
         "decode": {"swarm_median_s": swarm["decode_median_s"], "bound": decode_bound,
@@ -245,6 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "ratio_to_bound": swarm["prefill_fp16_median_s"] / fp16_bound["total_s"],
                          "window_waits": swarm.get("prefill_fp16_window_waits")},
         "decode_split": split_summary(swarm.get("split", []), legs),
+        "decode_on_wire": wire.as_dict() if wire else None,
         "ttft_median_s": swarm["ttft_median_s"],
         "swarm": swarm,
         "client_log_tail": done.stderr[-4000:],
@@ -279,7 +298,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"model {cfg['model_size']}, daemons {' '.join(r['spans'])} (+ spare for {r['spans'][len(r['spans']) // 2]}"
         f"{', + natted home for ' + r['spans'][-1] if cfg['nat'] else ''}), repeats {cfg['repeats']}",
         f"link: {cfg['delay'] * ms:.0f} ms one way +- {cfg['jitter'] * ms:.1f} ms, loss {cfg['loss']:.2%}, "
-        f"uplink {cfg['rate'] / 1e6:.0f} Mbit/s, MTU {cfg['mtu']}; probes: median {r['link']['probe_median_s'] * ms:.2f} ms, "
+        f"uplink {cfg['rate'] / 1e6:.0f} Mbit/s, MTU {cfg['mtu']}, TCP {r['link']['congestion_control']}; probes: median {r['link']['probe_median_s'] * ms:.2f} ms, "
         f"p90 {r['link']['probe_p90_s'] * ms:.2f} ms; emulator: {r['link']['emulator']}",
         f"machine: {m['cpu_model']}, {m['cores']} cores, load {m['load_average_1m']:.2f} -> {m['load_average_1m_end']:.2f}",
         f"decode:  swarm {d['swarm_median_s'] * ms:.1f} ms/token, {parts(d['bound'])}: "
@@ -339,6 +358,17 @@ def split_lines(r: dict[str, Any]) -> list[str]:
             f"model {r['decode']['bound']['compute_s'] * ms:.1f}) + daemons {on_path * ms:.1f}: {daemons} + network "
             f"{sp['network_s'] * ms:.1f} over {legs} legs ({sp['per_leg_s'] * ms:.2f} per leg: delay, emulator, TCP, "
             f"Noise, yamux, framing; probes: {r['link']['probe_median_s'] * ms:.2f} one way)")
+    w = r.get("decode_on_wire")
+    if w:
+        transfer = r["decode"]["bound"]["transfer_s"] / legs
+        lines.append(
+            f"decode on the wire (the emulator's packet trace, median of {w['steps']} steps along "
+            f"{' -> '.join(w['chain'])}): legs {', '.join(f'{s * ms:.2f}' for s in w['legs_s'])} ms (configured "
+            f"{r['config']['delay'] * ms:.0f} + transfer {transfer * ms:.2f} each); dwell "
+            f"{', '.join(f'{h} {s * ms:.2f}' for h, s in w['dwell_s'].items())} ms (packet in to packet out); client "
+            + (f"{w['client_s'] * ms:.2f} ms (result in to next step out)" if w["client_s"] is not None else "-")
+            + f"; client out to result in {w['on_wire_s'] * ms:.1f} ms"
+            + (f"; {w['others']} steps on other chains, {w['unmatched']} not followed" if w["others"] or w["unmatched"] else ""))
     for i, split in enumerate(r["swarm"].get("prefill_split", []), 1):
         on_path, daemons = _daemon_parts(split["daemons"])
         lines.append(f"prefill {i} (in order), {split['per_token_s'] * ms:.0f} ms: client {split['client_s'] * ms:.0f} + "
@@ -363,6 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", type=float, default=0.001, help="probability a packet is dropped")
     p.add_argument("--rate", type=float, default=100e6, help="each host's uplink, bits/s")
     p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--congestion-control", help="TCP congestion control of every host (default: the machine's, "
+                                                 "net.ipv4.tcp_congestion_control; a namespace may only choose one "
+                                                 "of net.ipv4.tcp_allowed_congestion_control)")
     p.add_argument("--nat", action=argparse.BooleanOptionalAction, default=True,
                    help="a daemon for the last span behind a NAT, served through a relay")
     p.add_argument("--replay-window", type=int, default=0,
@@ -378,7 +411,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except LabError as exc:  # a lab that could not be built (a setting the kernel refused, a missing tool)
+        raise SystemExit(f"wan: the lab could not be built: {exc}") from None
     print_and_save(format_report(result), result, args.json)
     return 0
 

@@ -60,6 +60,7 @@ class StepSplit:
         self.controls = controls  # daemon name -> control socket path
         self.prompt = prompt
         self.in_step: list[float] = []
+        self.windows: list[tuple[float, float]] = []  # monotonic (start, end) of each timed step
         self.before: dict[str, dict[str, float]] | None = None
         self.calls = 0
 
@@ -76,10 +77,11 @@ class StepSplit:
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
-            began = time.perf_counter()
+            began, since = time.perf_counter(), time.monotonic()
             out = step(*args, **kwargs)
             if self.prompt or self.calls > 1:
                 self.in_step.append(time.perf_counter() - began)
+                self.windows.append((since, time.monotonic()))
             else:
                 self.before = self._counters()
             return out
@@ -100,7 +102,7 @@ class StepSplit:
         in_step = statistics.fmean(self.in_step)
         on_path = sum(d["to_output"] + d["sent_on"] for d in daemons.values())
         return {"per_token_s": per_token_s, "in_step_s": in_step, "client_s": per_token_s - in_step,
-                "daemons": daemons, "network_s": in_step - on_path}
+                "daemons": daemons, "network_s": in_step - on_path, "windows": self.windows}
 
 
 class KillingClock(TokenClock):

@@ -63,6 +63,11 @@ def test_wan_client_measures_every_phase_and_splits_a_token(tmp_path: Path) -> N
     assert math.isclose(split["client_s"] + split["in_step_s"], split["per_token_s"], rel_tol=1e-9)
     assert math.isclose(on_path + split["network_s"], split["in_step_s"], rel_tol=1e-9)
     assert 0 < on_path < split["in_step_s"] and split["client_s"] > 0
+    # Each decode step's call into the session, on the clock every lab host shares (packet_split.py
+    # matches them to the emulator's packets): five, in order, and their lengths are the in-step times.
+    windows = split["windows"]
+    assert len(windows) == 5 and all(a < b <= c for (a, b), (c, _) in zip(windows, windows[1:]))
+    assert math.isclose(sum(b - a for a, b in windows) / 5, split["in_step_s"], rel_tol=0.05, abs_tol=2e-4)
 
     for key in ("prefill_split", "prefill_fp16_split"):  # the prompt's step alone, split the same way
         (prefill,) = result[key]

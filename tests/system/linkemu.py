@@ -15,9 +15,11 @@ sent ahead of it on the same link (jitter only ever delays), as on one path of a
     python linkemu.py CONFIG.json     # prints "ready" once every TUN is up; SIGTERM ends it
 
 CONFIG: {"delay": s, "jitter": s, "loss": p, "rate": bits/s, "mtu": n, "seed": n,
-         "hosts": [{"netns": "...", "ip": "198.18.0.2"}, ...], "prefix": 24, "stats": "path.json"}
+         "hosts": [{"netns": "...", "ip": "198.18.0.2"}, ...], "prefix": 24, "stats": "path.json",
+         "trace": "trace.json" or null}
 On exit it writes to `stats` how late each forwarded packet left against its due time and how
-many it dropped, so a run can check the emulator kept to its own configured delay.
+many it dropped, so a run can check the emulator kept to its own configured delay, and to
+`trace` (if given) every TCP packet with data it forwarded: [arrived, delivered, src ip, dst ip, payload bytes].
 """
 from __future__ import annotations
 
@@ -105,6 +107,11 @@ class Emulator:
         self.seq = 0
         self.rng = random.Random(link.seed)
         self.stats = Stats()
+        # (arrived, delivered, src, dst, bytes of TCP payload) of every forwarded TCP data packet, when
+        # the config names a "trace" file: every host reads the same clock, so the time between a
+        # packet a host got and the next it sent splits a step without touching the processes
+        # measured (benchmarks/packet_split.py)
+        self.trace: list[tuple[float, float, str, str, int]] | None = None
 
     def receive(self, src: int, packet: bytes, now: float) -> None:
         if len(packet) < 20 or packet[0] >> 4 != 4 or packet[16:20] not in self.fds:
@@ -132,6 +139,12 @@ class Emulator:
                 self.stats.dropped += 1
                 continue
             self.stats.forwarded += 1
+            if self.trace is not None and packet[9] == 6:
+                ihl = (packet[0] & 15) * 4
+                payload = struct.unpack("!H", packet[2:4])[0] - ihl - (packet[ihl + 12] >> 4) * 4
+                if payload > 0:  # data, not a bare acknowledgement
+                    self.trace.append((arrived, now, socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20]),
+                                       payload))
             self.stats.lateness.append(now - due)
             self.stats.delays.append(now - arrived)
 
@@ -170,11 +183,16 @@ def main(path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     emulator = Emulator(link, fds)
+    if config.get("trace"):
+        emulator.trace = []
     print("ready", flush=True)
     emulator.run(stop)
     if config.get("stats"):
         with open(config["stats"], "w") as out:
             json.dump(emulator.stats.summary(), out)
+    if emulator.trace is not None:
+        with open(config["trace"], "w") as out:
+            json.dump(emulator.trace, out)
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 from petals_client.localswarm import LocalSwarm
 from petals_protocol.models.synthetic import make_random_checkpoint
 
-from natlab import ensure_tools
+from natlab import LabError, ensure_tools
 from wanlab import LinkConfig, WanLab, leftover_namespaces, wan_lab
 
 pytestmark = [pytest.mark.system]
@@ -88,10 +88,19 @@ def model(tmp_path_factory) -> Path:
 def lossy_lab() -> Iterator[WanLab]:
     # Slow and lossy on purpose: 5% of packets lost, a 2 Mbit/s uplink, 15 +- 5 ms one way.
     link = LinkConfig(delay=0.015, jitter=0.005, loss=0.05, rate=2e6, seed=5)
-    with wan_lab(f"pw{os.getpid() % 100000}", ["client", "d0", "d1"], link=link) as lab:
+    with wan_lab(f"pw{os.getpid() % 100000}", ["client", "d0", "d1"], link=link, trace_packets=True) as lab:
         yield lab
     assert not leftover_namespaces(lab)
     assert lab.stats["dropped"] > 0, lab.stats  # the link really lost packets under the generation
+    # The packet trace (benchmarks/packet_split.py reads it): data packets only, each held at least
+    # the delay less the jitter, on the links the chain used (the client's steps, d0's pushes, d1's
+    # results), and never more of them than the emulator forwarded.
+    names = {lab.ip(host): host for host in lab.wan_hosts()}
+    assert 0 < len(lab.packets) <= lab.stats["forwarded"]
+    assert all(payload > 0 and src in names and dst in names for _, _, src, dst, payload in lab.packets)
+    assert min(delivered - arrived for arrived, delivered, *_ in lab.packets) >= link.delay - link.jitter - 0.0005
+    links = {(names[src], names[dst]) for _, _, src, dst, _ in lab.packets}
+    assert {("client", "d0"), ("d0", "d1"), ("d1", "client")} <= links, links
 
 
 def test_generation_is_token_exact_through_a_lossy_slow_link(lossy_lab: WanLab, model: Path, tmp_path) -> None:
@@ -117,3 +126,21 @@ def test_generation_is_token_exact_through_a_lossy_slow_link(lossy_lab: WanLab, 
     expected = local.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False)[0].tolist()
     assert result["tokens"] == expected
     assert [h["blocks"] for h in result["route_before"]] == [[0, 2], [2, 4]]
+
+
+def test_lab_hosts_run_the_congestion_control_asked_for() -> None:
+    """benchmarks.wan --congestion-control: every host's TCP, or a clear error naming the setting."""
+    def chosen(lab: WanLab, host: str) -> str:
+        return subprocess.run([*lab.prefix(host), "sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    with wan_lab(f"pc{os.getpid() % 100000}", ["a", "b"], congestion_control="reno") as lab:
+        assert [chosen(lab, host) for host in ("a", "b")] == ["reno", "reno"]
+    assert not leftover_namespaces(lab)
+    refused = WanLab(f"px{os.getpid() % 100000}", ["a"], congestion_control="no-such-algorithm")
+    try:
+        with pytest.raises(LabError, match="tcp_congestion_control=no-such-algorithm"):
+            refused.up()
+    finally:
+        refused.down()
+    assert not leftover_namespaces(refused)

@@ -39,6 +39,11 @@ class WanLab(NatLab):
     link: LinkConfig = field(default_factory=LinkConfig)
     emulator: subprocess.Popen[str] | None = None
     stats: dict = field(default_factory=dict)  # the emulator's own account, filled in by down()
+    trace_packets: bool = False  # have the emulator record every TCP data packet it forwards
+    # TCP congestion control of every host (None: the namespace's own, inherited from the machine):
+    # a sender that paces (BBR) spreads a message of a few packets over its pacing timer
+    congestion_control: str | None = None
+    packets: list = field(default_factory=list)  # (arrived, delivered, src ip, dst ip, payload), by down()
     _folder: tempfile.TemporaryDirectory[str] | None = None
 
     def wan_hosts(self) -> list[str]:
@@ -59,10 +64,14 @@ class WanLab(NatLab):
         for ns in self.namespaces():
             _sh("ip", "netns", "add", ns)
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            if self.congestion_control:
+                _sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                    f"net.ipv4.tcp_congestion_control={self.congestion_control}")
         self._folder = tempfile.TemporaryDirectory(prefix="wanlab-")
         config = Path(self._folder.name) / "link.json"
         config.write_text(json.dumps({
             **asdict(self.link), "prefix": 24, "stats": str(Path(self._folder.name) / "stats.json"),
+            "trace": str(Path(self._folder.name) / "trace.json") if self.trace_packets else None,
             "hosts": [{"netns": self.ns(h), "ip": WAN_PREFIX + str(2 + i)} for i, h in enumerate(self.wan_hosts())],
         }))
         self.emulator = subprocess.Popen([sys.executable, str(EMULATOR), str(config)], stdout=subprocess.PIPE,
@@ -100,6 +109,9 @@ class WanLab(NatLab):
             stats = Path(self._folder.name) / "stats.json"
             if stats.exists():
                 self.stats = json.loads(stats.read_text())
+            trace = Path(self._folder.name) / "trace.json"
+            if trace.exists():
+                self.packets = json.loads(trace.read_text())
             self._folder.cleanup()
             self._folder = None
         for ns in self.namespaces():
@@ -108,9 +120,12 @@ class WanLab(NatLab):
 
 @contextmanager
 def wan_lab(name: str, hosts: Sequence[str], *, natted: Sequence[str] = (),
-            link: LinkConfig | None = None) -> Iterator[WanLab]:
-    """Build the lab, yield it, and remove every namespace and the emulator however the block exits."""
-    lab = WanLab(name, list(hosts), list(natted), link or LinkConfig())
+            link: LinkConfig | None = None, trace_packets: bool = False,
+            congestion_control: str | None = None) -> Iterator[WanLab]:
+    """Build the lab, yield it, and remove every namespace and the emulator however the block exits
+    (`trace_packets`: the emulator's packet trace is in `lab.packets` afterwards)."""
+    lab = WanLab(name, list(hosts), list(natted), link or LinkConfig(), trace_packets=trace_packets,
+                 congestion_control=congestion_control)
     try:
         lab.up()
         yield lab
