@@ -22,9 +22,11 @@ got (a daemon pushes to the next before it answers its client, so this is the cr
 from __future__ import annotations
 
 import statistics
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 #: Packets of one message leave within this of each other; a decode step's next message on the same
 #: link comes a whole token later. Not "at once": a sender that paces (TCP BBR, this VM's default)
@@ -73,9 +75,12 @@ class StepPath:
 
 def follow(sent_by: dict[str, list[Message]], client: str, after: float, min_bytes: int,
            horizon: float = 5.0) -> StepPath | None:
-    """The step whose message the client sent first after `after`, followed to its result."""
+    """The step whose message the client sent first after `after`, followed to its result
+    (`sent_by`: each host's messages in the order they were sent)."""
     def first(host: str, since: float) -> Message | None:
-        return next((m for m in sent_by.get(host, ()) if m.sent >= since and m.payload >= min_bytes), None)
+        sent = sent_by.get(host, [])
+        start = bisect_left(sent, since, key=lambda m: m.sent)
+        return next((m for m in islice(sent, start, None) if m.payload >= min_bytes), None)
 
     msg = first(client, after)
     if msg is None:
@@ -106,11 +111,6 @@ class PacketSplit:
     on_wire_s: float  # the client's step out to its result back
     others: int = 0  # steps that took another chain (not in the medians)
     unmatched: int = 0  # windows where no step could be followed
-
-    def as_dict(self) -> dict:
-        return {"steps": self.steps, "chain": self.chain, "legs_s": self.legs_s, "dwell_s": self.dwell_s,
-                "client_s": self.client_s, "on_wire_s": self.on_wire_s, "others": self.others,
-                "unmatched": self.unmatched}
 
 
 def split(trace: Iterable[Sequence], names: dict[str, str], client: str,

@@ -47,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "ratio_to_bound": swarm["prefill_fp16_median_s"] / fp16_bound["total_s"],
                          "window_waits": swarm.get("prefill_fp16_window_waits")},
         "decode_split": split_summary(swarm.get("split", []), legs),
-        "decode_on_wire": wire.as_dict() if wire else None,
+        "decode_on_wire": asdict(wire) if wire else None,
         "ttft_median_s": swarm["ttft_median_s"],
         "swarm": swarm,
         "client_log_tail": done.stderr[-4000:],

@@ -59,8 +59,9 @@ class StepSplit:
     def __init__(self, controls: dict[str, str], *, prompt: bool = False) -> None:
         self.controls = controls  # daemon name -> control socket path
         self.prompt = prompt
-        self.in_step: list[float] = []
-        self.windows: list[tuple[float, float]] = []  # monotonic (start, end) of each timed step
+        # monotonic (start, end) of each timed call: its length is the time inside the step, and
+        # the lab's hosts share the clock (benchmarks/packet_split.py matches them to packets)
+        self.windows: list[tuple[float, float]] = []
         self.before: dict[str, dict[str, float]] | None = None
         self.calls = 0
 
@@ -77,11 +78,10 @@ class StepSplit:
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
-            began, since = time.perf_counter(), time.monotonic()
+            began = time.monotonic()
             out = step(*args, **kwargs)
             if self.prompt or self.calls > 1:
-                self.in_step.append(time.perf_counter() - began)
-                self.windows.append((since, time.monotonic()))
+                self.windows.append((began, time.monotonic()))
             else:
                 self.before = self._counters()
             return out
@@ -89,7 +89,7 @@ class StepSplit:
         session.step = timed  # this session only: generate calls session.step for every token
 
     def result(self, per_token_s: float) -> dict[str, Any]:
-        assert self.before is not None and self.in_step, "no step was timed"
+        assert self.before is not None and self.windows, "no step was timed"
         assert not self.prompt or self.calls == 1, "a prompt's split needs a generation of one token"
         after = self._counters()
         daemons = {}
@@ -99,7 +99,7 @@ class StepSplit:
             if steps:
                 daemons[name] = {"steps": steps, **{phase: (now[key] - was[key]) / steps for phase in PHASES
                                                     if (key := f'petalsd_step_seconds_total{{phase="{phase}"}}')}}
-        in_step = statistics.fmean(self.in_step)
+        in_step = statistics.fmean(end - start for start, end in self.windows)
         on_path = sum(d["to_output"] + d["sent_on"] for d in daemons.values())
         return {"per_token_s": per_token_s, "in_step_s": in_step, "client_s": per_token_s - in_step,
                 "daemons": daemons, "network_s": in_step - on_path, "windows": self.windows}
