@@ -14,8 +14,10 @@ writer task sends everything queued in one write (`FramedStream.send_many`). So 
 batch, which finish together, cross in two writes instead of one each (one write per step spread
 their arrival at the next daemon over several milliseconds; figures for both: BENCHMARKS.md,
 "Push forwarding"). While the link is
-still dialling, pushes wait in the same queue. A write is bounded by `PUSH_WRITE_TIMEOUT`
-(a stalled peer cannot hold later pushes back for long; the link is then reset). A link closes itself after
+still dialling, pushes wait in the same queue. A write is bounded by `write_deadline`, a second
+plus its bytes at a slow uplink's rate (a stalled peer cannot hold later pushes back for long;
+the link is then reset, and the connection under it stays whole: yamux frames are written all or
+nothing, protocol/p2p/compat/yamux.py). A link closes itself after
 `idle_timeout` seconds without a push (it is shared by every session pushing to that peer, so it
 outlives any one session) and on any stream error; the next push opens a fresh one.
 
@@ -71,8 +73,14 @@ LINK_OPEN_TIMEOUT = 10.0
 ADDR_CACHE_SIZE = 1024
 #: Most pushes sent in one write (a batch of decode steps is at most a few dozen).
 PUSH_COALESCE_MAX = 64
-#: One push write (a decode step's frame takes microseconds; a 2 MB prefill frame a few ms).
+#: One push write, before its bytes are counted (a decode step's frame takes microseconds on any link).
 PUSH_WRITE_TIMEOUT = 1.0
+#: The slowest uplink a push's bytes are given time for, in bits/s (`write_deadline`). A prefill's
+#: activations are megabytes: over a WAN link in TCP slow start, after a loss, or on a 10 Mbit/s
+#: home uplink, a 2 MiB push takes seconds, and a flat deadline cut it off (the link reset, and the
+#: client waiting out its step timeout for a result that never came). A peer that has stalled is
+#: still found out, in proportion to what it was sent.
+PUSH_MIN_RATE = 1e6
 #: A push target without a fitting swarm record is refused for this long without a new lookup.
 NON_MEMBER_TTL = 30.0
 #: The longest a daemon holds its answer to a client after pushing a large step (a prefill), waiting
@@ -82,6 +90,14 @@ PUSH_LANDED_WAIT = 2.0
 #: Large pushes of one link waiting for PushLanded at once (a next daemon that never sends it
 #: costs each of them PUSH_LANDED_WAIT, and no memory beyond this)
 LANDING_MAX = 256
+
+
+
+def write_deadline(msgs: list[InferenceStep]) -> float:
+    """Seconds one write of these pushes may take: PUSH_WRITE_TIMEOUT, plus their activations at
+    PUSH_MIN_RATE."""
+    return PUSH_WRITE_TIMEOUT + sum(m.hidden.nbytes for m in msgs) * 8 / PUSH_MIN_RATE
+
 
 #: `members(peer)`: that daemon's current record in this model's swarm (a DHT lookup), or None.
 Membership = Callable[[str], Awaitable[ServerRecord | None]]
@@ -155,7 +171,7 @@ class Forwarder:
     async def push(self, target: PushTarget, msg: InferenceStep) -> trio.Event | None:
         """Send `msg` to the daemon `target` names; returns once it is written (or queued while the
         link opens, or dropped: delivery failures are logged, never raised; bounded by
-        PUSH_WRITE_TIMEOUT). PushRefused for a bad target. For a push the next daemon confirms
+        `write_deadline`). PushRefused for a bad target. For a push the next daemon confirms
         (`confirms_landing`), an event set when the next daemon says it arrived whole (or the link ends)."""
         peer = peer_id_to_text(target.peer_id)
         dialled = self._peer_of_addr(target.addr)
@@ -183,12 +199,12 @@ class Forwarder:
             # the writer sends everything queued meanwhile in one write.
             written = self._enqueue(link, _Push(msg))
             if link.stream is not None:
-                with trio.move_on_after(PUSH_WRITE_TIMEOUT):
+                with trio.move_on_after(write_deadline([msg])):
                     await written.wait()
             return landed
         link.writes += 1  # the link is idle: write at once (no task switch on a lone session's path)
         try:
-            with trio.fail_after(PUSH_WRITE_TIMEOUT):
+            with trio.fail_after(write_deadline([msg])):
                 await link.stream.send(msg)
             link.activity.steps += 1
             self.pushes_sent += 1
@@ -339,7 +355,7 @@ class Forwarder:
                     break
             link.writes += 1
             try:
-                with trio.fail_after(PUSH_WRITE_TIMEOUT):
+                with trio.fail_after(write_deadline([p.msg for p in batch])):
                     await stream.send_many([p.msg for p in batch])
             finally:
                 link.writes -= 1

@@ -4,6 +4,7 @@ moves every byte in order, with flow control, under concurrency and with a swarm
 from __future__ import annotations
 
 import hashlib
+import socket
 import os
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +14,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
+from petals_protocol.errors import PetalsError
 from petals_protocol.p2p.host import connect, listen_multiaddrs, make_host, running_host
 from petals_protocol.p2p.identity import ephemeral_identity
 from petals_protocol.p2p.locking import Eager
@@ -51,9 +53,12 @@ async def _lean_echo(stream: INetStream) -> None:
 
 
 async def _framed_echo(stream: INetStream) -> None:
-    async with open_framed(stream) as framed:
-        async for frame in framed.frames():
-            await framed.send_frame(frame)
+    try:
+        async with open_framed(stream) as framed:
+            async for frame in framed.frames():
+                await framed.send_frame(frame)
+    except PetalsError:  # the client reset mid-frame: the test is over with this stream
+        pass
 
 
 async def _reply_then_reset(stream: INetStream) -> None:
@@ -321,3 +326,92 @@ def test_send_window_waits_counts_writes_that_waited_for_the_peer_window() -> No
     _with_pair(body)
     assert result["fresh"] == 0 and result["after"] > 0, result
     assert send_window_waits(object()) == 0
+
+
+def test_a_write_cancelled_mid_frame_costs_its_stream_only() -> None:
+    """A framed write cancelled part-way (a push past its deadline) must cost only its own stream.
+    Stock, the half-written yamux frame (half a Noise message) cut the connection's byte stream,
+    and every other stream of the connection was lost with it. Here the server stops reading its
+    socket (small buffers at both ends) so that the client's write is stuck inside a frame when its
+    deadline passes; the server reads again a little later."""
+
+    async def body(client: IHost, server: IHost) -> None:
+        peer = server.get_id()
+        async with trio.open_nursery() as nursery:
+            doomed = await open_stream(client, peer, FRAMED_ECHO, nursery=nursery)
+            await doomed.send_frame(b"hello")
+            assert await doomed.receive_frame() == b"hello"  # both ends are lean now
+            conns = server.get_network().connections.get(client.get_id())
+            conn = conns[0] if isinstance(conns, list) else conns
+            noise = conn.muxed_conn.secured_conn.read.__self__  # the server's _LeanNoise
+            gate = trio.Event()
+            recv = noise._recv
+
+            async def gated(n: int) -> bytes:
+                await gate.wait()
+                return await recv(n)
+
+            noise._recv = gated
+            noise._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            tcp = _tcp_stream(doomed.stream.muxed_stream.conn.secured_conn)  # type: ignore[attr-defined]
+            assert tcp is not None
+            tcp.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+            async def read_again_later() -> None:
+                await trio.sleep(0.4)
+                gate.set()
+
+            nursery.start_soon(read_again_later)
+            with trio.move_on_after(0.2) as cut:
+                await doomed.send_frame(os.urandom(8 << 20))
+            assert cut.cancelled_caught and gate.is_set()  # held off until its frame was whole
+            await doomed.reset()
+            other = await open_stream(client, peer, FRAMED_ECHO, nursery=nursery)
+            with trio.fail_after(10):
+                await other.send_frame(b"the connection is whole")
+                assert await other.receive_frame() == b"the connection is whole"
+            await other.close()
+
+    _with_pair(body)
+
+
+def test_a_frame_that_cannot_be_written_closes_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame begun is finished before cancellation takes effect, but not forever: a connection
+    that takes no bytes for FRAME_WRITE_LIMIT is closed (and the writer told), not left half-written."""
+    from libp2p.network.connection.exceptions import RawConnError
+
+    from petals_protocol.p2p.compat import yamux as lean
+
+    monkeypatch.setattr(lean, "FRAME_WRITE_LIMIT", 0.2)
+
+    class Stuck:
+        closed = False
+        written = b""
+
+        async def write(self, data: bytes) -> None:
+            self.written += data[:10]  # part of it, then the socket takes nothing more
+            await trio.sleep_forever()
+
+        async def close(self) -> None:
+            self.closed = True
+
+    class Conn:
+        peer_id = "12D3KooWtest"
+
+        def __init__(self) -> None:
+            self._write_lock = trio.Lock()
+            self.secured_conn = Stuck()
+
+    async def main() -> None:
+        conn = Conn()
+        with trio.move_on_after(0.05) as scope:  # the writer's own deadline comes first: held off
+            with pytest.raises(RawConnError, match="stalled"):
+                await lean._write_frame(conn, b"x" * 100)  # type: ignore[arg-type]
+        assert not scope.cancelled_caught and conn.secured_conn.closed
+        late = Conn()
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()
+            await lean._write_frame(late, b"y" * 100)  # type: ignore[arg-type]
+        assert cancelled.cancelled_caught and late.secured_conn.written == b""  # nothing begun
+
+    trio.run(main)

@@ -15,7 +15,9 @@ order and flow control are yamux's own, untouched. The blocks they guard still y
 socket operation ends with a scheduler pass of its own (trio's `cancel_shielded_checkpoint` after
 each successful send or receive), so no loop in yamux can spin without letting others run.
 `_write_frame` skips the per-frame debug formatting (an f-string evaluated even with debug logging
-off) and the extra checkpoint (the socket write just yielded).
+off) and the extra checkpoint (the socket write just yielded), and writes a frame all or nothing:
+stock, a writer cancelled mid-frame cuts the connection's byte stream for every stream on it
+(`_write_frame` says how a WAN run found it).
 
 Window updates: stock py-libp2p 0.8.1 answers *every* read with a WINDOW_UPDATE frame (its
 "release on read" and "partial slack" rules), so each message costs its reader one more frame
@@ -75,7 +77,7 @@ from libp2p.stream_muxer.yamux.yamux import _yamux_data_read_timeout as yamux_da
 
 from ..locking import Eager
 
-__all__ = ["make_lean", "send_window_waits"]
+__all__ = ["FRAME_WRITE_LIMIT", "make_lean", "send_window_waits"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,10 @@ _FRAMES_PER_YIELD = 8
 # Bytes read from a socket that keeps having data before the reader yields anyway (a peer
 # streaming a large frame must not hold the loop while it arrives).
 _BYTES_PER_YIELD = 256 * 1024
+#: The longest one yamux frame (64 KiB at most) may take to go into the socket once begun, holding
+#: off its task's cancellation meanwhile (`_write_frame`): a home uplink at 1 Mbit/s takes half a
+#: second, TCP's retransmission backoff a few more; past this the connection is taken for dead.
+FRAME_WRITE_LIMIT = 10.0
 
 
 class ReceiveWindowExceeded(RawConnError):
@@ -133,9 +139,29 @@ async def _release_window(self: YamuxStream, *, bytes_read: int = 0) -> None:
 
 async def _write_frame(self: Yamux, data: bytes) -> None:
     """`Yamux._write_frame` without its debug formatting and its extra checkpoint (the socket write
-    has just yielded)."""
+    has just yielded), and all or nothing.
+
+    Stock, a task cancelled while its frame is part-way into the socket (a push past its deadline,
+    a session closed mid-write) leaves half a frame, or half a Noise message, on the connection:
+    the peer reads the next frames' bytes as the rest of it, and every stream of the connection is
+    lost with it, not just the cancelled one. On a WAN that is no corner case: a 2 MiB prefill
+    pushed over a link in slow start outlasted the push deadline, and the connection between the
+    two daemons then carried nothing (DHT requests included) for minutes. So a frame, once begun,
+    is finished under a shield (a frame is at most 64 KiB), and cancellation takes effect between
+    frames, where the byte stream is whole. A frame that cannot be finished within
+    `FRAME_WRITE_LIMIT` means a connection that is torn or dead either way: it is closed, so both
+    ends see it fail at once instead of waiting on it."""
+    await trio.lowlevel.checkpoint_if_cancelled()  # nothing written yet: cancel here, cleanly
     async with self._write_lock:
-        await self.secured_conn.write(data)
+        with trio.CancelScope(shield=True), trio.move_on_after(FRAME_WRITE_LIMIT) as late:
+            await self.secured_conn.write(data)
+        if late.cancelled_caught:
+            logger.warning("peer=%s: a %d-byte yamux frame was not written within %.0f s; closing the "
+                           "connection (its byte stream is cut mid-frame)", self.peer_id, len(data),
+                           FRAME_WRITE_LIMIT)
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await self.secured_conn.close()
+            raise RawConnError(f"frame write to {self.peer_id} stalled for {FRAME_WRITE_LIMIT:.0f} s; connection closed")
 
 
 class _LeanNoise:
