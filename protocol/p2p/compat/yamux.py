@@ -153,7 +153,8 @@ async def _write_frame(self: Yamux, data: bytes) -> None:
     ends see it fail at once instead of waiting on it."""
     await trio.lowlevel.checkpoint_if_cancelled()  # nothing written yet: cancel here, cleanly
     async with self._write_lock:
-        with trio.CancelScope(shield=True), trio.move_on_after(FRAME_WRITE_LIMIT) as late:
+        # shielded from the writer's own cancellation, not from this scope's deadline
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + FRAME_WRITE_LIMIT) as late:
             await self.secured_conn.write(data)
         if late.cancelled_caught:
             logger.warning("peer=%s: a %d-byte yamux frame was not written within %.0f s; closing the "
