@@ -210,6 +210,10 @@ class DistributedModelBase(nn.Module):
         `compression` ("none", "fp16", "bf16"): hidden states of a multi-token step (prefill) travel
         client -> daemons -> client in that dtype, half the bytes of float32 on slow links, rounded
         (so not exact: "none", the default, is); `compress_decode` applies it to one-token steps too.
+        `step_timeout`: how long a step waits on a daemon before the daemon counts as failed (the
+        session then reroutes). A step's activations are given time on top, at 1 Mbit/s over each
+        link they cross (a long prompt's megabytes on a slow uplink; protocol/p2p/streams.py,
+        `transfer_allowance`), so a hung daemon is found out just as fast during decode.
         `allowed_peers` / `blocked_peers` (peer ids): use only / never these daemons, for routing,
         recovery and spot checks alike; a route they leave uncovered fails naming the blocks. An
         allowed entry may be a certificate issuer's peer id: daemons showing its valid, unrevoked

@@ -20,6 +20,7 @@ import trio
 
 from petals_protocol.errors import PetalsError, RemoteError
 from petals_protocol.messages import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
+from petals_protocol.p2p.streams import transfer_allowance
 from petals_protocol.signing import backward_binding, forward_binding
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
@@ -35,8 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("petals_client.remote")
 
 
-async def _request(swarm: SwarmClient, server: ServerInfo, msg: Any, expected: type, binding: Any) -> Any:
-    with trio.fail_after(swarm.step_timeout):
+async def _request(swarm: SwarmClient, server: ServerInfo, msg: ForwardRequest | BackwardRequest, expected: type,
+                   binding: Any) -> Any:
+    # the request's tensors go out, and an output (or a gradient) the activations' size comes back
+    sent = msg.hidden.nbytes + (msg.grad_output.nbytes if isinstance(msg, BackwardRequest) else 0)
+    with trio.fail_after(swarm.step_timeout + transfer_allowance(sent + msg.hidden.nbytes)):
         stream = await swarm.open_forward(server)
         try:
             await stream.send(msg)

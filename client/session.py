@@ -66,8 +66,10 @@ backoff sleeps) and feeds the results back.
 
 Bounds: each replacement search makes at most `swarm.max_retries` attempts (backoff 0.2 s
 doubling, capped at 5 s); one step survives at most `swarm.max_retries` failures; every network
-wait is under `swarm.step_timeout`. So a session never hangs: it continues or raises
-`SessionFailed` naming the blocks that could not be served.
+wait is under `swarm.step_timeout`, plus, for a step, the time its activations need over a slow
+link (`transfer_allowance`: a long prompt's megabytes take seconds there, a token's kilobytes
+milliseconds). So a session never hangs: it continues or raises `SessionFailed` naming the blocks
+that could not be served.
 """
 from __future__ import annotations
 
@@ -84,9 +86,9 @@ import torch
 import trio
 
 from petals_protocol.errors import ErrorCode, ProtocolError, RemoteError
-from petals_protocol.messages import CloseSession, OpenSession, SessionOpened
+from petals_protocol.messages import CloseSession, InferenceStep, OpenSession, SessionOpened
 from petals_protocol.p2p.relay import is_circuit
-from petals_protocol.p2p.streams import NETWORK_ERRORS, Channel, StreamClosed
+from petals_protocol.p2p.streams import NETWORK_ERRORS, Channel, StreamClosed, transfer_allowance
 from petals_protocol.signing import peer_id_from_text
 from petals_protocol.tensors import TensorPayload, from_torch, to_torch
 
@@ -294,7 +296,7 @@ class InferenceSession:
             for sent in steps:
                 await window.acquire()
                 state.last_sent = time.monotonic()
-                with trio.fail_after(self.swarm.step_timeout):
+                with trio.fail_after(self._deadline(sent)):
                     await channel.send(sent)
 
         outs: list[TensorPayload] = []
@@ -305,6 +307,11 @@ class InferenceSession:
                                                 time.monotonic()))
                 window.release()
         return outs
+
+    def _deadline(self, step: InferenceStep, legs: int = 1) -> float:
+        """`step_timeout` for a wait on `step`, plus the time its activations need over `legs` slow
+        links: a decode step adds milliseconds, a long prompt's step seconds (transfer_allowance)."""
+        return self.swarm.step_timeout + transfer_allowance(step.hidden.nbytes, legs)
 
     @staticmethod
     def _check_opened(hop: Hop, session_id: bytes, reply: object) -> None:
@@ -317,7 +324,9 @@ class InferenceSession:
         hop's answer to its OpenSession if that is still unread (`OpenRefused` if it refused)."""
         session_id = expect.hop.session_id
         channel = self._channels[session_id]
-        with trio.fail_after(self.swarm.step_timeout):
+        # Legs the result may wait on: the rest of our write (the kernel takes a step before it has
+        # crossed), the push on (a pushing hop answers once its push has landed), the output back.
+        with trio.fail_after(self._deadline(expect.step, legs=3)):
             if session_id in self._opening:
                 self._opening.discard(session_id)
                 reply = await channel.receive()
@@ -390,7 +399,7 @@ class InferenceSession:
             try:
                 for sent in plan.steps:
                     await window.acquire()
-                    with trio.fail_after(self.swarm.step_timeout):
+                    with trio.fail_after(self._deadline(sent)):
                         await first.send(sent)
             except NETWORK_ERRORS as exc:
                 inboxes[0][0].send_nowait(exc)
@@ -457,7 +466,7 @@ class InferenceSession:
                 continue
             try:
                 if isinstance(action, Send):
-                    with trio.fail_after(self.swarm.step_timeout):
+                    with trio.fail_after(self._deadline(action.step)):
                         await self._channels[action.hop.session_id].send(action.step)
                     run.sent()
                 else:

@@ -55,7 +55,7 @@ from petals_protocol.ids import INFERENCE_PROTOCOL
 from petals_protocol.messages import ErrorReply, InferenceStep, PushLanded, PushTarget, confirms_landing
 from petals_protocol.p2p.host import connect, parse_peer_multiaddr
 from petals_protocol.p2p.relay import is_circuit
-from petals_protocol.p2p.streams import FramedStream, open_stream
+from petals_protocol.p2p.streams import FramedStream, open_stream, transfer_allowance
 from petals_protocol.records import ServerRecord
 from petals_protocol.signing import peer_id_to_text
 
@@ -73,14 +73,11 @@ LINK_OPEN_TIMEOUT = 10.0
 ADDR_CACHE_SIZE = 1024
 #: Most pushes sent in one write (a batch of decode steps is at most a few dozen).
 PUSH_COALESCE_MAX = 64
-#: One push write, before its bytes are counted (a decode step's frame takes microseconds on any link).
+#: One push write, before its bytes are counted (`write_deadline`; a decode step's frame takes
+#: microseconds on any link). A flat second cut off a prefill's push of megabytes on a WAN link in
+#: TCP slow start: the link was reset and the client waited out its step timeout for a result
+#: that never came. A peer that has stalled is still found out, in proportion to what it was sent.
 PUSH_WRITE_TIMEOUT = 1.0
-#: The slowest uplink a push's bytes are given time for, in bits/s (`write_deadline`). A prefill's
-#: activations are megabytes: over a WAN link in TCP slow start, after a loss, or on a 10 Mbit/s
-#: home uplink, a 2 MiB push takes seconds, and a flat deadline cut it off (the link reset, and the
-#: client waiting out its step timeout for a result that never came). A peer that has stalled is
-#: still found out, in proportion to what it was sent.
-PUSH_MIN_RATE = 1e6
 #: A push target without a fitting swarm record is refused for this long without a new lookup.
 NON_MEMBER_TTL = 30.0
 #: The longest a daemon holds its answer to a client after pushing a large step (a prefill), waiting
@@ -94,9 +91,9 @@ LANDING_MAX = 256
 
 
 def write_deadline(msgs: list[InferenceStep]) -> float:
-    """Seconds one write of these pushes may take: PUSH_WRITE_TIMEOUT, plus their activations at
-    PUSH_MIN_RATE."""
-    return PUSH_WRITE_TIMEOUT + sum(m.hidden.nbytes for m in msgs) * 8 / PUSH_MIN_RATE
+    """Seconds one write of these pushes may take: PUSH_WRITE_TIMEOUT, plus their activations
+    over one slow link."""
+    return PUSH_WRITE_TIMEOUT + transfer_allowance(sum(m.hidden.nbytes for m in msgs))
 
 
 #: `members(peer)`: that daemon's current record in this model's swarm (a DHT lookup), or None.

@@ -33,7 +33,6 @@ from typing import Any, Protocol
 
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
@@ -53,6 +52,8 @@ Admit = Callable[[int, str | None], None]
 __all__ = [
     "DEFAULT_MAX_BUFFERED_FRAMES",
     "DEFAULT_OPEN_TIMEOUT",
+    "SLOWEST_LINK_BPS",
+    "transfer_allowance",
     "StreamClosed",
     "StreamOpenError",
     "FramedStream",
@@ -84,6 +85,18 @@ _STREAM_GONE = (BaseLibp2pError, trio.ClosedResourceError, trio.BrokenResourceEr
 #: that went away, refused with a typed error, timed out, or a socket that failed): clients retry
 #: or reroute on these, and let anything else (a bug) propagate.
 NETWORK_ERRORS = (PetalsError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: The slowest link the default deadlines leave time for, in bits/s (a home ADSL uplink). A step's
+#: activations are kilobytes for a token and megabytes for a prompt: a 512-token prompt of a
+#: 4096-wide model is 8 MiB in fp32, over a minute at this rate and seconds on a 10 Mbit/s uplink
+#: or a fast link in TCP slow start. A flat deadline either cut such messages off (a push, a
+#: client's step) or let a hung peer hold a token for as long.
+SLOWEST_LINK_BPS = 1e6
+
+
+def transfer_allowance(nbytes: int, legs: int = 1) -> float:
+    """Seconds a deadline adds for `nbytes` crossing `legs` links one after another at
+    SLOWEST_LINK_BPS: what a message's size costs, on top of what the wait is for otherwise."""
+    return legs * nbytes * 8 / SLOWEST_LINK_BPS
 
 
 class StreamClosed(PetalsError):

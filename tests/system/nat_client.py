@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=0, help="with --chains: tokens per chain first, not counted")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--swarm-key", help="the swarm's private network key file")
+    p.add_argument("--step-timeout", type=float, default=10.0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="[client] %(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("libp2p").setLevel(logging.WARNING)
@@ -125,7 +126,7 @@ def main() -> None:
     prompt = torch.tensor([json.loads(args.prompt)])
     pids = json.loads(args.pids)
     with AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[args.peer], connect_timeout=5.0,
-                                                         step_timeout=10.0, max_retries=4,
+                                                         step_timeout=args.step_timeout, max_retries=4,
                                                          swarm_key=args.swarm_key) as model:
         result["servers"] = [{"peer_id": s.peer_id, "addrs": list(s.addrs), "blocks": [s.start, s.end], "rtt": s.rtt}
                              for s in model.swarm.servers()]

@@ -103,7 +103,8 @@ def lossy_lab() -> Iterator[WanLab]:
     assert {("client", "d0"), ("d0", "d1"), ("d1", "client")} <= links, links
 
 
-def _generate(lab: WanLab, model: Path, tmp_path: Path, prompt: list[int], tokens: int) -> tuple[dict, list[str]]:
+def _generate(lab: WanLab, model: Path, tmp_path: Path, prompt: list[int], tokens: int,
+              client_args: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
     """Greedy generation by a client on host `client` through d0 (first half of the blocks) and d1
     (the rest), each on its own lab host: the client's RESULT and d0's log lines."""
     swarms = [LocalSwarm(model, workdir=tmp_path, python=lab.python(host, tmp_path), extra_args=DAEMON_ARGS)
@@ -113,7 +114,7 @@ def _generate(lab: WanLab, model: Path, tmp_path: Path, prompt: list[int], token
         swarms[1].start("2:4", name="d1", initial_peers=first.addrs, args=["--listen", f"/ip4/{lab.ip('d1')}/tcp/0"])
         done = subprocess.run([*lab.prefix("client"), sys.executable, str(CLIENT), "--model", str(model),
                                "--peer", first.addrs[0], "--listen", f"/ip4/{lab.ip('client')}/tcp/0",
-                               "--prompt", json.dumps(prompt), "--tokens", str(tokens)],
+                               "--prompt", json.dumps(prompt), "--tokens", str(tokens), *client_args],
                               capture_output=True, text=True, timeout=120)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         assert done.returncode == 0 and lines, done.stderr[-8000:]
@@ -136,19 +137,21 @@ def test_generation_is_token_exact_through_a_lossy_slow_link(lossy_lab: WanLab, 
     assert [h["blocks"] for h in result["route_before"]] == [[0, 2], [2, 4]]
 
 
-def test_a_push_that_takes_seconds_on_a_slow_uplink_is_not_cut_off(tmp_path) -> None:
-    """A 200-token prompt of a 512-wide model: d0 pushes 400 KB of activations to d1, 1.6 s at a
-    2 Mbit/s uplink. A flat one-second push deadline cut that write off mid-frame, which also left
-    the connection between the daemons unusable, and the session failed (d1's result never came,
-    and no other daemon serves its blocks). The deadline now counts the bytes."""
+def test_a_prompt_that_takes_seconds_on_a_slow_uplink_is_not_cut_off(tmp_path) -> None:
+    """A 200-token prompt of a 512-wide model: 400 KB of activations on every leg, 1.6 s each at a
+    2 Mbit/s uplink, and the client's step timeout set to 2 s. Flat deadlines cut this off twice:
+    d0's push to d1 (one second) was cut mid-frame, which also left the connection between the
+    daemons unusable, and the client gave up on d0's result, which needs three such legs. Either
+    way the session failed (no other daemon serves the blocks). Deadlines now count the bytes
+    (transfer_allowance); a decode step's deadline stays the step timeout."""
     wide = make_random_checkpoint(tmp_path / "wide", "llama", num_layers=4, hidden_size=512, num_heads=8,
                                   intermediate_size=256, vocab_size=128, seed=12)
     prompt = [(7 * i + 3) % 128 for i in range(200)]
     link = LinkConfig(delay=0.015, rate=2e6, seed=6)
     with wan_lab(f"ps{os.getpid() % 100000}", ["client", "d0", "d1"], link=link) as lab:
-        result, d0_log = _generate(lab, wide, tmp_path, prompt, 2)
+        result, d0_log = _generate(lab, wide, tmp_path, prompt, 3, client_args=("--step-timeout", "2"))
     assert not leftover_namespaces(lab)
-    assert result["tokens"] == _local_tokens(wide, prompt, 2)
+    assert result["tokens"] == _local_tokens(wide, prompt, 3)
     route = [(h["peer_id"], h["blocks"]) for h in result["route_before"]]
     assert result["recoveries"] == 0 and [(h["peer_id"], h["blocks"]) for h in result["route_after"]] == route, result
     assert not [line for line in d0_log if "push to" in line and "failed" in line], d0_log[-20:]
