@@ -89,7 +89,6 @@ PUSH_LANDED_WAIT = 2.0
 LANDING_MAX = 256
 
 
-
 def write_deadline(msgs: list[InferenceStep]) -> float:
     """Seconds one write of these pushes may take: PUSH_WRITE_TIMEOUT, plus their activations
     over one slow link."""
