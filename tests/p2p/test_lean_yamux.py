@@ -361,9 +361,10 @@ def test_a_write_cancelled_mid_frame_costs_its_stream_only() -> None:
                 await trio.sleep(0.4)
                 gate.set()
 
+            payload = os.urandom(8 << 20)
             nursery.start_soon(read_again_later)
             with trio.move_on_after(0.2) as cut:
-                await doomed.send_frame(os.urandom(8 << 20))
+                await doomed.send_frame(payload)
             assert cut.cancelled_caught and gate.is_set()  # held off until its frame was whole
             await doomed.reset()
             other = await open_stream(client, peer, FRAMED_ECHO, nursery=nursery)
