@@ -13,7 +13,9 @@ import logging
 from typing import Any
 
 import trio
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import INetConn, INetwork
+
+from petals_protocol.p2p.host import NetworkEvents
 
 from .limits import PeerGate
 
@@ -24,7 +26,7 @@ log = logging.getLogger("petalsd.banning")
 QUEUE_SIZE = 256
 
 
-class _CutOnConnect(INotifee):
+class _CutOnConnect(NetworkEvents):
     def __init__(self, gate: PeerGate, queue: trio.MemorySendChannel[str]) -> None:
         self.gate = gate
         self.queue = queue
@@ -37,20 +39,6 @@ class _CutOnConnect(INotifee):
             except (trio.WouldBlock, trio.ClosedResourceError):
                 pass
 
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
-        pass
 
 
 class Banning:

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import INetConn, INetStream, INetwork
+
+from petals_protocol.p2p.host import NetworkEvents
 
 log = logging.getLogger("petalsd.idle")
 
@@ -46,9 +48,10 @@ class _Seen:
     since: float  # last activity
 
 
-class _StreamActivity(INotifee):
+class _StreamActivity(NetworkEvents):
     """libp2p notifee: the time of the last stream opened or closed on each connection (inbound
-    and outbound; short requests that start and end between two sweeps are seen too)."""
+    and outbound; short requests that start and end between two sweeps are seen too). Listening
+    is not connection activity."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
@@ -68,12 +71,6 @@ class _StreamActivity(INotifee):
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self.last.pop(id(conn.muxed_conn), None)
-
-    async def listen(self, network: INetwork, multiaddr: Any) -> None:
-        pass  # listening is not connection activity
-
-    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
-        pass  # likewise
 
 
 @dataclass

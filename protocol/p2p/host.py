@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
@@ -41,6 +41,7 @@ from multiaddr import Multiaddr
 
 from ..errors import PetalsError
 from .admission import HELLO_PREFIX, AdmissionGate, AdmittingSecurity, MembershipRefused
+from .compat import keep_alive
 from .relay import dial_circuit, is_circuit
 
 __all__ = [
@@ -143,7 +144,7 @@ def make_host(key_pair: KeyPair, *, psk: bytes | None = None, admission: Admissi
         raise ValueError(f"psk must be {_SWARM_KEY_SIZE} bytes, got {len(psk)}")
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     security = noise if admission is None else AdmittingSecurity(noise, admission)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: security},
         muxer_opt=create_yamux_muxer_option(),
@@ -155,6 +156,39 @@ def make_host(key_pair: KeyPair, *, psk: bytes | None = None, admission: Admissi
         ),
         psk=psk.hex() if psk is not None else None,
     )
+    host.get_network().register_notifee(_KeepAlive())
+    return host
+
+
+class NetworkEvents(INotifee):
+    """A libp2p network notifee that ignores every event: subclasses override the ones they watch
+    (INotifee declares all six abstract)."""
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
+class _KeepAlive(NetworkEvents):
+    """Every connection's TCP socket gets keepalives and a user timeout as it is made, dialled or
+    accepted (compat.keep_alive: a dead connection is given up in seconds, not minutes)."""
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        keep_alive(conn)
 
 
 class _ForwardTruncated(logging.Handler):

@@ -236,3 +236,41 @@ def test_quiet_libp2p_logs_levels_and_truncation() -> None:
         logging.getLogger().removeHandler(collect)
     (long_line,) = collect.messages  # the routine DHT warning and the INFO line were dropped
     assert len(long_line) < 1000 and long_line.endswith("[200007 chars]")
+
+
+def test_every_connection_gets_keepalives_and_a_user_timeout() -> None:
+    """Both ends, dialled and accepted: a connection that stops acknowledging is given up after
+    DEAD_CONNECTION_AFTER, not after TCP's fifteen minutes (the WAN lab cuts one live connection:
+    tests/system/test_wan.py). On the stock libp2p path, TCP's defaults stay."""
+    from petals_protocol.p2p import compat
+    from petals_protocol.p2p.compat.yamux import _tcp_stream
+
+    def options(host, peer) -> tuple[int, int] | None:
+        conns = host.get_network().connections.get(peer.get_id())
+        if not conns:
+            return None
+        conn = conns[0] if isinstance(conns, list) else conns
+        sock = _tcp_stream(conn.muxed_conn.secured_conn).stream.socket
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+
+    expected = ((1, compat.KEEPALIVE_IDLE, compat.KEEPALIVE_INTERVAL, int(compat.DEAD_CONNECTION_AFTER * 1000))
+                if compat.INTERNALS else None)
+
+    async def main() -> None:
+        dialler, listener = make_host(ephemeral_identity()), make_host(ephemeral_identity())
+        with trio.fail_after(30):
+            async with running_host(listener, LOOPBACK), running_host(dialler, LOOPBACK):
+                await connect(dialler, listen_multiaddrs(listener)[0])
+                if expected is None:  # stock: no keepalive, no user timeout
+                    await trio.sleep(0.1)
+                    got = [options(dialler, listener), options(listener, dialler)]
+                    assert all(o is not None and o[0] == 0 and o[3] == 0 for o in got), got
+                    return
+                while options(listener, dialler) != expected:  # its notifee may run a moment later
+                    await trio.sleep(0.01)
+                assert options(dialler, listener) == expected
+
+    trio.run(main)

@@ -16,7 +16,11 @@ sent ahead of it on the same link (jitter only ever delays), as on one path of a
 
 CONFIG: {"delay": s, "jitter": s, "loss": p, "rate": bits/s, "mtu": n, "seed": n,
          "hosts": [{"netns": "...", "ip": "198.18.0.2"}, ...], "prefix": 24, "stats": "path.json",
-         "trace": "trace.json" or null}
+         "trace": "trace.json" or null, "cuts": "cuts.json" or null}
+
+Cutting live connections (a NAT that forgets its mappings, a path that fails without a reset): on
+SIGUSR1 the emulator reads `cuts`, a JSON list of [ip, port, ip, port], and from then on drops
+every packet of those TCP connections, either way; new connections between the same hosts pass.
 On exit it writes to `stats` how late each forwarded packet left against its due time and how
 many it dropped, so a run can check the emulator kept to its own configured delay, and to
 `trace` (if given) every TCP packet with data it forwarded: [arrived, delivered, src ip, dst ip, payload bytes].
@@ -66,12 +70,13 @@ class Stats:
     forwarded: int = 0
     dropped: int = 0
     foreign: int = 0  # not IPv4, or to an address no host owns
+    cut: int = 0  # packets of connections cut on purpose (`cuts`)
     lateness: list[float] = field(default_factory=list)  # seconds each packet left after its due time
     delays: list[float] = field(default_factory=list)  # seconds each packet was held, arrival to write
 
     def summary(self) -> dict[str, float | int]:
         late = sorted(self.lateness) or [0.0]
-        return {"forwarded": self.forwarded, "dropped": self.dropped, "foreign": self.foreign,
+        return {"forwarded": self.forwarded, "dropped": self.dropped, "foreign": self.foreign, "cut": self.cut,
                 "late_median_s": statistics.median(late), "late_p99_s": late[int(0.99 * (len(late) - 1))],
                 "late_max_s": late[-1], "held_median_s": statistics.median(self.delays or [0.0])}
 
@@ -148,12 +153,30 @@ class Emulator:
         # packet a host got and the next it sent splits a step without touching the processes
         # measured (benchmarks/packet_split.py)
         self.trace: list[tuple[float, float, str, str, int]] | None = None
+        # TCP connections whose packets are dropped, each as (src ip, src port, dst ip, dst port)
+        # packed as in the packets, in both directions
+        self.cuts: set[bytes] = set()
+
+    def cut(self, connections: list[tuple[str, int, str, int]]) -> None:
+        for a, a_port, b, b_port in connections:
+            one = socket.inet_aton(a) + struct.pack("!H", a_port)
+            other = socket.inet_aton(b) + struct.pack("!H", b_port)
+            self.cuts |= {one + other, other + one}
+
+    def _is_cut(self, packet: bytes) -> bool:
+        if packet[9] != 6:  # not TCP
+            return False
+        ihl = (packet[0] & 15) * 4
+        return packet[12:16] + packet[ihl:ihl + 2] + packet[16:20] + packet[ihl + 2:ihl + 4] in self.cuts
 
     def receive(self, src: int, packet: bytes, now: float) -> None:
         if len(packet) < 20 or packet[0] >> 4 != 4 or packet[16:20] not in self.fds:
             self.stats.foreign += 1
             return
         dst = self.fds[packet[16:20]]
+        if self.cuts and self._is_cut(packet):
+            self.stats.cut += 1
+            return
         if self.link.loss and self.rng.random() < self.link.loss:
             self.stats.dropped += 1
             return
@@ -225,6 +248,8 @@ def main(path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     emulator = Emulator(link, fds)
+    if config.get("cuts"):
+        signal.signal(signal.SIGUSR1, lambda *_: emulator.cut(json.loads(open(config["cuts"]).read())))
     if config.get("trace"):
         emulator.trace = []
     print("ready", flush=True)

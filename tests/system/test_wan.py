@@ -10,6 +10,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +156,47 @@ def test_a_prompt_that_takes_seconds_on_a_slow_uplink_is_not_cut_off(tmp_path) -
     route = [(h["peer_id"], h["blocks"]) for h in result["route_before"]]
     assert result["recoveries"] == 0 and [(h["peer_id"], h["blocks"]) for h in result["route_after"]] == route, result
     assert not [line for line in d0_log if "push to" in line and "failed" in line], d0_log[-20:]
+
+
+def test_a_connection_cut_without_a_reset_is_given_up_and_dialled_again(model, tmp_path) -> None:
+    """A NAT that forgets its mapping, or a path that fails, leaves a connection dead with no reset
+    to either end. Stock TCP keeps retransmitting into it for about fifteen minutes, and pushes
+    written into it meanwhile are lost: every session through those two daemons waited out its
+    step timeout and banned the next daemon. Every libp2p connection now has TCP keepalives and a
+    user timeout (protocol/p2p/compat, `keep_alive`): a dead one is given up within
+    DEAD_CONNECTION_AFTER seconds, and the next push dials afresh."""
+    from petals_protocol.p2p.compat import DEAD_CONNECTION_AFTER
+
+    link = LinkConfig(delay=0.015, seed=7)
+    with wan_lab(f"pk{os.getpid() % 100000}", ["client", "d0", "d1"], link=link) as lab:
+        swarms = [LocalSwarm(model, workdir=tmp_path, python=lab.python(host, tmp_path), extra_args=DAEMON_ARGS)
+                  for host in ("d0", "d1")]
+        try:
+            first = swarms[0].start("0:2", name="d0", args=["--listen", f"/ip4/{lab.ip('d0')}/tcp/0"])
+            swarms[1].start("2:4", name="d1", initial_peers=first.addrs,
+                            args=["--listen", f"/ip4/{lab.ip('d1')}/tcp/0"])
+
+            def generate() -> dict:
+                done = subprocess.run([*lab.prefix("client"), sys.executable, str(CLIENT), "--model", str(model),
+                                       "--peer", first.addrs[0], "--listen", f"/ip4/{lab.ip('client')}/tcp/0",
+                                       "--prompt", json.dumps(PROMPT), "--tokens", "6", "--step-timeout", "5"],
+                                      capture_output=True, text=True, timeout=120)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                assert done.returncode == 0 and lines, done.stderr[-8000:]
+                return json.loads(lines[-1].removeprefix("RESULT "))
+
+            before = generate()  # d0's push link to d1 is up
+            assert lab.cut_connections("d0", "d1"), "no connection between d0 and d1 to cut"
+            time.sleep(DEAD_CONNECTION_AFTER + 5)
+            after = generate()
+        finally:
+            for swarm in swarms:
+                swarm.stop()
+    assert not leftover_namespaces(lab)
+    assert lab.stats["cut"] > 0, lab.stats
+    expected = _local_tokens(model, PROMPT, 6)
+    assert before["tokens"] == expected and after["tokens"] == expected
+    assert after["recoveries"] == 0, after  # the push went through: nobody timed out or was banned
 
 
 def test_lab_hosts_run_the_congestion_control_asked_for() -> None:

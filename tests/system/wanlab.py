@@ -16,6 +16,7 @@ iptables (`ensure_tools()`), and /dev/net/tun.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,7 @@ class WanLab(NatLab):
         config.write_text(json.dumps({
             **asdict(self.link), "prefix": 24, "stats": str(Path(self._folder.name) / "stats.json"),
             "trace": str(Path(self._folder.name) / "trace.json") if self.trace_packets else None,
+            "cuts": str(Path(self._folder.name) / "cuts.json"),
             "hosts": [{"netns": self.ns(h), "ip": WAN_PREFIX + str(2 + i)} for i, h in enumerate(self.wan_hosts())],
         }))
         self.emulator = subprocess.Popen([sys.executable, str(EMULATOR), str(config)], stdout=subprocess.PIPE,
@@ -82,6 +84,24 @@ class WanLab(NatLab):
             raise RuntimeError(f"link emulator failed: {self.emulator.stderr.read() if self.emulator.stderr else ''}")
         for host in self.natted:
             self._home(host)
+
+    def cut_connections(self, host: str, peer: str) -> list[tuple[str, int, str, int]]:
+        """Drop every packet, from now on, of the TCP connections established between public hosts
+        `host` and `peer`, without a reset to either end (a NAT that forgot its mappings); new
+        connections between them pass. Returns the connections cut."""
+        listed = subprocess.run([*self.prefix(host), "ss", "-Htn", "state", "established"], capture_output=True,
+                                text=True, check=True).stdout
+        cut = []
+        for line in listed.splitlines():
+            local, remote = line.split()[-2:]
+            (a, a_port), (b, b_port) = local.rsplit(":", 1), remote.rsplit(":", 1)
+            if b == self.ip(peer):
+                cut.append((a, int(a_port), b, int(b_port)))
+        assert self._folder is not None and self.emulator is not None
+        cuts = Path(self._folder.name) / "cuts.json"
+        cuts.write_text(json.dumps(cut))
+        self.emulator.send_signal(signal.SIGUSR1)
+        return cut
 
     def _home(self, host: str) -> None:
         router, home = self.ns(f"{host}r"), self.ns(host)

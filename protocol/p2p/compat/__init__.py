@@ -52,6 +52,26 @@ def make_lean(stream: object) -> None:
         lean(stream)
 
 
+#: A connection that has acknowledged nothing for this long, data or keepalive probe, is given up
+#: (TCP_USER_TIMEOUT), and one that idles is probed after KEEPALIVE_IDLE seconds. A NAT that forgets
+#: its mapping, or a path that fails, leaves a connection dead with no reset to either end: stock
+#: TCP retransmits into it for about fifteen minutes, and every push written into it meanwhile is
+#: lost (each session through those two daemons then waits out its step timeout and bans the
+#: next one). Given up, it is dialled afresh by the next stream to that peer. Long enough for any
+#: live path: TCP's own retransmissions back off to seconds, not tens of seconds.
+DEAD_CONNECTION_AFTER = 25.0
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL = 10, 5
+
+
+def keep_alive(conn: object) -> None:
+    """Keepalives and the user timeout above on a new connection's TCP socket (compat/yamux.py);
+    on the stock path, TCP's defaults."""
+    if INTERNALS:
+        from .yamux import keep_alive as keep
+
+        keep(conn, DEAD_CONNECTION_AFTER, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL)
+
+
 #: Receive window every framed stream starts with (compat/yamux.py, `open_receive_window`): what
 #: the stock path reaches on the side that accepts a stream, given to both sides.
 INITIAL_RECEIVE_WINDOW = 4 * 2**20

@@ -77,7 +77,7 @@ from libp2p.stream_muxer.yamux.yamux import _yamux_data_read_timeout as yamux_da
 
 from ..locking import Eager
 
-__all__ = ["FRAME_WRITE_LIMIT", "make_lean", "send_window_waits"]
+__all__ = ["FRAME_WRITE_LIMIT", "keep_alive", "make_lean", "send_window_waits"]
 
 logger = logging.getLogger(__name__)
 
@@ -412,6 +412,23 @@ def _lean_connection(conn: Yamux) -> None:
         _eager(tcp, "write_lock")
     _lean_noise(conn)
     conn._write_frame = MethodType(_write_frame, conn)  # type: ignore[method-assign]
+
+
+def keep_alive(conn: object, dead_after: float, idle: int, interval: int) -> bool:
+    """TCP keepalives and a user timeout on the TCP socket under a libp2p connection (`INetConn`):
+    probes after `idle` s without traffic, every `interval` s, and the connection is given up once
+    sent data or probes have gone unacknowledged for `dead_after` s. False if the connection has no
+    TCP socket of its own (a relayed one: its relay's connection has these options)."""
+    tcp = _tcp_stream(getattr(getattr(conn, "muxed_conn", None), "secured_conn", None))
+    sock = getattr(getattr(tcp, "stream", None), "socket", None)
+    if sock is None:
+        return False
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, round((dead_after - idle) / interval)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after * 1000))
+    return True
 
 
 def make_lean(stream: object) -> None:
