@@ -351,8 +351,9 @@ class Forwarder:
                     break
             link.writes += 1
             try:
-                with trio.fail_after(write_deadline([p.msg for p in batch])):
-                    await stream.send_many([p.msg for p in batch])
+                msgs = [p.msg for p in batch]
+                with trio.fail_after(write_deadline(msgs)):
+                    await stream.send_many(msgs)
             finally:
                 link.writes -= 1
                 for p in batch:

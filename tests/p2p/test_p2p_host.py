@@ -245,7 +245,7 @@ def test_every_connection_gets_keepalives_and_a_user_timeout() -> None:
     from petals_protocol.p2p import compat
     from petals_protocol.p2p.compat.yamux import _tcp_stream
 
-    def options(host, peer) -> tuple[int, int] | None:
+    def options(host, peer) -> tuple[int, int, int, int] | None:
         conns = host.get_network().connections.get(peer.get_id())
         if not conns:
             return None

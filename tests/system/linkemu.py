@@ -102,6 +102,12 @@ def attach(fd_name: str, netns: str, ip: str, prefix: int, mtu: int) -> None:
     _ip("-n", netns, "link", "set", "dev", DEVICE, "up")
 
 
+def _tcp_offset(packet: bytes) -> int | None:
+    """Where an IPv4 packet's TCP header starts (after the IP header's options), or None if it
+    carries no TCP."""
+    return (packet[0] & 15) * 4 if packet[9] == 6 else None
+
+
 class DueTimer:
     """A timerfd that epoll reports readable at an absolute monotonic time, to the microsecond.
 
@@ -164,10 +170,8 @@ class Emulator:
             self.cuts |= {one + other, other + one}
 
     def _is_cut(self, packet: bytes) -> bool:
-        if packet[9] != 6:  # not TCP
-            return False
-        ihl = (packet[0] & 15) * 4
-        return packet[12:16] + packet[ihl:ihl + 2] + packet[16:20] + packet[ihl + 2:ihl + 4] in self.cuts
+        tcp = _tcp_offset(packet)
+        return tcp is not None and packet[12:16] + packet[tcp:tcp + 2] + packet[16:20] + packet[tcp + 2:tcp + 4] in self.cuts
 
     def receive(self, src: int, packet: bytes, now: float) -> None:
         if len(packet) < 20 or packet[0] >> 4 != 4 or packet[16:20] not in self.fds:
@@ -198,9 +202,8 @@ class Emulator:
                 self.stats.dropped += 1
                 continue
             self.stats.forwarded += 1
-            if self.trace is not None and packet[9] == 6:
-                ihl = (packet[0] & 15) * 4
-                payload = struct.unpack("!H", packet[2:4])[0] - ihl - (packet[ihl + 12] >> 4) * 4
+            if self.trace is not None and (tcp := _tcp_offset(packet)) is not None:
+                payload = struct.unpack("!H", packet[2:4])[0] - tcp - (packet[tcp + 12] >> 4) * 4
                 if payload > 0:  # data, not a bare acknowledgement
                     self.trace.append((arrived, now, socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20]),
                                        payload))
@@ -213,11 +216,13 @@ class Emulator:
             poller.register(fd, select.EPOLLIN)
         timer = DueTimer()
         poller.register(timer.fd, select.EPOLLIN)
+        armed = None  # the due time the timer is set for: set again only when the queue's head changes
         while not stop:
             now = time.monotonic()
             self.deliver(now)
-            if self.queue:
-                timer.arm(self.queue[0][0])
+            if self.queue and self.queue[0][0] != armed:
+                armed = self.queue[0][0]
+                timer.arm(armed)
             for fd, _ in poller.poll(0.5):
                 if fd == timer.fd:
                     timer.clear()

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from petals_client.localswarm import LocalSwarm
+from petals_client.localswarm import DaemonProcess, LocalSwarm
 from petals_protocol.models.synthetic import make_random_checkpoint
 
 from natlab import LabError, ensure_tools
@@ -104,25 +105,38 @@ def lossy_lab() -> Iterator[WanLab]:
     assert {("client", "d0"), ("d0", "d1"), ("d1", "client")} <= links, links
 
 
-def _generate(lab: WanLab, model: Path, tmp_path: Path, prompt: list[int], tokens: int,
-              client_args: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
-    """Greedy generation by a client on host `client` through d0 (first half of the blocks) and d1
-    (the rest), each on its own lab host: the client's RESULT and d0's log lines."""
+@contextmanager
+def _two_daemons(lab: WanLab, model: Path, tmp_path: Path) -> Iterator[DaemonProcess]:
+    """d0 (the first half of the blocks) and d1 (the rest), each on its own lab host, for the
+    block; yields d0, the client's entry point."""
     swarms = [LocalSwarm(model, workdir=tmp_path, python=lab.python(host, tmp_path), extra_args=DAEMON_ARGS)
               for host in ("d0", "d1")]
     try:
         first = swarms[0].start("0:2", name="d0", args=["--listen", f"/ip4/{lab.ip('d0')}/tcp/0"])
         swarms[1].start("2:4", name="d1", initial_peers=first.addrs, args=["--listen", f"/ip4/{lab.ip('d1')}/tcp/0"])
-        done = subprocess.run([*lab.prefix("client"), sys.executable, str(CLIENT), "--model", str(model),
-                               "--peer", first.addrs[0], "--listen", f"/ip4/{lab.ip('client')}/tcp/0",
-                               "--prompt", json.dumps(prompt), "--tokens", str(tokens), *client_args],
-                              capture_output=True, text=True, timeout=120)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        assert done.returncode == 0 and lines, done.stderr[-8000:]
-        return json.loads(lines[-1].removeprefix("RESULT ")), list(first.log)
+        yield first
     finally:
         for swarm in swarms:
             swarm.stop()
+
+
+def _run_client(lab: WanLab, model: Path, entry: DaemonProcess, prompt: list[int], tokens: int,
+                client_args: tuple[str, ...] = ()) -> dict:
+    """Greedy generation by a client on host `client` through the daemon `entry`: its RESULT."""
+    done = subprocess.run([*lab.prefix("client"), sys.executable, str(CLIENT), "--model", str(model),
+                           "--peer", entry.addrs[0], "--listen", f"/ip4/{lab.ip('client')}/tcp/0",
+                           "--prompt", json.dumps(prompt), "--tokens", str(tokens), *client_args],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-8000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _generate(lab: WanLab, model: Path, tmp_path: Path, prompt: list[int], tokens: int,
+              client_args: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """One generation through two daemons started for it: the client's RESULT and d0's log lines."""
+    with _two_daemons(lab, model, tmp_path) as first:
+        return _run_client(lab, model, first, prompt, tokens, client_args), list(first.log)
 
 
 def _local_tokens(model: Path, prompt: list[int], tokens: int) -> list[int]:
@@ -169,29 +183,11 @@ def test_a_connection_cut_without_a_reset_is_given_up_and_dialled_again(model, t
 
     link = LinkConfig(delay=0.015, seed=7)
     with wan_lab(f"pk{os.getpid() % 100000}", ["client", "d0", "d1"], link=link) as lab:
-        swarms = [LocalSwarm(model, workdir=tmp_path, python=lab.python(host, tmp_path), extra_args=DAEMON_ARGS)
-                  for host in ("d0", "d1")]
-        try:
-            first = swarms[0].start("0:2", name="d0", args=["--listen", f"/ip4/{lab.ip('d0')}/tcp/0"])
-            swarms[1].start("2:4", name="d1", initial_peers=first.addrs,
-                            args=["--listen", f"/ip4/{lab.ip('d1')}/tcp/0"])
-
-            def generate() -> dict:
-                done = subprocess.run([*lab.prefix("client"), sys.executable, str(CLIENT), "--model", str(model),
-                                       "--peer", first.addrs[0], "--listen", f"/ip4/{lab.ip('client')}/tcp/0",
-                                       "--prompt", json.dumps(PROMPT), "--tokens", "6", "--step-timeout", "5"],
-                                      capture_output=True, text=True, timeout=120)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                assert done.returncode == 0 and lines, done.stderr[-8000:]
-                return json.loads(lines[-1].removeprefix("RESULT "))
-
-            before = generate()  # d0's push link to d1 is up
+        with _two_daemons(lab, model, tmp_path) as first:
+            before = _run_client(lab, model, first, PROMPT, 6, ("--step-timeout", "5"))  # d0's push link to d1 is up
             assert lab.cut_connections("d0", "d1"), "no connection between d0 and d1 to cut"
             time.sleep(DEAD_CONNECTION_AFTER + 5)
-            after = generate()
-        finally:
-            for swarm in swarms:
-                swarm.stop()
+            after = _run_client(lab, model, first, PROMPT, 6, ("--step-timeout", "5"))
     assert not leftover_namespaces(lab)
     assert lab.stats["cut"] > 0, lab.stats
     expected = _local_tokens(model, PROMPT, 6)
